@@ -1,0 +1,138 @@
+"""The one interface every compatibility method implements, and the method registry.
+
+A method is a :class:`CompatibilityTerm`: it is set up once with a :class:`CompatContext` (frozen old
+model and classifier, cached old features, label map) and then, every training step, sees a
+:class:`CompatBatch` (new features with gradient, cached old features of the same images, labels)
+and returns a :class:`TermOutput` (scalar loss plus logged parts). The base classification loss is
+the trainer's; a method that must change what the base head sees (MixBCT) overrides
+:meth:`CompatibilityTerm.mix`. Adding a method = one small file that subclasses this and registers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from bctkit.errors import ConfigError
+from bctkit.models.heads import Head
+
+
+class TermParams(BaseModel):
+    """Options of a method; subclasses declare fields. Unknown options are errors at load time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class CompatContext:
+    """What a term may use, fixed for the whole training run. Old modules are frozen (no grad)."""
+
+    old_embedding_dim: int
+    new_embedding_dim: int
+    num_new_classes: int
+    new_to_old: torch.Tensor
+    train_labels: torch.Tensor
+    old_train_feats: torch.Tensor | None = None
+    old_model: nn.Module | None = None
+    old_head: Head | None = None
+
+
+@dataclass
+class CompatBatch:
+    """One training step's view. ``old_feats`` are cached old-model features of the same images."""
+
+    new_feats: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    epoch: int
+    old_feats: torch.Tensor | None = None
+    old_labels: torch.Tensor | None = None
+
+
+@dataclass
+class TermOutput:
+    """The term's scalar loss (already weighted) and named parts for logging."""
+
+    loss: torch.Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+class CompatibilityTerm(nn.Module):
+    """Base class of compatibility methods (see module docstring)."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[TermParams]] = TermParams
+    needs_old_features: ClassVar[bool] = False
+
+    def __init__(self, params: TermParams) -> None:
+        super().__init__()
+        self.params = params
+
+    def check_dims(self, old_dim: int, new_dim: int) -> None:
+        """Raise ConfigError when this method cannot work with these embedding sizes."""
+
+    def compatible_dims(self, old_dim: int, new_dim: int) -> int | None:
+        """How many leading coordinates of the new embedding are compared with the old model's
+        in cross tests (None: the whole embedding, which then must have the old size)."""
+        return None
+
+    def setup(self, ctx: CompatContext) -> None:
+        """Called once before training, with the frozen old side."""
+        self.ctx = ctx
+
+    def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
+        """Hook for methods that rebuild state during training (e.g. prototypes)."""
+
+    def mix(self, feats: torch.Tensor, batch: CompatBatch) -> torch.Tensor:
+        """Features the base head is trained on; the identity unless the method mixes."""
+        return feats
+
+    def forward(self, batch: CompatBatch) -> TermOutput:
+        raise NotImplementedError
+
+
+_REGISTRY: dict[str, type[CompatibilityTerm]] = {}
+T = TypeVar("T", bound=type[CompatibilityTerm])
+
+
+def register(cls: T) -> T:
+    """Class decorator: make a method available by its ``name`` in configs."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"bad or duplicate method name {cls.name!r}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def method_class(method: str) -> type[CompatibilityTerm]:
+    try:
+        return _REGISTRY[method]
+    except KeyError:
+        raise ConfigError(
+            f"unknown method {method!r}; expected one of {available_methods()}"
+        ) from None
+
+
+def validate_params(method: str, params: dict[str, Any]) -> TermParams:
+    """Validate ``params`` against the method's options; a one-line ConfigError otherwise."""
+    cls = method_class(method)
+    try:
+        return cls.Params(**params)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"method {method!r} option {loc!r}: {err['msg']}") from None
+
+
+def build_term(method: str, params: dict[str, Any]) -> CompatibilityTerm:
+    """Instantiate a registered method with validated options."""
+    return method_class(method)(validate_params(method, params))
+
+
