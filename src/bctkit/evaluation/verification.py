@@ -1,4 +1,16 @@
-"""1:1 verification metrics (evaluation.md, "1:1 verification: TAR@FAR")."""
+"""1:1 verification metrics (evaluation.md, "1:1 verification: TAR@FAR").
+
+Two TAR@FAR definitions are offered, and the one used must be named in every report:
+
+- ``exact`` (default): threshold t = the smallest score with #(impostor > t) <= floor(f N_imp),
+  i.e. the (floor(f N_imp) + 1)-th largest impostor score; TAR = #(genuine > t) / N_gen. Ties never
+  let the FAR exceed f. When f N_imp < 1 the FAR cannot be measured: the value is NaN and a warning
+  is issued.
+- ``insightface``: ROC as sklearn's ``roc_curve(drop_intermediate=True)`` builds it; TAR is the TPR
+  of the first ROC point whose FPR is nearest to f (no interpolation; that FPR may exceed f).
+
+Everything is plain numpy: sklearn is only used by the tests, as the independent reference.
+"""
 
 from __future__ import annotations
 
@@ -10,30 +22,136 @@ import numpy as np
 
 from bctkit.errors import DataError
 
+TAR_MODES = ("exact", "insightface")
+
+
+def _check_scores_labels(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and flatten; return float32/64 scores and a boolean genuine mask."""
+    s = np.asarray(scores)
+    if s.dtype not in (np.float32, np.float64):
+        s = s.astype(np.float64)
+    s = s.ravel()
+    lab = np.asarray(labels).ravel()
+    if s.shape[0] != lab.shape[0]:
+        raise DataError(f"scores ({s.shape[0]}) and labels ({lab.shape[0]}) differ in length")
+    if s.shape[0] == 0:
+        raise DataError("scores is empty; expected at least one genuine and one impostor score")
+    if not np.isfinite(s).all():
+        raise DataError("scores contain NaN or Inf; expected finite similarity scores")
+    if lab.dtype == np.bool_:
+        gen = lab
+    else:
+        gen = lab == 1
+        if not (gen | (lab == 0)).all():
+            raise DataError("labels must be 0 (impostor) or 1 (genuine)")
+    return s, gen
+
+
+def _split(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (genuine, impostor) score arrays, raising DataError when either is empty."""
+    s, gen = _check_scores_labels(scores, labels)
+    genuine = s[gen]
+    impostor = s[~gen]
+    if genuine.size == 0:
+        raise DataError("labels contain no genuine pair (label 1); TAR is undefined")
+    if impostor.size == 0:
+        raise DataError("labels contain no impostor pair (label 0); FAR is undefined")
+    return genuine, impostor
+
+
+def exact_thresholds(impostor: np.ndarray, fars: Sequence[float]) -> dict[float, float]:
+    """Exact-rule threshold per FAR: the (floor(f N_imp) + 1)-th largest impostor score.
+
+    NaN (with a warning) where f N_imp < 1; -inf where floor(f N_imp) >= N_imp (accept everything).
+    One np.partition isolates the top impostors, then only that tail is sorted.
+    """
+    imp = np.asarray(impostor).ravel()
+    n = imp.size
+    ks = {}
+    for far in fars:
+        if not (far >= 0 and math.isfinite(far)):
+            raise DataError(f"FAR {far!r} is invalid; expected a finite number >= 0")
+        ks[far] = math.floor(far * n)
+    needed = [k for k in ks.values() if 1 <= k < n]
+    tail = np.empty(0, dtype=imp.dtype)
+    if needed:
+        kmax = max(needed)
+        # Largest kmax + 1 impostors, in descending order: tail[k] is the (k+1)-th largest.
+        tail = np.sort(np.partition(imp, n - 1 - kmax)[n - 1 - kmax :])[::-1]
+    out: dict[float, float] = {}
+    for far, k in ks.items():
+        if k < 1:
+            warnings.warn(
+                f"FAR {far:g} is not measurable with {n} impostor scores (f*N_imp < 1): NaN",
+                stacklevel=3,
+            )
+            out[far] = math.nan
+        elif k >= n:
+            out[far] = -math.inf
+        else:
+            out[far] = float(tail[k])
+    return out
+
+
+def roc_curve(
+    scores: np.ndarray, labels: np.ndarray, drop_intermediate: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC (fpr, tpr, thresholds) with sklearn.metrics.roc_curve semantics (sklearn >= 1.3).
+
+    One point per distinct score (decreasing thresholds, a point accepts scores >= threshold), a
+    leading (0, 0) point with threshold +inf, and with ``drop_intermediate`` the collinear points
+    (zero second difference of both fps and tps) removed.
+    """
+    s, gen = _check_scores_labels(scores, labels)
+    n_gen = int(gen.sum())
+    if n_gen == 0 or n_gen == s.size:
+        raise DataError("roc_curve needs at least one genuine (1) and one impostor (0) label")
+    # Distinct scores in decreasing order; the point at a score counts everything >= that score.
+    s_sorted = np.sort(s)[::-1]
+    idx = np.concatenate([np.flatnonzero(np.diff(s_sorted)), [s.size - 1]])
+    gen_sorted = np.sort(s[gen])
+    tps = n_gen - np.searchsorted(gen_sorted, s_sorted[idx], side="left")
+    fps = idx + 1 - tps
+    thresholds = s_sorted[idx].astype(np.float64)
+    if drop_intermediate and fps.size > 2:
+        keep = np.concatenate([[True], np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), [True]])
+        fps, tps, thresholds = fps[keep], tps[keep], thresholds[keep]
+    fps = np.concatenate([[0], fps]).astype(np.float64)
+    tps = np.concatenate([[0], tps]).astype(np.float64)
+    thresholds = np.concatenate([[np.inf], thresholds])
+    return fps / fps[-1], tps / tps[-1], thresholds
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve by the trapezoid rule (ties count one half, as roc_auc_score)."""
+    fpr, tpr, _ = roc_curve(scores, labels, drop_intermediate=False)
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2.0)
+
 
 def tar_at_far(
     scores: np.ndarray, labels: np.ndarray, fars: Sequence[float], mode: str = "exact"
 ) -> dict[float, float]:
-    """TAR at each FAR. Exact rule: threshold t = smallest score with #(impostor > t) <= floor(f N_imp)."""
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    labels = np.asarray(labels).ravel()
-    if scores.shape != labels.shape:
-        raise DataError(f"scores ({scores.shape[0]}) and labels ({labels.shape[0]}) differ in length")
-    if not np.isfinite(scores).all():
-        raise DataError("scores contain NaN or Inf")
-    if mode != "exact":
-        raise DataError(f"unknown tar_at_far mode {mode!r}; expected 'exact'")
-    gen = scores[labels == 1]
-    imp = scores[labels == 0]
-    if gen.size == 0 or imp.size == 0:
-        raise DataError("tar_at_far needs at least one genuine and one impostor score")
+    """TAR at each FAR, keyed by the FAR as given; ``mode`` is "exact" or "insightface".
+
+    exact: t = smallest score with #(impostor > t) <= floor(f N_imp); TAR = #(genuine > t) / N_gen;
+    NaN plus a warning when f N_imp < 1. insightface: TPR at the first point of the sklearn-style
+    ROC (drop_intermediate) whose FPR is nearest to f.
+    """
+    if mode not in TAR_MODES:
+        raise DataError(f"unknown tar_at_far mode {mode!r}; expected one of {TAR_MODES}")
+    fars = list(fars)
+    if mode == "insightface":
+        fpr, tpr, _ = roc_curve(scores, labels, drop_intermediate=True)
+        return {far: float(tpr[int(np.argmin(np.abs(fpr - far)))]) for far in fars}
+    genuine, impostor = _split(scores, labels)
+    thresholds = exact_thresholds(impostor, fars)
+    gen_sorted = np.sort(genuine)
     out: dict[float, float] = {}
     for far in fars:
-        k = math.floor(far * imp.size)
-        if k < 1:
-            warnings.warn(f"FAR {far:g} not measurable with {imp.size} impostors", stacklevel=2)
+        t = thresholds[far]
+        if math.isnan(t):
             out[far] = math.nan
             continue
-        t = -np.inf if k >= imp.size else np.partition(imp, imp.size - 1 - k)[imp.size - 1 - k]
-        out[far] = float((gen > t).mean())
+        n_above = gen_sorted.size - int(np.searchsorted(gen_sorted, t, side="right"))
+        out[far] = n_above / gen_sorted.size
     return out

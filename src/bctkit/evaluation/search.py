@@ -1,0 +1,166 @@
+"""Exact blockwise top-k inner-product search (torch) and a faiss-cpu wrapper.
+
+``topk_search`` never materialises the full query x gallery score matrix: it walks query blocks and,
+inside each, gallery blocks, keeping a running top-k that is merged with each block's top-k. Peak
+extra memory is one block_queries x block_gallery score tile plus O(block_queries * k).
+Scores are raw inner products: normalise the features first for cosine similarity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bctkit.errors import DataError
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def as_feature_matrix(x: ArrayLike, name: str) -> torch.Tensor:
+    """Return ``x`` as a 2-D float32 CPU tensor; DataError when it is not a feature matrix."""
+    t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+    if t.ndim != 2:
+        raise DataError(f"{name} must be a 2-D (n, d) feature matrix, got shape {tuple(t.shape)}")
+    if not torch.is_floating_point(t):
+        t = t.to(torch.float32)
+    t = t.detach().to("cpu", torch.float32)
+    if not torch.isfinite(t).all():
+        raise DataError(f"{name} contains NaN or Inf; expected finite features")
+    return t
+
+
+def check_pair(queries: torch.Tensor, gallery: torch.Tensor, q_name: str, g_name: str) -> None:
+    """Raise DataError when the gallery is empty or the two feature dimensions differ."""
+    if gallery.shape[0] == 0:
+        raise DataError(f"{g_name} is empty; expected at least one gallery item")
+    if queries.shape[1] != gallery.shape[1]:
+        raise DataError(
+            f"{q_name} has dim {queries.shape[1]} but {g_name} has dim {gallery.shape[1]}; "
+            "expected equal feature dimensions"
+        )
+
+
+def topk_search(
+    queries: ArrayLike,
+    gallery: ArrayLike,
+    k: int,
+    block_queries: int = 2048,
+    block_gallery: int = 32768,
+    exclude_self: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k by inner product: (scores (Nq, k) float32, indices (Nq, k) int64), best first.
+
+    k is clamped to the gallery size. ``exclude_self`` drops gallery item i from query i's results
+    (query and gallery are the same set; needs equal lengths). Memory stays bounded by the blocks.
+    """
+    q = as_feature_matrix(queries, "queries")
+    g = as_feature_matrix(gallery, "gallery")
+    check_pair(q, g, "queries", "gallery")
+    if k < 1:
+        raise DataError(f"k must be >= 1, got {k}")
+    if block_queries < 1 or block_gallery < 1:
+        raise DataError("block_queries and block_gallery must be >= 1")
+    if exclude_self and q.shape[0] != g.shape[0]:
+        raise DataError(
+            f"exclude_self needs queries and gallery of equal length, got {q.shape[0]} and "
+            f"{g.shape[0]}"
+        )
+    n_q, n_g = q.shape[0], g.shape[0]
+    k_eff = min(k, n_g - 1 if exclude_self else n_g)
+    if k_eff < 1:
+        raise DataError("exclude_self with a one-item gallery leaves nothing to search")
+    out_s = torch.empty((n_q, k_eff), dtype=torch.float32)
+    out_i = torch.empty((n_q, k_eff), dtype=torch.int64)
+    tile = torch.empty((min(block_queries, n_q), min(block_gallery, n_g)), dtype=torch.float32)
+    for qs in range(0, n_q, block_queries):
+        qb = q[qs : qs + block_queries]
+        best_s: torch.Tensor | None = None
+        best_i: torch.Tensor | None = None
+        for gs in range(0, n_g, block_gallery):
+            gb = g[gs : gs + block_gallery]
+            if qb.shape[0] == tile.shape[0] and gb.shape[0] == tile.shape[1]:
+                sc = torch.mm(qb, gb.T, out=tile)
+            else:
+                sc = qb @ gb.T
+            if exclude_self:
+                rows = torch.arange(qb.shape[0])
+                cols = rows + qs - gs
+                ok = (cols >= 0) & (cols < gb.shape[0])
+                sc[rows[ok], cols[ok]] = -torch.inf
+            kb = min(k_eff, gb.shape[0])
+            bs, bi = sc.topk(kb, dim=1)
+            bi += gs
+            if best_s is None:
+                best_s, best_i = bs, bi
+            else:
+                cat_s = torch.cat([best_s, bs], dim=1)
+                cat_i = torch.cat([best_i, bi], dim=1)
+                best_s, pos = cat_s.topk(min(k_eff, cat_s.shape[1]), dim=1)
+                best_i = cat_i.gather(1, pos)
+        out_s[qs : qs + qb.shape[0]] = best_s
+        out_i[qs : qs + qb.shape[0]] = best_i
+    return out_s, out_i
+
+
+class FaissIndex:
+    """Inner-product faiss index built from an index_factory string ("Flat", "IVF1024,Flat", ...).
+
+    Indexes that need training (IVF, PQ) are trained on the gallery itself, or on ``train`` when
+    given. ``nprobe`` sets the number of inverted lists visited by IVF indexes.
+    """
+
+    def __init__(
+        self,
+        gallery: ArrayLike,
+        factory: str = "Flat",
+        nprobe: int | None = None,
+        train: ArrayLike | None = None,
+    ) -> None:
+        import faiss
+
+        g = as_feature_matrix(gallery, "gallery")
+        if g.shape[0] == 0:
+            raise DataError("gallery is empty; expected at least one gallery item")
+        self.dim = int(g.shape[1])
+        self.factory = factory
+        self.index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        gx = np.ascontiguousarray(g.numpy())
+        if not self.index.is_trained:
+            tx = gx
+            if train is not None:
+                tx = np.ascontiguousarray(as_feature_matrix(train, "train").numpy())
+            self.index.train(tx)
+        self.index.add(gx)
+        if nprobe is not None:
+            faiss.extract_index_ivf(self.index).nprobe = int(nprobe)
+
+    @property
+    def ntotal(self) -> int:
+        """Number of indexed gallery items."""
+        return int(self.index.ntotal)
+
+    def search(self, queries: ArrayLike, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (scores float32, indices int64) per query; k is clamped to the gallery size."""
+        q = as_feature_matrix(queries, "queries")
+        if q.shape[1] != self.dim:
+            raise DataError(
+                f"queries have dim {q.shape[1]} but the index has dim {self.dim}; expected equal"
+            )
+        if k < 1:
+            raise DataError(f"k must be >= 1, got {k}")
+        scores, idx = self.index.search(np.ascontiguousarray(q.numpy()), min(k, self.ntotal))
+        return scores, idx.astype(np.int64)
+
+
+def faiss_search(
+    queries: ArrayLike,
+    gallery: ArrayLike,
+    k: int,
+    factory: str = "Flat",
+    nprobe: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Build a FaissIndex on ``gallery`` and return its top-k (scores, indices) for ``queries``."""
+    q = as_feature_matrix(queries, "queries")
+    g = as_feature_matrix(gallery, "gallery")
+    check_pair(q, g, "queries", "gallery")
+    return FaissIndex(g, factory=factory, nprobe=nprobe).search(q, k)
