@@ -1,0 +1,403 @@
+"""Pseudo prototypes for UniBCT: frozen class rows built from old features of the new training set.
+
+Three builders (methods.md item 5):
+
+- ``class_means``: vanilla average of (normalised) old features per class.
+- ``drop_means``: per class, drop the samples farthest from the class mean, then average.
+- ``refine_prototypes``: structural refinement, UniBCT Eqs. 6-10 with the ROW-stochastic edge matrix
+  of Eq. 6 (the published pseudo-code normalises columns, which makes the refinement a no-op; that
+  behaviour is kept behind ``normalize="column"`` for comparison only).
+
+All builders accept torch tensors or numpy arrays, including ``np.memmap`` files (float16 is fine):
+rows are read in blocks or per chunk of classes and converted to the compute dtype there, so a
+features file as large as MS1Mv3 never has to be decoded into memory as a whole. Bad input raises
+``DataError``; bad hyper-parameters raise ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+from collections.abc import Iterator
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bctkit.errors import ConfigError, DataError
+
+Features = torch.Tensor | np.ndarray
+Labels = torch.Tensor | np.ndarray
+
+__all__ = ["class_means", "drop_means", "refine_prototypes"]
+
+_MAX_LISTED_IDS = 10
+
+
+# ----------------------------------------------------------------------------- input validation
+
+
+def _check_features(name: str, x: object) -> tuple[int, int]:
+    """Check that ``x`` is a 2-D real tensor/array and return its (rows, dims)."""
+    if isinstance(x, torch.Tensor):
+        if x.is_complex() or x.dtype == torch.bool:
+            raise DataError(f"{name} has dtype {x.dtype}; expected real-valued features")
+    elif isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fiu":
+            raise DataError(f"{name} has dtype {x.dtype}; expected real-valued features")
+    else:
+        raise DataError(f"{name} is a {type(x).__name__}; expected a torch.Tensor or numpy array")
+    if x.ndim != 2:
+        raise DataError(f"{name} has shape {tuple(x.shape)}; expected a 2-D (rows, dims) matrix")
+    return int(x.shape[0]), int(x.shape[1])
+
+
+def _device_of(*xs: object) -> torch.device:
+    """Compute device: that of the first torch input, CPU for numpy inputs."""
+    for x in xs:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+def _labels_tensor(labels: Labels, n_rows: int, num_classes: int) -> torch.Tensor:
+    """Validate labels against the feature rows and the class count; return them as CPU int64."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+        raise DataError(f"num_classes is {num_classes!r}; expected a positive integer")
+    if num_classes < 1:
+        raise DataError(f"num_classes is {num_classes}; expected a positive integer")
+    y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    if y.ndim != 1 or y.shape[0] != n_rows:
+        raise DataError(
+            f"labels has shape {tuple(y.shape)}; expected ({n_rows},), one label per feature row"
+        )
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise DataError(f"labels has dtype {y.dtype}; expected integer class ids")
+    y = y.detach().to(device="cpu", dtype=torch.int64)
+    if n_rows:
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= num_classes:
+            raise DataError(
+                f"labels has values in [{lo}, {hi}]; expected class ids in [0, {num_classes})"
+            )
+    return y
+
+
+def _class_counts(y: torch.Tensor, num_classes: int, allow_empty: bool) -> torch.Tensor:
+    """Samples per class; classes without samples are bad input unless ``allow_empty``."""
+    counts = torch.bincount(y, minlength=num_classes)
+    if not allow_empty:
+        empty = (counts == 0).nonzero().squeeze(1)
+        if empty.numel():
+            ids = empty[:_MAX_LISTED_IDS].tolist()
+            more = f" and {empty.numel() - len(ids)} more" if empty.numel() > len(ids) else ""
+            raise DataError(
+                f"labels leave classes {ids}{more} without samples; expected every class in "
+                f"[0, {num_classes}) to have one (allow_empty=True gives them zero rows)"
+            )
+    return counts
+
+
+def _check_finite(name: str, block: torch.Tensor, row_ids: torch.Tensor | int) -> None:
+    """Raise DataError naming the first non-finite row; ``row_ids`` maps block rows to input rows
+    (a tensor of ids, or the input row of the block's first row)."""
+    bad_rows = ~torch.isfinite(block).all(dim=1)
+    if bool(bad_rows.any()):
+        first = int(bad_rows.nonzero()[0, 0])
+        row = row_ids + first if isinstance(row_ids, int) else int(row_ids[first])
+        raise DataError(f"{name} row {row} contains NaN or Inf; expected finite features")
+
+
+def _check_hyper(name: str, value: float, lo: float, hi: float, hi_open: bool) -> float:
+    """Range-check a float hyper-parameter: lo <= value < hi (or <= hi)."""
+    v = float(value)
+    ok = lo <= v < hi if hi_open else lo <= v <= hi
+    if not ok or math.isnan(v):
+        bracket = ")" if hi_open else "]"
+        raise ConfigError(f"{name} is {value}; expected a value in [{lo}, {hi}{bracket}")
+    return v
+
+
+# ----------------------------------------------------------------------------- row access
+
+
+def _release_mapped_pages(x: object) -> None:
+    """Unmap the pages of a read-only or shared ``np.memmap`` that reading has touched.
+
+    Rows read through a file mapping stay counted in the process RSS until unmapped; dropping them
+    after each block keeps the footprint at one block. The data stays in the OS page cache, so a
+    re-read costs a minor fault. Copy-on-write maps (mode "c") are left alone, since MADV_DONTNEED
+    would discard their private changes.
+    """
+    mapping = getattr(x, "_mmap", None)
+    if not isinstance(x, np.memmap) or getattr(x, "mode", "c") == "c":
+        return
+    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mapping.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            return
+
+
+def _take_rows(
+    x: Features, rows: torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Gather ``rows`` (sorted CPU int64 ids) of ``x`` and convert only them to ``dtype``."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().index_select(0, rows.to(x.device)).to(device=device, dtype=dtype)
+    block = np.ascontiguousarray(x[rows.numpy()])
+    _release_mapped_pages(x)
+    return torch.from_numpy(block).to(device=device, dtype=dtype)
+
+
+def _row_blocks(
+    name: str, x: Features, block_rows: int, dtype: torch.dtype, device: torch.device
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (first row, finite-checked block converted to ``dtype``) over contiguous row blocks."""
+    n = int(x.shape[0])
+    for start in range(0, n, block_rows):
+        stop = min(n, start + block_rows)
+        if isinstance(x, torch.Tensor):
+            block = x.detach()[start:stop].to(device=device, dtype=dtype)
+        else:
+            block = torch.from_numpy(np.ascontiguousarray(x[start:stop])).to(device, dtype)
+            _release_mapped_pages(x)
+        _check_finite(name, block, start)
+        yield start, block
+
+
+# ----------------------------------------------------------------------------- means
+
+
+@torch.no_grad()
+def class_means(
+    feats: Features,
+    labels: Labels,
+    num_classes: int,
+    normalize: bool = True,
+    *,
+    allow_empty: bool = False,
+    dtype: torch.dtype = torch.float32,
+    block_rows: int = 65536,
+) -> torch.Tensor:
+    """Per-class mean of the features, (num_classes, d): UniBCT's "vanilla avg" prototypes.
+
+    With ``normalize`` every row is L2-normalised before averaging (the mean itself is not
+    re-normalised; margin heads normalise their weights). A class without samples is a DataError
+    unless ``allow_empty``, in which case its row is zero. Rows are read in contiguous blocks of
+    ``block_rows`` (so memmaps are decoded one block at a time) and summed with ``index_add_``.
+    """
+    n, d = _check_features("feats", feats)
+    y = _labels_tensor(labels, n, num_classes)
+    counts = _class_counts(y, num_classes, allow_empty)
+    device = _device_of(feats)
+    y_dev = y.to(device)
+    sums = torch.zeros(num_classes, d, dtype=dtype, device=device)
+    for start, block in _row_blocks("feats", feats, max(1, int(block_rows)), dtype, device):
+        if normalize:
+            block = F.normalize(block, dim=1)
+        sums.index_add_(0, y_dev[start : start + block.shape[0]], block)
+    return sums / counts.clamp_min(1).to(device=device, dtype=dtype).unsqueeze(1)
+
+
+@torch.no_grad()
+def drop_means(
+    feats: Features,
+    labels: Labels,
+    num_classes: int,
+    drop: float = 0.1,
+    normalize: bool = True,
+    *,
+    allow_empty: bool = False,
+    dtype: torch.dtype = torch.float32,
+    block_rows: int = 65536,
+) -> torch.Tensor:
+    """Per-class mean after dropping outliers: UniBCT's "drop avg" prototypes, (num_classes, d).
+
+    A class with n_c samples keeps the ceil((1 - drop) * n_c) samples (at least one) closest, in
+    Euclidean distance, to its mean, i.e. it drops floor(drop * n_c) of them; distances and the
+    final mean use the L2-normalised rows when ``normalize``. Ties are broken by row order. Three
+    streamed passes over the rows (mean, distances, kept mean); no per-class Python loop.
+    """
+    drop = _check_hyper("drop", drop, 0.0, 1.0, hi_open=True)
+    means = class_means(
+        feats, labels, num_classes, normalize,
+        allow_empty=allow_empty, dtype=dtype, block_rows=block_rows,
+    )
+    n, d = int(feats.shape[0]), int(feats.shape[1])
+    y = _labels_tensor(labels, n, num_classes)
+    counts = torch.bincount(y, minlength=num_classes)
+    device = means.device
+    y_dev = y.to(device)
+    block_rows = max(1, int(block_rows))
+
+    dist = torch.empty(n, dtype=dtype, device=device)
+    for start, block in _row_blocks("feats", feats, block_rows, dtype, device):
+        if normalize:
+            block = F.normalize(block, dim=1)
+        stop = start + block.shape[0]
+        dist[start:stop] = (block - means[y_dev[start:stop]]).norm(dim=1)
+
+    by_dist = torch.argsort(dist.cpu(), stable=True)
+    order = by_dist[torch.argsort(y[by_dist], stable=True)]
+    first_of_class = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(n, dtype=torch.int64)
+    rank[order] = torch.arange(n) - first_of_class[y[order]]
+    keep_n = torch.ceil((1.0 - drop) * counts.double() - 1e-9).long().clamp_min(1)
+    keep = (rank < keep_n[y]).to(device)
+
+    sums = torch.zeros(num_classes, d, dtype=dtype, device=device)
+    for start, block in _row_blocks("feats", feats, block_rows, dtype, device):
+        if normalize:
+            block = F.normalize(block, dim=1)
+        stop = start + block.shape[0]
+        kept = keep[start:stop]
+        sums.index_add_(0, y_dev[start:stop][kept], block[kept])
+    kept_counts = torch.minimum(keep_n, counts).clamp_min(1)
+    return sums / kept_counts.to(device=device, dtype=dtype).unsqueeze(1)
+
+
+# ----------------------------------------------------------------------------- refinement
+
+
+def _plan_chunks(counts: torch.Tensor, chunk_size: int) -> list[tuple[torch.Tensor, int]]:
+    """Group classes of similar size into chunks of at most ``chunk_size`` padded rows.
+
+    Classes are sorted by size; a chunk holds consecutive classes and is padded to its largest
+    class. A chunk is closed early when adding the next size would leave it less than 3/4 real
+    rows, so padding wastes little work. A class larger than ``chunk_size`` gets a chunk alone.
+    Returns (class ids, padded size) per chunk. Loops over distinct sizes, not over classes.
+    """
+    present = (counts > 0).nonzero().squeeze(1)
+    if present.numel() == 0:
+        return []
+    sizes = counts[present]
+    by_size = torch.argsort(sizes, stable=True)
+    cls_sorted, sizes_sorted = present[by_size], sizes[by_size]
+    uniq, group_len = torch.unique_consecutive(sizes_sorted, return_counts=True)
+
+    bounds: list[tuple[int, int, int]] = []
+    begin, cur, cur_real, last_m = 0, 0, 0, 0
+    for m, k in zip(uniq.tolist(), group_len.tolist(), strict=True):
+        cap = max(1, chunk_size // m)
+        if cur and cur < cap:
+            take = min(k, cap - cur)
+            if cur_real + take * m < 0.75 * (cur + take) * m:
+                bounds.append((begin, begin + cur, last_m))
+                begin, cur, cur_real = begin + cur, 0, 0
+        while k > 0:
+            if cur >= cap:
+                bounds.append((begin, begin + cur, last_m))
+                begin, cur, cur_real = begin + cur, 0, 0
+            take = min(k, cap - cur)
+            cur, cur_real, k, last_m = cur + take, cur_real + take * m, k - take, m
+    if cur:
+        bounds.append((begin, begin + cur, last_m))
+    return [(cls_sorted[b:e], m) for b, e, m in bounds]
+
+
+def _propagation_weights(
+    new: torch.Tensor,
+    valid_rows: torch.Tensor,
+    counts: torch.Tensor,
+    lam: float,
+    tau: float,
+    normalize: Literal["row", "column"],
+) -> torch.Tensor:
+    """Weights w (B, m) with prototype = w^T V0, for a padded batch of classes.
+
+    ``new`` (B, m, d_n) holds L2-normalised new features, zero on padding. With the edge matrix E
+    of Eq. 6 (softmax of S = new new^T / tau over each row, or column, with the diagonal and the
+    padding excluded), mean_rows((1 - lam) (I - lam E)^-1 V0) = w^T V0 where
+    (I - lam E)^T w = (1 - lam) / m * 1: one right-hand side per class, no inverse, no (m x d)
+    solve. Padding rows/cols of E are zero and their right-hand side is zero, so their w is zero.
+    """
+    b, m, _ = new.shape
+    sim = torch.bmm(new, new.transpose(1, 2)).div_(tau)
+    eye = torch.eye(m, dtype=torch.bool, device=new.device)
+    edges = valid_rows.unsqueeze(2) & valid_rows.unsqueeze(1) & ~eye
+    sim.masked_fill_(~edges, float("-inf"))
+    e = torch.softmax(sim, dim=-1 if normalize == "row" else -2).masked_fill_(~edges, 0.0)
+    system = torch.eye(m, dtype=new.dtype, device=new.device) - lam * e.transpose(1, 2)
+    cnt = counts.to(device=new.device, dtype=new.dtype)
+    rhs = valid_rows.to(new.dtype) * ((1.0 - lam) / cnt).unsqueeze(1)
+    w = torch.linalg.solve(system, rhs.unsqueeze(2)).squeeze(2)
+    singleton = (counts == 1).to(new.device).unsqueeze(1)
+    return torch.where(singleton, valid_rows.to(new.dtype), w)
+
+
+@torch.no_grad()
+def refine_prototypes(
+    old_feats: Features,
+    new_feats: Features,
+    labels: Labels,
+    num_classes: int,
+    lam: float = 0.9,
+    tau: float = 0.05,
+    normalize: Literal["row", "column"] = "row",
+    chunk_size: int = 32768,
+    normalize_inputs: bool = True,
+    *,
+    allow_empty: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """UniBCT structural refinement (Eqs. 6-10): refined pseudo prototypes, (num_classes, d_o).
+
+    Per class with m samples: V0 = old features (L2-normalised when ``normalize_inputs``),
+    S_ij = <n(f_i), n(f_j)> / tau over the new features f, diagonal excluded;
+    E = row softmax of S (E_ii = 0, rows sum to one); V_inf = (1 - lam) (I - lam E)^-1 V0;
+    prototype = mean of the rows of V_inf, a convex combination of V0 that leans towards samples
+    that many others are similar to. A class with one sample keeps its (normalised) old feature.
+    ``normalize="column"`` reproduces the published pseudo-code (column softmax), whose result is
+    exactly ``class_means``: for comparison only.
+
+    Samples are sorted by class once; classes of similar size are processed together in chunks of
+    at most ``chunk_size`` padded rows (batched similarity, masked softmax, one batched solve with
+    one right-hand side per class). Only the current chunk's rows are read and converted to
+    ``dtype``, so ``old_feats``/``new_feats`` may be float16 ``np.memmap`` files larger than RAM;
+    each chunk is checked for NaN/Inf as it is read. Memory is O(chunk_size * (d_o + d_n + m_max)).
+    ``allow_empty=True`` gives classes without samples a zero row instead of a DataError.
+    """
+    n, d_old = _check_features("old_feats", old_feats)
+    n_new, _ = _check_features("new_feats", new_feats)
+    if n_new != n:
+        raise DataError(f"new_feats has {n_new} rows; expected {n}, one per row of old_feats")
+    if normalize not in ("row", "column"):
+        raise ConfigError(f"normalize is {normalize!r}; expected 'row' or 'column'")
+    lam = _check_hyper("lam", lam, 0.0, 1.0, hi_open=True)
+    tau = float(tau)
+    if not tau > 0 or math.isinf(tau):
+        raise ConfigError(f"tau is {tau}; expected a finite positive temperature")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ConfigError(f"chunk_size is {chunk_size!r}; expected a positive integer")
+    y = _labels_tensor(labels, n, num_classes)
+    counts = _class_counts(y, num_classes, allow_empty)
+    device = _device_of(old_feats, new_feats)
+
+    order = torch.argsort(y, stable=True)
+    first_of_class = torch.cumsum(counts, 0) - counts
+    out = torch.zeros(num_classes, d_old, dtype=dtype, device=device)
+    for cls, m in _plan_chunks(counts, chunk_size):
+        cnt = counts[cls]
+        slots = torch.arange(m)
+        valid = slots.unsqueeze(0) < cnt.unsqueeze(1)
+        src = order[(first_of_class[cls].unsqueeze(1) + slots.unsqueeze(0))[valid]]
+        dest = valid.flatten().nonzero().squeeze(1)
+        src, perm = torch.sort(src)
+        dest = dest[perm].to(device)
+        padded = []
+        for name, x in (("old_feats", old_feats), ("new_feats", new_feats)):
+            rows = _take_rows(x, src, dtype, device)
+            _check_finite(name, rows, src)
+            buf = torch.zeros(cls.numel() * m, rows.shape[1], dtype=dtype, device=device)
+            buf[dest] = rows
+            padded.append(buf.view(cls.numel(), m, rows.shape[1]))
+            del rows
+        v0, new = padded
+        if normalize_inputs:
+            v0 = F.normalize(v0, dim=2)
+        new = F.normalize(new, dim=2)
+        w = _propagation_weights(new, valid.to(device), cnt, lam, tau, normalize)
+        out[cls.to(device)] = torch.bmm(w.unsqueeze(1), v0).squeeze(1)
+    return out
