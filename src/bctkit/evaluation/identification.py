@@ -1,35 +1,148 @@
-"""1:N identification metrics (evaluation.md, "1:N identification")."""
+"""1:N identification metrics (evaluation.md, "1:N identification").
+
+Features are compared by cosine similarity (rows are L2-normalised here). Identities may be any
+labels (ints or strings). All searches run blockwise, so memory stays bounded for large galleries.
+
+- Closed set (CMC): top-k = fraction of probes whose identity appears among the k best-scored
+  gallery items; probes whose identity is absent from the gallery are excluded.
+- Open set (TPIR@FPIR, NIST style): a probe whose identity is not enrolled is a non-mated search.
+  The threshold at FPIR f is the k-th largest of the non-mated searches' maximum scores, with
+  k = max(floor(f N_nm), 1). A mated search is a true positive identification iff its mated score
+  (best score over gallery items of its identity) equals the rank-1 score and exceeds (>) the
+  threshold. TPIR = true positives / N_mated. One gallery per call: average G1 and G2 yourself.
+"""
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from bctkit.errors import DataError
+from bctkit.evaluation.search import ArrayLike, check_pair, encode_ids, normalized, topk_search
+
+
+def _check_ids(feats: torch.Tensor, ids: torch.Tensor, f_name: str, i_name: str) -> None:
+    if ids.shape[0] != feats.shape[0]:
+        raise DataError(
+            f"{i_name} has {ids.shape[0]} labels but {f_name} has {feats.shape[0]} rows; "
+            "expected one label per row"
+        )
 
 
 def cmc(
-    query_feats: torch.Tensor,
-    query_ids: torch.Tensor,
-    gallery_feats: torch.Tensor,
-    gallery_ids: torch.Tensor,
+    query_feats: ArrayLike,
+    query_ids: ArrayLike,
+    gallery_feats: ArrayLike,
+    gallery_ids: ArrayLike,
     ks: Sequence[int] = (1, 5, 10),
+    exclude_self: bool = False,
+    block_queries: int = 1024,
+    block_gallery: int = 32768,
 ) -> dict[int, float]:
-    """Closed-set CMC: fraction of probes whose identity is among the top-k gallery items (cosine)."""
-    q = torch.nn.functional.normalize(torch.as_tensor(query_feats, dtype=torch.float32), dim=1)
-    g = torch.nn.functional.normalize(torch.as_tensor(gallery_feats, dtype=torch.float32), dim=1)
-    qid = torch.as_tensor(query_ids)
-    gid = torch.as_tensor(gallery_ids)
-    if g.shape[0] == 0:
-        raise DataError("gallery is empty")
-    if q.shape[1] != g.shape[1]:
-        raise DataError(f"query dim {q.shape[1]} != gallery dim {g.shape[1]}")
-    keep = torch.isin(qid, gid)
-    q, qid = q[keep], qid[keep]
-    kmax = min(max(ks), g.shape[0])
-    top = (q @ g.T).topk(kmax, dim=1).indices
+    """Closed-set CMC {k: fraction of probes whose identity is among the top-k gallery items}.
+
+    Probes whose identity is absent from the gallery (after removing the probe itself when
+    ``exclude_self``: query i and gallery i are the same item) are excluded; NaN with a warning when
+    no probe remains. Ties in score are broken by torch.topk's order.
+    """
+    q = normalized(query_feats, "query_feats")
+    g = normalized(gallery_feats, "gallery_feats")
+    check_pair(q, g, "query_feats", "gallery_feats")
+    qid, gid = encode_ids(query_ids, gallery_ids)
+    _check_ids(q, qid, "query_feats", "query_ids")
+    _check_ids(g, gid, "gallery_feats", "gallery_ids")
+    ks = [int(k) for k in ks]
+    if not ks or min(ks) < 1:
+        raise DataError(f"ks must be a non-empty list of integers >= 1, got {ks}")
+    if exclude_self and q.shape[0] != g.shape[0]:
+        raise DataError("exclude_self needs query and gallery sets of equal length")
+    counts = torch.bincount(gid, minlength=int(max(qid.max(), gid.max())) + 1)
+    n_mated_items = counts[qid] - (1 if exclude_self else 0)
+    keep = n_mated_items > 0
+    if not bool(keep.any()):
+        warnings.warn("cmc: no probe identity is present in the gallery; CMC is NaN", stacklevel=2)
+        return {k: math.nan for k in ks}
+    _, top = topk_search(
+        q,
+        g,
+        max(ks),
+        block_queries=block_queries,
+        block_gallery=block_gallery,
+        exclude_self=exclude_self,
+    )
     hit = gid[top] == qid[:, None]
-    first = torch.where(hit.any(1), hit.float().argmax(1), torch.full_like(qid, kmax))
-    return {k: float((first < k).float().mean()) if len(qid) else float(np.nan) for k in ks}
+    hit = hit[keep]
+    kmax = hit.shape[1]
+    first = torch.where(hit.any(1), hit.to(torch.uint8).argmax(1), kmax)
+    return {k: float((first < k).double().mean()) for k in ks}
+
+
+def _max_scores(
+    q: torch.Tensor,
+    g: torch.Tensor,
+    qid: torch.Tensor,
+    gid: torch.Tensor,
+    block_queries: int,
+    block_gallery: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per probe: (best score over the gallery, best score over gallery items of its identity).
+
+    The mated maximum is -inf for probes without an enrolled identity.
+    """
+    n_q = q.shape[0]
+    best = torch.full((n_q,), -torch.inf)
+    mated = torch.full((n_q,), -torch.inf)
+    for qs in range(0, n_q, block_queries):
+        qb = q[qs : qs + block_queries]
+        qi = qid[qs : qs + block_queries, None]
+        for gs in range(0, g.shape[0], block_gallery):
+            sc = qb @ g[gs : gs + block_gallery].T
+            b = best[qs : qs + block_queries]
+            torch.maximum(b, sc.max(1).values, out=b)
+            sc.masked_fill_(gid[None, gs : gs + block_gallery] != qi, -torch.inf)
+            m = mated[qs : qs + block_queries]
+            torch.maximum(m, sc.max(1).values, out=m)
+    return best, mated
+
+
+def tpir_at_fpir(
+    probe_feats: ArrayLike,
+    probe_ids: ArrayLike,
+    gallery_feats: ArrayLike,
+    gallery_ids: ArrayLike,
+    fpirs: Sequence[float],
+    block_queries: int = 1024,
+    block_gallery: int = 32768,
+) -> dict[float, float]:
+    """Open-set TPIR at each FPIR for one gallery (NIST rule, see the module docstring).
+
+    Needs at least one mated and one non-mated probe (DataError otherwise).
+    """
+    q = normalized(probe_feats, "probe_feats")
+    g = normalized(gallery_feats, "gallery_feats")
+    check_pair(q, g, "probe_feats", "gallery_feats")
+    qid, gid = encode_ids(probe_ids, gallery_ids)
+    _check_ids(q, qid, "probe_feats", "probe_ids")
+    _check_ids(g, gid, "gallery_feats", "gallery_ids")
+    is_mated = torch.isin(qid, gid)
+    n_mated = int(is_mated.sum())
+    n_nm = q.shape[0] - n_mated
+    if n_mated == 0:
+        raise DataError("tpir_at_fpir: no probe identity is enrolled (no mated search)")
+    if n_nm == 0:
+        raise DataError("tpir_at_fpir: every probe identity is enrolled (no non-mated search)")
+    best, mated = _max_scores(q, g, qid, gid, block_queries, block_gallery)
+    nm_max = torch.sort(best[~is_mated], descending=True).values
+    rank1_mated = mated[is_mated] >= best[is_mated]
+    mated_scores = mated[is_mated]
+    out: dict[float, float] = {}
+    for f in fpirs:
+        if not (f >= 0 and math.isfinite(f)):
+            raise DataError(f"FPIR {f!r} is invalid; expected a finite number >= 0")
+        k = min(max(math.floor(f * n_nm), 1), n_nm)
+        thr = nm_max[k - 1]
+        out[f] = float((rank1_mated & (mated_scores > thr)).double().sum()) / n_mated
+    return out

@@ -164,3 +164,19 @@ def faiss_search(
     g = as_feature_matrix(gallery, "gallery")
     check_pair(q, g, "queries", "gallery")
     return FaissIndex(g, factory=factory, nprobe=nprobe).search(q, k)
+
+
+def encode_ids(*id_arrays: ArrayLike) -> list[torch.Tensor]:
+    """Map identity labels of any dtype (ints, strings) to shared int64 codes, one tensor per input."""
+    arrays = [np.asarray(a.cpu() if isinstance(a, torch.Tensor) else a).ravel() for a in id_arrays]
+    sizes = [a.shape[0] for a in arrays]
+    if sum(sizes) == 0:
+        return [torch.empty(0, dtype=torch.int64) for _ in arrays]
+    _, codes = np.unique(np.concatenate(arrays), return_inverse=True)
+    codes = torch.as_tensor(codes.ravel().astype(np.int64))
+    return list(torch.split(codes, sizes))
+
+
+def normalized(x: ArrayLike, name: str) -> torch.Tensor:
+    """Validated float32 features with unit L2 rows (cosine similarity = inner product)."""
+    return torch.nn.functional.normalize(as_feature_matrix(x, name), dim=1)
