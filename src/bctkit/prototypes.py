@@ -161,7 +161,7 @@ def _row_blocks(
         if isinstance(x, torch.Tensor):
             block = x.detach()[start:stop].to(device=device, dtype=dtype)
         else:
-            block = torch.from_numpy(np.ascontiguousarray(x[start:stop])).to(device, dtype)
+            block = torch.from_numpy(np.array(x[start:stop])).to(device, dtype)
             _release_mapped_pages(x)
         _check_finite(name, block, start)
         yield start, block

@@ -1,0 +1,293 @@
+"""Tests of the UniBCT pseudo-prototype builders against direct float64 loop implementations."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bctkit.errors import ConfigError, DataError
+from bctkit.prototypes import _plan_chunks, class_means, drop_means, refine_prototypes
+
+SIZES = [1, 2, 3, 17, 50, 5, 1, 8, 2, 33, 4, 1, 64, 9]
+
+
+def _data(
+    sizes: list[int], d_old: int = 12, d_new: int = 10, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random old/new features with the given class sizes, rows shuffled (labels not sorted)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((s,), c) for c, s in enumerate(sizes)])
+    perm = torch.randperm(labels.numel(), generator=g)
+    labels = labels[perm]
+    n = labels.numel()
+    # class-structured features, so similarities are not all alike
+    centres_new = torch.randn(len(sizes), d_new, generator=g)
+    new = centres_new[labels] + 0.8 * torch.randn(n, d_new, generator=g)
+    old = torch.randn(len(sizes), d_old, generator=g)[labels] + torch.randn(n, d_old, generator=g)
+    return old, new, labels
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _reference_refine(
+    old: torch.Tensor,
+    new: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    lam: float,
+    tau: float,
+    column: bool = False,
+) -> np.ndarray:
+    """Eqs. 6-10 by the letter, in float64, one class at a time with explicit loops for E."""
+    o, f, y = old.double().numpy(), new.double().numpy(), labels.numpy()
+    out = np.zeros((num_classes, o.shape[1]))
+    for c in range(num_classes):
+        idx = np.nonzero(y == c)[0]
+        v0, fc = _unit(o[idx]), _unit(f[idx])
+        m = len(idx)
+        if m == 1:
+            out[c] = v0[0]
+            continue
+        s = np.array([[fc[i] @ fc[j] / tau for j in range(m)] for i in range(m)])
+        e = np.zeros((m, m))
+        for i in range(m):
+            for j in range(m):
+                if i == j:
+                    continue
+                if column:
+                    e[i, j] = math.exp(s[i, j]) / sum(math.exp(s[k, j]) for k in range(m) if k != j)
+                else:
+                    e[i, j] = math.exp(s[i, j]) / sum(math.exp(s[i, k]) for k in range(m) if k != i)
+        v_inf = (1 - lam) * np.linalg.inv(np.eye(m) - lam * e) @ v0
+        out[c] = v_inf.mean(axis=0)
+    return out
+
+
+# ----------------------------------------------------------------------------- refinement
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 64, 100, 32768])
+def test_refine_matches_direct_equations(chunk_size: int) -> None:
+    old, new, labels = _data(SIZES)
+    ref = _reference_refine(old, new, labels, len(SIZES), lam=0.9, tau=0.05)
+    got = refine_prototypes(old, new, labels, len(SIZES), chunk_size=chunk_size)
+    assert got.dtype == torch.float32
+    np.testing.assert_allclose(got.double().numpy(), ref, atol=1e-5, rtol=0)
+
+
+def test_refine_float64_and_other_hyperparameters() -> None:
+    old, new, labels = _data(SIZES, seed=3)
+    ref = _reference_refine(old, new, labels, len(SIZES), lam=0.5, tau=0.2)
+    got = refine_prototypes(
+        old, new, labels, len(SIZES), lam=0.5, tau=0.2, chunk_size=40, dtype=torch.float64
+    )
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), ref, atol=1e-10, rtol=0)
+
+
+def test_chunk_plan_forces_padding_and_several_chunks() -> None:
+    counts = torch.bincount(torch.cat([torch.full((s,), c) for c, s in enumerate(SIZES)]))
+    plan = _plan_chunks(counts, 64)
+    assert len(plan) > 3
+    covered = torch.cat([cls for cls, _ in plan]).sort().values
+    assert torch.equal(covered, torch.arange(len(SIZES)))
+    assert any(int(counts[cls].min()) < m for cls, m in plan)  # some chunk is padded
+    for cls, m in plan:
+        assert m == int(counts[cls].max())
+        assert cls.numel() == 1 or cls.numel() * m <= 64
+
+
+def test_refine_equals_limit_of_propagation() -> None:
+    """The closed form equals the iteration V(t) = lam E V(t-1) + (1 - lam) V0 run to convergence."""
+    old, new, labels = _data([6, 9], seed=5)
+    lam, tau = 0.9, 0.05
+    got = refine_prototypes(old, new, labels, 2, lam=lam, tau=tau, dtype=torch.float64)
+    for c in range(2):
+        v0 = torch.nn.functional.normalize(old[labels == c].double(), dim=1)
+        f = torch.nn.functional.normalize(new[labels == c].double(), dim=1)
+        s = f @ f.T / tau
+        s.fill_diagonal_(float("-inf"))
+        e = torch.softmax(s, dim=1)
+        v = v0.clone()
+        for _ in range(400):
+            v = lam * e @ v + (1 - lam) * v0
+        torch.testing.assert_close(got[c], v.mean(0), atol=1e-12, rtol=0)
+
+
+def test_column_softmax_reproduces_plain_mean() -> None:
+    old, new, labels = _data(SIZES, seed=1)
+    col = refine_prototypes(old, new, labels, len(SIZES), normalize="column", chunk_size=50)
+    ref_col = _reference_refine(old, new, labels, len(SIZES), 0.9, 0.05, column=True)
+    means = class_means(old, labels, len(SIZES))
+    torch.testing.assert_close(col, means, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(ref_col, means.double().numpy(), atol=1e-6)
+    row = refine_prototypes(old, new, labels, len(SIZES))
+    multi = torch.tensor(SIZES) > 2  # classes of 1 or 2 samples cannot differ from the mean
+    assert (row - means)[multi].norm(dim=1).min() > 1e-3
+
+
+def test_refine_moves_towards_dense_cluster() -> None:
+    g = torch.Generator().manual_seed(11)
+    d = 16
+    centre = torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)
+    cluster = centre + 0.05 * torch.randn(9, d, generator=g)
+    outlier = -centre + 0.05 * torch.randn(1, d, generator=g)
+    feats = torch.cat([cluster, outlier])  # old and new features alike
+    labels = torch.zeros(10, dtype=torch.int64)
+    refined = refine_prototypes(feats, feats, labels, 1)[0]
+    plain = class_means(feats, labels, 1)[0]
+    cluster_centre = torch.nn.functional.normalize(cluster, dim=1).mean(0)
+    assert (refined - plain).norm() > 0.05
+    assert (refined - cluster_centre).norm() < 0.5 * (plain - cluster_centre).norm()
+
+
+def test_singleton_keeps_feature_and_duplicates_are_stable() -> None:
+    feat_a = torch.tensor([[3.0, 4.0, 0.0]])
+    dup = torch.tensor([1.0, -2.0, 2.0]).repeat(5, 1)
+    old = torch.cat([feat_a, dup])
+    new = torch.cat([torch.tensor([[1.0, 0.0]]), torch.tensor([0.0, 5.0]).repeat(5, 1)])
+    labels = torch.tensor([0, 1, 1, 1, 1, 1])
+    got = refine_prototypes(old, new, labels, 2)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[0], torch.tensor([0.6, 0.8, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got[1], torch.tensor([1.0, -2.0, 2.0]) / 3, atol=1e-6, rtol=0)
+    raw = refine_prototypes(old, new, labels, 2, normalize_inputs=False)
+    torch.testing.assert_close(raw[0], feat_a[0], atol=1e-6, rtol=0)
+
+
+def test_refine_numpy_and_old_new_dims_differ() -> None:
+    old, new, labels = _data(SIZES, d_old=7, d_new=20, seed=2)
+    t = refine_prototypes(old, new, labels, len(SIZES), chunk_size=30)
+    a = refine_prototypes(old.numpy(), new.numpy(), labels.numpy(), len(SIZES), chunk_size=30)
+    assert a.shape == (len(SIZES), 7)
+    torch.testing.assert_close(a, t, atol=0, rtol=0)
+
+
+def test_memmap_float16_matches_in_memory(tmp_path: Path) -> None:
+    old, new, labels = _data(SIZES, d_old=32, d_new=24, seed=4)
+    maps = []
+    for name, x in (("old", old), ("new", new)):
+        mm = np.memmap(tmp_path / f"{name}.f16", dtype=np.float16, mode="w+", shape=tuple(x.shape))
+        mm[:] = x.numpy().astype(np.float16)
+        mm.flush()
+        maps.append(np.memmap(tmp_path / f"{name}.f16", dtype=np.float16, mode="r",
+                              shape=tuple(x.shape)))
+    got = refine_prototypes(maps[0], maps[1], labels.numpy(), len(SIZES), chunk_size=60)
+    rounded = refine_prototypes(
+        torch.from_numpy(np.array(maps[0])).float(),
+        torch.from_numpy(np.array(maps[1])).float(),
+        labels, len(SIZES), chunk_size=60,
+    )
+    full = refine_prototypes(old, new, labels, len(SIZES), chunk_size=60)
+    torch.testing.assert_close(got, rounded, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, full, atol=5e-3, rtol=0)
+    torch.testing.assert_close(
+        class_means(maps[0], labels, len(SIZES), block_rows=13),
+        class_means(old, labels, len(SIZES)), atol=2e-3, rtol=0,
+    )
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_nan_and_inf_raise_data_error() -> None:
+    old, new, labels = _data(SIZES)
+    bad = new.clone()
+    bad[17, 3] = float("nan")
+    with pytest.raises(DataError, match="new_feats row 17"):
+        refine_prototypes(old, bad, labels, len(SIZES), chunk_size=20)
+    bad = old.clone()
+    bad[5, 0] = float("inf")
+    with pytest.raises(DataError, match="old_feats row 5"):
+        refine_prototypes(bad, new, labels, len(SIZES))
+    with pytest.raises(DataError, match="feats row 5"):
+        class_means(bad, labels, len(SIZES), block_rows=4)
+    with pytest.raises(DataError, match="feats row 5"):
+        drop_means(bad.numpy(), labels, len(SIZES))
+
+
+def test_shape_and_label_errors() -> None:
+    old, new, labels = _data(SIZES)
+    k = len(SIZES)
+    with pytest.raises(DataError, match="new_feats has"):
+        refine_prototypes(old, new[:-1], labels, k)
+    with pytest.raises(DataError, match="labels has shape"):
+        refine_prototypes(old, new, labels[:-1], k)
+    with pytest.raises(DataError, match="old_feats has shape"):
+        refine_prototypes(old[:, 0], new, labels, k)
+    with pytest.raises(DataError, match=r"expected class ids in \[0, 13\)"):
+        refine_prototypes(old, new, labels, k - 1)
+    neg = labels.clone()
+    neg[0] = -1
+    with pytest.raises(DataError, match="labels has values"):
+        class_means(old, neg, k)
+    with pytest.raises(DataError, match="integer class ids"):
+        class_means(old, labels.float(), k)
+    with pytest.raises(DataError, match=r"classes \[14, 15\]"):
+        refine_prototypes(old, new, labels, k + 2)
+    with pytest.raises(ConfigError):
+        refine_prototypes(old, new, labels, k, lam=1.0)
+    with pytest.raises(ConfigError):
+        refine_prototypes(old, new, labels, k, normalize="col")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        drop_means(old, labels, k, drop=1.0)
+
+
+def test_allow_empty_gives_zero_rows() -> None:
+    old, new, labels = _data(SIZES)
+    k = len(SIZES) + 2
+    for out in (
+        class_means(old, labels, k, allow_empty=True),
+        drop_means(old, labels, k, allow_empty=True),
+        refine_prototypes(old, new, labels, k, allow_empty=True),
+    ):
+        assert torch.equal(out[-2:], torch.zeros(2, old.shape[1]))
+        assert out[:-2].norm(dim=1).min() > 0
+
+
+# ----------------------------------------------------------------------------- means
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_class_means_matches_loop(normalize: bool) -> None:
+    old, _, labels = _data(SIZES, seed=6)
+    x = old.double().numpy()
+    if normalize:
+        x = _unit(x)
+    ref = np.stack([x[labels.numpy() == c].mean(0) for c in range(len(SIZES))])
+    got = class_means(old, labels, len(SIZES), normalize=normalize, block_rows=10)
+    np.testing.assert_allclose(got.double().numpy(), ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("drop", "normalize"), [(0.1, True), (0.3, False), (0.0, True)])
+def test_drop_means_matches_loop(drop: float, normalize: bool) -> None:
+    old, _, labels = _data(SIZES, seed=7)
+    x = old.double().numpy()
+    if normalize:
+        x = _unit(x)
+    ref = []
+    for c in range(len(SIZES)):
+        rows = x[labels.numpy() == c]
+        n_c = len(rows)
+        keep = max(1, n_c - math.floor(drop * n_c + 1e-9))
+        dist = np.linalg.norm(rows - rows.mean(0), axis=1)
+        ref.append(rows[np.argsort(dist, kind="stable")[:keep]].mean(0))
+    got = drop_means(old, labels, len(SIZES), drop=drop, normalize=normalize, block_rows=9)
+    np.testing.assert_allclose(got.double().numpy(), np.stack(ref), atol=1e-6, rtol=0)
+    if drop > 0:
+        big = torch.tensor(SIZES) >= 10
+        plain = class_means(old, labels, len(SIZES), normalize=normalize)
+        assert (got - plain)[big].norm(dim=1).min() > 1e-4
+
+
+def test_drop_means_removes_outlier() -> None:
+    feats = torch.tensor([[1.0, 0.0]] * 9 + [[-1.0, 0.0]])
+    labels = torch.zeros(10, dtype=torch.int64)
+    torch.testing.assert_close(drop_means(feats, labels, 1)[0], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(class_means(feats, labels, 1)[0], torch.tensor([0.8, 0.0]))
