@@ -15,3 +15,7 @@ class DataError(BctkitError, ValueError):
 
 class FileFormatError(BctkitError, OSError):
     """A file is missing, truncated, corrupt or not what bctkit expected."""
+
+
+class TrainingError(BctkitError, RuntimeError):
+    """Training cannot go on (the loss became NaN or Inf, a checkpoint belongs to another run)."""

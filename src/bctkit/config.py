@@ -1,0 +1,195 @@
+"""Run configuration: a YAML file validated into typed objects, with ``key.path=value`` overrides.
+
+Every check that can fail is made here, at load time: unknown keys, wrong types, unknown methods or
+method options, and options that conflict (say, a backbone that expects 3 channels on 1-channel
+data), so that nothing breaks an hour into training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bctkit.data.allocation import Scenario
+from bctkit.data.datasets import DataConfig
+from bctkit.errors import ConfigError
+from bctkit.losses import validate_params
+from bctkit.losses.base import method_class
+from bctkit.models.backbones import BackboneConfig
+from bctkit.models.heads import HeadConfig
+from bctkit.training.config import TrainConfig
+
+RESERVED_NAMES = ("old", "paragon")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AllocationConfig(_Strict):
+    scenario: Scenario = "extended-data"
+    ratio: float = Field(0.3, gt=0, lt=1)
+    seed: int = 666
+
+
+class ModelConfig(_Strict):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+class MethodConfig(_Strict):
+    """A new model trained with a compatibility method against the old model."""
+
+    method: str
+    name: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    train: TrainConfig | None = None
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.method
+
+
+class EvalConfig(_Strict):
+    fars: list[float] = Field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2])
+    topk: list[int] = Field(default_factory=lambda: [1, 5])
+    gallery_per_class: int = Field(1, ge=1)
+    flip: bool = False
+    batch_size: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> EvalConfig:
+        if any(not 0 < f < 1 for f in self.fars):
+            raise ValueError(f"fars must lie in (0, 1), got {self.fars}")
+        if any(k < 1 for k in self.topk):
+            raise ValueError(f"topk values must be >= 1, got {self.topk}")
+        return self
+
+
+class RunConfig(_Strict):
+    data: DataConfig = Field(default_factory=DataConfig)
+    allocation: AllocationConfig = Field(default_factory=AllocationConfig)
+    old: ModelConfig = Field(default_factory=ModelConfig)
+    new: ModelConfig = Field(default_factory=ModelConfig)
+    methods: list[MethodConfig] = Field(default_factory=list)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        for side in ("old", "new"):
+            bb: BackboneConfig = getattr(self, side).backbone
+            if bb.in_channels != self.data.channels:
+                raise ValueError(
+                    f"{side}.backbone.in_channels={bb.in_channels} conflicts with the data's "
+                    f"{self.data.channels} channel(s)"
+                )
+            if bb.image_size != self.data.image_size:
+                raise ValueError(
+                    f"{side}.backbone.image_size={bb.image_size} conflicts with the data's image "
+                    f"size {self.data.image_size}"
+                )
+        if self.data.eval_images_per_class <= self.evaluation.gallery_per_class:
+            raise ValueError(
+                f"evaluation.gallery_per_class={self.evaluation.gallery_per_class} leaves no probes "
+                f"with data.eval_images_per_class={self.data.eval_images_per_class}"
+            )
+        seen: set[str] = set()
+        for m in self.methods:
+            if m.method == "independent" and m.name is None:
+                raise ValueError("'independent' is the paragon, which every run trains; remove it")
+            name = m.display_name
+            if name in RESERVED_NAMES or name in seen:
+                raise ValueError(f"method name {name!r} is reserved or used twice; set a unique 'name'")
+            seen.add(name)
+        return self
+
+
+def _format_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, key in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"--set {dotted}: {key!r} is not an index of a {len(node)}-item list")
+            if last:
+                node[int(key)] = value
+            else:
+                node = node[int(key)]
+        elif isinstance(node, dict):
+            if last:
+                node[key] = value
+            else:
+                node = node.setdefault(key, {})
+        else:
+            raise ConfigError(f"--set {dotted}: {'.'.join(parts[:i])!r} is not a section")
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides; values are parsed as YAML (so 0.1, true, [1, 2] work)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML") from None
+        _set_path(tree, key.strip(), value)
+    return tree
+
+
+def parse_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a config tree into a RunConfig, including every method's options and dimensions."""
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format_error(exc)}") from None
+    d_o, d_n = cfg.old.backbone.embedding_dim, cfg.new.backbone.embedding_dim
+    for i, m in enumerate(cfg.methods):
+        try:
+            method_class(m.method)(validate_params(m.method, m.params)).check_dims(d_o, d_n)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: methods.{i}: {exc}") from None
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (None: all defaults), apply overrides, validate."""
+    tree: Any = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" (line {mark.line + 1})" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return parse_config(apply_overrides(tree, overrides or []), source)
+
+
+def packaged_config(name: str) -> Path:
+    """Path of a config shipped inside the package (bctkit/configs/NAME.yaml)."""
+    path = Path(__file__).parent / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no packaged config {name!r}")
+    return path

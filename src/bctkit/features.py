@@ -1,0 +1,91 @@
+"""Feature extraction and feature files (safetensors: ``feats``, ``labels`` + JSON metadata).
+
+Feature files are what ``bctkit evaluate`` reads, so they carry everything needed to compare them:
+the model fingerprint, which leading coordinates are the compatible embedding, and the dataset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from bctkit.data.imageset import to_float
+from bctkit.errors import DataError, FileFormatError
+from bctkit.storage import load_tensors, save_tensors
+
+
+def extract(
+    model: nn.Module,
+    images: np.ndarray,
+    batch_size: int = 512,
+    flip: bool = False,
+    progress: bool = True,
+    desc: str = "extract",
+) -> torch.Tensor:
+    """Embed uint8 images [N, C, H, W] in batches under inference mode (float32 [N, d]).
+
+    ``flip``: add the feature of the horizontally flipped image (the flip test).
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress,
+                              leave=False):
+                x = to_float(images[start : start + batch_size])
+                f = model(x)
+                if flip:
+                    f = f + model(x.flip(3))
+                out.append(f.float())
+    finally:
+        model.train(was_training)
+    if not out:
+        raise DataError(f"{desc}: no images to extract")
+    feats = torch.cat(out)
+    if not torch.isfinite(feats).all():
+        raise DataError(f"{desc}: the model produced NaN or Inf features")
+    return feats
+
+
+@dataclass
+class FeatureSet:
+    """Features of one model on one image set. ``compat_dims``: leading coordinates that form the
+    embedding compatible with the model's predecessor (None: all of them)."""
+
+    feats: torch.Tensor
+    labels: torch.Tensor
+    meta: dict[str, Any]
+
+    @property
+    def dim(self) -> int:
+        return int(self.feats.shape[1])
+
+    @property
+    def compat_dims(self) -> int | None:
+        v = self.meta.get("compat_dims")
+        return None if v is None else int(v)
+
+    def save(self, path: Path) -> None:
+        save_tensors(path, {"feats": self.feats, "labels": self.labels}, self.meta)
+
+
+def load_features(path: Path) -> FeatureSet:
+    """Read a feature file, checking it is complete and usable."""
+    tensors, meta = load_tensors(path)
+    if "feats" not in tensors or "labels" not in tensors:
+        raise FileFormatError(f"{path}: feature file needs tensors 'feats' and 'labels'")
+    feats, labels = tensors["feats"].float(), tensors["labels"].long()
+    if feats.ndim != 2 or labels.ndim != 1 or len(feats) != len(labels):
+        raise FileFormatError(
+            f"{path}: expected feats [N, d] and labels [N], got {list(feats.shape)} and {list(labels.shape)}"
+        )
+    if not torch.isfinite(feats).all():
+        raise DataError(f"{path}: feats contain NaN or Inf")
+    return FeatureSet(feats, labels, meta)

@@ -1,0 +1,69 @@
+"""Training checkpoints: module weights, optimiser state and RNG state in one safetensors file,
+with JSON metadata in its header (and a readable copy beside it). Written atomically."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bctkit.errors import FileFormatError
+from bctkit.storage import load_tensors, save_tensors, write_json
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, state in sd["state"].items():
+        for key, val in state.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = val
+            else:
+                scalars.setdefault(str(pid), {})[key] = val
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, val in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = val
+    for pid, extra in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(extra)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, meta: dict[str, Any]
+) -> None:
+    """Save module weights (prefixed by their key), optimiser and torch RNG state."""
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in modules.items():
+        for k, v in module.state_dict().items():
+            tensors[f"{prefix}.{k}"] = v
+    opt_tensors, opt_meta = _flatten_optimizer(opt)
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    full = {**meta, "optimizer": opt_meta}
+    save_tensors(path, tensors, full)
+    write_json(path.with_suffix(".json"), meta)
+
+
+def load_checkpoint(
+    path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote; returns its metadata."""
+    tensors, meta = load_tensors(path)
+    try:
+        for prefix, module in modules.items():
+            sub = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            module.load_state_dict(sub)
+        opt.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+        torch.set_rng_state(tensors["rng.torch"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise FileFormatError(f"{path}: checkpoint does not match this model ({exc})") from None
+    return meta

@@ -1,0 +1,69 @@
+"""Typed training options: optimiser, learning-rate schedule, epochs, clipping, seed, augmentation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = False
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+class ScheduleConfig(_Strict):
+    """Per-step learning-rate factor. multistep: gamma at each milestone epoch; cosine: linear
+    warm-up then half cosine to min_factor; poly: (1 - t/T) ** power (after warm-up)."""
+
+    name: Literal["constant", "multistep", "cosine", "poly"] = "cosine"
+    milestones: list[int] = Field(default_factory=list)
+    gamma: float = Field(0.1, gt=0)
+    warmup_epochs: float = Field(0.0, ge=0)
+    power: float = Field(2.0, gt=0)
+    min_factor: float = Field(0.0, ge=0, le=1)
+
+
+class AugmentConfig(_Strict):
+    """Train-time augmentation. Off by default: synthetic images already carry random nuisance,
+    and cached old features are computed from un-augmented images."""
+
+    hflip: bool = False
+    crop_pad: int = Field(0, ge=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=2)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    grad_clip: float | None = Field(None, gt=0)
+    seed: int = 666
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        sch = self.schedule
+        if sch.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"schedule.warmup_epochs ({sch.warmup_epochs}) must be below epochs ({self.epochs})"
+            )
+        if sch.name == "multistep":
+            if not sch.milestones:
+                raise ValueError("schedule.milestones is required for the multistep schedule")
+            if sorted(sch.milestones) != sch.milestones or sch.milestones[-1] >= self.epochs:
+                raise ValueError(
+                    f"schedule.milestones must be increasing epochs below {self.epochs}, "
+                    f"got {sch.milestones}"
+                )
+        elif sch.milestones:
+            raise ValueError(f"schedule.milestones given but schedule is {sch.name!r}")
+        return self
