@@ -1,0 +1,152 @@
+"""PNG figures for reports (matplotlib, Agg backend), written atomically.
+
+Each writer saves to a temporary file in the destination directory and then os.replace()s it, so a
+reader never sees a half-written PNG and an interrupted run leaves no partial file behind.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from bctkit.errors import DataError  # noqa: E402
+
+
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically (temp file in the same directory + os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def plot_roc(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    path: str | os.PathLike,
+    title: str = "ROC",
+    min_far: float = 1e-7,
+) -> Path:
+    """ROC curves (TAR vs FAR, log-x) of several labelled runs, e.g. cross and self, on one plot.
+
+    Points with FAR below ``min_far`` (including FAR = 0) are not drawn on the log axis.
+    """
+    if not curves:
+        raise DataError("plot_roc needs at least one curve")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, (fpr, tpr) in curves.items():
+        fpr = np.asarray(fpr, dtype=np.float64)
+        tpr = np.asarray(tpr, dtype=np.float64)
+        if fpr.shape != tpr.shape:
+            raise DataError(f"curve {label!r}: fpr and tpr differ in length")
+        ok = fpr >= min_far
+        ax.plot(fpr[ok], tpr[ok], label=str(label))
+    ax.set_xscale("log")
+    ax.set_xlim(min_far, 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("FAR (false accept rate)")
+    ax.set_ylabel("TAR (true accept rate)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_cmc(
+    curves: Mapping[str, Mapping[int, float]],
+    path: str | os.PathLike,
+    title: str = "CMC",
+) -> Path:
+    """CMC curves: {label: {rank k: identification rate}} plotted against k."""
+    if not curves:
+        raise DataError("plot_cmc needs at least one curve")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, points in curves.items():
+        ks = sorted(points)
+        ax.plot(ks, [points[k] for k in ks], marker="o", label=str(label))
+    ax.set_xscale("log")
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("rank k")
+    ax.set_ylabel("identification rate")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_backfill(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | os.PathLike,
+    title: str = "Partial backfill",
+    ylabel: str = "top-1",
+) -> Path:
+    """Partial backfill curves {label: (fractions, values)}; the legend shows each area."""
+    if not curves:
+        raise DataError("plot_backfill needs at least one curve")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, (fr, vals) in curves.items():
+        fr = np.asarray(fr, dtype=np.float64)
+        vals = np.asarray(vals, dtype=np.float64)
+        if fr.shape != vals.shape:
+            raise DataError(f"curve {label!r}: fractions and values differ in length")
+        area = float(np.trapezoid(vals, fr)) if fr.size > 1 else float("nan")
+        ax.plot(fr, vals, marker="o", label=f"{label} (area {area:.4f})")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("fraction of gallery backfilled")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_matrix(
+    m: np.ndarray,
+    names: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "",
+    fmt: str = "{:.4f}",
+) -> Path:
+    """Heat map of a compatibility matrix (rows: query model, columns: gallery model), annotated."""
+    m = np.asarray(m, dtype=np.float64)
+    names = [str(n) for n in names]
+    if m.ndim != 2 or m.shape != (len(names), len(names)):
+        raise DataError(f"matrix shape {m.shape} does not match {len(names)} names")
+    size = max(4.0, 0.9 * len(names) + 2.0)
+    fig, ax = plt.subplots(figsize=(size, size * 0.85))
+    finite = m[np.isfinite(m)]
+    vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    im = ax.imshow(np.ma.masked_invalid(m), cmap="viridis", vmin=vmin, vmax=vmax)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    mid = (vmin + vmax) / 2.0
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            v = m[i, j]
+            text = "n/a" if not np.isfinite(v) else fmt.format(v)
+            color = "black" if np.isfinite(v) and v > mid else "white"
+            ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("gallery model")
+    ax.set_ylabel("query model")
+    ax.set_title(title)
+    return save_figure(fig, path)
