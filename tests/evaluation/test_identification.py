@@ -141,3 +141,14 @@ def test_errors() -> None:
         tpir_at_fpir(q, qid + 1000, g, gid, [0.1])
     with pytest.raises(DataError, match="dim"):
         tpir_at_fpir(q, qid, g[:, :3], gid, [0.1])
+
+
+def test_tpir_ties_threshold_is_strict_rank1_tie_counts() -> None:
+    g = np.array([[1.0, 0.0], [0.0, 1.0]])
+    gid = np.array([0, 1])
+    # mated probe equal to a non-mated probe: its score equals the threshold -> not a hit
+    q = np.array([[1.0, 0.0], [1.0, 0.0]])
+    assert tpir_at_fpir(q, np.array([0, 9]), g, gid, [1.0]) == {1.0: 0.0}
+    # a mated score tied with a non-mated item's score is the rank-1 score -> a hit
+    q = np.array([[1.0, 1.0], [1.0, -0.2]])
+    assert tpir_at_fpir(q, np.array([0, 9]), g, gid, [1.0]) == {1.0: 1.0}
