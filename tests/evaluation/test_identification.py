@@ -150,5 +150,5 @@ def test_tpir_ties_threshold_is_strict_rank1_tie_counts() -> None:
     q = np.array([[1.0, 0.0], [1.0, 0.0]])
     assert tpir_at_fpir(q, np.array([0, 9]), g, gid, [1.0]) == {1.0: 0.0}
     # a mated score tied with a non-mated item's score is the rank-1 score -> a hit
-    q = np.array([[1.0, 1.0], [1.0, -0.2]])
+    q = np.array([[1.0, 1.0], [-1.0, -1.0]])
     assert tpir_at_fpir(q, np.array([0, 9]), g, gid, [1.0]) == {1.0: 1.0}
