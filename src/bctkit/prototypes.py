@@ -33,6 +33,7 @@ Labels = torch.Tensor | np.ndarray
 __all__ = ["class_means", "drop_means", "refine_prototypes"]
 
 _MAX_LISTED_IDS = 10
+_EPS = 1e-12  # as F.normalize: a zero row stays zero
 
 
 # ----------------------------------------------------------------------------- input validation
@@ -140,15 +141,76 @@ def _release_mapped_pages(x: object) -> None:
             return
 
 
-def _take_rows(
-    x: Features, rows: torch.Tensor, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """Gather ``rows`` (sorted CPU int64 ids) of ``x`` and convert only them to ``dtype``."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().index_select(0, rows.to(x.device)).to(device=device, dtype=dtype)
-    block = np.ascontiguousarray(x[rows.numpy()])
-    _release_mapped_pages(x)
-    return torch.from_numpy(block).to(device=device, dtype=dtype)
+class _RowReader:
+    """Gathers rows of one input into a buffer reused across chunks, converted to ``dtype``.
+
+    numpy inputs (memmaps included) are gathered in their own dtype into a staging array and then
+    converted, so only the requested rows are ever decoded; reusing the buffers avoids paying for
+    fresh pages on every chunk.
+    """
+
+    def __init__(
+        self, x: Features, max_rows: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self.x = x
+        d = int(x.shape[1])
+        self.out = torch.empty(max_rows, d, dtype=dtype, device=device)
+        self.stage: np.ndarray | torch.Tensor | None = None
+        if isinstance(x, np.ndarray):
+            self.stage = np.empty((max_rows, d), dtype=x.dtype)
+        elif x.dtype != dtype or x.device != device:
+            self.stage = torch.empty(max_rows, d, dtype=x.dtype, device=x.device)
+
+    def take(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (CPU int64 ids, any order, repeats allowed) as a (k, d) view."""
+        k = rows.numel()
+        out = self.out[:k]
+        if isinstance(self.x, np.ndarray):
+            stage = self.stage[:k]
+            np.take(self.x, rows.numpy(), axis=0, out=stage, mode="clip")
+            _release_mapped_pages(self.x)
+            out.copy_(torch.from_numpy(stage))
+        elif self.stage is None:
+            torch.index_select(self.x.detach(), 0, rows.to(self.x.device), out=out)
+        else:
+            stage = self.stage[:k]
+            torch.index_select(self.x.detach(), 0, rows.to(self.x.device), out=stage)
+            out.copy_(stage)
+        return out
+
+    def take_range(self, start: int, stop: int) -> torch.Tensor:
+        """Contiguous rows start:stop as a (k, d) view of the reader's own buffer."""
+        out = self.out[: stop - start]
+        if isinstance(self.x, np.ndarray):
+            stage = self.stage[: stop - start]
+            stage[...] = self.x[start:stop]
+            _release_mapped_pages(self.x)
+            out.copy_(torch.from_numpy(stage))
+        else:
+            out.copy_(self.x.detach()[start:stop])
+        return out
+
+
+def _check_norms(
+    name: str, rows: torch.Tensor, norms: torch.Tensor, row_ids: torch.Tensor, overflow: bool
+) -> None:
+    """Raise DataError for the first row whose norm is not finite (NaN/Inf inside, or overflow).
+
+    ``rows`` (k, d) and ``norms`` (k,) are a chunk and its row norms (or squared norms); a
+    non-finite norm of finite values is an error only when ``overflow`` (the norm is needed).
+    """
+    bad = (~torch.isfinite(norms)).nonzero().squeeze(1)
+    if bad.numel() == 0:
+        return
+    nonfinite = ~torch.isfinite(rows[bad]).all(dim=1)
+    if bool(nonfinite.any()):
+        row = int(row_ids[bad[nonfinite][0]])
+        raise DataError(f"{name} row {row} contains NaN or Inf; expected finite features")
+    if overflow:
+        raise DataError(
+            f"{name} row {int(row_ids[bad[0]])} has a norm that overflows {rows.dtype}; expected "
+            "features of moderate magnitude (or pass dtype=torch.float64)"
+        )
 
 
 def _row_blocks(
@@ -299,32 +361,38 @@ def _plan_chunks(counts: torch.Tensor, chunk_size: int) -> list[tuple[torch.Tens
 
 def _propagation_weights(
     new: torch.Tensor,
-    valid_rows: torch.Tensor,
+    valid: torch.Tensor,
     counts: torch.Tensor,
     lam: float,
     tau: float,
     normalize: Literal["row", "column"],
+    row_ids: torch.Tensor,
 ) -> torch.Tensor:
     """Weights w (B, m) with prototype = w^T V0, for a padded batch of classes.
 
-    ``new`` (B, m, d_n) holds L2-normalised new features, zero on padding. With the edge matrix E
-    of Eq. 6 (softmax of S = new new^T / tau over each row, or column, with the diagonal and the
+    ``new`` (B, m, d_n) holds raw new features; cosines come from the Gram matrix scaled by the
+    inverse norms (its diagonal), so the features are never normalised in place. With the edge
+    matrix E of Eq. 6 (softmax of S = cos / tau over each row, or column, with the diagonal and
     padding excluded), mean_rows((1 - lam) (I - lam E)^-1 V0) = w^T V0 where
     (I - lam E)^T w = (1 - lam) / m * 1: one right-hand side per class, no inverse, no (m x d)
     solve. Padding rows/cols of E are zero and their right-hand side is zero, so their w is zero.
     """
-    b, m, _ = new.shape
-    sim = torch.bmm(new, new.transpose(1, 2)).div_(tau)
+    b, m, d = new.shape
+    gram = torch.bmm(new, new.transpose(1, 2))
+    sq_norms = gram.diagonal(dim1=1, dim2=2)
+    _check_norms("new_feats", new.view(b * m, d), sq_norms.reshape(-1), row_ids, overflow=True)
+    inv = sq_norms.sqrt().clamp_min(_EPS).reciprocal()
+    sim = gram.mul_(inv.unsqueeze(2) / tau).mul_(inv.unsqueeze(1))
     eye = torch.eye(m, dtype=torch.bool, device=new.device)
-    edges = valid_rows.unsqueeze(2) & valid_rows.unsqueeze(1) & ~eye
+    edges = valid.unsqueeze(2) & valid.unsqueeze(1) & ~eye
     sim.masked_fill_(~edges, float("-inf"))
     e = torch.softmax(sim, dim=-1 if normalize == "row" else -2).masked_fill_(~edges, 0.0)
     system = torch.eye(m, dtype=new.dtype, device=new.device) - lam * e.transpose(1, 2)
     cnt = counts.to(device=new.device, dtype=new.dtype)
-    rhs = valid_rows.to(new.dtype) * ((1.0 - lam) / cnt).unsqueeze(1)
+    rhs = valid.to(new.dtype) * ((1.0 - lam) / cnt).unsqueeze(1)
     w = torch.linalg.solve(system, rhs.unsqueeze(2)).squeeze(2)
     singleton = (counts == 1).to(new.device).unsqueeze(1)
-    return torch.where(singleton, valid_rows.to(new.dtype), w)
+    return torch.where(singleton, valid.to(new.dtype), w)
 
 
 @torch.no_grad()
@@ -336,7 +404,7 @@ def refine_prototypes(
     lam: float = 0.9,
     tau: float = 0.05,
     normalize: Literal["row", "column"] = "row",
-    chunk_size: int = 32768,
+    chunk_size: int = 4096,
     normalize_inputs: bool = True,
     *,
     allow_empty: bool = False,
@@ -350,14 +418,18 @@ def refine_prototypes(
     prototype = mean of the rows of V_inf, a convex combination of V0 that leans towards samples
     that many others are similar to. A class with one sample keeps its (normalised) old feature.
     ``normalize="column"`` reproduces the published pseudo-code (column softmax), whose result is
-    exactly ``class_means``: for comparison only.
+    exactly ``class_means``: for comparison only. The prototype is not re-normalised.
 
     Samples are sorted by class once; classes of similar size are processed together in chunks of
-    at most ``chunk_size`` padded rows (batched similarity, masked softmax, one batched solve with
-    one right-hand side per class). Only the current chunk's rows are read and converted to
-    ``dtype``, so ``old_feats``/``new_feats`` may be float16 ``np.memmap`` files larger than RAM;
-    each chunk is checked for NaN/Inf as it is read. Memory is O(chunk_size * (d_o + d_n + m_max)).
-    ``allow_empty=True`` gives classes without samples a zero row instead of a DataError.
+    at most ``chunk_size`` padded rows of new features (a larger class gets a chunk alone): batched
+    Gram matrix, masked softmax, one batched solve with one right-hand side per class, giving a
+    weight per sample with prototype = sum_i w_i n(v0_i). The old features are then read once,
+    sequentially, in blocks, and accumulated with ``index_add_`` (they are never gathered). Only
+    the current chunk's or block's rows are read and converted to ``dtype``, so the inputs may be
+    float16 ``np.memmap`` files larger than RAM; rows are checked for NaN/Inf as they are read.
+    Memory is O(rows_max * (d_n + m_max) + block * d_o + n) with rows_max = max(chunk_size,
+    largest class) and block = max(chunk_size, 8192). ``allow_empty=True`` gives classes without
+    samples a zero row instead of a DataError.
     """
     n, d_old = _check_features("old_feats", old_feats)
     n_new, _ = _check_features("new_feats", new_feats)
@@ -377,27 +449,36 @@ def refine_prototypes(
 
     order = torch.argsort(y, stable=True)
     first_of_class = torch.cumsum(counts, 0) - counts
+    plan = _plan_chunks(counts, chunk_size)
+    max_rows = max((cls.numel() * m for cls, m in plan), default=0)
+
+    # pass 1, by class chunks over the new features: per-sample weights, prototype = sum w_i v0_i
+    weights = torch.zeros(n, dtype=dtype, device=device)
+    new_reader = _RowReader(new_feats, max_rows, dtype, device)
+    for cls, m in plan:
+        b, cnt = cls.numel(), counts[cls]
+        slots = torch.arange(m).unsqueeze(0)
+        valid = slots < cnt.unsqueeze(1)
+        # padding slots repeat the class's first sample: masked out of E and given zero weight
+        src = order[(first_of_class[cls].unsqueeze(1) + slots * valid).flatten()]
+        new = new_reader.take(src).view(b, m, -1)
+        w = _propagation_weights(new, valid.to(device), cnt, lam, tau, normalize, src)
+        flat_valid = valid.flatten()
+        weights[src[flat_valid].to(device)] = w.flatten()[flat_valid.to(device)]
+    del new_reader
+
+    # pass 2, sequential blocks of the old features: normalise via the weights and accumulate
+    y_dev = y.to(device)
+    block_rows = max(chunk_size, 8192)
+    old_reader = _RowReader(old_feats, min(n, block_rows), dtype, device)
     out = torch.zeros(num_classes, d_old, dtype=dtype, device=device)
-    for cls, m in _plan_chunks(counts, chunk_size):
-        cnt = counts[cls]
-        slots = torch.arange(m)
-        valid = slots.unsqueeze(0) < cnt.unsqueeze(1)
-        src = order[(first_of_class[cls].unsqueeze(1) + slots.unsqueeze(0))[valid]]
-        dest = valid.flatten().nonzero().squeeze(1)
-        src, perm = torch.sort(src)
-        dest = dest[perm].to(device)
-        padded = []
-        for name, x in (("old_feats", old_feats), ("new_feats", new_feats)):
-            rows = _take_rows(x, src, dtype, device)
-            _check_finite(name, rows, src)
-            buf = torch.zeros(cls.numel() * m, rows.shape[1], dtype=dtype, device=device)
-            buf[dest] = rows
-            padded.append(buf.view(cls.numel(), m, rows.shape[1]))
-            del rows
-        v0, new = padded
+    for start in range(0, n, block_rows):
+        stop = min(n, start + block_rows)
+        block = old_reader.take_range(start, stop)
+        norms = torch.linalg.vector_norm(block, dim=1)
+        _check_norms("old_feats", block, norms, torch.arange(start, stop), normalize_inputs)
+        coef = weights[start:stop]
         if normalize_inputs:
-            v0 = F.normalize(v0, dim=2)
-        new = F.normalize(new, dim=2)
-        w = _propagation_weights(new, valid.to(device), cnt, lam, tau, normalize)
-        out[cls.to(device)] = torch.bmm(w.unsqueeze(1), v0).squeeze(1)
+            coef = coef / norms.clamp_min(_EPS)
+        out.index_add_(0, y_dev[start:stop], block.mul_(coef.unsqueeze(1)))
     return out

@@ -1,0 +1,245 @@
+"""Benchmark of bctkit.prototypes.refine_prototypes (UniBCT structural refinement).
+
+Part A: C classes x m samples x d dims of random float32 features (default 20,000 x 50 x 512):
+bctkit's chunked batched solve against a naive per-class loop over class-sorted data (slice,
+normalise, similarity, row softmax, torch.inverse, mean). Reports both times, their ratio, the max
+abs difference of the prototypes and each one's peak RSS (each runs in its own subprocess).
+
+Part B (on by default, off with --small or --no-ms1m): the MS1Mv3 shape, 93,431 classes with
+seeded negative-binomial sizes around 55 (min 1, ~5.1M rows), 512 dims; old and new features are
+written to disk as float16 np.memmap (~10 GiB together, in a temporary directory that is deleted
+afterwards) in shuffled class order, then refined straight from the memmaps in a subprocess.
+Reports the refinement time, peak RSS and a float64 spot check of a few hundred classes.
+
+Prints one JSON line. Not part of the test suite. Usage:
+    python benchmarks/bench_refine.py [--small] [--no-ms1m] [--threads 2] [--tmpdir /work/tmp]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bctkit.prototypes import refine_prototypes
+
+LAM, TAU = 0.9, 0.05
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _part_a_data(classes: int, per_class: int, dim: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Shuffled random features with exactly ``per_class`` samples per class (deterministic)."""
+    g = torch.Generator().manual_seed(seed)
+    n = classes * per_class
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    labels = labels[torch.randperm(n, generator=g)]
+    old = torch.randn(n, dim, generator=g)
+    new = torch.randn(n, dim, generator=g)
+    return old, new, labels
+
+
+def naive_refine(
+    old_sorted: torch.Tensor, new_sorted: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """The paper's Alg. 2 shape on class-sorted rows: one inverse per class in a Python loop."""
+    out = torch.empty(counts.numel(), old_sorted.shape[1])
+    start = 0
+    for c, m in enumerate(counts.tolist()):
+        v0 = F.normalize(old_sorted[start : start + m], dim=1)
+        f = F.normalize(new_sorted[start : start + m], dim=1)
+        start += m
+        if m == 1:
+            out[c] = v0[0]
+            continue
+        s = f @ f.T / TAU
+        s.fill_diagonal_(float("-inf"))
+        e = torch.softmax(s, dim=1)
+        inv = torch.inverse(torch.eye(m) - LAM * e)
+        out[c] = ((1 - LAM) * inv @ v0).mean(0)
+    return out
+
+
+def worker_part_a(args: argparse.Namespace) -> dict:
+    """Run one Part A implementation; save its prototypes for the parent to compare."""
+    old, new, labels = _part_a_data(args.classes, args.per_class, args.dim, args.seed)
+    rss_inputs = _peak_rss_mb()
+    if args.worker == "a_bctkit":
+        t0 = time.perf_counter()
+        protos = refine_prototypes(old, new, labels, args.classes, LAM, TAU,
+                                   chunk_size=args.chunk_size)
+        seconds = time.perf_counter() - t0
+    else:
+        order = torch.argsort(labels, stable=True)
+        old_s, new_s = old[order], new[order]
+        del old, new
+        counts = torch.bincount(labels, minlength=args.classes)
+        t0 = time.perf_counter()
+        protos = naive_refine(old_s, new_s, counts)
+        seconds = time.perf_counter() - t0
+    np.save(args.out, protos.numpy())
+    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "rss_after_inputs_mb": rss_inputs}
+
+
+def _ms1m_sizes(classes: int, mean: float, seed: int) -> np.ndarray:
+    """Seeded class sizes: 1 + negative binomial (shape 4), mean ``mean``: skewed like MS1Mv3."""
+    rng = np.random.default_rng(seed)
+    shape = 4.0
+    p = shape / (shape + mean - 1)
+    return 1 + rng.negative_binomial(shape, p, size=classes)
+
+
+def make_ms1m_memmaps(root: Path, classes: int, dim: int, seed: int) -> dict:
+    """Write shuffled labels and float16 old/new feature memmaps under ``root`` in row blocks."""
+    sizes = _ms1m_sizes(classes, 55.4, seed)
+    rng = np.random.default_rng(seed + 1)
+    labels = rng.permutation(np.repeat(np.arange(classes, dtype=np.int64), sizes))
+    n = int(labels.size)
+    np.save(root / "labels.npy", labels)
+    g = torch.Generator().manual_seed(seed + 2)
+    block = 1 << 16
+    for name in ("old", "new"):
+        mm = np.memmap(root / f"{name}.f16", dtype=np.float16, mode="w+", shape=(n, dim))
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            mm[start:stop] = torch.randn(stop - start, dim, generator=g).half().numpy()
+        mm.flush()
+        del mm
+    return {"rows": n, "classes": classes, "dim": dim, "size_min": int(sizes.min()),
+            "size_max": int(sizes.max()), "size_mean": round(float(sizes.mean()), 2),
+            "disk_gib": round(2 * n * dim * 2 / 2**30, 2)}
+
+
+def _spot_check(old: np.ndarray, new: np.ndarray, labels: np.ndarray, protos: torch.Tensor,
+                n_classes: int, seed: int) -> float:
+    """Max abs difference to a float64 per-class closed form on a few hundred random classes."""
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(protos.shape[0], size=n_classes, replace=False)
+    worst = 0.0
+    for c in picked.tolist():
+        idx = np.nonzero(labels == c)[0]
+        v0 = F.normalize(torch.from_numpy(np.array(old[idx])).double(), dim=1)
+        f = F.normalize(torch.from_numpy(np.array(new[idx])).double(), dim=1)
+        m = len(idx)
+        if m == 1:
+            ref = v0[0]
+        else:
+            s = f @ f.T / TAU
+            s.fill_diagonal_(float("-inf"))
+            e = torch.softmax(s, dim=1)
+            ref = ((1 - LAM) * torch.linalg.inv(torch.eye(m, dtype=torch.float64) - LAM * e)
+                   @ v0).mean(0)
+        worst = max(worst, float((protos[c].double() - ref).abs().max()))
+    return worst
+
+
+def worker_part_b(args: argparse.Namespace) -> dict:
+    """Refine straight from the float16 memmaps; report time, peak RSS and a spot check."""
+    root = Path(args.root)
+    labels = np.load(root / "labels.npy")
+    n = labels.size
+    old = np.memmap(root / "old.f16", dtype=np.float16, mode="r", shape=(n, args.dim))
+    new = np.memmap(root / "new.f16", dtype=np.float16, mode="r", shape=(n, args.dim))
+    rss_inputs = _peak_rss_mb()
+    t0 = time.perf_counter()
+    protos = refine_prototypes(old, new, labels, args.classes, LAM, TAU,
+                               chunk_size=args.chunk_size)
+    seconds = time.perf_counter() - t0
+    peak = _peak_rss_mb()
+    return {"seconds": seconds, "peak_rss_mb": peak, "rss_after_inputs_mb": rss_inputs,
+            "finite": bool(torch.isfinite(protos).all()),
+            "spot_check_classes": 200,
+            "spot_check_max_abs_diff_vs_float64": _spot_check(old, new, labels, protos, 200,
+                                                             args.seed)}
+
+
+def _run_worker(extra: list[str], args: argparse.Namespace) -> dict:
+    """Run this script as a worker subprocess (separate peak RSS) and parse its JSON line."""
+    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--dim", str(args.dim),
+           "--seed", str(args.seed), "--chunk-size", str(args.chunk_size), *extra]
+    proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="quick sanity run, Part A only")
+    parser.add_argument("--no-ms1m", dest="ms1m", action="store_false", help="skip Part B")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=666)
+    parser.add_argument("--chunk-size", type=int, default=4096)
+    parser.add_argument("--classes", type=int, default=None)
+    parser.add_argument("--per-class", type=int, default=50)
+    parser.add_argument("--ms1m-classes", type=int, default=93431)
+    parser.add_argument("--tmpdir", default=None, help="where Part B writes its ~10 GiB memmaps")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    if args.worker is not None:
+        fn = worker_part_b if args.worker == "b" else worker_part_a
+        print(json.dumps(fn(args)))
+        return
+
+    if args.classes is None:
+        args.classes = 500 if args.small else 20000
+    result: dict = {"bench": "refine_prototypes", "threads": args.threads,
+                    "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
+                    "torch": torch.__version__, "chunk_size": args.chunk_size}
+    with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
+        common = ["--classes", str(args.classes), "--per-class", str(args.per_class)]
+        fast = _run_worker([*common, "--worker", "a_bctkit", "--out", f"{tmp}/fast.npy"], args)
+        slow = _run_worker([*common, "--worker", "a_naive", "--out", f"{tmp}/slow.npy"], args)
+        diff = np.abs(np.load(f"{tmp}/fast.npy") - np.load(f"{tmp}/slow.npy")).max()
+        result["part_a"] = {
+            "classes": args.classes, "per_class": args.per_class, "dim": args.dim,
+            "bctkit_s": round(fast["seconds"], 3), "naive_s": round(slow["seconds"], 3),
+            "speedup": round(slow["seconds"] / fast["seconds"], 2),
+            "max_abs_diff": float(diff),
+            "bctkit_peak_rss_mb": round(fast["peak_rss_mb"]),
+            "naive_peak_rss_mb": round(slow["peak_rss_mb"]),
+            "bctkit_rss_after_inputs_mb": round(fast["rss_after_inputs_mb"]),
+            "naive_rss_after_inputs_mb": round(slow["rss_after_inputs_mb"]),
+        }
+
+    if args.ms1m and not args.small:
+        root = Path(tempfile.mkdtemp(prefix="bench_refine_", dir=args.tmpdir))
+        try:
+            t0 = time.perf_counter()
+            shape = make_ms1m_memmaps(root, args.ms1m_classes, args.dim, args.seed)
+            gen_s = time.perf_counter() - t0
+            b = _run_worker(["--worker", "b", "--root", str(root),
+                             "--classes", str(args.ms1m_classes)], args)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        result["part_b"] = {
+            **shape, "storage": "float16 np.memmap", "generate_s": round(gen_s, 1),
+            "refine_s": round(b["seconds"], 2), "peak_rss_mb": round(b["peak_rss_mb"]),
+            "rss_after_inputs_mb": round(b["rss_after_inputs_mb"]), "finite": b["finite"],
+            "spot_check_classes": b["spot_check_classes"],
+            "spot_check_max_abs_diff_vs_float64": b["spot_check_max_abs_diff_vs_float64"],
+        }
+    result["host_cpus"] = os.cpu_count()
+    result["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
