@@ -69,14 +69,17 @@ def train_model(
     desc: str = "train",
     progress: bool = True,
     stop_after_epoch: int | None = None,
+    init_seed: int | None = None,
 ) -> TrainResult:
     """Train backbone + head (+ compatibility term) on ``train_set`` (labels 0..C-1).
 
     A checkpoint is written atomically after every epoch; with ``resume`` an existing checkpoint of
     the same ``run_id`` is continued, giving the same weights as an uninterrupted run.
     ``stop_after_epoch`` ends early (as an interruption would), for tests and staged runs.
+    ``init_seed`` (default ``cfg.seed``) seeds initialisation and dropout; batch order and
+    augmentation always follow ``cfg.seed``.
     """
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed if init_seed is None else init_seed)
     num_classes = int(train_set.labels.max()) + 1
     backbone = build_backbone(backbone_cfg)
     head = build_head(head_cfg, backbone_cfg.embedding_dim, num_classes)
