@@ -52,12 +52,13 @@ def plot_roc(
     """
     if not curves:
         raise DataError("plot_roc needs at least one curve")
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    arrays = {}
     for label, (fpr, tpr) in curves.items():
-        fpr = np.asarray(fpr, dtype=np.float64)
-        tpr = np.asarray(tpr, dtype=np.float64)
-        if fpr.shape != tpr.shape:
+        arrays[label] = (np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64))
+        if arrays[label][0].shape != arrays[label][1].shape:
             raise DataError(f"curve {label!r}: fpr and tpr differ in length")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, (fpr, tpr) in arrays.items():
         ok = fpr >= min_far
         ax.plot(fpr[ok], tpr[ok], label=str(label))
     ax.set_xscale("log")
@@ -102,12 +103,13 @@ def plot_backfill(
     """Partial backfill curves {label: (fractions, values)}; the legend shows each area."""
     if not curves:
         raise DataError("plot_backfill needs at least one curve")
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    arrays = {}
     for label, (fr, vals) in curves.items():
-        fr = np.asarray(fr, dtype=np.float64)
-        vals = np.asarray(vals, dtype=np.float64)
-        if fr.shape != vals.shape:
+        arrays[label] = (np.asarray(fr, dtype=np.float64), np.asarray(vals, dtype=np.float64))
+        if arrays[label][0].shape != arrays[label][1].shape:
             raise DataError(f"curve {label!r}: fractions and values differ in length")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, (fr, vals) in arrays.items():
         area = float(np.trapezoid(vals, fr)) if fr.size > 1 else float("nan")
         ax.plot(fr, vals, marker="o", label=f"{label} (area {area:.4f})")
     ax.set_xlim(0.0, 1.0)

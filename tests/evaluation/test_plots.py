@@ -1,0 +1,79 @@
+"""PNG writers: valid files, atomic replacement, no temporary files left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bctkit.errors import DataError
+from bctkit.evaluation import plots
+from bctkit.evaluation.verification import roc_curve
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png_only(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert path.stat().st_size > 1000
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_plot_roc(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.random(2000) < 0.3
+    scores = rng.normal(size=2000) + labels
+    fpr, tpr, _ = roc_curve(scores, labels)
+    out = plots.plot_roc({"self": (fpr, tpr), "cross": (fpr, tpr**2)}, tmp_path / "roc.png")
+    assert_png_only(out)
+
+
+def test_plot_cmc_and_backfill(tmp_path: Path) -> None:
+    p = plots.plot_cmc({"cross": {1: 0.5, 5: 0.7, 10: 0.8}}, tmp_path / "a" / "cmc.png")
+    assert_png_only(p)
+    fr = np.linspace(0, 1, 11)
+    p = plots.plot_backfill({"random": (fr, fr), "distance": (fr, np.sqrt(fr))}, tmp_path / "b.png")
+    assert p.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_matrix_replaces_atomically(tmp_path: Path) -> None:
+    target = tmp_path / "m.png"
+    target.write_bytes(b"old content")
+    m = np.array([[0.5, np.nan], [0.6, 0.8]])
+    plots.plot_matrix(m, ["old", "new"], target, title="top-1")
+    assert_png_only(target)
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "m.png"
+    target.write_bytes(b"previous")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(plots.Figure, "savefig", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        plots.plot_matrix(np.eye(2), ["a", "b"], target)
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["m.png"]
+
+
+def test_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError):
+        plots.plot_roc({}, tmp_path / "x.png")
+    with pytest.raises(DataError, match="differ"):
+        plots.plot_roc({"a": (np.zeros(3), np.zeros(2))}, tmp_path / "x.png")
+    with pytest.raises(DataError, match="names"):
+        plots.plot_matrix(np.eye(3), ["a", "b"], tmp_path / "x.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_figures_leak(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    before = len(plt.get_fignums())
+    plots.plot_cmc({"a": {1: 0.2, 2: 0.4}}, tmp_path / "c.png")
+    with pytest.raises(DataError):
+        plots.plot_backfill({"a": ([0.0, 1.0], [0.1])}, tmp_path / "b.png")
+    assert len(plt.get_fignums()) == before
