@@ -59,9 +59,11 @@ def cmc(
         raise DataError(f"ks must be a non-empty list of integers >= 1, got {ks}")
     if exclude_self and q.shape[0] != g.shape[0]:
         raise DataError("exclude_self needs query and gallery sets of equal length")
-    counts = torch.bincount(gid, minlength=int(max(qid.max(), gid.max())) + 1)
-    n_mated_items = counts[qid] - (1 if exclude_self else 0)
-    keep = n_mated_items > 0
+    if qid.numel():
+        counts = torch.bincount(gid, minlength=int(max(qid.max(), gid.max())) + 1)
+        keep = counts[qid] - (1 if exclude_self else 0) > 0
+    else:
+        keep = torch.zeros(0, dtype=torch.bool)
     if not bool(keep.any()):
         warnings.warn("cmc: no probe identity is present in the gallery; CMC is NaN", stacklevel=2)
         return {k: math.nan for k in ks}

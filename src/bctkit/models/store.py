@@ -27,8 +27,9 @@ def fingerprint(backbone: ResNet) -> str:
 
 
 def freeze(module: nn.Module) -> nn.Module:
-    """Eval mode and no gradients: how every old model and old classifier is held."""
+    """Eval mode, no gradients and no stale .grad: how every old model and old classifier is held."""
     module.eval()
+    module.zero_grad(set_to_none=True)
     module.requires_grad_(False)
     return module
 

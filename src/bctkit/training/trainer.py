@@ -153,10 +153,11 @@ def train_model(
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
-            for k, v in {"loss": float(loss), "base": float(base), **parts}.items():
+            loss_value = float(loss.detach())
+            for k, v in {"loss": loss_value, "base": float(base.detach()), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v
             done = (it + 1) * len(idx)
-            bar.set_postfix(loss=f"{float(loss):.3f}", img_s=f"{done / (time.perf_counter() - t0):.0f}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{done / (time.perf_counter() - t0):.0f}")
         elapsed = time.perf_counter() - t0
         record = {k: v / steps for k, v in sums.items()}
         record.update(epoch=epoch + 1, lr=lr, seconds=round(elapsed, 3),

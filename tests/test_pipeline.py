@@ -1,0 +1,96 @@
+"""End to end on a tiny config: report schema, feature files, resume, CLI exit codes."""
+
+import json
+import math
+
+import pytest
+import yaml
+
+from bctkit.cli import main
+from bctkit.config import load_config
+from bctkit.features import load_features
+from bctkit.pipeline import run_pipeline
+
+TINY = {
+    "data": {"synthetic": {"num_classes": 12, "images_per_class": 6, "size": 16, "seed": 1},
+             "eval_classes": 6, "eval_images_per_class": 4},
+    "old": {"backbone": {"arch": "r8", "width": 4, "embedding_dim": 8, "image_size": 16},
+            "train": {"epochs": 2, "batch_size": 16, "schedule": {"name": "constant"}}},
+    "new": {"backbone": {"arch": "r8", "width": 4, "embedding_dim": 12, "image_size": 16},
+            "train": {"epochs": 2, "batch_size": 16, "schedule": {"name": "constant"}}},
+    "methods": [{"method": "l2"}, {"method": "l2", "name": "l2-weak", "params": {"threshold": 0.2}}],
+    "evaluation": {"fars": [1e-3, 0.1], "topk": [1, 5]},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg_path = out / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(TINY))
+    logs: list[str] = []
+    report = run_pipeline(load_config(cfg_path), out / "r", progress=False, log=logs.append)
+    return out, cfg_path, report, logs
+
+
+def test_report_schema(tiny_run):
+    out, _, report, _ = tiny_run
+    on_disk = json.loads((out / "r" / "report.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(report["results"]))
+    assert set(on_disk["models"]) == {"old", "paragon", "l2", "l2-weak"}
+    for info in on_disk["models"].values():
+        assert {"config", "fingerprint", "train_images"} <= set(info)
+    assert on_disk["models"]["old"]["train_images"] == on_disk["allocation"]["old_images"]
+    assert on_disk["models"]["l2"]["compat_dims"] == 8
+    assert on_disk["config"]["new"]["backbone"]["embedding_dim"] == 12
+    keys = {"query_model", "gallery_model", "metric", "value", "n", "protocol"}
+    pairs = set()
+    for rec in on_disk["results"]:
+        assert set(rec) == keys
+        assert rec["n"] > 0 and rec["protocol"]
+        pairs.add((rec["query_model"], rec["gallery_model"]))
+    metrics = {r["metric"] for r in on_disk["results"]}
+    assert {"top1", "top5", "tar@far=1e-3", "tar@far=1e-1", "auc"} <= metrics
+    # 12-dim models are comparable with the 8-dim old model only through l2's compat_dims
+    assert ("l2", "old") in pairs and ("old", "l2-weak") in pairs
+    assert ("paragon", "old") not in pairs and ("paragon", "l2") in pairs
+    n_pairs = 24 * 23 // 2
+    tar = [r for r in on_disk["results"] if r["metric"] == "tar@far=1e-3"]
+    assert all(r["n"] == n_pairs and math.isnan(r["value"]) for r in tar)  # 1e-3 * 216 < 1
+    md = (out / "r" / "report.md").read_text()
+    assert "| l2 |" in md and ("✓" in md or "✗" in md)
+
+
+def test_feature_files(tiny_run):
+    out, _, report, _ = tiny_run
+    fs = load_features(out / "r" / "features" / "l2.safetensors")
+    assert fs.feats.shape == (24, 12) and fs.compat_dims == 8
+    assert fs.meta["model_fingerprint"] == report["models"]["l2"]["fingerprint"]
+
+
+def test_resume_reuses_everything(tiny_run):
+    out, cfg_path, report, _ = tiny_run
+    logs: list[str] = []
+    again = run_pipeline(load_config(cfg_path), out / "r", resume=True, progress=False, log=logs.append)
+    assert sum("reusing finished model" in line for line in logs) == 4
+    assert any("reusing old features" in line for line in logs)
+    assert again["results"] == report["results"]
+
+
+def test_cli_errors_exit_2(tiny_run, tmp_path, capsys):
+    _, cfg_path, _, _ = tiny_run
+    assert main(["run", str(tmp_path / "none.yaml"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "none.yaml: config file not found" in err
+    assert main(["run", str(cfg_path), "--out", str(tmp_path), "--set", "methods.0.method=bct2"]) == 2
+    assert "unknown method 'bct2'" in capsys.readouterr().err
+    assert main(["run", str(cfg_path), "--out", str(tmp_path), "--set", "old.train.epochs=-1"]) == 2
+    assert "old.train.epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["run"])
+    assert exc.value.code == 2
+
+
+def test_cli_methods(capsys):
+    assert main(["methods"]) == 0
+    assert "l2: weight=10.0" in capsys.readouterr().out

@@ -1,0 +1,100 @@
+"""Training: resume equals an uninterrupted run; schedules; NaN loss; frozen old side."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bctkit.data import SyntheticSpec, make_synthetic
+from bctkit.errors import TrainingError
+from bctkit.losses import CompatContext, build_term
+from bctkit.models import BackboneConfig, HeadConfig
+from bctkit.models.store import freeze
+from bctkit.training import ScheduleConfig, TrainConfig, lr_factor, train_model
+
+BB = BackboneConfig(arch="r8", width=4, embedding_dim=8, image_size=16, dropout=0.2)
+HEAD = HeadConfig(type="arcface", s=16, m=0.2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_synthetic(SyntheticSpec(num_classes=6, images_per_class=8, size=16, seed=5))
+
+
+def _cfg(optimizer: str = "sgd", epochs: int = 3) -> TrainConfig:
+    return TrainConfig(epochs=epochs, batch_size=16, optimizer={"name": optimizer, "lr": 0.05},
+                       schedule={"name": "cosine", "warmup_epochs": 1}, grad_clip=5.0,
+                       augment={"hflip": True, "crop_pad": 2})
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_resume_matches_uninterrupted(tmp_path, tiny, optimizer):
+    cfg = _cfg(optimizer)
+    full = train_model(tiny, BB, HEAD, cfg, progress=False, checkpoint=tmp_path / "a.safetensors")
+    ckpt = tmp_path / "b.safetensors"
+    first = train_model(tiny, BB, HEAD, cfg, progress=False, checkpoint=ckpt, stop_after_epoch=1)
+    assert len(first.history) == 1
+    resumed = train_model(tiny, BB, HEAD, cfg, progress=False, checkpoint=ckpt, resume=True)
+    assert resumed.resumed_from_epoch == 1 and len(resumed.history) == 3
+    for (k, a), b in zip(full.backbone.state_dict().items(), resumed.backbone.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), k
+    assert torch.equal(full.head.weight, resumed.head.weight)
+    assert full.history[-1]["loss"] == resumed.history[-1]["loss"]
+
+
+def test_resume_refuses_other_run(tmp_path, tiny):
+    ckpt = tmp_path / "c.safetensors"
+    train_model(tiny, BB, HEAD, _cfg(), progress=False, checkpoint=ckpt, stop_after_epoch=1, run_id="a")
+    with pytest.raises(TrainingError, match="another configuration"):
+        train_model(tiny, BB, HEAD, _cfg(), progress=False, checkpoint=ckpt, resume=True, run_id="b")
+
+
+def test_training_learns(tiny):
+    res = train_model(tiny, BB, HEAD, _cfg(epochs=6), progress=False)
+    assert res.history[-1]["loss"] < res.history[0]["loss"]
+
+
+def test_nan_loss_is_a_clear_error(tiny):
+    cfg = TrainConfig(epochs=2, batch_size=16, optimizer={"name": "sgd", "lr": 1e30},
+                      schedule={"name": "constant"})
+    with pytest.raises(TrainingError, match="loss became"):
+        train_model(tiny, BB, HEAD, cfg, progress=False)
+
+
+def test_old_side_gets_no_gradient(tiny):
+    old = train_model(tiny, BB, HEAD, _cfg(epochs=2), progress=False)
+    freeze(old.backbone)
+    freeze(old.head)
+    before = {k: v.clone() for k, v in old.backbone.state_dict().items()}
+    labels = torch.from_numpy(tiny.labels)
+    ctx = CompatContext(old_embedding_dim=8, new_embedding_dim=8, num_new_classes=6,
+                        new_to_old=torch.arange(6), train_labels=labels,
+                        old_train_feats=torch.randn(len(tiny), 8), old_model=old.backbone,
+                        old_head=old.head)
+    train_model(tiny, BB, HEAD, _cfg(epochs=2), term=build_term("l2", {}), ctx=ctx, progress=False)
+    for k, v in old.backbone.state_dict().items():
+        assert torch.equal(before[k], v), k
+    assert all(p.grad is None for p in old.backbone.parameters())
+
+
+def test_schedules():
+    steps, epochs = 10, 4
+    mult = ScheduleConfig(name="multistep", milestones=[1, 3], gamma=0.1)
+    got = [lr_factor(mult, s, steps, epochs) for s in (0, 9, 10, 29, 30, 39)]
+    assert np.allclose(got, [1, 1, 0.1, 0.1, 0.01, 0.01])
+    cos = ScheduleConfig(name="cosine", warmup_epochs=1)
+    assert math.isclose(lr_factor(cos, 0, steps, epochs), 0.1)
+    assert math.isclose(lr_factor(cos, 9, steps, epochs), 1.0)
+    assert math.isclose(lr_factor(cos, 10, steps, epochs), 1.0)
+    assert math.isclose(lr_factor(cos, 25, steps, epochs), 0.5 * (1 + math.cos(math.pi * 15 / 30)))
+    poly = ScheduleConfig(name="poly", power=2)
+    assert math.isclose(lr_factor(poly, 20, steps, epochs), (1 - 20 / 40) ** 2)
+
+
+def test_config_conflicts():
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        TrainConfig(epochs=2, schedule={"name": "cosine", "warmup_epochs": 2})
+    with pytest.raises(ValueError, match="milestones"):
+        TrainConfig(epochs=5, schedule={"name": "multistep", "milestones": [2, 7]})
