@@ -13,8 +13,8 @@ def test_packaged_configs_load(name):
 
 
 def test_overrides():
-    cfg = load_config(packaged_config("demo-quick"), ["old.train.epochs=2", "methods.0.params={threshold: 0.2}",
-                                                      "evaluation.fars=[0.01]"])
+    overrides = ["old.train.epochs=2", "methods.0.params={threshold: 0.2}", "evaluation.fars=[0.01]"]
+    cfg = load_config(packaged_config("demo-quick"), overrides)
     assert cfg.old.train.epochs == 2 and cfg.methods[0].params == {"threshold": 0.2}
     assert cfg.evaluation.fars == [0.01]
 
