@@ -175,10 +175,30 @@ def _run_worker(extra: list[str], args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_part_a(args: argparse.Namespace) -> dict:
+    """Part A: bctkit and the naive loop, each in its own subprocess, on identical data."""
+    with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
+        common = ["--classes", str(args.classes), "--per-class", str(args.per_class)]
+        fast = _run_worker([*common, "--worker", "a_bctkit", "--out", f"{tmp}/fast.npy"], args)
+        slow = _run_worker([*common, "--worker", "a_naive", "--out", f"{tmp}/slow.npy"], args)
+        diff = np.abs(np.load(f"{tmp}/fast.npy") - np.load(f"{tmp}/slow.npy")).max()
+    return {
+        "classes": args.classes, "per_class": args.per_class, "dim": args.dim,
+        "bctkit_s": round(fast["seconds"], 3), "naive_s": round(slow["seconds"], 3),
+        "speedup": round(slow["seconds"] / fast["seconds"], 2),
+        "max_abs_diff": float(diff),
+        "bctkit_peak_rss_mb": round(fast["peak_rss_mb"]),
+        "naive_peak_rss_mb": round(slow["peak_rss_mb"]),
+        "bctkit_rss_after_inputs_mb": round(fast["rss_after_inputs_mb"]),
+        "naive_rss_after_inputs_mb": round(slow["rss_after_inputs_mb"]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="quick sanity run, Part A only")
     parser.add_argument("--no-ms1m", dest="ms1m", action="store_false", help="skip Part B")
+    parser.add_argument("--only-ms1m", action="store_true", help="skip Part A")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--seed", type=int, default=666)
@@ -203,21 +223,8 @@ def main() -> None:
     result: dict = {"bench": "refine_prototypes", "threads": args.threads,
                     "loadavg_1m_at_start": round(os.getloadavg()[0], 2),
                     "torch": torch.__version__, "chunk_size": args.chunk_size}
-    with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
-        common = ["--classes", str(args.classes), "--per-class", str(args.per_class)]
-        fast = _run_worker([*common, "--worker", "a_bctkit", "--out", f"{tmp}/fast.npy"], args)
-        slow = _run_worker([*common, "--worker", "a_naive", "--out", f"{tmp}/slow.npy"], args)
-        diff = np.abs(np.load(f"{tmp}/fast.npy") - np.load(f"{tmp}/slow.npy")).max()
-        result["part_a"] = {
-            "classes": args.classes, "per_class": args.per_class, "dim": args.dim,
-            "bctkit_s": round(fast["seconds"], 3), "naive_s": round(slow["seconds"], 3),
-            "speedup": round(slow["seconds"] / fast["seconds"], 2),
-            "max_abs_diff": float(diff),
-            "bctkit_peak_rss_mb": round(fast["peak_rss_mb"]),
-            "naive_peak_rss_mb": round(slow["peak_rss_mb"]),
-            "bctkit_rss_after_inputs_mb": round(fast["rss_after_inputs_mb"]),
-            "naive_rss_after_inputs_mb": round(slow["rss_after_inputs_mb"]),
-        }
+    if not args.only_ms1m:
+        result["part_a"] = run_part_a(args)
 
     if args.ms1m and not args.small:
         root = Path(tempfile.mkdtemp(prefix="bench_refine_", dir=args.tmpdir))
