@@ -291,3 +291,30 @@ def test_drop_means_removes_outlier() -> None:
     labels = torch.zeros(10, dtype=torch.int64)
     torch.testing.assert_close(drop_means(feats, labels, 1)[0], torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(class_means(feats, labels, 1)[0], torch.tensor([0.8, 0.0]))
+
+
+def test_input_dtypes_and_overflow() -> None:
+    old, new, labels = _data(SIZES, seed=8)
+    k = len(SIZES)
+    ref = refine_prototypes(old, new, labels, k, chunk_size=50)
+    for o, f in ((old.half(), new.half()), (old.double(), new.double())):
+        got = refine_prototypes(o, f, labels, k, chunk_size=50)
+        assert got.dtype == torch.float32
+        tol = 1e-6 if o.dtype == torch.float64 else 5e-3
+        torch.testing.assert_close(got, ref, atol=tol, rtol=0)
+    big = old.clone()
+    big[3] = 1e30
+    with pytest.raises(DataError, match="old_feats row 3 has a norm that overflows"):
+        refine_prototypes(big, new, labels, k)
+    ok = refine_prototypes(big, new, labels, k, dtype=torch.float64)
+    assert torch.isfinite(ok).all()
+    with pytest.raises(DataError, match="expected native-endian"):
+        class_means(old.numpy().astype(">f4"), labels, k)
+
+
+def test_no_rows_with_allow_empty() -> None:
+    labels = torch.zeros(0, dtype=torch.int64)
+    out = refine_prototypes(torch.zeros(0, 3), torch.zeros(0, 2), labels, 2, allow_empty=True)
+    assert torch.equal(out, torch.zeros(2, 3))
+    assert torch.equal(drop_means(np.zeros((0, 3)), labels, 2, allow_empty=True),
+                       torch.zeros(2, 3))

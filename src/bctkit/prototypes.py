@@ -33,6 +33,7 @@ Labels = torch.Tensor | np.ndarray
 __all__ = ["class_means", "drop_means", "refine_prototypes"]
 
 _MAX_LISTED_IDS = 10
+_NUMPY_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64"})
 _EPS = 1e-12  # as F.normalize: a zero row stays zero
 
 
@@ -45,8 +46,11 @@ def _check_features(name: str, x: object) -> tuple[int, int]:
         if x.is_complex() or x.dtype == torch.bool:
             raise DataError(f"{name} has dtype {x.dtype}; expected real-valued features")
     elif isinstance(x, np.ndarray):
-        if x.dtype.kind not in "fiu":
-            raise DataError(f"{name} has dtype {x.dtype}; expected real-valued features")
+        if x.dtype.name not in _NUMPY_DTYPES or not x.dtype.isnative:
+            raise DataError(
+                f"{name} has dtype {x.dtype}; expected native-endian "
+                f"{', '.join(sorted(_NUMPY_DTYPES))} features"
+            )
     else:
         raise DataError(f"{name} is a {type(x).__name__}; expected a torch.Tensor or numpy array")
     if x.ndim != 2:
