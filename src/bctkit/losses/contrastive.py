@@ -1,0 +1,53 @@
+"""``contrastive``: InfoNCE between new and cached old features (UniBCT Eq. 12; methods.md item 4).
+
+For sample i of the batch, with a_i = n(f_i[:d_o]) the anchor, n(o_i) the positive (cached old feature
+of the same image) and n(o_j) for every batch sample j of ANOTHER class the negatives:
+
+    s_ij = <a_i, n(o_j)> / tau,    l_i = -log( exp(s_ii) / (exp(s_ii) + sum_{j: y_j != y_i} exp(s_ij)) )
+
+loss = weight * mean_i l_i. Other samples of the same class are neither positives nor negatives.
+``tau`` defaults to 0.07, the usual InfoNCE temperature (MoCo, SupCon); the UniBCT text available to
+us does not state the value used for this baseline, so it is an option.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from bctkit.losses.base import CompatBatch, CompatibilityTerm, TermOutput, TermParams, register
+from bctkit.losses.bct import check_leading_dims, leading_dims, old_features
+
+
+class ContrastiveParams(TermParams):
+    weight: float = Field(1.0, ge=0)
+    tau: float = Field(0.07, gt=0)
+
+
+@register
+class Contrastive(CompatibilityTerm):
+    """New feature pulled to its own old feature, pushed from other classes' old features."""
+
+    name = "contrastive"
+    Params = ContrastiveParams
+    needs_old_features = True
+    params: ContrastiveParams
+
+    def check_dims(self, old_dim: int, new_dim: int) -> None:
+        check_leading_dims(self.name, old_dim, new_dim)
+
+    def compatible_dims(self, old_dim: int, new_dim: int) -> int | None:
+        return leading_dims(old_dim, new_dim)
+
+    def forward(self, batch: CompatBatch) -> TermOutput:
+        f = batch.new_feats
+        o = old_features(batch, self.name, f)
+        anchor = F.normalize(f[:, : o.shape[1]], dim=1)
+        sim = anchor @ F.normalize(o, dim=1).T / self.params.tau
+        y = batch.labels
+        eye = torch.eye(len(y), dtype=torch.bool, device=sim.device)
+        same_class_other = (y[:, None] == y[None, :]) & ~eye
+        sim = sim.masked_fill(same_class_other, float("-inf"))
+        raw = F.cross_entropy(sim, torch.arange(len(y), device=sim.device))
+        return TermOutput(self.params.weight * raw, {"contrastive": float(raw.detach())})
