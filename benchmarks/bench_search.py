@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import statistics
 import time
 
 import torch
@@ -26,8 +28,8 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def gemm_gflops(bq: int, bg: int, d: int, repeats: int = 5) -> float:
-    """Throughput of torch.mm on one (bq x d) @ (d x bg) tile into a preallocated output."""
+def gemm_gflops(bq: int, bg: int, d: int, repeats: int = 7) -> float:
+    """Median throughput of torch.mm on one (bq x d) @ (d x bg) tile into a preallocated output."""
     a = torch.randn(bq, d)
     b = torch.randn(bg, d)
     out = torch.empty(bq, bg)
@@ -37,7 +39,7 @@ def gemm_gflops(bq: int, bg: int, d: int, repeats: int = 5) -> float:
         t0 = time.perf_counter()
         torch.mm(a, b.T, out=out)
         times.append(time.perf_counter() - t0)
-    return 2 * bq * bg * d / min(times) / 1e9
+    return 2 * bq * bg * d / statistics.median(times) / 1e9
 
 
 def main() -> None:
@@ -53,6 +55,7 @@ def main() -> None:
     gallery = torch.nn.functional.normalize(torch.randn(n_g, d, generator=gen), dim=1)
     queries = torch.nn.functional.normalize(torch.randn(n_q, d, generator=gen), dim=1)
     rss_data = rss_mib()
+    load_start = round(os.getloadavg()[0], 2)
 
     tile = (min(args.block_queries, n_q), min(args.block_gallery, n_g), d)
     ref_before = gemm_gflops(*tile)
@@ -71,6 +74,8 @@ def main() -> None:
         "queries": n_q,
         "k": k,
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min_start_end": [load_start, round(os.getloadavg()[0], 2)],
         "blocks": [args.block_queries, args.block_gallery],
         "topk_search_s": round(t_topk, 2),
         "topk_search_gflops": round(flops / t_topk / 1e9, 1),

@@ -152,3 +152,10 @@ def test_tpir_ties_threshold_is_strict_rank1_tie_counts() -> None:
     # a mated score tied with a non-mated item's score is the rank-1 score -> a hit
     q = np.array([[1.0, 1.0], [-1.0, -1.0]])
     assert tpir_at_fpir(q, np.array([0, 9]), g, gid, [1.0]) == {1.0: 1.0}
+
+
+def test_cmc_without_queries_is_nan() -> None:
+    _, _, g, gid = data(0)
+    with pytest.warns(UserWarning, match="no probe identity"):
+        out = cmc(g[:0], gid[:0], g, gid, ks=(1, 5))
+    assert math.isnan(out[1]) and math.isnan(out[5])

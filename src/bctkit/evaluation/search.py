@@ -62,8 +62,7 @@ def topk_search(
         raise DataError("block_queries and block_gallery must be >= 1")
     if exclude_self and q.shape[0] != g.shape[0]:
         raise DataError(
-            f"exclude_self needs queries and gallery of equal length, got {q.shape[0]} and "
-            f"{g.shape[0]}"
+            f"exclude_self needs queries and gallery of equal length, got {q.shape[0]} and {g.shape[0]}"
         )
     n_q, n_g = q.shape[0], g.shape[0]
     k_eff = min(k, n_g - 1 if exclude_self else n_g)
@@ -78,10 +77,9 @@ def topk_search(
         best_i: torch.Tensor | None = None
         for gs in range(0, n_g, block_gallery):
             gb = g[gs : gs + block_gallery]
-            if qb.shape[0] == tile.shape[0] and gb.shape[0] == tile.shape[1]:
-                sc = torch.mm(qb, gb.T, out=tile)
-            else:
-                sc = qb @ gb.T
+            # reuse one buffer for every tile (partial tiles use a contiguous prefix of it)
+            sc = tile.view(-1)[: qb.shape[0] * gb.shape[0]].view(qb.shape[0], gb.shape[0])
+            torch.mm(qb, gb.T, out=sc)
             if exclude_self:
                 rows = torch.arange(qb.shape[0])
                 cols = rows + qs - gs
@@ -143,9 +141,7 @@ class FaissIndex:
         """Top-k (scores float32, indices int64) per query; k is clamped to the gallery size."""
         q = as_feature_matrix(queries, "queries")
         if q.shape[1] != self.dim:
-            raise DataError(
-                f"queries have dim {q.shape[1]} but the index has dim {self.dim}; expected equal"
-            )
+            raise DataError(f"queries have dim {q.shape[1]} but the index has dim {self.dim}; expected equal")
         if k < 1:
             raise DataError(f"k must be >= 1, got {k}")
         scores, idx = self.index.search(np.ascontiguousarray(q.numpy()), min(k, self.ntotal))
