@@ -57,6 +57,20 @@ def test_report_schema(tiny_run):
     n_pairs = 24 * 23 // 2
     tar = [r for r in on_disk["results"] if r["metric"] == "tar@far=1e-3"]
     assert all(r["n"] == n_pairs and math.isnan(r["value"]) for r in tar)  # 1e-3 * 216 < 1
+    comp = on_disk["compatibility"]["l2"]["top1"]
+    cross = next(r["value"] for r in on_disk["results"]
+                 if (r["query_model"], r["gallery_model"], r["metric"]) == ("l2", "old", "top1"))
+    assert comp["cross"] == cross and comp["criterion"] == (cross > comp["old_self"])
+    assert {"tpir@fpir=1e-1", "map", "map@r"} <= metrics
+    top1 = on_disk["matrices"]["top1"]
+    assert top1["models"] == ["old", "paragon", "l2", "l2-weak"]
+    assert top1["values"][1][0] is None  # paragon (12 dims) cannot query the 8-dim old gallery
+    curve = on_disk["backfill"]["l2"]["random"]
+    assert curve["fractions"][0] == 0 and curve["fractions"][-1] == 1
+    assert math.isclose(curve["values"][0], cross)
+    for plot in on_disk["plots"]:
+        assert (out / "r" / plot).read_bytes()[:4] == b"\x89PNG"
+    assert {"roc.png", "cmc.png", "backfill.png"} <= set(on_disk["plots"])
     md = (out / "r" / "report.md").read_text()
     assert "| l2 |" in md and ("✓" in md or "✗" in md)
 

@@ -57,14 +57,17 @@ class MethodConfig(_Strict):
 class EvalConfig(_Strict):
     fars: list[float] = Field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2])
     topk: list[int] = Field(default_factory=lambda: [1, 5])
+    fpirs: list[float] = Field(default_factory=lambda: [1e-2, 1e-1])
+    retrieval: bool = True
+    backfill: bool = True
     gallery_per_class: int = Field(1, ge=1)
     flip: bool = False
     batch_size: int = Field(512, ge=1)
 
     @model_validator(mode="after")
     def _ranges(self) -> EvalConfig:
-        if any(not 0 < f < 1 for f in self.fars):
-            raise ValueError(f"fars must lie in (0, 1), got {self.fars}")
+        if any(not 0 < f < 1 for f in self.fars + self.fpirs):
+            raise ValueError(f"fars and fpirs must lie in (0, 1), got {self.fars} and {self.fpirs}")
         if any(k < 1 for k in self.topk):
             raise ValueError(f"topk values must be >= 1, got {self.topk}")
         return self

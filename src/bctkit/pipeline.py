@@ -18,6 +18,7 @@ from bctkit.config import MethodConfig, ModelConfig, RunConfig
 from bctkit.data import allocate
 from bctkit.data.datasets import load_datasets
 from bctkit.data.imageset import ImageSet
+from bctkit.evaluation.analysis import backfill_curves, compatibility_summary, matrices, write_plots
 from bctkit.evaluation.protocols import EvalProtocol, evaluate_models
 from bctkit.evaluation.report import write_report
 from bctkit.features import FeatureSet, extract, load_features
@@ -168,9 +169,15 @@ class Run:
             })
             fs.save(out / "features" / f"{name}.safetensors")
             features[name] = fs
-        protocol = EvalProtocol(eval_set.name, eval_labels, cfg.evaluation.gallery_per_class,
-                                tuple(cfg.evaluation.fars), tuple(cfg.evaluation.topk))
-        records = evaluate_models(features, protocol)
+        ev = cfg.evaluation
+        protocol = EvalProtocol(eval_set.name, eval_labels, ev.gallery_per_class, tuple(ev.fars),
+                                tuple(ev.topk), tuple(ev.fpirs), ev.retrieval)
+        records, pairs = evaluate_models(features, protocol)
+        names = list(features)
+        mats = matrices(records, names, [m for m in ("top1", "tar@far=1e-3") if any(
+            r["metric"] == m for r in records)])
+        backfill = backfill_curves(features, protocol) if ev.backfill else {}
+        plots = write_plots(out, pairs, names, mats, backfill)
         report = {
             "dataset": f"{eval_set.name}: {len(eval_set)} images of {eval_set.num_classes} "
                        f"identities never used in training",
@@ -178,6 +185,10 @@ class Run:
             "models": self.models_info,
             "config": cfg.model_dump(mode="json"),
             "results": records,
+            "compatibility": compatibility_summary(records, names),
+            "matrices": mats,
+            "backfill": backfill,
+            "plots": plots,
         }
         write_report(out, report)
         self.log(f"[report] {out / 'report.md'}")

@@ -1,28 +1,37 @@
 """The run's open-set protocol: every (query model, gallery model) pair on the held-out identities.
 
-1:N closed-set identification: the first ``gallery_per_class`` images of each evaluation identity
-form the gallery (embedded by the gallery model); every other image is a probe (query model).
-1:1 verification: all pairs i < j of evaluation images; the first image is embedded by the query
-model, the second by the gallery model (UniBCT's cross-test convention); exact TAR@FAR.
+- 1:N closed-set identification (CMC top-k): the first ``gallery_per_class`` images of each
+  evaluation identity form the gallery (embedded by the gallery model); every other image is a
+  probe (query model).
+- 1:N open-set identification (TPIR@FPIR, NIST rule): the identities are split in two halves; G1
+  enrols the gallery images of the first half, G2 those of the second; all probes search each
+  gallery (probes of the other half are the non-mated searches); the two results are averaged.
+- 1:1 verification: all pairs i < j of evaluation images; the first image is embedded by the query
+  model, the second by the gallery model (UniBCT's cross-test convention); exact TAR@FAR, ROC AUC.
+- Retrieval: every image queries all the others (its own item excluded): mAP and mAP@R.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bctkit.evaluation.identification import cmc
-from bctkit.evaluation.verification import roc_auc, tar_at_far
+from bctkit.evaluation.identification import cmc, tpir_at_fpir
+from bctkit.evaluation.retrieval import retrieval_metrics
+from bctkit.evaluation.verification import roc_auc, roc_curve, tar_at_far
 from bctkit.features import FeatureSet
 
+CMC_CURVE_RANKS = (1, 2, 3, 5, 10, 20)
 
-def far_name(far: float) -> str:
-    return f"tar@far={far:.0e}".replace("e-0", "e-")
+
+def rate_name(kind: str, rate: float) -> str:
+    """Metric name such as ``tar@far=1e-4`` or ``tpir@fpir=1e-2``."""
+    return f"{kind}={rate:.0e}".replace("e-0", "e-")
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,8 @@ class EvalProtocol:
     gallery_per_class: int
     fars: tuple[float, ...]
     topk: tuple[int, ...]
+    fpirs: tuple[float, ...] = ()
+    retrieval: bool = True
 
     def split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gallery indices, probe indices): the first images of each identity are the gallery."""
@@ -44,6 +55,15 @@ class EvalProtocol:
         in_gallery = torch.zeros(len(order), dtype=torch.bool)
         in_gallery[order] = rank < self.gallery_per_class
         return torch.nonzero(in_gallery).flatten(), torch.nonzero(~in_gallery).flatten()
+
+
+@dataclass
+class PairResult:
+    """Records of one (query, gallery) pair plus the curves behind them, for plots."""
+
+    records: list[dict[str, Any]]
+    roc: tuple[np.ndarray, np.ndarray] | None = None
+    cmc: dict[int, float] = field(default_factory=dict)
 
 
 def comparable(query: FeatureSet, gallery: FeatureSet) -> tuple[torch.Tensor, torch.Tensor, str] | None:
@@ -62,19 +82,38 @@ def comparable(query: FeatureSet, gallery: FeatureSet) -> tuple[torch.Tensor, to
     return None
 
 
+def _open_set(query: torch.Tensor, gallery: torch.Tensor, protocol: EvalProtocol, dims: str,
+              g_idx: torch.Tensor, p_idx: torch.Tensor) -> list[dict[str, Any]]:
+    labels = protocol.labels
+    ids = torch.unique(labels)
+    halves = (ids[: len(ids) // 2], ids[len(ids) // 2 :])
+    results = []
+    for half in halves:
+        enrolled = g_idx[torch.isin(labels[g_idx], half)]
+        results.append(tpir_at_fpir(query[p_idx], labels[p_idx], gallery[enrolled], labels[enrolled],
+                                    protocol.fpirs))
+    desc = (f"1:N open-set TPIR@FPIR (NIST, rank-1), {protocol.dataset}: galleries G1/G2 = gallery "
+            f"images of {len(halves[0])} / {len(halves[1])} ids, {len(p_idx)} probes each, averaged; {dims}")
+    return [{"metric": rate_name("tpir@fpir", f), "value": float(np.mean([r[f] for r in results])),
+             "n": len(p_idx), "protocol": desc} for f in protocol.fpirs]
+
+
 def evaluate_pair(
     query: torch.Tensor, gallery: torch.Tensor, protocol: EvalProtocol, dims: str
-) -> list[dict[str, Any]]:
-    """Metric records (without model names) for one query/gallery feature pair."""
+) -> PairResult:
+    """Metric records (without model names) and curves for one query/gallery feature pair."""
     labels = protocol.labels
     g_idx, p_idx = protocol.split()
     ids = len(torch.unique(labels))
     records: list[dict[str, Any]] = []
-    top = cmc(query[p_idx], labels[p_idx], gallery[g_idx], labels[g_idx], ks=protocol.topk)
+    ranks = sorted(set(protocol.topk) | set(CMC_CURVE_RANKS))
+    curve = cmc(query[p_idx], labels[p_idx], gallery[g_idx], labels[g_idx], ks=ranks)
     ident = (f"1:N closed-set CMC, {protocol.dataset}: gallery {len(g_idx)} images "
              f"({protocol.gallery_per_class}/id, {ids} ids), {len(p_idx)} probes; {dims}")
-    for k, v in top.items():
-        records.append({"metric": f"top{k}", "value": v, "n": len(p_idx), "protocol": ident})
+    for k in protocol.topk:
+        records.append({"metric": f"top{k}", "value": curve[k], "n": len(p_idx), "protocol": ident})
+    if protocol.fpirs:
+        records += _open_set(query, gallery, protocol, dims, g_idx, p_idx)
     qn, gn = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
     i, j = torch.triu_indices(len(labels), len(labels), offset=1)
     scores = (qn @ gn.T)[i, j].numpy().astype(np.float64)
@@ -87,21 +126,34 @@ def evaluate_pair(
         warnings.simplefilter("ignore")
         tars = tar_at_far(scores, genuine, protocol.fars)
     for far, v in tars.items():
-        records.append({"metric": far_name(far), "value": v, "n": len(scores), "protocol": verif})
+        records.append({"metric": rate_name("tar@far", far), "value": v, "n": len(scores), "protocol": verif})
     records.append({"metric": "auc", "value": roc_auc(scores, genuine), "n": len(scores),
                     "protocol": verif.replace("exact TAR@FAR", "ROC AUC")})
-    return records
+    if protocol.retrieval:
+        ret = retrieval_metrics(query, labels, gallery, labels, ks=(1,), exclude_self=True)
+        desc = (f"retrieval, {protocol.dataset}: each of {len(labels)} images queries the other "
+                f"{len(labels) - 1} (own item excluded); {dims}")
+        for key, name in (("map", "map"), ("map_at_r", "map@r")):
+            records.append({"metric": name, "value": ret[key], "n": int(ret["n_queries"]), "protocol": desc})
+    fpr, tpr, _ = roc_curve(scores, genuine)
+    return PairResult(records, (fpr, tpr), curve)
 
 
-def evaluate_models(features: dict[str, FeatureSet], protocol: EvalProtocol) -> list[dict[str, Any]]:
-    """Records for every ordered (query model, gallery model) pair whose embeddings are comparable."""
+def evaluate_models(
+    features: dict[str, FeatureSet], protocol: EvalProtocol
+) -> tuple[list[dict[str, Any]], dict[tuple[str, str], PairResult]]:
+    """Records for every ordered (query model, gallery model) pair whose embeddings are comparable,
+    and the per-pair results (with curves) keyed by (query, gallery)."""
     records: list[dict[str, Any]] = []
+    pairs: dict[tuple[str, str], PairResult] = {}
     for qname, qf in features.items():
         for gname, gf in features.items():
             view = comparable(qf, gf)
             if view is None:
                 continue
             q, g, dims = view
-            for rec in evaluate_pair(q, g, protocol, dims):
+            res = evaluate_pair(q, g, protocol, dims)
+            pairs[(qname, gname)] = res
+            for rec in res.records:
                 records.append({"query_model": qname, "gallery_model": gname, **rec})
-    return records
+    return records, pairs

@@ -1,4 +1,5 @@
-"""Run reports: report.json (flat ``results`` records + ``models`` + ``config``) and report.md.
+"""Run reports: report.json (flat ``results`` records + ``models`` + ``config`` + analysis) and
+report.md with tables and plots.
 
 Record schema (kept by every extension): ``{query_model, gallery_model, metric, value, n, protocol}``.
 Criterion (evaluation.md): a new model is compatible on a metric iff M(new, old) > M(old, old).
@@ -12,6 +13,12 @@ from typing import Any
 
 from bctkit import __version__
 from bctkit.storage import write_json, write_text
+
+GROUPS = (
+    ("1:N identification", ("top", "tpir@")),
+    ("1:1 verification", ("tar@", "auc")),
+    ("Retrieval", ("map",)),
+)
 
 
 def lookup(records: list[dict[str, Any]], query: str, gallery: str, metric: str) -> float | None:
@@ -29,20 +36,29 @@ def _fmt(v: float | None) -> str:
     return f"{100 * v:.2f}"
 
 
-def criterion(records: list[dict[str, Any]], new: str, old: str, metric: str) -> bool | None:
-    """Strict criterion M(new, old) > M(old, old); None when either number is missing or NaN."""
-    cross, base = lookup(records, new, old, metric), lookup(records, old, old, metric)
-    if cross is None or base is None or math.isnan(cross) or math.isnan(base):
-        return None
-    return cross > base
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ] + [""]
 
 
-def _metric_order(records: list[dict[str, Any]]) -> list[str]:
-    seen: list[str] = []
-    for r in records:
-        if r["metric"] not in seen:
-            seen.append(r["metric"])
-    return seen
+def _self_cross(report: dict[str, Any], metrics: list[str], old: str) -> list[str]:
+    records, compat = report["results"], report.get("compatibility", {})
+    header = ["model"] + [f"{m} {side}" for m in metrics for side in ("self", "cross")]
+    rows = []
+    for name in report["models"]:
+        row = [name]
+        for m in metrics:
+            row.append(_fmt(lookup(records, name, name, m)))
+            info = compat.get(name, {}).get(m)
+            if name == old or info is None:
+                row.append("—")
+                continue
+            cross = lookup(records, name, old, m)
+            mark = "" if cross is None or math.isnan(cross) else (" ✓" if info["criterion"] else " ✗")
+            row.append(_fmt(cross) + mark)
+        rows.append(row)
+    return _table(header, rows)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -50,7 +66,7 @@ def markdown(report: dict[str, Any]) -> str:
     records, models = report["results"], report["models"]
     old = "old"
     names = list(models)
-    metrics = [m for m in _metric_order(records) if m != "auc"]
+    metrics = list(dict.fromkeys(r["metric"] for r in records))
     lines = ["# bctkit report", ""]
     alloc = report.get("allocation", {})
     if alloc:
@@ -70,43 +86,58 @@ def markdown(report: dict[str, Any]) -> str:
         "n/m = not measurable with this many impostor pairs.",
         "",
     ]
-    header = ["model"] + [f"{m} {side}" for m in metrics for side in ("self", "cross")]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in names:
-        row = [name]
-        for m in metrics:
-            row.append(_fmt(lookup(records, name, name, m)))
-            if name == old:
-                row.append("—")
-                continue
-            cross = lookup(records, name, old, m)
-            ok = criterion(records, name, old, m)
-            mark = "" if ok is None else (" ✓" if ok else " ✗")
-            row.append(_fmt(cross) + mark)
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
+    for title, prefixes in GROUPS:
+        group = [m for m in metrics if m.startswith(prefixes)]
+        if group:
+            lines += [f"### {title}", ""] + _self_cross(report, group, old)
     protocols: dict[str, int] = {}
     for r in records:
         protocols.setdefault(r["protocol"].split(";")[0], r["n"])
-    lines += ["Protocols (n = probes or pairs behind each number):", ""]
-    lines += [f"- {p} (n = {n})" for p, n in protocols.items()]
-    lines.append("")
-    for m in [x for x in ("top1", "tar@far=1e-3") if x in metrics]:
-        lines += [f"## Compatibility matrix: {m} (row = query model, column = gallery model)", ""]
-        lines += ["| query \\ gallery | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
-        for q in names:
-            lines.append(f"| {q} | " + " | ".join(_fmt(lookup(records, q, g, m)) for g in names) + " |")
-        lines.append("")
-    lines += ["## Models", "", "| model | method | options | train images | classes | dims | fingerprint |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["Protocols (n = probes, queries or pairs behind each number):", ""]
+    lines += [f"- {p} (n = {n})" for p, n in protocols.items()] + [""]
+    compat = report.get("compatibility", {})
+    gain_metrics = [m for m in ("top1", "tpir@fpir=1e-2", "tar@far=1e-3", "tar@far=1e-4", "map")
+                    if m in metrics]
+    if compat and gain_metrics:
+        lines += ["## Update gain", "",
+                  "BCT Eq. 9: (M(new, old) - M(old, old)) / (M(paragon, paragon) - M(old, old)), in %; "
+                  "shown only where the criterion holds (— otherwise).", ""]
+        rows = []
+        for name in names:
+            if name in (old, "paragon") or name not in compat:
+                continue
+            gains = [compat[name].get(m, {}).get("update_gain") for m in gain_metrics]
+            rows.append([name] + ["—" if g is None else f"{100 * g:.1f}" for g in gains])
+        lines += _table(["model"] + gain_metrics, rows)
+    for metric, mat in report.get("matrices", {}).items():
+        lines += [f"## Compatibility matrix: {metric} (row = query model, column = gallery model)", ""]
+        rows = [[q] + [_fmt(v) for v in row] for q, row in zip(mat["models"], mat["values"], strict=True)]
+        lines += _table(["query \\ gallery"] + mat["models"], rows)
+    backfill = report.get("backfill", {})
+    if backfill:
+        lines += ["## Partial backfill", "",
+                  "Top-1 of new-model probes while a fraction p of the gallery classes is re-embedded by "
+                  "the new model (p = 0: cross test, p = 1: new self test). Area: trapezoid rule over p.",
+                  ""]
+        rows = []
+        for name, b in backfill.items():
+            for order in ("random", "distance"):
+                vals = b[order]["values"]
+                rows.append([name, order, _fmt(vals[0]), _fmt(vals[len(vals) // 2]), _fmt(vals[-1]),
+                             f"{100 * b[order]['area']:.2f}"])
+        lines += _table(["model", "order", "p=0", "p=0.5", "p=1", "area"], rows)
+    plots = report.get("plots", [])
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    lines += ["## Models", ""]
+    rows = []
     for name, info in models.items():
-        compat = info.get("compat_dims")
-        dims = f"{info['embedding_dim']}" + (f" (cross tests use [0:{compat}])" if compat else "")
-        lines.append(
-            f"| {name} | {info.get('method') or '—'} | {info.get('params') or '—'} | {info['train_images']} "
-            f"| {info['num_classes']} | {dims} | `{info['fingerprint']}` |"
-        )
-    lines += ["", f"bctkit {__version__}. Full numbers: report.json.", ""]
+        compat_dims = info.get("compat_dims")
+        dims = f"{info['embedding_dim']}" + (f" (cross tests use [0:{compat_dims}])" if compat_dims else "")
+        rows.append([name, info.get("method") or "—", str(info.get("params") or "—"),
+                     str(info["train_images"]), str(info["num_classes"]), dims, f"`{info['fingerprint']}`"])
+    lines += _table(["model", "method", "options", "train images", "classes", "dims", "fingerprint"], rows)
+    lines += [f"bctkit {__version__}. Full numbers: report.json.", ""]
     return "\n".join(lines)
 
 

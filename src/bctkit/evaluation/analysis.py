@@ -1,0 +1,113 @@
+"""Compatibility analysis of a run's records: criterion, update gain, matrices, partial backfill
+curves, and the plots that go with them (evaluation.md, "Compatibility report")."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bctkit.evaluation.compat import compatibility_matrix, partial_backfill_curve, update_gain
+from bctkit.evaluation.plots import plot_backfill, plot_cmc, plot_matrix, plot_roc
+from bctkit.evaluation.protocols import EvalProtocol, PairResult, comparable
+from bctkit.features import FeatureSet
+
+
+def _values(records: list[dict[str, Any]], metric: str) -> dict[tuple[str, str], float]:
+    return {(r["query_model"], r["gallery_model"]): float(r["value"])
+            for r in records if r["metric"] == metric}
+
+
+def compatibility_summary(
+    records: list[dict[str, Any]], names: list[str], old: str = "old", paragon: str | None = "paragon"
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per new model and metric: cross M(n, o), self M(n, n), old self M(o, o), strict criterion
+    M(n, o) > M(o, o) and BCT Eq. 9 update gain (only where the criterion holds)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    metrics = list(dict.fromkeys(r["metric"] for r in records))
+    for metric in metrics:
+        vals = _values(records, metric)
+        base = vals.get((old, old), math.nan)
+        par = vals.get((paragon, paragon), math.nan) if paragon else math.nan
+        for name in names:
+            if name == old:
+                continue
+            cross = vals.get((name, old), math.nan)
+            met = bool(cross > base)
+            gain = update_gain(cross, base, par) if met and not math.isnan(par) else None
+            out.setdefault(name, {})[metric] = {
+                "cross": cross, "self": vals.get((name, name), math.nan), "old_self": base,
+                "criterion": met, "update_gain": gain,
+            }
+    return out
+
+
+def matrices(records: list[dict[str, Any]], names: list[str], metrics: list[str]) -> dict[str, Any]:
+    """N x N matrices (row = query model, column = gallery model; NaN = not comparable)."""
+    out = {}
+    for metric in metrics:
+        m, _ = compatibility_matrix(_values(records, metric), names)
+        out[metric] = {"models": names, "values": [[None if math.isnan(v) else v for v in row] for row in m]}
+    return out
+
+
+def backfill_curves(
+    features: dict[str, FeatureSet], protocol: EvalProtocol, old: str = "old", seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """Top-1 of new-model probes as a growing fraction of gallery classes is re-embedded with the
+    new model, for random (seeded) and distance (largest old/new change first) orders."""
+    g_idx, p_idx = protocol.split()
+    labels = protocol.labels
+    old_fs = features[old]
+    out: dict[str, dict[str, Any]] = {}
+    for name, fs in features.items():
+        if name == old:
+            continue
+        view = comparable(fs, old_fs)
+        if view is None:
+            continue
+        q_cross, _, dims = view
+        curves = {}
+        for order in ("random", "distance"):
+            fr, vals, area = partial_backfill_curve(
+                fs.feats[p_idx], old_fs.feats[g_idx], fs.feats[g_idx], labels[g_idx], labels[p_idx],
+                metric="top1", by="class", order=order, seed=seed, query_cross=q_cross[p_idx],
+            )
+            curves[order] = {"fractions": fr.tolist(), "values": vals.tolist(), "area": area}
+        out[name] = {
+            "metric": "top1", "by": "class", "area_rule": "trapezoid over p", "seed": seed,
+            "protocol": f"1:N closed-set top-1, {len(p_idx)} probes by {name}, gallery of "
+                        f"{len(g_idx)} images partly re-embedded by {name} ({dims} vs old items)",
+            **curves,
+        }
+    return out
+
+
+def write_plots(
+    out_dir: Path, pairs: dict[tuple[str, str], PairResult], names: list[str], mats: dict[str, Any],
+    backfill: dict[str, dict[str, Any]], old: str = "old",
+) -> list[str]:
+    """roc.png, cmc.png, matrix_<metric>.png and backfill.png; returns the file names written."""
+    keys = [(old, old)] + [k for n in names if n != old for k in ((n, n), (n, old)) if k in pairs]
+    label = {k: f"{k[0]} / {k[1]} ({'self' if k[0] == k[1] else 'cross'})" for k in keys}
+    written = []
+    rocs = {label[k]: pairs[k].roc for k in keys if pairs[k].roc is not None}
+    if rocs:
+        plot_roc(rocs, out_dir / "roc.png", title="1:1 verification ROC (query / gallery model)")
+        written.append("roc.png")
+    plot_cmc({label[k]: pairs[k].cmc for k in keys}, out_dir / "cmc.png",
+             title="1:N closed-set CMC (query / gallery model)")
+    written.append("cmc.png")
+    for metric, mat in mats.items():
+        fname = f"matrix_{metric.replace('@', '_at_').replace('=', '')}.png"
+        values = np.array([[np.nan if v is None else v for v in row] for row in mat["values"]])
+        plot_matrix(100 * values, mat["models"], out_dir / fname, title=f"{metric} (%)", fmt="{:.1f}")
+        written.append(fname)
+    if backfill:
+        curves = {f"{n} ({order})": (b[order]["fractions"], b[order]["values"])
+                  for n, b in backfill.items() for order in ("random", "distance")}
+        plot_backfill(curves, out_dir / "backfill.png", title="Partial backfill by class", ylabel="top-1")
+        written.append("backfill.png")
+    return written
