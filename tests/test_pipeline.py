@@ -4,11 +4,12 @@ import json
 import math
 
 import pytest
+import torch
 import yaml
 
 from bctkit.cli import main
 from bctkit.config import load_config
-from bctkit.features import load_features
+from bctkit.features import FeatureSet, load_features
 from bctkit.pipeline import run_pipeline
 
 TINY = {
@@ -108,3 +109,28 @@ def test_cli_errors_exit_2(tiny_run, tmp_path, capsys):
 def test_cli_methods(capsys):
     assert main(["methods"]) == 0
     assert "l2: weight=10.0" in capsys.readouterr().out
+
+
+def test_cli_evaluate_feature_files(tiny_run, tmp_path, capsys):
+    out, _, report, _ = tiny_run
+    feats = out / "r" / "features"
+    args = ["evaluate", "--old", str(feats / "old.safetensors"), "--new", str(feats / "l2.safetensors"),
+            "--new", f"weak={feats / 'l2-weak.safetensors'}", "--fars", "0.1", "--out", str(tmp_path / "ev")]
+    assert main(args) == 0
+    ev = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert set(ev["models"]) == {"old", "l2", "weak"}
+
+    def pick(rep, q, g, metric):
+        return next(r["value"] for r in rep["results"]
+                    if (r["query_model"], r["gallery_model"], r["metric"]) == (q, g, metric))
+
+    assert pick(ev, "l2", "old", "top1") == pick(report, "l2", "old", "top1")
+    assert pick(ev, "weak", "old", "tar@far=1e-1") == pick(report, "l2-weak", "old", "tar@far=1e-1")
+    assert (tmp_path / "ev" / "report.md").exists()
+    other = FeatureSet(torch.randn(3, 8), torch.tensor([0, 1, 1]), {})
+    other.save(tmp_path / "other.safetensors")
+    capsys.readouterr()
+    bad = ["evaluate", "--old", str(feats / "old.safetensors"), "--new", str(tmp_path / "other.safetensors"),
+           "--out", str(tmp_path / "ev2")]
+    assert main(bad) == 2
+    assert "labels differ" in capsys.readouterr().err

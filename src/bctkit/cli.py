@@ -26,6 +26,19 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--resume", action="store_true")
     demo.add_argument("--quiet", action="store_true")
+    ev = sub.add_parser("evaluate", help="evaluate saved feature files (models trained anywhere)")
+    ev.add_argument("--old", required=True, help="feature file of the old model (the gallery side)")
+    ev.add_argument("--new", action="append", required=True, metavar="[NAME=]FILE",
+                    help="feature file of a new model (repeatable); NAME defaults to the file's model name")
+    ev.add_argument("--paragon", help="feature file of an independently trained new model (update gain)")
+    ev.add_argument("--out", required=True, help="directory for report.md, report.json and plots")
+    ev.add_argument("--fars", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3, 1e-2])
+    ev.add_argument("--fpirs", type=float, nargs="+", default=[1e-2, 1e-1])
+    ev.add_argument("--topk", type=int, nargs="+", default=[1, 5])
+    ev.add_argument("--gallery-per-class", type=int, default=1,
+                    help="1:N gallery = the first N images of each identity, in file order")
+    ev.add_argument("--no-retrieval", action="store_true", help="skip mAP / mAP@R")
+    ev.add_argument("--no-backfill", action="store_true", help="skip partial-backfill curves")
     sub.add_parser("methods", help="list the compatibility methods and their options")
     return p
 
@@ -42,10 +55,55 @@ def _run(args: argparse.Namespace) -> int:
             opts = ", ".join(f"{k}={v.default!r}" for k, v in params.items()) or "no options"
             print(f"{name}: {opts}")
         return 0
+    if args.command == "evaluate":
+        return _evaluate(args)
     path = args.config if args.command == "run" else packaged_config("demo-quick" if args.quick else "demo")
     cfg = load_config(path, args.overrides)
     report = run_pipeline(cfg, args.out, resume=args.resume, progress=not args.quiet)
     print(f"report: {args.out}/report.md ({len(report['results'])} results)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from bctkit.errors import ConfigError
+    from bctkit.evaluation.protocols import EvalProtocol
+    from bctkit.evaluation.suite import evaluate_suite, load_feature_files, models_info_from_features
+    from bctkit.features import load_features
+
+    paths: dict[str, Path] = {"old": Path(args.old)}
+    if args.paragon:
+        paths["paragon"] = Path(args.paragon)
+    for item in args.new:
+        name, sep, file = item.partition("=")
+        if not sep:
+            file = item
+            name = str(load_features(Path(file)).meta.get("model") or Path(file).stem)
+        if name in paths:
+            raise ConfigError(f"--new {item}: model name {name!r} used twice; write NAME=FILE")
+        paths[name] = Path(file)
+    if any(not 0 < f < 1 for f in args.fars + args.fpirs):
+        raise ConfigError("--fars and --fpirs must lie in (0, 1)")
+    features = load_feature_files(paths)
+    labels = features["old"].labels
+    per_class = int(torch.unique(labels, return_counts=True)[1].min())
+    if args.gallery_per_class < 1 or args.gallery_per_class >= per_class:
+        raise ConfigError(
+            f"--gallery-per-class {args.gallery_per_class}: must be >= 1 and leave probes "
+            f"(smallest identity has {per_class} images)"
+        )
+    dataset = str(features["old"].meta.get("dataset", Path(args.old).name))
+    protocol = EvalProtocol(dataset, labels, args.gallery_per_class, tuple(args.fars), tuple(args.topk),
+                            tuple(args.fpirs), not args.no_retrieval)
+    files = {k: str(v) for k, v in paths.items()}
+    extra = {"dataset": f"{dataset}: {len(labels)} images", "feature_files": files}
+    out = Path(args.out)
+    report = evaluate_suite(features, protocol, out, models_info_from_features(features), extra,
+                            backfill=not args.no_backfill)
+    print(f"report: {out}/report.md ({len(report['results'])} results)")
     return 0
 
 

@@ -18,9 +18,8 @@ from bctkit.config import MethodConfig, ModelConfig, RunConfig
 from bctkit.data import allocate
 from bctkit.data.datasets import load_datasets
 from bctkit.data.imageset import ImageSet
-from bctkit.evaluation.analysis import backfill_curves, compatibility_summary, matrices, write_plots
-from bctkit.evaluation.protocols import EvalProtocol, evaluate_models
-from bctkit.evaluation.report import write_report
+from bctkit.evaluation.protocols import EvalProtocol
+from bctkit.evaluation.suite import evaluate_suite
 from bctkit.features import FeatureSet, extract, load_features
 from bctkit.losses import CompatContext, CompatibilityTerm, build_term
 from bctkit.models.store import LoadedModel, load_model, save_model
@@ -166,31 +165,20 @@ class Run:
                 "model": name, "model_fingerprint": model.fingerprint,
                 "compat_dims": model.meta.get("compat_dims"), "flip": cfg.evaluation.flip,
                 "dataset": eval_set.name, "images_fingerprint": eval_set.fingerprint(),
+                **{k: self.models_info[name][k] for k in ("method", "params", "train_images", "num_classes")},
             })
             fs.save(out / "features" / f"{name}.safetensors")
             features[name] = fs
         ev = cfg.evaluation
         protocol = EvalProtocol(eval_set.name, eval_labels, ev.gallery_per_class, tuple(ev.fars),
                                 tuple(ev.topk), tuple(ev.fpirs), ev.retrieval)
-        records, pairs = evaluate_models(features, protocol)
-        names = list(features)
-        mats = matrices(records, names, [m for m in ("top1", "tar@far=1e-3") if any(
-            r["metric"] == m for r in records)])
-        backfill = backfill_curves(features, protocol) if ev.backfill else {}
-        plots = write_plots(out, pairs, names, mats, backfill)
-        report = {
+        extra = {
             "dataset": f"{eval_set.name}: {len(eval_set)} images of {eval_set.num_classes} "
                        f"identities never used in training",
             "allocation": alloc.summary(),
-            "models": self.models_info,
             "config": cfg.model_dump(mode="json"),
-            "results": records,
-            "compatibility": compatibility_summary(records, names),
-            "matrices": mats,
-            "backfill": backfill,
-            "plots": plots,
         }
-        write_report(out, report)
+        report = evaluate_suite(features, protocol, out, self.models_info, extra, backfill=ev.backfill)
         self.log(f"[report] {out / 'report.md'}")
         return report
 

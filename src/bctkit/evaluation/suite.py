@@ -1,0 +1,75 @@
+"""Evaluate a set of models' features and write the report: shared by ``bctkit run`` and
+``bctkit evaluate`` (features of models trained elsewhere)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bctkit.errors import DataError
+from bctkit.evaluation.analysis import backfill_curves, compatibility_summary, matrices, write_plots
+from bctkit.evaluation.protocols import EvalProtocol, evaluate_models
+from bctkit.evaluation.report import write_report
+from bctkit.features import FeatureSet, load_features
+
+MATRIX_METRICS = ("top1", "tar@far=1e-3")
+
+
+def evaluate_suite(
+    features: dict[str, FeatureSet], protocol: EvalProtocol, out_dir: Path,
+    models_info: dict[str, dict[str, Any]], extra: dict[str, Any] | None = None, backfill: bool = True,
+) -> dict[str, Any]:
+    """All metrics for every comparable (query, gallery) pair, the compatibility analysis, plots,
+    report.json and report.md in ``out_dir``. ``features`` must contain "old"."""
+    if "old" not in features:
+        raise DataError("evaluation needs the old model's features (name 'old')")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records, pairs = evaluate_models(features, protocol)
+    names = list(features)
+    present = {r["metric"] for r in records}
+    mats = matrices(records, names, [m for m in MATRIX_METRICS if m in present])
+    curves = backfill_curves(features, protocol) if backfill else {}
+    report = {
+        **(extra or {}),
+        "models": models_info,
+        "results": records,
+        "compatibility": compatibility_summary(records, names),
+        "matrices": mats,
+        "backfill": curves,
+        "plots": write_plots(out_dir, pairs, names, mats, curves),
+    }
+    write_report(out_dir, report)
+    return report
+
+
+def load_feature_files(paths: dict[str, Path]) -> dict[str, FeatureSet]:
+    """Load named feature files and check they describe the same images in the same order."""
+    loaded = {name: load_features(Path(p)) for name, p in paths.items()}
+    ref_name, ref = next(iter(loaded.items()))
+    for name, fs in loaded.items():
+        if not torch.equal(fs.labels, ref.labels):
+            raise DataError(
+                f"{paths[name]}: labels differ from {paths[ref_name]}; feature files must hold the same "
+                "images in the same order"
+            )
+        a, b = fs.meta.get("images_fingerprint"), ref.meta.get("images_fingerprint")
+        if a and b and a != b:
+            raise DataError(
+                f"{paths[name]}: made from other images than {paths[ref_name]} (fingerprints differ)"
+            )
+    return loaded
+
+
+def models_info_from_features(features: dict[str, FeatureSet]) -> dict[str, dict[str, Any]]:
+    """What the report's model table can say about models known only by their features."""
+    return {
+        name: {
+            "method": fs.meta.get("method"), "params": fs.meta.get("params"),
+            "fingerprint": fs.meta.get("model_fingerprint", "unknown"),
+            "train_images": fs.meta.get("train_images", "—"), "num_classes": fs.meta.get("num_classes", "—"),
+            "embedding_dim": fs.dim, "compat_dims": fs.compat_dims,
+        }
+        for name, fs in features.items()
+    }
