@@ -164,7 +164,9 @@ def parse_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
     d_o, d_n = cfg.old.backbone.embedding_dim, cfg.new.backbone.embedding_dim
     for i, m in enumerate(cfg.methods):
         try:
-            method_class(m.method)(validate_params(m.method, m.params)).check_dims(d_o, d_n)
+            term = method_class(m.method)(validate_params(m.method, m.params))
+            term.check_dims(d_o, d_n)
+            term.check_train((m.train or cfg.new.train).epochs)
         except ConfigError as exc:
             raise ConfigError(f"{source}: methods.{i}: {exc}") from None
     return cfg

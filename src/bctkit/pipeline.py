@@ -150,6 +150,7 @@ class Run:
                 old_train_feats=old_feats if term.needs_old_features else None,
                 old_model=old.backbone,
                 old_head=old.head,
+                train_images=new_set.images,
             )
             train_cfg = method.train or cfg.new.train
             key = _key({**data_key, "model": cfg.new.model_dump(), "train": train_cfg.model_dump(),

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
@@ -39,6 +40,7 @@ class CompatContext:
     old_train_feats: torch.Tensor | None = None
     old_model: nn.Module | None = None
     old_head: Head | None = None
+    train_images: np.ndarray | None = None
 
 
 @dataclass
@@ -74,6 +76,9 @@ class CompatibilityTerm(nn.Module):
 
     def check_dims(self, old_dim: int, new_dim: int) -> None:
         """Raise ConfigError when this method cannot work with these embedding sizes."""
+
+    def check_train(self, epochs: int) -> None:
+        """Raise ConfigError when the options conflict with a training run of ``epochs`` epochs."""
 
     def compatible_dims(self, old_dim: int, new_dim: int) -> int | None:
         """How many leading coordinates of the new embedding are compared with the old model's
