@@ -95,6 +95,7 @@ def test_trainer_runs_checkpoints_and_resumes(tmp_path, method):
     freeze(old.backbone)
     freeze(old.head)
     head_before = old.head.weight.detach().clone()
+    backbone_before = {k: v.clone() for k, v in old.backbone.state_dict().items()}
     labels = torch.from_numpy(data.labels)
 
     def ctx() -> CompatContext:
@@ -114,3 +115,6 @@ def test_trainer_runs_checkpoints_and_resumes(tmp_path, method):
     assert resumed.resumed_from_epoch == 1
     assert full.history[-1]["loss"] == resumed.history[-1]["loss"]
     assert torch.equal(old.head.weight, head_before) and old.head.weight.grad is None
+    for k, v in old.backbone.state_dict().items():
+        assert torch.equal(backbone_before[k], v), k
+    assert all(p.grad is None for p in old.backbone.parameters())
