@@ -24,6 +24,11 @@ TINY = {
 }
 
 
+def pick(rep, query, gallery, metric):
+    return next(r["value"] for r in rep["results"]
+                if (r["query_model"], r["gallery_model"], r["metric"]) == (query, gallery, metric))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
@@ -120,10 +125,6 @@ def test_cli_evaluate_feature_files(tiny_run, tmp_path, capsys):
     ev = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert set(ev["models"]) == {"old", "l2", "weak"}
 
-    def pick(rep, q, g, metric):
-        return next(r["value"] for r in rep["results"]
-                    if (r["query_model"], r["gallery_model"], r["metric"]) == (q, g, metric))
-
     assert pick(ev, "l2", "old", "top1") == pick(report, "l2", "old", "top1")
     assert pick(ev, "weak", "old", "tar@far=1e-1") == pick(report, "l2-weak", "old", "tar@far=1e-1")
     assert (tmp_path / "ev" / "report.md").exists()
@@ -134,3 +135,22 @@ def test_cli_evaluate_feature_files(tiny_run, tmp_path, capsys):
            "--out", str(tmp_path / "ev2")]
     assert main(bad) == 2
     assert "labels differ" in capsys.readouterr().err
+
+
+def test_cli_scenarios_summary(tmp_path):
+    cfg = {**TINY, "methods": [{"method": "l2"}], "evaluation": {"fars": [0.1], "topk": [1, 5],
+                                                               "backfill": False, "retrieval": False}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    args = ["run", str(path), "--out", str(tmp_path / "s"), "--quiet", "--scenarios", "open-class",
+            "identical-data"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert [(r["allocation"], r["model"]) for r in summary["rows"]] == [
+        (a, m) for a in ("open-class", "identical-data") for m in ("old", "paragon", "l2")]
+    rep = json.loads((tmp_path / "s" / "open-class" / "report.json").read_text())
+    assert rep["allocation"]["scenario"] == "open-class" and rep["allocation"]["shared_classes"] == 0
+    row = summary["rows"][2]
+    assert row["top1 cross"] == pick(rep, "l2", "old", "top1")
+    assert "| open-class | l2 |" in (tmp_path / "s" / "summary.md").read_text()
+    assert main(["run", str(path), "--out", str(tmp_path / "x"), "--scenarios", "closed"]) == 2

@@ -20,6 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="reuse finished models and continue interrupted training from checkpoints")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--scenarios", nargs="+", metavar="SCENARIO",
+                     help="run once per allocation scenario ('all' = the five) into OUT/<scenario>, "
+                          "plus OUT/summary.md")
     demo = sub.add_parser("demo", help="run the packaged demo on the embedded synthetic dataset")
     demo.add_argument("--quick", action="store_true", help="reduced demo (under 5 minutes on 2 cores)")
     demo.add_argument("--out", default="bctkit-demo", help="run directory (default: ./bctkit-demo)")
@@ -59,6 +62,19 @@ def _run(args: argparse.Namespace) -> int:
         return _evaluate(args)
     path = args.config if args.command == "run" else packaged_config("demo-quick" if args.quick else "demo")
     cfg = load_config(path, args.overrides)
+    scenarios = getattr(args, "scenarios", None)
+    if scenarios:
+        from bctkit.data.allocation import SCENARIOS
+        from bctkit.errors import ConfigError
+        from bctkit.pipeline import run_scenarios
+
+        scenarios = list(SCENARIOS) if scenarios == ["all"] else scenarios
+        unknown = [s for s in scenarios if s not in SCENARIOS]
+        if unknown:
+            raise ConfigError(f"--scenarios: unknown {unknown}; expected 'all' or some of {list(SCENARIOS)}")
+        run_scenarios(cfg, args.out, scenarios, resume=args.resume, progress=not args.quiet)
+        print(f"summary: {args.out}/summary.md")
+        return 0
     report = run_pipeline(cfg, args.out, resume=args.resume, progress=not args.quiet)
     print(f"report: {args.out}/report.md ({len(report['results'])} results)")
     return 0
