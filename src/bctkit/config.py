@@ -8,7 +8,7 @@ data), so that nothing breaks an hour into training.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -73,6 +73,14 @@ class EvalConfig(_Strict):
         return self
 
 
+class CacheConfig(_Strict):
+    """Old-feature cache: ``dir`` shared by runs that should reuse entries (default: OUT/cache)."""
+
+    dir: str | None = None
+    flip: bool = False
+    dtype: Literal["float32", "float16"] = "float32"
+
+
 class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     allocation: AllocationConfig = Field(default_factory=AllocationConfig)
@@ -80,6 +88,7 @@ class RunConfig(_Strict):
     new: ModelConfig = Field(default_factory=ModelConfig)
     methods: list[MethodConfig] = Field(default_factory=list)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:

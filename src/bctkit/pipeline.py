@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from bctkit.cache import OldFeatureCache, as_tensor
 from bctkit.config import MethodConfig, ModelConfig, RunConfig
 from bctkit.data import allocate
 from bctkit.data.datasets import load_datasets
@@ -21,7 +22,7 @@ from bctkit.data.imageset import ImageSet
 from bctkit.evaluation.protocols import EvalProtocol, rate_name
 from bctkit.evaluation.report import lookup
 from bctkit.evaluation.suite import evaluate_suite
-from bctkit.features import FeatureSet, extract, load_features
+from bctkit.features import FeatureSet, extract
 from bctkit.losses import CompatContext, CompatibilityTerm, build_term
 from bctkit.models.store import LoadedModel, load_model, save_model
 from bctkit.storage import write_json, write_text
@@ -104,22 +105,14 @@ class Run:
         }
 
     def old_features(self, old: LoadedModel, new_set: ImageSet) -> torch.Tensor:
-        """Old-model features of the new training images (un-augmented), computed once per
-        (old model, image set) and kept on disk."""
-        set_fp = new_set.fingerprint()
-        path = self.out / "cache" / f"old-{old.fingerprint}-{set_fp}.safetensors"
-        if path.exists():
-            cached = load_features(path)
-            if (cached.meta.get("model_fingerprint") == old.fingerprint
-                    and cached.meta.get("images_fingerprint") == set_fp):
-                self.log(f"[cache] reusing old features {path.name}")
-                return cached.feats
-        feats = extract(old.backbone, new_set.images, self.cfg.evaluation.batch_size,
-                        progress=self.progress, desc="old features")
-        FeatureSet(feats, torch.from_numpy(new_set.labels),
-                   {"model_fingerprint": old.fingerprint, "images_fingerprint": set_fp,
-                    "transform": "none"}).save(path)
-        return feats
+        """Old-model features of the new training images (un-augmented), from the shared
+        memory-mapped cache: computed once per (old model, images, transform, dtype)."""
+        c = self.cfg.cache
+        root = Path(c.dir) if c.dir else self.out / "cache"
+        cache = OldFeatureCache(root, log=self.log)
+        feats = cache.get(old.backbone, old.fingerprint, new_set.images, new_set.fingerprint(), flip=c.flip,
+                          batch_size=self.cfg.evaluation.batch_size, progress=self.progress, dtype=c.dtype)
+        return as_tensor(feats)
 
     def execute(self) -> dict[str, Any]:
         cfg, out = self.cfg, self.out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import os
 from collections.abc import Iterator
 from typing import Literal
 
@@ -34,6 +35,7 @@ __all__ = ["class_means", "drop_means", "refine_prototypes"]
 
 _MAX_LISTED_IDS = 10
 _NUMPY_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64"})
+_MAPPED_BUDGET_BYTES = 1 << 30  # file-backed RSS that triggers unmapping memmap pages
 _EPS = 1e-12  # as F.normalize: a zero row stays zero
 
 
@@ -127,22 +129,37 @@ def _check_hyper(name: str, value: float, lo: float, hi: float, hi_open: bool) -
 # ----------------------------------------------------------------------------- row access
 
 
-def _release_mapped_pages(x: object) -> None:
-    """Unmap the pages of a read-only or shared ``np.memmap`` that reading has touched.
+def _resident_file_bytes() -> float:
+    """File-backed resident memory of this process (Linux /proc/self/statm); inf if unknown."""
+    try:
+        with open("/proc/self/statm") as fh:
+            shared_pages = int(fh.read().split()[2])
+        return float(shared_pages * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, IndexError):
+        return math.inf
 
-    Rows read through a file mapping stay counted in the process RSS until unmapped; dropping them
-    after each block keeps the footprint at one block. The data stays in the OS page cache, so a
-    re-read costs a minor fault. Copy-on-write maps (mode "c") are left alone, since MADV_DONTNEED
-    would discard their private changes.
+
+def _release_mapped_pages(x: object) -> None:
+    """Unmap the pages of a read-only or shared ``np.memmap`` once reading has mapped too many.
+
+    Rows read through a file mapping stay counted in the process RSS until unmapped, so reading a
+    whole 10 GiB memmap would show a 10 GiB RSS. When the file-backed resident memory passes
+    ``_MAPPED_BUDGET_BYTES`` the mapping's pages are dropped (MADV_DONTNEED); the data stays in the
+    OS page cache, so a re-read costs a minor fault. Releasing only past a budget, not after every
+    chunk, avoids most of those faults. Copy-on-write maps (mode "c") are left alone, since
+    MADV_DONTNEED would discard their private changes.
     """
     mapping = getattr(x, "_mmap", None)
     if not isinstance(x, np.memmap) or getattr(x, "mode", "c") == "c":
         return
-    if isinstance(mapping, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
-        try:
-            mapping.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError):
-            return
+    if not isinstance(mapping, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    if _resident_file_bytes() < _MAPPED_BUDGET_BYTES:
+        return
+    try:
+        mapping.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):
+        return
 
 
 class _RowReader:

@@ -3,7 +3,7 @@
 Importing this package registers every built-in method.
 """
 
-from bctkit.losses import independent, l2, unibct  # noqa: F401  (registration side effect)
+from bctkit.losses import bct, contrastive, independent, l2, lwf, unibct  # noqa: F401  (registration)
 from bctkit.losses.base import (
     CompatBatch,
     CompatContext,
