@@ -42,6 +42,12 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_since(start: os.times_result) -> dict:
+    """User and system CPU seconds of this process since ``start`` (robust to a busy host)."""
+    now = os.times()
+    return {"user_s": now.user - start.user, "sys_s": now.system - start.system}
+
+
 def _part_a_data(classes: int, per_class: int, dim: int, seed: int) -> tuple[torch.Tensor, ...]:
     """Shuffled random features with exactly ``per_class`` samples per class (deterministic)."""
     g = torch.Generator().manual_seed(seed)
@@ -79,6 +85,7 @@ def worker_part_a(args: argparse.Namespace) -> dict:
     old, new, labels = _part_a_data(args.classes, args.per_class, args.dim, args.seed)
     rss_inputs = _peak_rss_mb()
     if args.worker == "a_bctkit":
+        c0 = os.times()
         t0 = time.perf_counter()
         protos = refine_prototypes(old, new, labels, args.classes, LAM, TAU,
                                    chunk_size=args.chunk_size)
@@ -88,11 +95,13 @@ def worker_part_a(args: argparse.Namespace) -> dict:
         old_s, new_s = old[order], new[order]
         del old, new
         counts = torch.bincount(labels, minlength=args.classes)
+        c0 = os.times()
         t0 = time.perf_counter()
         protos = naive_refine(old_s, new_s, counts)
         seconds = time.perf_counter() - t0
     np.save(args.out, protos.numpy())
-    return {"seconds": seconds, "peak_rss_mb": _peak_rss_mb(), "rss_after_inputs_mb": rss_inputs}
+    return {"seconds": seconds, **_cpu_since(c0), "peak_rss_mb": _peak_rss_mb(),
+            "rss_after_inputs_mb": rss_inputs}
 
 
 def _ms1m_sizes(classes: int, mean: float, seed: int) -> np.ndarray:
@@ -155,12 +164,14 @@ def worker_part_b(args: argparse.Namespace) -> dict:
     old = np.memmap(root / "old.f16", dtype=np.float16, mode="r", shape=(n, args.dim))
     new = np.memmap(root / "new.f16", dtype=np.float16, mode="r", shape=(n, args.dim))
     rss_inputs = _peak_rss_mb()
+    c0 = os.times()
     t0 = time.perf_counter()
     protos = refine_prototypes(old, new, labels, args.classes, LAM, TAU,
                                chunk_size=args.chunk_size)
     seconds = time.perf_counter() - t0
+    cpu = _cpu_since(c0)
     peak = _peak_rss_mb()
-    return {"seconds": seconds, "peak_rss_mb": peak, "rss_after_inputs_mb": rss_inputs,
+    return {"seconds": seconds, **cpu, "peak_rss_mb": peak, "rss_after_inputs_mb": rss_inputs,
             "finite": bool(torch.isfinite(protos).all()),
             "spot_check_classes": 200,
             "spot_check_max_abs_diff_vs_float64": _spot_check(old, new, labels, protos, 200,
@@ -186,6 +197,9 @@ def run_part_a(args: argparse.Namespace) -> dict:
         "classes": args.classes, "per_class": args.per_class, "dim": args.dim,
         "bctkit_s": round(fast["seconds"], 3), "naive_s": round(slow["seconds"], 3),
         "speedup": round(slow["seconds"] / fast["seconds"], 2),
+        "bctkit_user_sys_s": [round(fast["user_s"], 2), round(fast["sys_s"], 2)],
+        "naive_user_sys_s": [round(slow["user_s"], 2), round(slow["sys_s"], 2)],
+        "speedup_cpu": round((slow["user_s"] + slow["sys_s"]) / (fast["user_s"] + fast["sys_s"]), 2),
         "max_abs_diff": float(diff),
         "bctkit_peak_rss_mb": round(fast["peak_rss_mb"]),
         "naive_peak_rss_mb": round(slow["peak_rss_mb"]),
@@ -207,6 +221,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=50)
     parser.add_argument("--ms1m-classes", type=int, default=93431)
     parser.add_argument("--tmpdir", default=None, help="where Part B writes its ~10 GiB memmaps")
+    parser.add_argument("--data-dir", default=None,
+                        help="keep Part B's memmaps here and reuse them on later runs")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--root", default=None, help=argparse.SUPPRESS)
@@ -227,18 +243,29 @@ def main() -> None:
         result["part_a"] = run_part_a(args)
 
     if args.ms1m and not args.small:
-        root = Path(tempfile.mkdtemp(prefix="bench_refine_", dir=args.tmpdir))
+        keep = args.data_dir is not None
+        root = Path(args.data_dir) if keep else Path(tempfile.mkdtemp(prefix="bench_refine_",
+                                                                      dir=args.tmpdir))
+        meta_path = root / "meta.json"
         try:
             t0 = time.perf_counter()
-            shape = make_ms1m_memmaps(root, args.ms1m_classes, args.dim, args.seed)
+            if keep and meta_path.exists():
+                shape = json.loads(meta_path.read_text())
+            else:
+                root.mkdir(parents=True, exist_ok=True)
+                shape = make_ms1m_memmaps(root, args.ms1m_classes, args.dim, args.seed)
+                meta_path.write_text(json.dumps(shape))
             gen_s = time.perf_counter() - t0
             b = _run_worker(["--worker", "b", "--root", str(root),
-                             "--classes", str(args.ms1m_classes)], args)
+                             "--classes", str(shape["classes"])], args)
         finally:
-            shutil.rmtree(root, ignore_errors=True)
+            if not keep:
+                shutil.rmtree(root, ignore_errors=True)
         result["part_b"] = {
             **shape, "storage": "float16 np.memmap", "generate_s": round(gen_s, 1),
-            "refine_s": round(b["seconds"], 2), "peak_rss_mb": round(b["peak_rss_mb"]),
+            "refine_s": round(b["seconds"], 2),
+            "refine_user_sys_s": [round(b["user_s"], 2), round(b["sys_s"], 2)],
+            "peak_rss_mb": round(b["peak_rss_mb"]),
             "rss_after_inputs_mb": round(b["rss_after_inputs_mb"]), "finite": b["finite"],
             "spot_check_classes": b["spot_check_classes"],
             "spot_check_max_abs_diff_vs_float64": b["spot_check_max_abs_diff_vs_float64"],

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from bctkit import prototypes
 from bctkit.errors import ConfigError, DataError
 from bctkit.prototypes import _plan_chunks, class_means, drop_means, refine_prototypes
 
@@ -326,3 +327,24 @@ def test_no_rows_with_allow_empty() -> None:
     assert torch.equal(out, torch.zeros(2, 3))
     assert torch.equal(drop_means(np.zeros((0, 3)), labels, 2, allow_empty=True),
                        torch.zeros(2, 3))
+
+
+def test_memmap_page_release_keeps_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a zero budget every read unmaps the memmap's pages; results must not change."""
+    old, new, labels = _data(SIZES, d_old=16, d_new=16, seed=9)
+    maps = []
+    for name, x in (("old", old), ("new", new)):
+        np.save(tmp_path / f"{name}.npy", x.numpy())
+        maps.append(np.load(tmp_path / f"{name}.npy", mmap_mode="r"))
+    expected = refine_prototypes(old, new, labels, len(SIZES), chunk_size=40)
+    monkeypatch.setattr(prototypes, "_MAPPED_BUDGET_BYTES", 0)
+    calls = []
+    real = prototypes._release_mapped_pages
+    monkeypatch.setattr(prototypes, "_release_mapped_pages", lambda x: calls.append(1) or real(x))
+    got = refine_prototypes(maps[0], maps[1], labels, len(SIZES), chunk_size=40)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert len(calls) > 3
+    torch.testing.assert_close(
+        class_means(maps[0], labels, len(SIZES), block_rows=7),
+        class_means(old, labels, len(SIZES)), atol=1e-6, rtol=0,
+    )
