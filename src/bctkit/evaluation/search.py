@@ -24,8 +24,10 @@ def as_feature_matrix(x: ArrayLike, name: str) -> torch.Tensor:
     if not torch.is_floating_point(t):
         t = t.to(torch.float32)
     t = t.detach().to("cpu", torch.float32)
-    if not torch.isfinite(t).all():
-        raise DataError(f"{name} contains NaN or Inf; expected finite features")
+    step = max(1, (1 << 22) // max(1, t.shape[1]))  # check in row chunks: bounded temporary memory
+    for s in range(0, t.shape[0], step):
+        if not torch.isfinite(t[s : s + step]).all():
+            raise DataError(f"{name} contains NaN or Inf; expected finite features")
     return t
 
 
