@@ -145,7 +145,7 @@ def train_model(
                 loss = base
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"{desc}: loss became {float(loss)} at epoch {epoch + 1} step {it + 1}; "
+                    f"{desc}: loss became {float(loss.detach())} at epoch {epoch + 1} step {it + 1}; "
                     "lower the learning rate or enable grad_clip"
                 )
             opt.zero_grad(set_to_none=True)
