@@ -23,10 +23,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--scenarios", nargs="+", metavar="SCENARIO",
                      help="run once per allocation scenario ('all' = the five) into OUT/<scenario>, "
                           "plus OUT/summary.md")
-    demo = sub.add_parser("demo", help="run the packaged demo on the embedded synthetic dataset")
+    demo = sub.add_parser("demo", help="run the packaged demo on the embedded synthetic dataset "
+                                       "(all five allocations; --quick: one)")
     demo.add_argument("--quick", action="store_true", help="reduced demo (under 5 minutes on 2 cores)")
     demo.add_argument("--out", default="bctkit-demo", help="run directory (default: ./bctkit-demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--scenarios", nargs="+", metavar="SCENARIO",
+                      help="allocations to run (default: all five; --quick: extended-data only)")
     demo.add_argument("--resume", action="store_true")
     demo.add_argument("--quiet", action="store_true")
     ev = sub.add_parser("evaluate", help="evaluate saved feature files (models trained anywhere)")
@@ -62,7 +65,9 @@ def _run(args: argparse.Namespace) -> int:
         return _evaluate(args)
     path = args.config if args.command == "run" else packaged_config("demo-quick" if args.quick else "demo")
     cfg = load_config(path, args.overrides)
-    scenarios = getattr(args, "scenarios", None)
+    scenarios = args.scenarios
+    if args.command == "demo" and not args.quick and not scenarios:
+        scenarios = ["all"]
     if scenarios:
         from bctkit.data.allocation import SCENARIOS
         from bctkit.errors import ConfigError
