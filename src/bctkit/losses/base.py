@@ -69,6 +69,9 @@ class CompatibilityTerm(nn.Module):
     name: ClassVar[str] = ""
     Params: ClassVar[type[TermParams]] = TermParams
     needs_old_features: ClassVar[bool] = False
+    # True: the term works on the first d_o coordinates of the new embedding (BCT's rule), so it
+    # needs d_n >= d_o and cross tests compare f[:d_o] when d_n > d_o.
+    aligns_leading_dims: ClassVar[bool] = False
 
     def __init__(self, params: TermParams) -> None:
         super().__init__()
@@ -76,6 +79,11 @@ class CompatibilityTerm(nn.Module):
 
     def check_dims(self, old_dim: int, new_dim: int) -> None:
         """Raise ConfigError when this method cannot work with these embedding sizes."""
+        if self.aligns_leading_dims and new_dim < old_dim:
+            raise ConfigError(
+                f"{self.name}: new embedding_dim {new_dim} < old embedding_dim {old_dim}; "
+                "the new model needs at least the old model's dimensions"
+            )
 
     def check_train(self, epochs: int) -> None:
         """Raise ConfigError when the options conflict with a training run of ``epochs`` epochs."""
@@ -83,7 +91,7 @@ class CompatibilityTerm(nn.Module):
     def compatible_dims(self, old_dim: int, new_dim: int) -> int | None:
         """How many leading coordinates of the new embedding are compared with the old model's
         in cross tests (None: the whole embedding, which then must have the old size)."""
-        return None
+        return old_dim if self.aligns_leading_dims and new_dim > old_dim else None
 
     def setup(self, ctx: CompatContext) -> None:
         """Called once before training, with the frozen old side."""

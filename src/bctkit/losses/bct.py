@@ -51,20 +51,6 @@ from bctkit.prototypes import class_means
 SYNTH_SCALE = 64.0  # s of the NormFace form used when there is no old head to copy the form from
 
 
-def check_leading_dims(method: str, old_dim: int, new_dim: int) -> None:
-    """ConfigError unless the new embedding has at least the old one's dimensions."""
-    if new_dim < old_dim:
-        raise ConfigError(
-            f"{method}: new embedding_dim {new_dim} < old embedding_dim {old_dim}; "
-            "the new model needs at least the old model's dimensions"
-        )
-
-
-def leading_dims(old_dim: int, new_dim: int) -> int | None:
-    """Compatible coordinates: the first d_o ones when the new embedding is wider."""
-    return old_dim if new_dim > old_dim else None
-
-
 def frozen_classifier(
     template: Head, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
 ) -> Head:
@@ -108,16 +94,13 @@ class BCT(CompatibilityTerm):
     name = "bct"
     Params = BCTParams
     needs_old_features = True
+    aligns_leading_dims = True
     params: BCTParams
     classifier: Head
     target_map: torch.Tensor
     known_class: torch.Tensor
 
-    def check_dims(self, old_dim: int, new_dim: int) -> None:
-        check_leading_dims(self.name, old_dim, new_dim)
 
-    def compatible_dims(self, old_dim: int, new_dim: int) -> int | None:
-        return leading_dims(old_dim, new_dim)
 
     def setup(self, ctx: CompatContext) -> None:
         """Build the classifier (real, extended or synthesized rows) and the new-label -> row map."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from bctkit.losses.base import CompatBatch, CompatibilityTerm, TermOutput, TermParams, register
-from bctkit.losses.bct import check_leading_dims, leading_dims, old_features
+from bctkit.losses.bct import old_features
 
 
 class ContrastiveParams(TermParams):
@@ -32,13 +32,10 @@ class Contrastive(CompatibilityTerm):
     name = "contrastive"
     Params = ContrastiveParams
     needs_old_features = True
+    aligns_leading_dims = True
     params: ContrastiveParams
 
-    def check_dims(self, old_dim: int, new_dim: int) -> None:
-        check_leading_dims(self.name, old_dim, new_dim)
 
-    def compatible_dims(self, old_dim: int, new_dim: int) -> int | None:
-        return leading_dims(old_dim, new_dim)
 
     def forward(self, batch: CompatBatch) -> TermOutput:
         f = batch.new_feats

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from pydantic import Field
 
-from bctkit.errors import ConfigError
 from bctkit.losses.base import CompatBatch, CompatibilityTerm, TermOutput, TermParams, register
 
 
@@ -28,17 +27,10 @@ class L2(CompatibilityTerm):
     name = "l2"
     Params = L2Params
     needs_old_features = True
+    aligns_leading_dims = True
     params: L2Params
 
-    def check_dims(self, old_dim: int, new_dim: int) -> None:
-        if new_dim < old_dim:
-            raise ConfigError(
-                f"l2: new embedding_dim {new_dim} < old embedding_dim {old_dim}; "
-                "the new model needs at least the old model's dimensions"
-            )
 
-    def compatible_dims(self, old_dim: int, new_dim: int) -> int | None:
-        return old_dim if new_dim > old_dim else None
 
     def forward(self, batch: CompatBatch) -> TermOutput:
         if batch.old_feats is None:

@@ -25,10 +25,8 @@ from pydantic import Field
 from bctkit.errors import ConfigError, DataError
 from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm, TermOutput, TermParams, register
 from bctkit.losses.bct import (
-    check_leading_dims,
     default_temperature,
     frozen_classifier,
-    leading_dims,
     old_features,
 )
 from bctkit.models.heads import Head
@@ -46,15 +44,12 @@ class LwF(CompatibilityTerm):
     name = "lwf"
     Params = LwFParams
     needs_old_features = True
+    aligns_leading_dims = True
     params: LwFParams
     teacher: Head
     student: Head
 
-    def check_dims(self, old_dim: int, new_dim: int) -> None:
-        check_leading_dims(self.name, old_dim, new_dim)
 
-    def compatible_dims(self, old_dim: int, new_dim: int) -> int | None:
-        return leading_dims(old_dim, new_dim)
 
     def setup(self, ctx: CompatContext) -> None:
         """Frozen teacher (buffers) and trainable student W', both copies of the old head."""

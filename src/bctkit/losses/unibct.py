@@ -45,11 +45,9 @@ class UniBCT(CompatibilityTerm):
     name = "unibct"
     Params = UniBCTParams
     needs_old_features = True
+    aligns_leading_dims = True
     params: UniBCTParams
 
-    def check_dims(self, old_dim: int, new_dim: int) -> None:
-        if new_dim < old_dim:
-            raise ConfigError(f"unibct: new embedding_dim {new_dim} < old embedding_dim {old_dim}")
 
     def check_train(self, epochs: int) -> None:
         p = self.params
@@ -61,8 +59,6 @@ class UniBCT(CompatibilityTerm):
                 f"[{p.warmup_epochs}, {epochs})"
             )
 
-    def compatible_dims(self, old_dim: int, new_dim: int) -> int | None:
-        return old_dim if new_dim > old_dim else None
 
     def rebuild_at(self, epoch: int) -> bool:
         """Whether prototypes are (re)built at the start of 0-based ``epoch``."""
