@@ -380,6 +380,11 @@ def _plan_chunks(counts: torch.Tensor, chunk_size: int) -> list[tuple[torch.Tens
     return [(cls_sorted[b:e], m) for b, e, m in bounds]
 
 
+def _solve_systems(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Batched exact solve of a x = b."""
+    return torch.linalg.solve(a, b)
+
+
 def _propagation_weights(
     new: torch.Tensor,
     valid: torch.Tensor,
@@ -411,7 +416,7 @@ def _propagation_weights(
     system = torch.eye(m, dtype=new.dtype, device=new.device) - lam * e.transpose(1, 2)
     cnt = counts.to(device=new.device, dtype=new.dtype)
     rhs = valid.to(new.dtype) * ((1.0 - lam) / cnt).unsqueeze(1)
-    w = torch.linalg.solve(system, rhs.unsqueeze(2)).squeeze(2)
+    w = _solve_systems(system, rhs.unsqueeze(2)).squeeze(2)
     singleton = (counts == 1).to(new.device).unsqueeze(1)
     return torch.where(singleton, valid.to(new.dtype), w)
 

@@ -45,12 +45,14 @@ class CompatContext:
 
 @dataclass
 class CompatBatch:
-    """One training step's view. ``old_feats`` are cached old-model features of the same images."""
+    """One training step's view. ``old_feats`` are cached old-model features of the same images;
+    ``step`` is the global optimisation step (0-based), for seeded per-step randomness."""
 
     new_feats: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
     epoch: int
+    step: int = 0
     old_feats: torch.Tensor | None = None
     old_labels: torch.Tensor | None = None
 

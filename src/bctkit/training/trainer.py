@@ -132,7 +132,7 @@ def train_model(
             loss: torch.Tensor
             if term is not None and ctx is not None:
                 batch = CompatBatch(
-                    new_feats=feats, labels=y, index=idx, epoch=epoch,
+                    new_feats=feats, labels=y, index=idx, epoch=epoch, step=step,
                     old_feats=None if ctx.old_train_feats is None else ctx.old_train_feats[idx],
                     old_labels=None if old_labels is None else old_labels[idx],
                 )
