@@ -348,3 +348,26 @@ def test_memmap_page_release_keeps_results(tmp_path: Path, monkeypatch: pytest.M
         class_means(maps[0], labels, len(SIZES), block_rows=7),
         class_means(old, labels, len(SIZES)), atol=1e-6, rtol=0,
     )
+
+
+def test_large_classes_with_two_threads_match_float64() -> None:
+    """Regression: torch's threaded batched LU (MKL inside torch's parallel loop) returned wrong
+    solutions or invalid pivots for ~150-row systems with 2 threads; the solve must stay exact."""
+    sizes = [150 + i for i in range(12)]
+    old, new, labels = _data(sizes, d_old=8, d_new=16, seed=12)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = refine_prototypes(old, new, labels, len(sizes))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    o, f, y = old.double().numpy(), new.double().numpy(), labels.numpy()
+    for c, m in enumerate(sizes):
+        v0, fc = _unit(o[y == c]), _unit(f[y == c])
+        s = fc @ fc.T / 0.05
+        np.fill_diagonal(s, -np.inf)
+        e = np.exp(s - s.max(axis=1, keepdims=True))
+        e /= e.sum(axis=1, keepdims=True)
+        ref = (0.1 * np.linalg.solve(np.eye(m) - 0.9 * e, v0)).mean(axis=0)
+        np.testing.assert_allclose(got[c].double().numpy(), ref, atol=1e-5, rtol=0)

@@ -381,8 +381,23 @@ def _plan_chunks(counts: torch.Tensor, chunk_size: int) -> list[tuple[torch.Tens
 
 
 def _solve_systems(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Batched exact solve of a x = b."""
-    return torch.linalg.solve(a, b)
+    """Batched exact solve of a x = b (LU with partial pivoting), one intra-op thread on CPU.
+
+    With torch 2.13 CPU and more than one thread, the batched LU runs MKL's threaded getrf inside
+    torch's own parallel loop; for matrices of ~150 rows and up this returned wrong solutions or
+    invalid pivots (seen here with 2 threads: errors up to 2e-3, or "Pivots given to lu_solve must
+    all be greater or equal to 1"), and it was slower. The systems are small, so solving them on
+    one thread costs little. The thread count is restored afterwards; torch ops run meanwhile from
+    other Python threads would see one thread.
+    """
+    threads = torch.get_num_threads()
+    if a.device.type != "cpu" or threads == 1:
+        return torch.linalg.solve(a, b)
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.solve(a, b)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _propagation_weights(
