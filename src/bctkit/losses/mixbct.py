@@ -58,8 +58,10 @@ def credible_mask(old_feats: torch.Tensor | np.ndarray, labels: torch.Tensor | n
 
     Old features are L2-normalised per row, then each dimension is divided by its L2 norm over all
     samples. Per class (size n_c), the ``ceil(keep * n_c)`` samples closest (Euclidean) to the class
-    mean of these features are credible; a class with one image keeps it. Ties in distance are
-    broken by row order (the lower row index is kept). Features are never modified.
+    mean of these features are credible; a class with one image keeps it. Distances are computed in
+    float64 and compared after rounding to float32, so samples equally far up to rounding error
+    (e.g. the two samples of a 2-image class) are ties; ties go to the lower row index. Features are
+    never modified.
 
     Fully vectorised: class sums by ``index_add_``, one sort by (label, distance, row) and a rank
     within each class; rows are processed in float64 chunks, so memory-mapped float16 caches of
@@ -105,7 +107,7 @@ def credible_mask(old_feats: torch.Tensor | np.ndarray, labels: torch.Tensor | n
         z = _unit_rows(x[s : s + step]) / col_norm
         dist[s : s + step] = (z - means[inv[s : s + step]]).norm(dim=1)
 
-    order = torch.argsort(dist, stable=True)
+    order = torch.argsort(dist.to(torch.float32), stable=True)
     order = order[torch.argsort(inv[order], stable=True)]
     starts = torch.cumsum(counts, 0) - counts
     kept_per_class = torch.ceil(keep * counts.to(torch.float64) - _KEEP_TOL).to(torch.int64).clamp_min(1)
