@@ -65,6 +65,10 @@ def test_credible_mask_rules():
     tied = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     assert credible_mask(tied, torch.zeros(4, dtype=torch.long), 0.5).tolist() == [True, True, False, False]
     assert credible_mask(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)).shape == (0,)
+    as64 = old.double()
+    before = as64.clone()
+    assert torch.equal(credible_mask(as64.numpy(), labels.numpy()), credible_mask(old, labels))
+    assert torch.equal(as64, before)  # the input is never modified
 
 
 def test_credible_mask_validation():

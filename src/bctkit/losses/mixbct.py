@@ -37,19 +37,13 @@ from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm, Te
 __all__ = ["MixBCT", "MixBCTParams", "credible_mask", "mix_count"]
 
 _EPS = 1e-12  # as F.normalize: a zero row (or an all-zero dimension) stays zero
-_CHUNK_BYTES = 1 << 26  # float64 working set per row chunk (64 MiB)
+_CHUNK_BYTES = 1 << 24  # float64 working set per row chunk (16 MiB)
 _KEEP_TOL = 1e-9  # keep * n_c within this of an integer counts as that integer (0.7 * 10 -> 7)
 
 
 def _chunk_rows(d: int) -> int:
     """Rows per float64 working chunk of ``d``-dimensional features."""
     return max(1, _CHUNK_BYTES // (8 * max(d, 1)))
-
-
-def _unit_rows(x: torch.Tensor) -> torch.Tensor:
-    """Float64 copy of ``x`` with L2-normalised rows."""
-    x = x.to(torch.float64)
-    return x / x.norm(dim=1, keepdim=True).clamp_min(_EPS)
 
 
 def credible_mask(old_feats: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray,
@@ -64,8 +58,9 @@ def credible_mask(old_feats: torch.Tensor | np.ndarray, labels: torch.Tensor | n
     never modified.
 
     Fully vectorised: class sums by ``index_add_``, one sort by (label, distance, row) and a rank
-    within each class; rows are processed in float64 chunks, so memory-mapped float16 caches of
-    millions of rows work. Returns a CPU bool tensor with one entry per row.
+    within each class; two passes over the rows in float64 chunks, so memory-mapped float16 caches of
+    millions of rows work (the input is never modified or copied whole). Returns a CPU bool tensor
+    with one entry per row.
     """
     if not 0.0 < keep <= 1.0:
         raise ConfigError(f"credible_mask: keep={keep} must lie in (0, 1]")
@@ -87,25 +82,32 @@ def credible_mask(old_feats: torch.Tensor | np.ndarray, labels: torch.Tensor | n
     counts = torch.bincount(inv)
     num_classes = len(counts)
 
+    # pass 1: unit rows u (a NaN/Inf anywhere in a row makes its norm non-finite), their per-dimension
+    # squared norms and per-class sums. Dividing each dimension by its norm is linear, so the class
+    # mean of the scaled features is the class mean of u scaled the same way.
     step = _chunk_rows(d)
+    inv_row = torch.empty(n, dtype=torch.float64)
     col_sq = torch.zeros(d, dtype=torch.float64)
+    sums = torch.zeros(num_classes, d, dtype=torch.float64)
     for s in range(0, n, step):
-        chunk = x[s : s + step]
-        finite = torch.isfinite(chunk).all(dim=1)
+        u = x[s : s + step].to(torch.float64, copy=True)
+        norms = torch.linalg.vector_norm(u, dim=1)
+        finite = torch.isfinite(norms)
         if not finite.all():
             bad = s + int((~finite).nonzero()[0])
             raise DataError(f"old feature row {bad} contains NaN or Inf; recompute the old features")
-        col_sq += _unit_rows(chunk).square().sum(dim=0)
-    col_norm = col_sq.sqrt().clamp_min(_EPS)
+        inv_row[s : s + step] = 1.0 / norms.clamp_min(_EPS)
+        u.mul_(inv_row[s : s + step, None])
+        col_sq += u.square().sum(dim=0)
+        sums.index_add_(0, inv[s : s + step], u)
+    inv_col = 1.0 / col_sq.sqrt().clamp_min(_EPS)
+    means = sums.div_(counts[:, None])
 
-    sums = torch.zeros(num_classes, d, dtype=torch.float64)
-    for s in range(0, n, step):
-        sums.index_add_(0, inv[s : s + step], _unit_rows(x[s : s + step]) / col_norm)
-    means = sums / counts[:, None]
+    # pass 2: distance of each scaled row to its class mean, ||(u_i - mean_c) / col_norm||
     dist = torch.empty(n, dtype=torch.float64)
     for s in range(0, n, step):
-        z = _unit_rows(x[s : s + step]) / col_norm
-        dist[s : s + step] = (z - means[inv[s : s + step]]).norm(dim=1)
+        u = x[s : s + step].to(torch.float64, copy=True).mul_(inv_row[s : s + step, None])
+        dist[s : s + step] = torch.linalg.vector_norm(u.sub_(means[inv[s : s + step]]).mul_(inv_col), dim=1)
 
     order = torch.argsort(dist.to(torch.float32), stable=True)
     order = order[torch.argsort(inv[order], stable=True)]
