@@ -330,7 +330,8 @@ def test_no_rows_with_allow_empty() -> None:
 
 
 def test_memmap_page_release_keeps_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With a zero budget every read unmaps the memmap's pages; results must not change."""
+    """Every read unmaps the memmap's pages and every chunk is its own prefetch group; results
+    must not change."""
     old, new, labels = _data(SIZES, d_old=16, d_new=16, seed=9)
     maps = []
     for name, x in (("old", old), ("new", new)):
@@ -338,6 +339,7 @@ def test_memmap_page_release_keeps_results(tmp_path: Path, monkeypatch: pytest.M
         maps.append(np.load(tmp_path / f"{name}.npy", mmap_mode="r"))
     expected = refine_prototypes(old, new, labels, len(SIZES), chunk_size=40)
     monkeypatch.setattr(prototypes, "_MAPPED_BUDGET_BYTES", 0)
+    monkeypatch.setattr(prototypes, "_STAGING_BYTES", 1)  # one prefetch group per chunk
     calls = []
     real = prototypes._release_mapped_pages
     monkeypatch.setattr(prototypes, "_release_mapped_pages", lambda x: calls.append(1) or real(x))

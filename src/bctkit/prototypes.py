@@ -36,6 +36,7 @@ __all__ = ["class_means", "drop_means", "refine_prototypes"]
 _MAX_LISTED_IDS = 10
 _NUMPY_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64"})
 _MAPPED_BUDGET_BYTES = 1 << 30  # file-backed RSS that triggers unmapping memmap pages
+_STAGING_BYTES = 512 << 20  # memmap rows read ahead, in file order, for a group of chunks
 _EPS = 1e-12  # as F.normalize: a zero row stays zero
 
 
@@ -177,10 +178,26 @@ class _RowReader:
         d = int(x.shape[1])
         self.out = torch.empty(max_rows, d, dtype=dtype, device=device)
         self.stage: np.ndarray | torch.Tensor | None = None
+        self.cache: np.ndarray | None = None
+        self.cached_rows: np.ndarray | None = None
         if isinstance(x, np.ndarray):
             self.stage = np.empty((max_rows, d), dtype=x.dtype)
         elif x.dtype != dtype or x.device != device:
             self.stage = torch.empty(max_rows, d, dtype=x.dtype, device=x.device)
+
+    def prefetch(self, rows: torch.Tensor) -> None:
+        """Read ``rows`` of a memmap, in file order, into memory for the next ``take`` calls.
+
+        Rows of a chunk of classes are scattered over the file; reading the rows of many chunks
+        at once in ascending order lets one page fault serve many rows, where reading each chunk
+        on its own cost one fault per row (most of the run time for a float16 MS1Mv3 memmap).
+        """
+        if not isinstance(self.x, np.memmap):
+            return
+        self.cache = None
+        self.cached_rows = np.sort(rows.numpy())
+        self.cache = self.x[self.cached_rows]
+        _release_mapped_pages(self.x)
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` (CPU int64 ids, any order, repeats allowed) as a (k, d) view."""
@@ -188,8 +205,12 @@ class _RowReader:
         out = self.out[:k]
         if isinstance(self.x, np.ndarray):
             stage = self.stage[:k]
-            np.take(self.x, rows.numpy(), axis=0, out=stage, mode="clip")
-            _release_mapped_pages(self.x)
+            if self.cache is not None:
+                at = np.searchsorted(self.cached_rows, rows.numpy())
+                np.take(self.cache, at, axis=0, out=stage, mode="clip")
+            else:
+                np.take(self.x, rows.numpy(), axis=0, out=stage, mode="clip")
+                _release_mapped_pages(self.x)
             out.copy_(torch.from_numpy(stage))
         elif self.stage is None:
             torch.index_select(self.x.detach(), 0, rows.to(self.x.device), out=out)
@@ -380,6 +401,26 @@ def _plan_chunks(counts: torch.Tensor, chunk_size: int) -> list[tuple[torch.Tens
     return [(cls_sorted[b:e], m) for b, e, m in bounds]
 
 
+def _prefetch_groups(
+    plan: list[tuple[torch.Tensor, int]], counts: torch.Tensor, group_rows: int
+) -> dict[int, int]:
+    """Split the chunk plan into runs of consecutive chunks holding about ``group_rows`` rows.
+
+    Returns {first chunk index: end chunk index} for each run; a run has at least one chunk.
+    """
+    groups: dict[int, int] = {}
+    start, rows = 0, 0
+    for i, (cls, _) in enumerate(plan):
+        chunk_rows = int(counts[cls].sum())
+        if i > start and rows + chunk_rows > group_rows:
+            groups[start] = i
+            start, rows = i, 0
+        rows += chunk_rows
+    if plan:
+        groups[start] = len(plan)
+    return groups
+
+
 def _solve_systems(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batched exact solve of a x = b (LU with partial pivoting), one intra-op thread on CPU.
 
@@ -473,7 +514,7 @@ def refine_prototypes(
     samples a zero row instead of a DataError.
     """
     n, d_old = _check_features("old_feats", old_feats)
-    n_new, _ = _check_features("new_feats", new_feats)
+    n_new, d_new = _check_features("new_feats", new_feats)
     if n_new != n:
         raise DataError(f"new_feats has {n_new} rows; expected {n}, one per row of old_feats")
     if normalize not in ("row", "column"):
@@ -496,7 +537,15 @@ def refine_prototypes(
     # pass 1, by class chunks over the new features: per-sample weights, prototype = sum w_i v0_i
     weights = torch.zeros(n, dtype=dtype, device=device)
     new_reader = _RowReader(new_feats, max_rows, dtype, device)
-    for cls, m in plan:
+    prefetch_at: dict[int, int] = {}
+    if isinstance(new_feats, np.memmap):
+        row_bytes = d_new * new_feats.dtype.itemsize
+        prefetch_at = _prefetch_groups(plan, counts, max(1, _STAGING_BYTES // max(1, row_bytes)))
+    for i, (cls, m) in enumerate(plan):
+        if i in prefetch_at:
+            in_group = torch.zeros(num_classes, dtype=torch.bool)
+            in_group[torch.cat([c for c, _ in plan[i : prefetch_at[i]]])] = True
+            new_reader.prefetch(in_group[y].nonzero().squeeze(1))
         b, cnt = cls.numel(), counts[cls]
         slots = torch.arange(m).unsqueeze(0)
         valid = slots < cnt.unsqueeze(1)
