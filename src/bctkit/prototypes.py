@@ -196,8 +196,14 @@ class _RowReader:
             return
         self.cache = None
         self.cached_rows = np.sort(rows.numpy())
-        self.cache = self.x[self.cached_rows]
-        _release_mapped_pages(self.x)
+        self.cache = np.empty((self.cached_rows.size, self.x.shape[1]), dtype=self.x.dtype)
+        # read window by window of the file, so mapped pages can be released in between
+        window = max(1, _MAPPED_BUDGET_BYTES // 4 // max(1, self.x.shape[1] * self.x.itemsize))
+        edges = np.searchsorted(self.cached_rows, np.arange(0, self.x.shape[0] + window, window))
+        for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+            if hi > lo:
+                np.take(self.x, self.cached_rows[lo:hi], axis=0, out=self.cache[lo:hi], mode="clip")
+                _release_mapped_pages(self.x)
 
     def take(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows ``rows`` (CPU int64 ids, any order, repeats allowed) as a (k, d) view."""
