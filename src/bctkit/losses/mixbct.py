@@ -57,7 +57,7 @@ def credible_mask(old_feats: torch.Tensor | np.ndarray, labels: torch.Tensor | n
     (e.g. the two samples of a 2-image class) are ties; ties go to the lower row index. Features are
     never modified.
 
-    Fully vectorised: class sums by ``index_add_``, one sort by (label, distance, row) and a rank
+    Fully vectorised: class sums by ``scatter_add_``, one sort by (label, distance, row) and a rank
     within each class; two passes over the rows in float64 chunks, so memory-mapped float16 caches of
     millions of rows work (the input is never modified or copied whole). Returns a CPU bool tensor
     with one entry per row.
@@ -98,8 +98,8 @@ def credible_mask(old_feats: torch.Tensor | np.ndarray, labels: torch.Tensor | n
             raise DataError(f"old feature row {bad} contains NaN or Inf; recompute the old features")
         inv_row[s : s + step] = 1.0 / norms.clamp_min(_EPS)
         u.mul_(inv_row[s : s + step, None])
-        col_sq += u.square().sum(dim=0)
-        sums.index_add_(0, inv[s : s + step], u)
+        col_sq += torch.linalg.vector_norm(u, dim=0).square_()
+        sums.scatter_add_(0, inv[s : s + step, None].expand(-1, d), u)
     inv_col = 1.0 / col_sq.sqrt().clamp_min(_EPS)
     means = sums.div_(counts[:, None])
 
