@@ -19,13 +19,13 @@ from bctkit.config import MethodConfig, ModelConfig, RunConfig
 from bctkit.data import allocate
 from bctkit.data.datasets import load_datasets
 from bctkit.data.imageset import ImageSet
-from bctkit.evaluation.protocols import EvalProtocol, rate_name
-from bctkit.evaluation.report import lookup
+from bctkit.evaluation.protocols import EvalProtocol
+from bctkit.evaluation.report import write_summary
 from bctkit.evaluation.suite import evaluate_suite
 from bctkit.features import FeatureSet, extract
 from bctkit.losses import CompatContext, CompatibilityTerm, build_term
 from bctkit.models.store import LoadedModel, load_model, save_model
-from bctkit.storage import write_json, write_text
+from bctkit.storage import write_json
 from bctkit.training import TrainConfig, train_model
 
 
@@ -203,39 +203,3 @@ def run_scenarios(
         reports[scenario] = run_pipeline(sub, out / scenario, resume=resume, progress=progress, log=log)
     write_summary(out, reports, cfg.evaluation.fars)
     return reports
-
-
-def write_summary(out: Path, reports: dict[str, dict[str, Any]], fars: list[float]) -> None:
-    """Rows: per allocation old / paragon / each method; columns: 1:1 TAR@FAR and 1:N top-1 / top-5,
-    each as cross (new queries vs old gallery) and self. ✓ marks the strict criterion."""
-    far = min((f for f in fars if f >= 1e-4), default=max(fars))
-    tar = rate_name("tar@far", far)
-    metrics = [tar, "top1", "top5"]
-    rows: list[dict[str, Any]] = []
-    for scenario, rep in reports.items():
-        for name in rep["models"]:
-            row: dict[str, Any] = {"allocation": scenario, "model": name}
-            for m in metrics:
-                row[f"{m} self"] = lookup(rep["results"], name, name, m)
-                row[f"{m} cross"] = None if name == "old" else lookup(rep["results"], name, "old", m)
-                info = rep.get("compatibility", {}).get(name, {}).get(m)
-                row[f"{m} criterion"] = None if info is None else info["criterion"]
-            rows.append(row)
-    write_json(out / "summary.json", {"metrics": metrics, "rows": rows})
-    header = ["allocation", "model"] + [f"{m} {side}" for m in metrics for side in ("cross", "self")]
-    lines = ["# bctkit summary: all allocations", "",
-             "Values in %. Cross: queries by the model, gallery by the old model; ✓ criterion met "
-             "(cross > old self, strict), ✗ not met. Per-allocation details: <allocation>/report.md.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def fmt(v: float | None) -> str:
-        return "—" if v is None else ("n/m" if v != v else f"{100 * v:.2f}")
-
-    for row in rows:
-        cells = [row["allocation"], row["model"]]
-        for m in metrics:
-            mark = {True: " ✓", False: " ✗", None: ""}[row[f"{m} criterion"]]
-            cross = row[f"{m} cross"]
-            cells += [fmt(cross) + (mark if cross is not None else ""), fmt(row[f"{m} self"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    write_text(out / "summary.md", "\n".join(lines) + "\n")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bctkit import __version__
+from bctkit.evaluation.protocols import rate_name
 from bctkit.storage import write_json, write_text
 
 GROUPS = (
@@ -146,3 +147,36 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
     report = {"bctkit_version": __version__, **report}
     write_json(out_dir / "report.json", report)
     write_text(out_dir / "report.md", markdown(report))
+
+
+def write_summary(out: Path, reports: dict[str, dict[str, Any]], fars: list[float]) -> None:
+    """Rows: per allocation old / paragon / each method; columns: 1:1 TAR@FAR and 1:N top-1 / top-5,
+    each as cross (new queries vs old gallery) and self. ✓ marks the strict criterion."""
+    far = min((f for f in fars if f >= 1e-4), default=max(fars))
+    tar = rate_name("tar@far", far)
+    metrics = [tar, "top1", "top5"]
+    rows: list[dict[str, Any]] = []
+    for scenario, rep in reports.items():
+        for name in rep["models"]:
+            row: dict[str, Any] = {"allocation": scenario, "model": name}
+            for m in metrics:
+                row[f"{m} self"] = lookup(rep["results"], name, name, m)
+                row[f"{m} cross"] = None if name == "old" else lookup(rep["results"], name, "old", m)
+                info = rep.get("compatibility", {}).get(name, {}).get(m)
+                row[f"{m} criterion"] = None if info is None else info["criterion"]
+            rows.append(row)
+    write_json(out / "summary.json", {"metrics": metrics, "rows": rows})
+    header = ["allocation", "model"] + [f"{m} {side}" for m in metrics for side in ("cross", "self")]
+    lines = ["# bctkit summary: all allocations", "",
+             "Values in %. Cross: queries by the model, gallery by the old model; ✓ criterion met "
+             "(cross > old self, strict), ✗ not met. Per-allocation details: <allocation>/report.md.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    for row in rows:
+        cells = [row["allocation"], row["model"]]
+        for m in metrics:
+            mark = {True: " ✓", False: " ✗", None: ""}[row[f"{m} criterion"]]
+            cross = row[f"{m} cross"]
+            cells += [_fmt(cross) + (mark if cross is not None else ""), _fmt(row[f"{m} self"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    write_text(out / "summary.md", "\n".join(lines) + "\n")
