@@ -128,6 +128,12 @@ def test_cli_evaluate_feature_files(tiny_run, tmp_path, capsys):
     assert pick(ev, "l2", "old", "top1") == pick(report, "l2", "old", "top1")
     assert pick(ev, "weak", "old", "tar@far=1e-1") == pick(report, "l2-weak", "old", "tar@far=1e-1")
     assert (tmp_path / "ev" / "report.md").exists()
+    only = ["evaluate", "--old", str(feats / "old.safetensors"), "--new", str(feats / "l2.safetensors"),
+            "--fars", "0.1", "--protocol", "verification", "--out", str(tmp_path / "ev1")]
+    assert main(only) == 0
+    ev1 = json.loads((tmp_path / "ev1" / "report.json").read_text())
+    assert {r["metric"] for r in ev1["results"]} == {"tar@far=1e-1", "auc"}
+    assert ev1["plots"] == ["roc.png"] and not ev1["backfill"]
     other = FeatureSet(torch.randn(3, 8), torch.tensor([0, 1, 1]), {})
     other.save(tmp_path / "other.safetensors")
     capsys.readouterr()

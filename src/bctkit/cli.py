@@ -43,7 +43,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--topk", type=int, nargs="+", default=[1, 5])
     ev.add_argument("--gallery-per-class", type=int, default=1,
                     help="1:N gallery = the first N images of each identity, in file order")
-    ev.add_argument("--no-retrieval", action="store_true", help="skip mAP / mAP@R")
+    ev.add_argument("--protocol", nargs="+", default=["all"],
+                    choices=["all", "identification", "verification", "retrieval"],
+                    help="what to evaluate: 1:N identification (CMC, TPIR@FPIR), 1:1 verification "
+                         "(TAR@FAR, AUC), retrieval (mAP, mAP@R); default all")
     ev.add_argument("--no-backfill", action="store_true", help="skip partial-backfill curves")
     sub.add_parser("methods", help="list the compatibility methods and their options")
     return p
@@ -117,8 +120,10 @@ def _evaluate(args: argparse.Namespace) -> int:
             f"(smallest identity has {per_class} images)"
         )
     dataset = str(features["old"].meta.get("dataset", Path(args.old).name))
+    parts = {"identification", "verification", "retrieval"} if "all" in args.protocol else set(args.protocol)
     protocol = EvalProtocol(dataset, labels, args.gallery_per_class, tuple(args.fars), tuple(args.topk),
-                            tuple(args.fpirs), not args.no_retrieval)
+                            tuple(args.fpirs), retrieval="retrieval" in parts,
+                            identification="identification" in parts, verification="verification" in parts)
     files = {k: str(v) for k, v in paths.items()}
     extra = {"dataset": f"{dataset}: {len(labels)} images", "feature_files": files}
     out = Path(args.out)

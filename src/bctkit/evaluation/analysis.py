@@ -97,9 +97,10 @@ def write_plots(
     if rocs:
         plot_roc(rocs, out_dir / "roc.png", title="1:1 verification ROC (query / gallery model)")
         written.append("roc.png")
-    plot_cmc({label[k]: pairs[k].cmc for k in keys}, out_dir / "cmc.png",
-             title="1:N closed-set CMC (query / gallery model)")
-    written.append("cmc.png")
+    cmcs = {label[k]: pairs[k].cmc for k in keys if pairs[k].cmc}
+    if cmcs:
+        plot_cmc(cmcs, out_dir / "cmc.png", title="1:N closed-set CMC (query / gallery model)")
+        written.append("cmc.png")
     for metric, mat in mats.items():
         fname = f"matrix_{metric.replace('@', '_at_').replace('=', '')}.png"
         values = np.array([[np.nan if v is None else v for v in row] for row in mat["values"]])

@@ -43,6 +43,8 @@ class EvalProtocol:
     topk: tuple[int, ...]
     fpirs: tuple[float, ...] = ()
     retrieval: bool = True
+    identification: bool = True
+    verification: bool = True
 
     def split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gallery indices, probe indices): the first images of each identity are the gallery."""
@@ -98,22 +100,25 @@ def _open_set(query: torch.Tensor, gallery: torch.Tensor, protocol: EvalProtocol
              "n": len(p_idx), "protocol": desc} for f in protocol.fpirs]
 
 
-def evaluate_pair(
-    query: torch.Tensor, gallery: torch.Tensor, protocol: EvalProtocol, dims: str
-) -> PairResult:
-    """Metric records (without model names) and curves for one query/gallery feature pair."""
+def _identification(query: torch.Tensor, gallery: torch.Tensor, protocol: EvalProtocol,
+                    dims: str) -> tuple[list[dict[str, Any]], dict[int, float]]:
     labels = protocol.labels
     g_idx, p_idx = protocol.split()
     ids = len(torch.unique(labels))
-    records: list[dict[str, Any]] = []
     ranks = sorted(set(protocol.topk) | set(CMC_CURVE_RANKS))
     curve = cmc(query[p_idx], labels[p_idx], gallery[g_idx], labels[g_idx], ks=ranks)
     ident = (f"1:N closed-set CMC, {protocol.dataset}: gallery {len(g_idx)} images "
              f"({protocol.gallery_per_class}/id, {ids} ids), {len(p_idx)} probes; {dims}")
-    for k in protocol.topk:
-        records.append({"metric": f"top{k}", "value": curve[k], "n": len(p_idx), "protocol": ident})
+    records = [{"metric": f"top{k}", "value": curve[k], "n": len(p_idx), "protocol": ident}
+               for k in protocol.topk]
     if protocol.fpirs:
         records += _open_set(query, gallery, protocol, dims, g_idx, p_idx)
+    return records, curve
+
+
+def _verification(query: torch.Tensor, gallery: torch.Tensor, protocol: EvalProtocol,
+                  dims: str) -> tuple[list[dict[str, Any]], tuple[np.ndarray, np.ndarray]]:
+    labels = protocol.labels
     qn, gn = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
     i, j = torch.triu_indices(len(labels), len(labels), offset=1)
     scores = (qn @ gn.T)[i, j].numpy().astype(np.float64)
@@ -125,18 +130,38 @@ def evaluate_pair(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tars = tar_at_far(scores, genuine, protocol.fars)
-    for far, v in tars.items():
-        records.append({"metric": rate_name("tar@far", far), "value": v, "n": len(scores), "protocol": verif})
+    records = [{"metric": rate_name("tar@far", far), "value": v, "n": len(scores), "protocol": verif}
+               for far, v in tars.items()]
     records.append({"metric": "auc", "value": roc_auc(scores, genuine), "n": len(scores),
                     "protocol": verif.replace("exact TAR@FAR", "ROC AUC")})
-    if protocol.retrieval:
-        ret = retrieval_metrics(query, labels, gallery, labels, ks=(1,), exclude_self=True)
-        desc = (f"retrieval, {protocol.dataset}: each of {len(labels)} images queries the other "
-                f"{len(labels) - 1} (own item excluded); {dims}")
-        for key, name in (("map", "map"), ("map_at_r", "map@r")):
-            records.append({"metric": name, "value": ret[key], "n": int(ret["n_queries"]), "protocol": desc})
     fpr, tpr, _ = roc_curve(scores, genuine)
-    return PairResult(records, (fpr, tpr), curve)
+    return records, (fpr, tpr)
+
+
+def _retrieval(query: torch.Tensor, gallery: torch.Tensor, protocol: EvalProtocol,
+               dims: str) -> list[dict[str, Any]]:
+    labels = protocol.labels
+    ret = retrieval_metrics(query, labels, gallery, labels, ks=(1,), exclude_self=True)
+    desc = (f"retrieval, {protocol.dataset}: each of {len(labels)} images queries the other "
+            f"{len(labels) - 1} (own item excluded); {dims}")
+    return [{"metric": name, "value": ret[key], "n": int(ret["n_queries"]), "protocol": desc}
+            for key, name in (("map", "map"), ("map_at_r", "map@r"))]
+
+
+def evaluate_pair(
+    query: torch.Tensor, gallery: torch.Tensor, protocol: EvalProtocol, dims: str
+) -> PairResult:
+    """Metric records (without model names) and curves for one query/gallery feature pair."""
+    result = PairResult([])
+    if protocol.identification:
+        records, result.cmc = _identification(query, gallery, protocol, dims)
+        result.records += records
+    if protocol.verification:
+        records, result.roc = _verification(query, gallery, protocol, dims)
+        result.records += records
+    if protocol.retrieval:
+        result.records += _retrieval(query, gallery, protocol, dims)
+    return result
 
 
 def evaluate_models(

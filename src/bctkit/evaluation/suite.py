@@ -30,7 +30,7 @@ def evaluate_suite(
     names = list(features)
     present = {r["metric"] for r in records}
     mats = matrices(records, names, [m for m in MATRIX_METRICS if m in present])
-    curves = backfill_curves(features, protocol) if backfill else {}
+    curves = backfill_curves(features, protocol) if backfill and protocol.identification else {}
     report = {
         **(extra or {}),
         "models": models_info,
