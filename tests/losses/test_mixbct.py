@@ -123,6 +123,10 @@ def test_mix_replaces_documented_rows():
     assert torch.equal(mixed[~replaced], feats[~replaced])
     out = term(_batch(feats, old, labels, index, step=3))
     assert out.loss.item() == 0.0 and out.parts == {"mixed": 12.0, "mix_frac": 0.3}
+    half = term.mix(feats, _batch(feats, old.half(), labels, index, step=3))  # float16 feature cache
+    assert half.dtype == torch.float32 and torch.allclose(half, mixed, atol=1e-3)
+    with pytest.raises(RuntimeError, match="not mixed"):
+        term(_batch(feats, old, labels, index, step=4))
 
 
 def test_mix_count_rounding_and_few_credible():
