@@ -141,6 +141,10 @@ def test_mix_count_rounding_and_few_credible():
     plain = _setup(old, labels, mix_ratio=1.0, denoise=False)
     assert plain.credible.all()
     assert (plain.mix(feats, _batch(feats, old, labels, index)) != feats).any(dim=1).all()
+    bad = old.clone()
+    bad[7, 0] = float("inf")
+    with pytest.raises(DataError, match="training image 7 "):
+        plain.mix(feats, _batch(feats, bad, labels, index))
 
 
 def test_replaced_rows_give_no_gradient_to_backbone():

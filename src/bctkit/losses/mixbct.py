@@ -34,7 +34,7 @@ from pydantic import Field
 from bctkit.errors import ConfigError, DataError
 from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm, TermOutput, TermParams, register
 
-__all__ = ["MixBCT", "MixBCTParams", "credible_mask", "mix_count"]
+__all__ = ["MixBCT", "MixBCTParams", "credible_mask", "mix_count", "step_generator"]
 
 _EPS = 1e-12  # as F.normalize: a zero row (or an all-zero dimension) stays zero
 _CHUNK_BYTES = 1 << 24  # float64 working set per row chunk (16 MiB)
@@ -220,6 +220,10 @@ class MixBCT(CompatibilityTerm):
         self._last = (batch.step, k, feats.shape[0])
         if k == 0:
             return feats
+        picked = old[mask.to(old.device)]
+        if not torch.isfinite(picked).all():
+            row = int(batch.index[mask][~torch.isfinite(picked).all(dim=1).cpu()][0])
+            raise DataError(f"mixbct: the cached old feature of training image {row} contains NaN or Inf")
         o = self.normalised_old(old.to(feats.device), feats.shape[1]).to(feats.dtype)
         return torch.where(mask.to(feats.device)[:, None], o, feats)
 
