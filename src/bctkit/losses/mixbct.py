@@ -37,7 +37,7 @@ from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm, Te
 __all__ = ["MixBCT", "MixBCTParams", "credible_mask", "mix_count", "step_generator"]
 
 _EPS = 1e-12  # as F.normalize: a zero row (or an all-zero dimension) stays zero
-_CHUNK_BYTES = 1 << 24  # float64 working set per row chunk (16 MiB)
+_CHUNK_BYTES = 1 << 21  # float64 working set per row chunk (2 MiB: stays in cache)
 _KEEP_TOL = 1e-9  # keep * n_c within this of an integer counts as that integer (0.7 * 10 -> 7)
 
 
