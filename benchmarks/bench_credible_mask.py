@@ -48,7 +48,10 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--keep", type=float, default=0.9)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs of each; the minimum is reported")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (0: torch default). 1 by default: on a shared, oversubscribed "
+                         "machine every multi-threaded op waits for a descheduled worker, which swamps "
+                         "the timing of small inputs")
     ap.add_argument("--small", action="store_true", help="2,000 classes x ~20 samples x 64 dims")
     args = ap.parse_args()
     if args.small:
