@@ -11,8 +11,10 @@ written to disk as float16 np.memmap (~10 GiB together, in a temporary directory
 afterwards) in shuffled class order, then refined straight from the memmaps in a subprocess.
 Reports the refinement time, peak RSS and a float64 spot check of a few hundred classes.
 
-Prints one JSON line. Not part of the test suite. Usage:
-    python benchmarks/bench_refine.py [--small] [--no-ms1m] [--threads 2] [--tmpdir /work/tmp]
+Prints one JSON line: wall seconds plus user/system CPU seconds (the latter are the better guide
+on a shared, busy host). Not part of the test suite. Usage:
+    python benchmarks/bench_refine.py [--small] [--no-ms1m | --only-ms1m] [--threads 2]
+        [--chunk-size 4096] [--tmpdir /work/tmp] [--data-dir DIR (keep and reuse Part B files)]
 """
 
 from __future__ import annotations
