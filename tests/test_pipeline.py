@@ -106,6 +106,10 @@ def test_cli_errors_exit_2(tiny_run, tmp_path, capsys):
     assert "unknown method 'bct2'" in capsys.readouterr().err
     assert main(["run", str(cfg_path), "--out", str(tmp_path), "--set", "old.train.epochs=-1"]) == 2
     assert "old.train.epochs" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["run", str(cfg_path), "--out", str(blocker / "sub"), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("bctkit: error:")
     with pytest.raises(SystemExit) as exc:
         main(["run"])
     assert exc.value.code == 2

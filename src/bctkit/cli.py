@@ -140,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BctkitError as exc:
         print(f"bctkit: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"bctkit: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("bctkit: interrupted; rerun with --resume to continue from the last checkpoint",
               file=sys.stderr)
