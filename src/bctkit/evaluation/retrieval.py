@@ -115,16 +115,10 @@ def mean_average_precision(
     block_queries: int | None = None,
 ) -> float:
     """mAP over the full ranking (junk removed; queries without relevant items skipped)."""
-    per = _collect(
-        (query_feats, query_ids, gallery_feats, gallery_ids),
-        dict(
-            exclude_self=exclude_self,
-            query_cams=query_cams,
-            gallery_cams=gallery_cams,
-            block_queries=block_queries,
-        ),
-    )
-    return _mean(per, "ap")
+    return retrieval_metrics(
+        query_feats, query_ids, gallery_feats, gallery_ids, ks=(), exclude_self=exclude_self,
+        query_cams=query_cams, gallery_cams=gallery_cams, block_queries=block_queries,
+    )["map"]
 
 
 def map_at_r(
@@ -138,16 +132,10 @@ def map_at_r(
     block_queries: int | None = None,
 ) -> float:
     """mAP@R: (1/R) sum over the top R ranks of rel(i) P(i), R = number of relevant items."""
-    per = _collect(
-        (query_feats, query_ids, gallery_feats, gallery_ids),
-        dict(
-            exclude_self=exclude_self,
-            query_cams=query_cams,
-            gallery_cams=gallery_cams,
-            block_queries=block_queries,
-        ),
-    )
-    return _mean(per, "ap_r")
+    return retrieval_metrics(
+        query_feats, query_ids, gallery_feats, gallery_ids, ks=(), exclude_self=exclude_self,
+        query_cams=query_cams, gallery_cams=gallery_cams, block_queries=block_queries,
+    )["map_at_r"]
 
 
 def r_precision(
@@ -161,16 +149,10 @@ def r_precision(
     block_queries: int | None = None,
 ) -> float:
     """R-precision: fraction of the top R ranks that are relevant, R = number of relevant items."""
-    per = _collect(
-        (query_feats, query_ids, gallery_feats, gallery_ids),
-        dict(
-            exclude_self=exclude_self,
-            query_cams=query_cams,
-            gallery_cams=gallery_cams,
-            block_queries=block_queries,
-        ),
-    )
-    return _mean(per, "r_prec")
+    return retrieval_metrics(
+        query_feats, query_ids, gallery_feats, gallery_ids, ks=(), exclude_self=exclude_self,
+        query_cams=query_cams, gallery_cams=gallery_cams, block_queries=block_queries,
+    )["r_precision"]
 
 
 def recall_at_k(
