@@ -132,6 +132,18 @@ def test_cli_evaluate_feature_files(tiny_run, tmp_path, capsys):
     assert pick(ev, "l2", "old", "top1") == pick(report, "l2", "old", "top1")
     assert pick(ev, "weak", "old", "tar@far=1e-1") == pick(report, "l2-weak", "old", "tar@far=1e-1")
     assert (tmp_path / "ev" / "report.md").exists()
+    chain = args + ["--chain"]
+    chain[chain.index(str(tmp_path / "ev"))] = str(tmp_path / "ev-chain")
+    assert main(chain) == 0
+    ch = json.loads((tmp_path / "ev-chain" / "report.json").read_text())["chain"]
+    assert ch["models"] == ["old", "l2", "weak"]
+    m = {(q, g): pick(ev, q, g, "top1") for q in ch["models"] for g in ch["models"]}
+    wins = [m[("l2", "old")] > m[("old", "old")], m[("weak", "old")] > m[("old", "old")],
+            m[("weak", "l2")] > m[("l2", "l2")]]
+    assert ch["top1"]["AC"] == pytest.approx(sum(wins) / 3)
+    assert ch["top1"]["AM"] == pytest.approx((m[("l2", "old")] + m[("weak", "old")] + m[("weak", "l2")]) / 3)
+    bc = (m[("weak", "old")] - m[("old", "old")] + m[("weak", "l2")] - m[("l2", "l2")]) / 2
+    assert ch["top1"]["BC"] == pytest.approx(bc)
     only = ["evaluate", "--old", str(feats / "old.safetensors"), "--new", str(feats / "l2.safetensors"),
             "--fars", "0.1", "--protocol", "verification", "--out", str(tmp_path / "ev1")]
     assert main(only) == 0

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="what to evaluate: 1:N identification (CMC, TPIR@FPIR), 1:1 verification "
                          "(TAR@FAR, AUC), retrieval (mAP, mAP@R); default all")
     ev.add_argument("--no-backfill", action="store_true", help="skip partial-backfill curves")
+    ev.add_argument("--chain", action="store_true",
+                    help="the models form a chain of upgrades: --old, then each --new in order "
+                         "(AC, AM, BC, FC in the report)")
     sub.add_parser("methods", help="list the compatibility methods and their options")
     return p
 
@@ -127,8 +130,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     files = {k: str(v) for k, v in paths.items()}
     extra = {"dataset": f"{dataset}: {len(labels)} images", "feature_files": files}
     out = Path(args.out)
+    chain = [name for name in paths if name != "paragon"] if args.chain else None
     report = evaluate_suite(features, protocol, out, models_info_from_features(features), extra,
-                            backfill=not args.no_backfill)
+                            backfill=not args.no_backfill, chain=chain)
     print(f"report: {out}/report.md ({len(report['results'])} results)")
     return 0
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from bctkit.evaluation.compat import compatibility_matrix, partial_backfill_curve, update_gain
+from bctkit.evaluation.compat import chain_metrics, compatibility_matrix, partial_backfill_curve, update_gain
 from bctkit.evaluation.plots import plot_backfill, plot_cmc, plot_matrix, plot_roc
 from bctkit.evaluation.protocols import EvalProtocol, PairResult, comparable
 from bctkit.features import FeatureSet
@@ -50,6 +50,18 @@ def matrices(records: list[dict[str, Any]], names: list[str], metrics: list[str]
     for metric in metrics:
         m, _ = compatibility_matrix(_values(records, metric), names)
         out[metric] = {"models": names, "values": [[None if math.isnan(v) else v for v in row] for row in m]}
+    return out
+
+
+def chain_summary(records: list[dict[str, Any]], chain: list[str], metrics: list[str]) -> dict[str, Any]:
+    """AC (strict), AM (mean of M[i][j], i > j), BC and FC (CL2R) of the models in ``chain`` order,
+    oldest first, for each metric."""
+    out: dict[str, Any] = {"models": chain}
+    for metric in metrics:
+        m, _ = compatibility_matrix(
+            {k: v for k, v in _values(records, metric).items() if k[0] in chain and k[1] in chain}, chain
+        )
+        out[metric] = chain_metrics(m)
     return out
 
 

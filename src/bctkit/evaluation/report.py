@@ -114,6 +114,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"## Compatibility matrix: {metric} (row = query model, column = gallery model)", ""]
         rows = [[q] + [_fmt(v) for v in row] for q, row in zip(mat["models"], mat["values"], strict=True)]
         lines += _table(["query \\ gallery"] + mat["models"], rows)
+    chain = report.get("chain")
+    if chain:
+        lines += ["## Chain of upgrades: " + " <- ".join(chain["models"]), "",
+                  "AC: fraction of pairs i > j with M[i][j] > M[j][j] (strict). AM: mean of M[i][j] over "
+                  "i > j (%). BC: mean over j of M[last][j] - M[j][j]; FC: mean over t of "
+                  "M[t][t-1] - M[t][t] (CL2R, points).", ""]
+        rows = [[m, f"{v['AC']:.2f}", f"{100 * v['AM']:.2f}", f"{100 * v['BC']:.2f}", f"{100 * v['FC']:.2f}"]
+                for m, v in chain.items() if m != "models"]
+        lines += _table(["metric", "AC", "AM", "BC", "FC"], rows)
     backfill = report.get("backfill", {})
     if backfill:
         lines += ["## Partial backfill", "",

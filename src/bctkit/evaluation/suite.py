@@ -9,7 +9,13 @@ from typing import Any
 import torch
 
 from bctkit.errors import DataError
-from bctkit.evaluation.analysis import backfill_curves, compatibility_summary, matrices, write_plots
+from bctkit.evaluation.analysis import (
+    backfill_curves,
+    chain_summary,
+    compatibility_summary,
+    matrices,
+    write_plots,
+)
 from bctkit.evaluation.protocols import EvalProtocol, evaluate_models
 from bctkit.evaluation.report import write_report
 from bctkit.features import FeatureSet, load_features
@@ -20,9 +26,11 @@ MATRIX_METRICS = ("top1", "tar@far=1e-3")
 def evaluate_suite(
     features: dict[str, FeatureSet], protocol: EvalProtocol, out_dir: Path,
     models_info: dict[str, dict[str, Any]], extra: dict[str, Any] | None = None, backfill: bool = True,
+    chain: list[str] | None = None,
 ) -> dict[str, Any]:
     """All metrics for every comparable (query, gallery) pair, the compatibility analysis, plots,
-    report.json and report.md in ``out_dir``. ``features`` must contain "old"."""
+    report.json and report.md in ``out_dir``. ``features`` must contain "old". ``chain``: model
+    names of a sequence of upgrades, oldest first, for the multi-model metrics."""
     if "old" not in features:
         raise DataError("evaluation needs the old model's features (name 'old')")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -40,6 +48,8 @@ def evaluate_suite(
         "backfill": curves,
         "plots": write_plots(out_dir, pairs, names, mats, curves),
     }
+    if chain:
+        report["chain"] = chain_summary(records, chain, [m for m in MATRIX_METRICS if m in present])
     write_report(out_dir, report)
     return report
 
