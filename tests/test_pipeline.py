@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -95,6 +96,33 @@ def test_resume_reuses_everything(tiny_run):
     assert sum("reusing finished model" in line for line in logs) == 4
     assert any("reusing old features" in line for line in logs)
     assert again["results"] == report["results"]
+
+
+def test_resume_keys_ignore_eval_set_and_paragon_ignores_old(tiny_run, tmp_path):
+    out, cfg_path, _, _ = tiny_run
+    run_dir = tmp_path / "r"
+    shutil.copytree(out / "r", run_dir)
+    logs: list[str] = []
+    bigger = load_config(cfg_path, ["data.eval_classes=8"])
+    rep = run_pipeline(bigger, run_dir, resume=True, progress=False, log=logs.append)
+    assert sum("reusing finished model" in line for line in logs) == 4
+    assert rep["results"][0]["n"] > 0 and "8 ids" in rep["results"][0]["protocol"]
+    logs.clear()
+    weaker_old = load_config(cfg_path, ["old.train.epochs=1"])
+    run_pipeline(weaker_old, run_dir, resume=True, progress=False, log=logs.append)
+    reused = [line for line in logs if "reusing finished model" in line]
+    assert len(reused) == 1 and "[paragon]" in reused[0]
+
+
+def test_cli_quick_demo_packaged_config(tmp_path, capsys):
+    small = ["data.synthetic.num_classes=12", "data.synthetic.images_per_class=6", "data.eval_classes=6",
+             "data.eval_images_per_class=4", "old.train.epochs=2", "new.train.epochs=2"]
+    args = ["demo", "--quick", "--out", str(tmp_path / "d"), "--quiet"]
+    for item in small:
+        args += ["--set", item]
+    assert main(args) == 0
+    rep = json.loads((tmp_path / "d" / "report.json").read_text())
+    assert set(rep["models"]) == {"old", "paragon", "l2"} and rep["allocation"]["scenario"] == "extended-data"
 
 
 def test_cli_errors_exit_2(tiny_run, tmp_path, capsys):

@@ -27,6 +27,7 @@ from bctkit.losses import CompatContext, CompatibilityTerm, build_term
 from bctkit.models.store import LoadedModel, load_model, save_model
 from bctkit.storage import write_json
 from bctkit.training import TrainConfig, train_model
+from bctkit.training.checkpoint import checkpoint_run_id
 
 
 def _key(obj: Any) -> str:
@@ -66,10 +67,15 @@ class Run:
                 self._record(name, loaded)
                 return loaded
         self.log(f"[{name}] training on {len(train_set)} images, {train_set.num_classes} classes")
+        ckpt = folder / "checkpoint.safetensors"
+        resume = self.resume and ckpt.exists()
+        if resume and checkpoint_run_id(ckpt) != key:
+            self.log(f"[{name}] checkpoint is from another configuration; training from scratch")
+            resume = False
         t0 = time.perf_counter()
         result = train_model(
             train_set, model_cfg.backbone, model_cfg.head, train_cfg, term=term, ctx=ctx,
-            checkpoint=folder / "checkpoint.safetensors", resume=self.resume, run_id=key,
+            checkpoint=ckpt, resume=resume, run_id=key,
             desc=name, progress=self.progress, init_seed=model_seed(train_cfg.seed, name),
         )
         d_o, d_n = self.cfg.old.backbone.embedding_dim, model_cfg.backbone.embedding_dim
@@ -125,7 +131,9 @@ class Run:
         self.log(f"[allocation] {alloc.summary()}")
         old_set = pool.subset(alloc.old_indices, alloc.old_labels)
         new_set = pool.subset(alloc.new_indices, alloc.new_labels)
-        data_key = {"data": cfg.data.model_dump(), "allocation": cfg.allocation.model_dump()}
+        # What a trained model depends on: the training pool and allocation, not the evaluation set.
+        data_key = {"data": cfg.data.model_dump(exclude={"eval_classes", "eval_images_per_class"}),
+                    "allocation": cfg.allocation.model_dump()}
         old = self.train_or_load(
             "old", old_set, cfg.old, cfg.old.train, _key({**data_key, "model": cfg.old.model_dump()})
         )
@@ -147,8 +155,9 @@ class Run:
                 train_images=new_set.images,
             )
             train_cfg = method.train or cfg.new.train
+            old_dep = old.fingerprint if term.needs_old_features or method.method != "independent" else None
             key = _key({**data_key, "model": cfg.new.model_dump(), "train": train_cfg.model_dump(),
-                        "method": method.model_dump(), "old": old.fingerprint})
+                        "method": method.model_dump(), "old": old_dep})
             models[name] = self.train_or_load(name, new_set, cfg.new, train_cfg, key, term, ctx, method)
 
         features = {}

@@ -3,14 +3,16 @@ with JSON metadata in its header (and a readable copy beside it). Written atomic
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from bctkit.errors import FileFormatError
-from bctkit.storage import load_tensors, save_tensors, write_json
+from bctkit.storage import META_KEY, load_tensors, save_tensors, write_json
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -67,3 +69,13 @@ def load_checkpoint(
     except (KeyError, RuntimeError, ValueError) as exc:
         raise FileFormatError(f"{path}: checkpoint does not match this model ({exc})") from None
     return meta
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The run id a checkpoint was written for (None when unreadable), without loading tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(META_KEY)
+        return json.loads(raw).get("run_id") if raw else None
+    except (SafetensorError, OSError, ValueError):
+        return None
