@@ -155,20 +155,21 @@ class Run:
                 train_images=new_set.images,
             )
             train_cfg = method.train or cfg.new.train
-            old_dep = old.fingerprint if term.needs_old_features or method.method != "independent" else None
+            old_dep = None if method.method == "independent" else old.fingerprint
             key = _key({**data_key, "model": cfg.new.model_dump(), "train": train_cfg.model_dump(),
                         "method": method.model_dump(), "old": old_dep})
             models[name] = self.train_or_load(name, new_set, cfg.new, train_cfg, key, term, ctx, method)
 
         features = {}
         eval_labels = torch.from_numpy(eval_set.labels)
+        eval_fp = eval_set.fingerprint()
         for name, model in models.items():
             feats = extract(model.backbone, eval_set.images, cfg.evaluation.batch_size,
                             flip=cfg.evaluation.flip, progress=self.progress, desc=f"eval {name}")
             fs = FeatureSet(feats, eval_labels, {
                 "model": name, "model_fingerprint": model.fingerprint,
                 "compat_dims": model.meta.get("compat_dims"), "flip": cfg.evaluation.flip,
-                "dataset": eval_set.name, "images_fingerprint": eval_set.fingerprint(),
+                "dataset": eval_set.name, "images_fingerprint": eval_fp,
                 **{k: self.models_info[name][k] for k in ("method", "params", "train_images", "num_classes")},
             })
             fs.save(out / "features" / f"{name}.safetensors")

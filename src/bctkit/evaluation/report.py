@@ -178,14 +178,13 @@ def write_summary(out: Path, reports: dict[str, dict[str, Any]], fars: list[floa
     header = ["allocation", "model"] + [f"{m} {side}" for m in metrics for side in ("cross", "self")]
     lines = ["# bctkit summary: all allocations", "",
              "Values in %. Cross: queries by the model, gallery by the old model; ✓ criterion met "
-             "(cross > old self, strict), ✗ not met. Per-allocation details: <allocation>/report.md.", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
+             "(cross > old self, strict), ✗ not met. Per-allocation details: <allocation>/report.md.", ""]
+    table = []
     for row in rows:
         cells = [row["allocation"], row["model"]]
         for m in metrics:
             mark = {True: " ✓", False: " ✗", None: ""}[row[f"{m} criterion"]]
             cross = row[f"{m} cross"]
             cells += [_fmt(cross) + (mark if cross is not None else ""), _fmt(row[f"{m} self"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    write_text(out / "summary.md", "\n".join(lines) + "\n")
+        table.append(cells)
+    write_text(out / "summary.md", "\n".join(lines + _table(header, table)))

@@ -170,18 +170,11 @@ def recall_at_k(
     ks = [int(k) for k in ks]
     if not ks or min(ks) < 1:
         raise DataError(f"ks must be a non-empty list of integers >= 1, got {ks}")
-    per = _collect(
-        (query_feats, query_ids, gallery_feats, gallery_ids),
-        dict(
-            exclude_self=exclude_self,
-            query_cams=query_cams,
-            gallery_cams=gallery_cams,
-            block_queries=block_queries,
-        ),
+    out = retrieval_metrics(
+        query_feats, query_ids, gallery_feats, gallery_ids, ks=ks, exclude_self=exclude_self,
+        query_cams=query_cams, gallery_cams=gallery_cams, block_queries=block_queries,
     )
-    if per is None:
-        return {k: math.nan for k in ks}
-    return {k: float((per["first"] <= k).double().mean()) for k in ks}
+    return {k: out[f"recall@{k}"] for k in ks}
 
 
 def retrieval_metrics(
