@@ -54,6 +54,15 @@ class MethodConfig(_Strict):
         return self.name or self.method
 
 
+class ChainVersion(MethodConfig):
+    """One upgrade in a chain v1 <- v2 <- v3 ...: trained with ``method`` against the previous
+    version (v1 is the run's old model). ``ratio``: the version trains on the allocation's old part
+    drawn at this ratio (same seed, so the sets are nested and grow with the ratio); None: on the
+    allocation's new training set, as the run's methods do."""
+
+    ratio: float | None = Field(None, gt=0, lt=1)
+
+
 class EvalConfig(_Strict):
     fars: list[float] = Field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2])
     topk: list[int] = Field(default_factory=lambda: [1, 5])
@@ -87,6 +96,7 @@ class RunConfig(_Strict):
     old: ModelConfig = Field(default_factory=ModelConfig)
     new: ModelConfig = Field(default_factory=ModelConfig)
     methods: list[MethodConfig] = Field(default_factory=list)
+    chain: list[ChainVersion] = Field(default_factory=list)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
 
@@ -110,7 +120,7 @@ class RunConfig(_Strict):
                 f"with data.eval_images_per_class={self.data.eval_images_per_class}"
             )
         seen: set[str] = set()
-        for m in self.methods:
+        for m in [*self.methods, *self.chain]:
             if m.method == "independent" and m.name is None:
                 raise ValueError("'independent' is the paragon, which every run trains; remove it")
             name = m.display_name
@@ -170,15 +180,36 @@ def parse_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
         cfg = RunConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_format_error(exc)}") from None
-    d_o, d_n = cfg.old.backbone.embedding_dim, cfg.new.backbone.embedding_dim
+    d_n = cfg.new.backbone.embedding_dim
     for i, m in enumerate(cfg.methods):
         try:
-            term = method_class(m.method)(validate_params(m.method, m.params))
-            term.check_dims(d_o, d_n)
-            term.check_train((m.train or cfg.new.train).epochs)
+            _check_method(m, cfg.old.backbone, d_n, cfg.new.train)
         except ConfigError as exc:
             raise ConfigError(f"{source}: methods.{i}: {exc}") from None
+    prev = cfg.old.backbone
+    for i, m in enumerate(cfg.chain):
+        try:
+            prev = _check_method(m, prev, d_n, cfg.new.train, cfg.new.backbone)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: chain.{i}: {exc}") from None
     return cfg
+
+
+def _check_method(
+    m: MethodConfig, old: BackboneConfig, new_dim: int, train: TrainConfig,
+    new: BackboneConfig | None = None,
+) -> BackboneConfig:
+    """Validate one method against the model it must be compatible with; returns the backbone
+    config the method trains (``new`` widened if the method widens it)."""
+    term = method_class(m.method)(validate_params(m.method, m.params))
+    term.check_dims(old.output_dim, new_dim)
+    term.check_train((m.train or train).epochs)
+    if old.bt2 is not None and term.uses_old_classifier():
+        raise ConfigError(
+            f"{m.display_name}: the previous model is a BT^2 model, whose classifier scores f, not its "
+            "stored embedding; use a method that needs only its features (bct: new_classes=synthesize_all)"
+        )
+    return term.backbone_config(new or old, old.output_dim)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

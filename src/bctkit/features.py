@@ -57,7 +57,8 @@ def extract(
 @dataclass
 class FeatureSet:
     """Features of one model on one image set. ``compat_dims``: leading coordinates that form the
-    embedding compatible with the model's predecessor (None: all of them)."""
+    embedding compatible with the model's predecessor (None: all of them); ``compat_prefixes``
+    (meta) every leading block compatible with some ancestor, for chains of upgrades."""
 
     feats: torch.Tensor
     labels: torch.Tensor
@@ -71,6 +72,14 @@ class FeatureSet:
     def compat_dims(self) -> int | None:
         v = self.meta.get("compat_dims")
         return None if v is None else int(v)
+
+    @property
+    def compat_prefixes(self) -> list[int]:
+        """Sizes of the leading blocks compatible with an ancestor model (largest first)."""
+        v = self.meta.get("compat_prefixes")
+        if v is not None:
+            return [int(p) for p in v]
+        return [] if self.compat_dims is None else [self.compat_dims]
 
     def save(self, path: Path) -> None:
         save_tensors(path, {"feats": self.feats, "labels": self.labels}, self.meta)

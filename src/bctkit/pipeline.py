@@ -12,18 +12,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bctkit.cache import OldFeatureCache, as_tensor
 from bctkit.config import MethodConfig, ModelConfig, RunConfig
 from bctkit.data import allocate
+from bctkit.data.allocation import Allocation, label_map
 from bctkit.data.datasets import load_datasets
 from bctkit.data.imageset import ImageSet
+from bctkit.errors import ConfigError
 from bctkit.evaluation.protocols import EvalProtocol
 from bctkit.evaluation.report import write_summary
 from bctkit.evaluation.suite import evaluate_suite
 from bctkit.features import FeatureSet, extract
 from bctkit.losses import CompatContext, CompatibilityTerm, build_term
+from bctkit.losses.base import method_class
+from bctkit.models.backbones import BackboneConfig
 from bctkit.models.store import LoadedModel, load_model, save_model
 from bctkit.storage import write_json
 from bctkit.training import TrainConfig, train_model
@@ -41,6 +46,15 @@ def model_seed(seed: int, name: str) -> int:
     return int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:8], 16)
 
 
+def embedding_layout(cfg: BackboneConfig) -> dict[str, Any] | None:
+    """Which coordinates of a widened (BT^2) embedding do what; None for a plain embedding."""
+    if cfg.bt2 is None:
+        return None
+    d_o, total = cfg.bt2.old_dim, cfg.output_dim
+    return {"bct": [0, d_o], "added": [d_o, total], "self_test": [0, total], "cross_test": [0, d_o],
+            "f_dim": cfg.embedding_dim, "C": cfg.bt2.C}
+
+
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -56,7 +70,7 @@ class Run:
     def train_or_load(
         self, name: str, train_set: ImageSet, model_cfg: ModelConfig, train_cfg: TrainConfig,
         key: str, term: CompatibilityTerm | None = None, ctx: CompatContext | None = None,
-        method: MethodConfig | None = None,
+        method: MethodConfig | None = None, prev: LoadedModel | None = None,
     ) -> LoadedModel:
         folder = self.out / "models" / name
         path = folder / "model.safetensors"
@@ -78,7 +92,12 @@ class Run:
             checkpoint=ckpt, resume=resume, run_id=key,
             desc=name, progress=self.progress, init_seed=model_seed(train_cfg.seed, name),
         )
-        d_o, d_n = self.cfg.old.backbone.embedding_dim, model_cfg.backbone.embedding_dim
+        compat_dims, prefixes = None, None
+        if term is not None and prev is not None and method is not None and method.method != "independent":
+            d_o = prev.backbone.config.output_dim
+            compat_dims = term.compatible_dims(d_o, model_cfg.backbone.embedding_dim)
+            prev_prefixes = prev.meta.get("compat_prefixes") or []
+            prefixes = sorted({d_o, *prev_prefixes} - {model_cfg.backbone.output_dim}, reverse=True)
         meta = {
             "name": name,
             "run_id": key,
@@ -87,7 +106,10 @@ class Run:
             "train": train_cfg.model_dump(mode="json"),
             "train_images": len(train_set),
             "train_seconds": round(time.perf_counter() - t0, 1),
-            "compat_dims": None if term is None else term.compatible_dims(d_o, d_n),
+            "compat_dims": compat_dims,
+            "compat_prefixes": prefixes,
+            "layout": embedding_layout(model_cfg.backbone),
+            "compatible_with": None if prev is None or compat_dims is prefixes is None else prev.meta["name"],
             "history": result.history,
         }
         save_model(path, result.backbone, result.head, model_cfg.head, meta)
@@ -103,22 +125,91 @@ class Run:
             "fingerprint": m["fingerprint"],
             "train_images": m["train_images"],
             "num_classes": m["num_classes"],
-            "embedding_dim": m["backbone"]["embedding_dim"],
+            "embedding_dim": BackboneConfig(**m["backbone"]).output_dim,
             "compat_dims": m.get("compat_dims"),
             "config": {"backbone": m["backbone"], "head": m["head"], "train": m["train"]},
             "final_loss": m["history"][-1]["loss"] if m.get("history") else None,
             "train_seconds": m.get("train_seconds"),
         }
 
-    def old_features(self, old: LoadedModel, new_set: ImageSet) -> torch.Tensor:
-        """Old-model features of the new training images (un-augmented), from the shared
-        memory-mapped cache: computed once per (old model, images, transform, dtype)."""
+    def cached_features(self, model: LoadedModel, images: ImageSet) -> torch.Tensor:
+        """A frozen model's features of training images (un-augmented), from the shared
+        memory-mapped cache: computed once per (model, images, transform, dtype)."""
         c = self.cfg.cache
         root = Path(c.dir) if c.dir else self.out / "cache"
         cache = OldFeatureCache(root, log=self.log)
-        feats = cache.get(old.backbone, old.fingerprint, new_set.images, new_set.fingerprint(), flip=c.flip,
+        feats = cache.get(model.backbone, model.fingerprint, images.images, images.fingerprint(), flip=c.flip,
                           batch_size=self.cfg.evaluation.batch_size, progress=self.progress, dtype=c.dtype)
         return as_tensor(feats)
+
+    def compat_model(
+        self, name: str, method: MethodConfig, train_set: ImageSet, new_to_old: np.ndarray,
+        prev: LoadedModel, paragon: LoadedModel | None, set_key: dict[str, Any],
+    ) -> LoadedModel:
+        """Train (or reuse) model ``name`` with ``method`` against the frozen model ``prev``."""
+        cfg = self.cfg
+        term = build_term(method.method, method.params)
+        prev_cfg = prev.backbone.config
+        d_o = prev_cfg.output_dim
+        model_cfg = cfg.new.model_copy(update={"backbone": term.backbone_config(cfg.new.backbone, d_o)})
+        if term.needs_paragon_features and paragon is None:
+            raise ConfigError(f"{name}: {method.method} needs an independently trained model of its data")
+        ctx = CompatContext(
+            old_embedding_dim=d_o,
+            new_embedding_dim=cfg.new.backbone.embedding_dim,
+            num_new_classes=train_set.num_classes,
+            new_to_old=torch.from_numpy(new_to_old),
+            train_labels=torch.from_numpy(train_set.labels),
+            old_train_feats=self.cached_features(prev, train_set) if term.needs_old_features else None,
+            old_model=prev.backbone,
+            # A BT^2 model's classifier scores f, not the stored embedding: it has none to offer.
+            old_head=None if prev_cfg.bt2 is not None else prev.head,
+            train_images=train_set.images,
+            paragon_train_feats=(self.cached_features(paragon, train_set)
+                                 if paragon is not None and term.needs_paragon_features else None),
+        )
+        train_cfg = method.train or cfg.new.train
+        deps: dict[str, Any] = {"old": None if method.method == "independent" else prev.fingerprint}
+        if term.needs_paragon_features and paragon is not None:
+            deps["paragon"] = paragon.fingerprint
+        key = _key({**set_key, "model": model_cfg.model_dump(), "train": train_cfg.model_dump(),
+                    "method": method.model_dump(), **deps})
+        return self.train_or_load(name, train_set, model_cfg, train_cfg, key, term, ctx, method, prev)
+
+    def train_chain(
+        self, pool: ImageSet, alloc: Allocation, paragon: LoadedModel, data_key: dict[str, Any],
+        models: dict[str, LoadedModel],
+    ) -> list[str]:
+        """Train the chain's versions in order, each against the previous one (v1 = the old model);
+        returns the chain's model names, oldest first. A version that needs an independently
+        trained model of its own data (BT^2) gets one (the paragon when its data is the new set)."""
+        cfg = self.cfg
+        prev, prev_classes = models["old"], alloc.old_classes
+        independents: dict[float | None, LoadedModel] = {None: paragon}
+        names = ["old"]
+        for v in cfg.chain:
+            if v.ratio is None:
+                idx, classes, labels = alloc.new_indices, alloc.new_classes, alloc.new_labels
+            else:
+                part = allocate(pool.labels, cfg.allocation.scenario, v.ratio, cfg.allocation.seed)
+                idx, classes, labels = part.old_indices, part.old_classes, part.old_labels
+            train_set = pool.subset(idx, labels)
+            set_key = {**data_key, "chain_ratio": v.ratio}
+            to_prev = label_map(classes, prev_classes)
+            independent = None
+            if method_class(v.method).needs_paragon_features:
+                independent = independents.get(v.ratio)
+                if independent is None:
+                    ind_name = f"{v.display_name}-independent"
+                    independent = self.compat_model(ind_name, MethodConfig(method="independent"), train_set,
+                                                    to_prev, prev, None, set_key)
+                    self.models_info.pop(ind_name)
+                    independents[v.ratio] = independent
+            model = self.compat_model(v.display_name, v, train_set, to_prev, prev, independent, set_key)
+            models[v.display_name] = model
+            names.append(v.display_name)
+            prev, prev_classes = model, classes
+        return names
 
     def execute(self) -> dict[str, Any]:
         cfg, out = self.cfg, self.out
@@ -137,28 +228,15 @@ class Run:
         old = self.train_or_load(
             "old", old_set, cfg.old, cfg.old.train, _key({**data_key, "model": cfg.old.model_dump()})
         )
-        old_feats = self.old_features(old, new_set)
         models: dict[str, LoadedModel] = {"old": old}
-        entries = [("paragon", MethodConfig(method="independent"))]
-        entries += [(m.display_name, m) for m in cfg.methods]
-        for name, method in entries:
-            term = build_term(method.method, method.params)
-            ctx = CompatContext(
-                old_embedding_dim=cfg.old.backbone.embedding_dim,
-                new_embedding_dim=cfg.new.backbone.embedding_dim,
-                num_new_classes=alloc.num_new_classes,
-                new_to_old=torch.from_numpy(alloc.new_to_old),
-                train_labels=torch.from_numpy(new_set.labels),
-                old_train_feats=old_feats if term.needs_old_features else None,
-                old_model=old.backbone,
-                old_head=old.head,
-                train_images=new_set.images,
+        paragon = self.compat_model("paragon", MethodConfig(method="independent"), new_set, alloc.new_to_old,
+                                    old, None, data_key)
+        models["paragon"] = paragon
+        for method in cfg.methods:
+            models[method.display_name] = self.compat_model(
+                method.display_name, method, new_set, alloc.new_to_old, old, paragon, data_key
             )
-            train_cfg = method.train or cfg.new.train
-            old_dep = None if method.method == "independent" else old.fingerprint
-            key = _key({**data_key, "model": cfg.new.model_dump(), "train": train_cfg.model_dump(),
-                        "method": method.model_dump(), "old": old_dep})
-            models[name] = self.train_or_load(name, new_set, cfg.new, train_cfg, key, term, ctx, method)
+        chain = self.train_chain(pool, alloc, paragon, data_key, models) if cfg.chain else None
 
         features = {}
         eval_labels = torch.from_numpy(eval_set.labels)
@@ -168,7 +246,9 @@ class Run:
                             flip=cfg.evaluation.flip, progress=self.progress, desc=f"eval {name}")
             fs = FeatureSet(feats, eval_labels, {
                 "model": name, "model_fingerprint": model.fingerprint,
-                "compat_dims": model.meta.get("compat_dims"), "flip": cfg.evaluation.flip,
+                "compat_dims": model.meta.get("compat_dims"),
+                "compat_prefixes": model.meta.get("compat_prefixes"), "layout": model.meta.get("layout"),
+                "flip": cfg.evaluation.flip,
                 "dataset": eval_set.name, "images_fingerprint": eval_fp,
                 **{k: self.models_info[name][k] for k in ("method", "params", "train_images", "num_classes")},
             })
@@ -183,7 +263,8 @@ class Run:
             "allocation": alloc.summary(),
             "config": cfg.model_dump(mode="json"),
         }
-        report = evaluate_suite(features, protocol, out, self.models_info, extra, backfill=ev.backfill)
+        report = evaluate_suite(features, protocol, out, self.models_info, extra, backfill=ev.backfill,
+                                chain=chain)
         self.log(f"[report] {out / 'report.md'}")
         return report
 

@@ -85,6 +85,13 @@ def _relabel(labels: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.nd
     return classes, new.astype(np.int64)
 
 
+def label_map(new_classes: np.ndarray, old_classes: np.ndarray) -> np.ndarray:
+    """For each of ``new_classes`` (sorted pool class ids) its position in ``old_classes`` (sorted),
+    or -1 where the old side never saw that class."""
+    pos = np.searchsorted(old_classes, new_classes).clip(max=len(old_classes) - 1)
+    return np.where(old_classes[pos] == new_classes, pos, -1).astype(np.int64)
+
+
 def allocate(
     labels: np.ndarray, scenario: str, ratio: float = 0.3, seed: int = 666
 ) -> Allocation:
@@ -119,8 +126,7 @@ def allocate(
     new_idx = np.flatnonzero(new_mask)
     old_classes, old_labels = _relabel(labels, old_idx)
     new_classes, new_labels = _relabel(labels, new_idx)
-    pos = np.searchsorted(old_classes, new_classes).clip(max=len(old_classes) - 1)
-    new_to_old = np.where(old_classes[pos] == new_classes, pos, -1).astype(np.int64)
+    new_to_old = label_map(new_classes, old_classes)
     return Allocation(
         scenario, ratio, seed, old_idx, new_idx, old_labels, new_labels, old_classes,
         new_classes, new_to_old,

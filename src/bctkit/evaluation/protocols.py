@@ -71,15 +71,16 @@ class PairResult:
 def comparable(query: FeatureSet, gallery: FeatureSet) -> tuple[torch.Tensor, torch.Tensor, str] | None:
     """The coordinates compared when ``query``'s model queries ``gallery``'s, or None if none are.
 
-    Equal sizes compare whole embeddings; otherwise the side that declares ``compat_dims`` equal to
-    the other's size is cut to its first ``compat_dims`` coordinates (BCT's rule for d_n > d_o).
+    Equal sizes compare whole embeddings; otherwise the side that declares a compatible prefix
+    (``compat_prefixes``) of the other's size is cut to it: BCT's rule for d_n > d_o, BT^2's bct
+    block, and, through a chain of upgrades, the block compatible with an older ancestor.
     """
     q, g = query.feats, gallery.feats
     if q.shape[1] == g.shape[1]:
         return q, g, f"all {q.shape[1]} dims"
-    if query.compat_dims == g.shape[1]:
+    if g.shape[1] in query.compat_prefixes:
         return q[:, : g.shape[1]], g, f"query dims [0:{g.shape[1]}]"
-    if gallery.compat_dims == q.shape[1]:
+    if q.shape[1] in gallery.compat_prefixes:
         return q, g[:, : q.shape[1]], f"gallery dims [0:{q.shape[1]}]"
     return None
 

@@ -3,7 +3,7 @@
 Importing this package registers every built-in method.
 """
 
-from bctkit.losses import bct, contrastive, independent, l2, lwf, mixbct, unibct  # noqa: F401  (registration)
+from bctkit.losses import bct, bt2, contrastive, independent, l2, lwf, mixbct, unibct  # noqa: F401  (registration)
 from bctkit.losses.base import (
     CompatBatch,
     CompatContext,

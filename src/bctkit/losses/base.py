@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from bctkit.errors import ConfigError
+from bctkit.models.backbones import BackboneConfig
 from bctkit.models.heads import Head
 
 
@@ -41,12 +42,15 @@ class CompatContext:
     old_model: nn.Module | None = None
     old_head: Head | None = None
     train_images: np.ndarray | None = None
+    paragon_train_feats: torch.Tensor | None = None
 
 
 @dataclass
 class CompatBatch:
-    """One training step's view. ``old_feats`` are cached old-model features of the same images;
-    ``step`` is the global optimisation step (0-based), for seeded per-step randomness."""
+    """One training step's view. ``new_feats`` is the stored embedding; ``base_feats`` what the base
+    head classifies (the same tensor except for models that widen their embedding, BT^2);
+    ``old_feats`` are cached old-model features of the same images; ``step`` is the global
+    optimisation step (0-based), for seeded per-step randomness."""
 
     new_feats: torch.Tensor
     labels: torch.Tensor
@@ -55,6 +59,8 @@ class CompatBatch:
     step: int = 0
     old_feats: torch.Tensor | None = None
     old_labels: torch.Tensor | None = None
+    base_feats: torch.Tensor | None = None
+    paragon_feats: torch.Tensor | None = None
 
 
 @dataclass
@@ -71,6 +77,9 @@ class CompatibilityTerm(nn.Module):
     name: ClassVar[str] = ""
     Params: ClassVar[type[TermParams]] = TermParams
     needs_old_features: ClassVar[bool] = False
+    # True: the term also needs the independently trained new model's (paragon's) cached features
+    # of the training images (BT^2's third target).
+    needs_paragon_features: ClassVar[bool] = False
     # True: the term works on the first d_o coordinates of the new embedding (BCT's rule), so it
     # needs d_n >= d_o and cross tests compare f[:d_o] when d_n > d_o.
     aligns_leading_dims: ClassVar[bool] = False
@@ -94,6 +103,15 @@ class CompatibilityTerm(nn.Module):
         """How many leading coordinates of the new embedding are compared with the old model's
         in cross tests (None: the whole embedding, which then must have the old size)."""
         return old_dim if self.aligns_leading_dims and new_dim > old_dim else None
+
+    def backbone_config(self, cfg: BackboneConfig, old_dim: int) -> BackboneConfig:
+        """The architecture this method trains, from the run's new backbone (unchanged unless the
+        method widens the model, as BT^2 does)."""
+        return cfg
+
+    def uses_old_classifier(self) -> bool:
+        """Whether these options need the old model's classifier (not only its features)."""
+        return False
 
     def setup(self, ctx: CompatContext) -> None:
         """Called once before training, with the frozen old side."""

@@ -100,7 +100,8 @@ class BCT(CompatibilityTerm):
     target_map: torch.Tensor
     known_class: torch.Tensor
 
-
+    def uses_old_classifier(self) -> bool:
+        return self.params.new_classes != "synthesize_all"
 
     def setup(self, ctx: CompatContext) -> None:
         """Build the classifier (real, extended or synthesized rows) and the new-label -> row map."""

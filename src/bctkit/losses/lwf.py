@@ -49,7 +49,8 @@ class LwF(CompatibilityTerm):
     teacher: Head
     student: Head
 
-
+    def uses_old_classifier(self) -> bool:
+        return True
 
     def setup(self, ctx: CompatContext) -> None:
         """Frozen teacher (buffers) and trainable student W', both copies of the old head."""

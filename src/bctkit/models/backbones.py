@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 from torch import nn
 
 # Blocks per stage for each named depth; every stage halves the resolution.
@@ -15,6 +15,18 @@ DEPTHS: dict[str, tuple[int, ...]] = {
     "r20": (3, 3, 3),
     "r18": (2, 2, 2, 2),
 }
+
+
+class BT2Layout(BaseModel):
+    """BT^2's widened embedding (methods.md item 7): the new model's f has ``embedding_dim`` = d dims,
+    the stored embedding z has ``old_dim + k`` dims, of which z[:old_dim] is the block compatible
+    with the old model. ``C`` weighs f against the added dims: <z, z'> = <a, a'> + C^2 <f, f'>."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    old_dim: int = Field(ge=2, le=4096)
+    k: int = Field(32, ge=1, le=4096, description="dimensions added to the old model's")
+    C: float = Field(2.0, gt=0)
 
 
 class BackboneConfig(BaseModel):
@@ -28,6 +40,21 @@ class BackboneConfig(BaseModel):
     image_size: int = Field(32, ge=8, le=512)
     embedding_dim: int = Field(128, ge=2, le=4096)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bt2: BT2Layout | None = Field(None, description="wrap the backbone in BT^2's basis transformation")
+
+    @model_serializer(mode="wrap")
+    def _omit_unset_bt2(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Plain backbones serialise without the ``bt2`` key, so their fingerprints and run keys
+        are those of files written before BT^2 existed."""
+        data = handler(self)
+        if data.get("bt2", 0) is None:
+            del data["bt2"]
+        return data
+
+    @property
+    def output_dim(self) -> int:
+        """Size of the stored embedding (``embedding_dim`` unless BT^2 widens it)."""
+        return self.embedding_dim if self.bt2 is None else self.bt2.old_dim + self.bt2.k
 
 
 class IBasicBlock(nn.Module):
@@ -98,7 +125,17 @@ class ResNet(nn.Module):
         x = self.dropout(self.bn(x)).flatten(1)
         return self.features(self.fc(x))
 
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features for the base classification head, stored embedding): the same tensor here;
+        models that widen their embedding (BT^2) return two."""
+        e = self(x)
+        return e, e
 
-def build_backbone(cfg: BackboneConfig) -> ResNet:
-    """Instantiate the backbone described by ``cfg``."""
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    """Instantiate the backbone described by ``cfg`` (a :class:`ResNet`, or BT^2's wrapper of one)."""
+    if cfg.bt2 is not None:
+        from bctkit.models.bt2 import BT2Net
+
+        return BT2Net(cfg)
     return ResNet(cfg)

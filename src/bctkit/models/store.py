@@ -12,12 +12,12 @@ from pydantic import ValidationError
 from torch import nn
 
 from bctkit.errors import FileFormatError
-from bctkit.models.backbones import BackboneConfig, ResNet, build_backbone
+from bctkit.models.backbones import BackboneConfig, build_backbone
 from bctkit.models.heads import Head, HeadConfig, build_head
 from bctkit.storage import load_tensors, save_tensors, write_json
 
 
-def fingerprint(backbone: ResNet) -> str:
+def fingerprint(backbone: nn.Module) -> str:
     """Hash of the architecture config and every weight/buffer: identifies the embedding function."""
     h = hashlib.sha256(json.dumps(backbone.config.model_dump(), sort_keys=True).encode())
     for name, t in sorted(backbone.state_dict().items()):
@@ -36,7 +36,7 @@ def freeze(module: nn.Module) -> nn.Module:
 
 @dataclass
 class LoadedModel:
-    backbone: ResNet
+    backbone: nn.Module
     head: Head
     meta: dict[str, Any]
 
@@ -45,7 +45,9 @@ class LoadedModel:
         return str(self.meta["fingerprint"])
 
 
-def save_model(path: Path, backbone: ResNet, head: Head, head_cfg: HeadConfig, meta: dict[str, Any]) -> str:
+def save_model(
+    path: Path, backbone: nn.Module, head: Head, head_cfg: HeadConfig, meta: dict[str, Any]
+) -> str:
     """Write ``path`` (safetensors) and ``path.json``; returns the fingerprint."""
     fp = fingerprint(backbone)
     full = {

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from bctkit.data.imageset import ImageSet, to_float
 from bctkit.errors import TrainingError
 from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm
-from bctkit.models.backbones import BackboneConfig, ResNet, build_backbone
+from bctkit.models.backbones import BackboneConfig, build_backbone
 from bctkit.models.heads import Head, HeadConfig, build_head
 from bctkit.training.checkpoint import load_checkpoint, save_checkpoint
 from bctkit.training.config import AugmentConfig, OptimizerConfig, TrainConfig
@@ -23,7 +23,7 @@ from bctkit.training.schedules import lr_factor
 
 @dataclass
 class TrainResult:
-    backbone: ResNet
+    backbone: torch.nn.Module
     head: Head
     history: list[dict[str, Any]] = field(default_factory=list)
     resumed_from_epoch: int = 0
@@ -127,21 +127,22 @@ def train_model(
             idx = perm[it * bs : (it + 1) * bs] if n >= bs else perm
             x = augment(to_float(images[idx]), cfg.augment, gen)
             y = labels[idx]
-            feats = backbone(x)
+            base_feats, feats = backbone.forward_train(x)
             parts: dict[str, float] = {}
             loss: torch.Tensor
             if term is not None and ctx is not None:
                 batch = CompatBatch(
-                    new_feats=feats, labels=y, index=idx, epoch=epoch, step=step,
+                    new_feats=feats, base_feats=base_feats, labels=y, index=idx, epoch=epoch, step=step,
                     old_feats=None if ctx.old_train_feats is None else ctx.old_train_feats[idx],
+                    paragon_feats=None if ctx.paragon_train_feats is None else ctx.paragon_train_feats[idx],
                     old_labels=None if old_labels is None else old_labels[idx],
                 )
-                base = head(term.mix(feats, batch), y)
+                base = head(term.mix(base_feats, batch), y)
                 out = term(batch)
                 loss = base + out.loss
                 parts = out.parts
             else:
-                base = head(feats, y)
+                base = head(base_feats, y)
                 loss = base
             if not torch.isfinite(loss):
                 raise TrainingError(
@@ -168,7 +169,8 @@ def train_model(
                        f"({record['images_per_s']:.0f} img/s)")
         if checkpoint is not None:
             save_checkpoint(checkpoint, modules, opt,
-                            {"run_id": run_id, "epoch": epoch + 1, "history": history})
+                            {"run_id": run_id, "epoch": epoch + 1, "history": history,
+                             "backbone": backbone_cfg.model_dump(mode="json")})
     backbone.eval()
     head.eval()
     return TrainResult(backbone, head, history, resumed_from_epoch=start)
