@@ -32,12 +32,31 @@ def test_overrides():
         (["evaluation.gallery_per_class=10"], "no probes"),
         (["methods.9.name=x"], "not an index"),
         (["noequals"], "key.path=value"),
+        (["chain=[{method: bt2, name: v2}, {method: bct, name: v3}]"], "chain.1: bct: new embedding_dim 128"),
+        (["chain=[{method: bt2, name: v2}, {method: bct, name: v3, backbone: {arch: r8, width: 16, "
+          "embedding_dim: 160}}]"], "chain.1: v3: .*BT.2 model"),
+        (["chain=[{method: bt2, name: v2}, {method: lwf, name: v3, backbone: {embedding_dim: 160}}]"],
+         "chain.1: .*synthesize_all"),
+        (["chain=[{method: bct, name: v2, backbone: {in_channels: 3}}]"], "chain.0.backbone.in_channels"),
+        (["chain=[{method: bct, name: l2}]"], "used twice"),
+        (["chain=[{method: bct, name: v2, ratio: 1.5}]"], "chain.0.ratio"),
+        (["methods=[{method: bt2, params: {k: 0}}]"], "option 'k'"),
+        (["new.backbone.embedding_dim=200", "methods=[{method: bt2}]"], "must exceed"),
     ],
 )
 def test_bad_config(overrides, message):
     with pytest.raises(ConfigError, match=message) as exc:
         load_config(packaged_config("demo-quick"), overrides)
     assert "\n" not in str(exc.value)
+
+
+def test_chain_of_bt2_models_accumulates_dims():
+    chain = "chain=[{method: bt2, name: v2}, {method: bt2, name: v3}, {method: bct, name: v4, " \
+            "params: {new_classes: synthesize_all}, backbone: {arch: r8, embedding_dim: 192}}]"
+    cfg = load_config(packaged_config("demo-quick"), [chain])
+    assert [v.display_name for v in cfg.chain] == ["v2", "v3", "v4"]
+    with pytest.raises(ConfigError, match="chain.2: bct: new embedding_dim 160 < old embedding_dim 192"):
+        load_config(packaged_config("demo-quick"), [chain.replace("192", "160")])
 
 
 def test_bad_files(tmp_path):

@@ -204,3 +204,100 @@ def test_cli_scenarios_summary(tmp_path):
     assert row["top1 cross"] == pick(rep, "l2", "old", "top1")
     assert "| open-class | l2 |" in (tmp_path / "s" / "summary.md").read_text()
     assert main(["run", str(path), "--out", str(tmp_path / "x"), "--scenarios", "closed"]) == 2
+
+
+CHAIN = {
+    **TINY,
+    "new": {**TINY["new"], "backbone": {**TINY["new"]["backbone"], "embedding_dim": 8}},
+    "methods": [{"method": "bt2", "params": {"k": 4}}],
+    "chain": [
+        {"name": "v2", "method": "bct", "ratio": 0.5},
+        {"name": "v3", "method": "bt2", "params": {"k": 4}},
+        {"name": "v4", "method": "bt2", "params": {"k": 4}},
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def chain_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("chain")
+    cfg_path = out / "chain.yaml"
+    cfg_path.write_text(yaml.safe_dump(CHAIN))
+    logs: list[str] = []
+    report = run_pipeline(load_config(cfg_path), out / "r", progress=False, log=logs.append)
+    return out, report, logs
+
+
+def test_chain_dims_accumulate_and_layout_is_saved(chain_run):
+    out, report, logs = chain_run
+    models = report["models"]
+    assert [models[n]["embedding_dim"] for n in ("old", "v2", "v3", "v4", "bt2")] == [8, 8, 12, 16, 12]
+    assert models["v2"]["train_images"] < models["v3"]["train_images"] == models["paragon"]["train_images"]
+    v4 = load_features(out / "r" / "features" / "v4.safetensors")
+    assert v4.compat_dims == 12 and v4.compat_prefixes == [12, 8]
+    assert v4.meta["layout"] == {"bct": [0, 12], "added": [12, 16], "self_test": [0, 16],
+                                 "cross_test": [0, 12], "f_dim": 8, "C": 2.0}
+    assert load_features(out / "r" / "features" / "v2.safetensors").meta["layout"] is None
+    # v3 is BT^2 on the run's new set: its independent target is the paragon, no extra model
+    assert not any("v3-independent" in line for line in logs)
+    assert any("v2" in line and "training on" in line for line in logs)
+
+
+def test_chain_report_matrix_and_cross_dims(chain_run):
+    out, report, _ = chain_run
+    assert report["chain"]["models"] == ["old", "v2", "v3", "v4"]
+    pairs = {(r["query_model"], r["gallery_model"]): r["protocol"] for r in report["results"]
+             if r["metric"] == "top1"}
+    assert pairs[("v4", "old")].endswith("query dims [0:8]")  # through v3's and v2's blocks
+    assert pairs[("v4", "v3")].endswith("query dims [0:12]")
+    assert pairs[("v4", "v4")].endswith("all 16 dims")
+    assert pairs[("old", "v3")].endswith("gallery dims [0:8]")
+    top1 = report["matrices"]["top1"]
+    names = top1["models"]
+    assert all(v is not None for row in top1["values"] for v in row if names)  # every pair comparable
+    i, j = names.index("v4"), names.index("old")
+    assert top1["values"][i][j] == pick(report, "v4", "old", "top1")
+    md = (out / "r" / "report.md").read_text()
+    assert "Chain of upgrades: old <- v2 <- v3 <- v4" in md
+    assert "| v4 | bt2 | {'k': 4} | 72 | 12 | 16 = bct [0:12] + added [12:16]; self tests all" in md
+
+
+def test_chain_cross_test_slice_equals_bct_block(chain_run):
+    out, report, _ = chain_run
+    from bctkit.models.store import load_model
+
+    model = load_model(out / "r" / "models" / "v4" / "model.safetensors")
+    feats = load_features(out / "r" / "features" / "v4.safetensors")
+    old = load_features(out / "r" / "features" / "old.safetensors")
+    assert torch.equal(feats.labels, old.labels)
+    x = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        f, z = model.backbone.forward_train(x)
+        h = model.backbone.net(x)
+        v_head = torch.nn.functional.normalize(model.backbone.head(torch.relu(h)), dim=1)
+        b = model.backbone.O_p(2.0 * torch.nn.functional.normalize(f, dim=1))
+        v = torch.cat([v_head, b], dim=1)
+        assert torch.allclose(z[:, :12], model.backbone.O_2(v[:, :12]), atol=1e-6)
+
+
+def test_chain_resume_reuses_every_version(chain_run, tmp_path):
+    out, report, _ = chain_run
+    logs: list[str] = []
+    cfg_path = out / "chain.yaml"
+    again = run_pipeline(load_config(cfg_path), out / "r", resume=True, progress=False, log=logs.append)
+    assert not any("training on" in line for line in logs)
+    assert again["results"] == report["results"]
+
+
+def test_cli_evaluate_chain_reads_layout_from_feature_files(chain_run, tmp_path):
+    out, report, _ = chain_run
+    feats = out / "r" / "features"
+    args = ["evaluate", "--old", str(feats / "old.safetensors"), "--chain", "--out", str(tmp_path / "ev")]
+    for name in ("v2", "v3", "v4"):
+        args += ["--new", f"{name}={feats / f'{name}.safetensors'}"]
+    assert main(args) == 0
+    ev = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert ev["chain"]["models"] == ["old", "v2", "v3", "v4"]
+    for q, g in (("v4", "old"), ("v4", "v2"), ("v3", "old"), ("v4", "v3")):
+        assert pick(ev, q, g, "top1") == pick(report, q, g, "top1")
+    assert ev["chain"]["top1"] == report["chain"]["top1"]

@@ -58,9 +58,11 @@ class ChainVersion(MethodConfig):
     """One upgrade in a chain v1 <- v2 <- v3 ...: trained with ``method`` against the previous
     version (v1 is the run's old model). ``ratio``: the version trains on the allocation's old part
     drawn at this ratio (same seed, so the sets are nested and grow with the ratio); None: on the
-    allocation's new training set, as the run's methods do."""
+    allocation's new training set, as the run's methods do. ``backbone``: this version's
+    architecture (default: the run's ``new.backbone``), e.g. a wider embedding after a BT^2 model."""
 
     ratio: float | None = Field(None, gt=0, lt=1)
+    backbone: BackboneConfig | None = None
 
 
 class EvalConfig(_Strict):
@@ -102,8 +104,9 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        for side in ("old", "new"):
-            bb: BackboneConfig = getattr(self, side).backbone
+        sides = [("old", self.old.backbone), ("new", self.new.backbone)]
+        sides += [(f"chain.{i}", v.backbone) for i, v in enumerate(self.chain) if v.backbone is not None]
+        for side, bb in sides:
             if bb.in_channels != self.data.channels:
                 raise ValueError(
                     f"{side}.backbone.in_channels={bb.in_channels} conflicts with the data's "
@@ -188,8 +191,9 @@ def parse_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
             raise ConfigError(f"{source}: methods.{i}: {exc}") from None
     prev = cfg.old.backbone
     for i, m in enumerate(cfg.chain):
+        bb = m.backbone or cfg.new.backbone
         try:
-            prev = _check_method(m, prev, d_n, cfg.new.train, cfg.new.backbone)
+            prev = _check_method(m, prev, bb.embedding_dim, cfg.new.train, bb)
         except ConfigError as exc:
             raise ConfigError(f"{source}: chain.{i}: {exc}") from None
     return cfg

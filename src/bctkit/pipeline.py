@@ -127,6 +127,7 @@ class Run:
             "num_classes": m["num_classes"],
             "embedding_dim": BackboneConfig(**m["backbone"]).output_dim,
             "compat_dims": m.get("compat_dims"),
+            "layout": m.get("layout"),
             "config": {"backbone": m["backbone"], "head": m["head"], "train": m["train"]},
             "final_loss": m["history"][-1]["loss"] if m.get("history") else None,
             "train_seconds": m.get("train_seconds"),
@@ -145,18 +146,21 @@ class Run:
     def compat_model(
         self, name: str, method: MethodConfig, train_set: ImageSet, new_to_old: np.ndarray,
         prev: LoadedModel, paragon: LoadedModel | None, set_key: dict[str, Any],
+        backbone: BackboneConfig | None = None,
     ) -> LoadedModel:
-        """Train (or reuse) model ``name`` with ``method`` against the frozen model ``prev``."""
+        """Train (or reuse) model ``name`` with ``method`` against the frozen model ``prev``
+        (architecture ``backbone``, default the run's new backbone)."""
         cfg = self.cfg
         term = build_term(method.method, method.params)
         prev_cfg = prev.backbone.config
         d_o = prev_cfg.output_dim
-        model_cfg = cfg.new.model_copy(update={"backbone": term.backbone_config(cfg.new.backbone, d_o)})
+        backbone = backbone or cfg.new.backbone
+        model_cfg = cfg.new.model_copy(update={"backbone": term.backbone_config(backbone, d_o)})
         if term.needs_paragon_features and paragon is None:
             raise ConfigError(f"{name}: {method.method} needs an independently trained model of its data")
         ctx = CompatContext(
             old_embedding_dim=d_o,
-            new_embedding_dim=cfg.new.backbone.embedding_dim,
+            new_embedding_dim=backbone.embedding_dim,
             num_new_classes=train_set.num_classes,
             new_to_old=torch.from_numpy(new_to_old),
             train_labels=torch.from_numpy(train_set.labels),
@@ -185,7 +189,7 @@ class Run:
         trained model of its own data (BT^2) gets one (the paragon when its data is the new set)."""
         cfg = self.cfg
         prev, prev_classes = models["old"], alloc.old_classes
-        independents: dict[float | None, LoadedModel] = {None: paragon}
+        independents: dict[str, LoadedModel] = {_key([None, cfg.new.backbone.model_dump()]): paragon}
         names = ["old"]
         for v in cfg.chain:
             if v.ratio is None:
@@ -196,16 +200,19 @@ class Run:
             train_set = pool.subset(idx, labels)
             set_key = {**data_key, "chain_ratio": v.ratio}
             to_prev = label_map(classes, prev_classes)
+            backbone = v.backbone or cfg.new.backbone
             independent = None
             if method_class(v.method).needs_paragon_features:
-                independent = independents.get(v.ratio)
+                ind_key = _key([v.ratio, backbone.model_dump()])
+                independent = independents.get(ind_key)
                 if independent is None:
                     ind_name = f"{v.display_name}-independent"
                     independent = self.compat_model(ind_name, MethodConfig(method="independent"), train_set,
-                                                    to_prev, prev, None, set_key)
+                                                    to_prev, prev, None, set_key, backbone)
                     self.models_info.pop(ind_name)
-                    independents[v.ratio] = independent
-            model = self.compat_model(v.display_name, v, train_set, to_prev, prev, independent, set_key)
+                    independents[ind_key] = independent
+            model = self.compat_model(v.display_name, v, train_set, to_prev, prev, independent, set_key,
+                                      backbone)
             models[v.display_name] = model
             names.append(v.display_name)
             prev, prev_classes = model, classes

@@ -142,8 +142,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["## Models", ""]
     rows = []
     for name, info in models.items():
-        compat_dims = info.get("compat_dims")
+        compat_dims, layout = info.get("compat_dims"), info.get("layout")
         dims = f"{info['embedding_dim']}" + (f" (cross tests use [0:{compat_dims}])" if compat_dims else "")
+        if layout:
+            dims = (f"{info['embedding_dim']} = bct [0:{layout['bct'][1]}] + added [{layout['added'][0]}:"
+                    f"{layout['added'][1]}]; self tests all, cross tests bct")
         rows.append([name, info.get("method") or "—", str(info.get("params") or "—"),
                      str(info["train_images"]), str(info["num_classes"]), dims, f"`{info['fingerprint']}`"])
     lines += _table(["model", "method", "options", "train images", "classes", "dims", "fingerprint"], rows)

@@ -79,7 +79,7 @@ def models_info_from_features(features: dict[str, FeatureSet]) -> dict[str, dict
             "method": fs.meta.get("method"), "params": fs.meta.get("params"),
             "fingerprint": fs.meta.get("model_fingerprint", "unknown"),
             "train_images": fs.meta.get("train_images", "—"), "num_classes": fs.meta.get("num_classes", "—"),
-            "embedding_dim": fs.dim, "compat_dims": fs.compat_dims,
+            "embedding_dim": fs.dim, "compat_dims": fs.compat_dims, "layout": fs.meta.get("layout"),
         }
         for name, fs in features.items()
     }
