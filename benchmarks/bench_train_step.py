@@ -3,7 +3,8 @@ naive way (running the frozen old model forward in every step to get o).
 
 Usage: python benchmarks/bench_train_step.py [--small] [--cycles N] [--threads T]
 Prints one JSON line. Setup: backbone r8 / width 16 on 32x32 grey images, embedding 128, ArcFace head
-(s 64, m 0.5) over 1000 new classes (700 known to the old ArcFace classifier), batch 128, SGD. A
+(s 64, m 0.5) over 1000 new classes (700 known to the old ArcFace classifier), batch 128, SGD; bt2
+trains its widened model (the same backbone inside BT^2's basis transformation, k = 32). A
 step is what the trainer does (augmentation left out, the same for every configuration): forward,
 base loss on ``term.mix(feats)`` plus the term's loss, backward, optimiser step. Timing is paired
 so that load from other processes affects every configuration alike: in each cycle every
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 import bctkit.losses.bct
+import bctkit.losses.bt2
 import bctkit.losses.contrastive
 import bctkit.losses.l2
 import bctkit.losses.lwf  # noqa: F401  (registration of the methods benchmarked)
@@ -42,16 +44,19 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "bct-kd": ("bct", {"kd": True}),
     "contrastive": ("contrastive", {}),
     "lwf": ("lwf", {}),
+    "bt2": ("bt2", {}),
 }
 
 
 class Config:
     """One benchmarked configuration: its own copies of the new model, head, term and optimiser."""
 
-    def __init__(self, method: str, params: dict[str, Any], naive: bool, backbone: torch.nn.Module,
+    def __init__(self, method: str, params: dict[str, Any], naive: bool, bcfg: BackboneConfig,
                  head: torch.nn.Module, ctx: CompatContext, old_model: torch.nn.Module) -> None:
-        self.backbone, self.head = copy.deepcopy(backbone), copy.deepcopy(head)
         self.term: CompatibilityTerm = build_term(method, params)
+        torch.manual_seed(0)
+        self.backbone = build_backbone(self.term.backbone_config(bcfg, bcfg.embedding_dim))
+        self.head = copy.deepcopy(head)
         self.term.setup(ctx)
         self.naive, self.ctx, self.old_model = naive, ctx, old_model
         params_all = [*self.backbone.parameters(), *self.head.parameters(), *self.term.parameters()]
@@ -68,10 +73,11 @@ class Config:
         else:
             assert self.ctx.old_train_feats is not None
             o = self.ctx.old_train_feats[idx]
-        feats = self.backbone(x)
-        batch = CompatBatch(new_feats=feats, labels=y, index=idx, epoch=0, old_feats=o,
-                            old_labels=self.old_labels[idx])
-        loss = self.head(self.term.mix(feats, batch), y) + self.term(batch).loss
+        base, feats = self.backbone.forward_train(x)
+        par = self.ctx.paragon_train_feats
+        batch = CompatBatch(new_feats=feats, base_feats=base, labels=y, index=idx, epoch=0, old_feats=o,
+                            old_labels=self.old_labels[idx], paragon_feats=None if par is None else par[idx])
+        loss = self.head(self.term.mix(base, batch), y) + self.term(batch).loss
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -101,18 +107,19 @@ def main() -> None:
     t0 = time.perf_counter()
     old_feats = extract(old_model, images_np, 512, progress=False)
     cache_s = time.perf_counter() - t0
+    paragon_feats = extract(freeze(build_backbone(bcfg)), images_np, 512, progress=False)
     new_to_old = torch.full((n_new,), -1, dtype=torch.long)
     new_to_old[:n_known] = torch.randperm(n_known)
     ctx = CompatContext(old_embedding_dim=dim, new_embedding_dim=dim, num_new_classes=n_new,
                         new_to_old=new_to_old, train_labels=labels, old_train_feats=old_feats,
-                        old_model=old_model, old_head=old_head)
-    backbone, head = build_backbone(bcfg), build_head(hcfg, dim, n_new)
+                        old_model=old_model, old_head=old_head, paragon_train_feats=paragon_feats)
+    head = build_head(hcfg, dim, n_new)
 
     configs: dict[str, Config] = {}
     for name, (method, params) in METHODS.items():
-        configs[name] = Config(method, params, False, backbone, head, ctx, old_model)
+        configs[name] = Config(method, params, False, bcfg, head, ctx, old_model)
         if name != "independent":
-            configs[f"naive:{name}"] = Config(method, params, True, backbone, head, ctx, old_model)
+            configs[f"naive:{name}"] = Config(method, params, True, bcfg, head, ctx, old_model)
     gen = torch.Generator().manual_seed(1)
     order_rng = np.random.default_rng(2)
     names = list(configs)
