@@ -6,7 +6,9 @@ from bctkit.config import load_config, packaged_config
 from bctkit.errors import ConfigError
 
 
-@pytest.mark.parametrize("name", ["demo", "demo-quick", "unibct-paper", "mixbct-official"])
+@pytest.mark.parametrize(
+    "name", ["demo", "demo-quick", "unibct-paper", "mixbct-official", "bt2-paper", "demo-chain"]
+)
 def test_packaged_configs_load(name):
     cfg = load_config(packaged_config(name))
     assert cfg.methods

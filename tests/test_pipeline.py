@@ -138,6 +138,8 @@ def test_cli_errors_exit_2(tiny_run, tmp_path, capsys):
     blocker.write_text("x")
     assert main(["run", str(cfg_path), "--out", str(blocker / "sub"), "--quiet"]) == 2
     assert capsys.readouterr().err.startswith("bctkit: error:")
+    assert main(["run", "no-such-config", "--out", str(tmp_path)]) == 2
+    assert "packaged: [" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["run"])
     assert exc.value.code == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from bctkit.errors import BctkitError
 
@@ -13,7 +14,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bctkit", description="Backward-compatible embedding training.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="allocate, train old and new models, evaluate, report")
-    run.add_argument("config", help="YAML run configuration")
+    run.add_argument("config", help="YAML run configuration, or the name of a packaged one "
+                     "(demo, demo-quick, demo-chain, unibct-paper, mixbct-official, bt2-paper)")
     run.add_argument("--out", required=True, help="run directory (models, features, report)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set old.train.epochs=5 (repeatable)")
@@ -69,7 +71,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "evaluate":
         return _evaluate(args)
-    path = args.config if args.command == "run" else packaged_config("demo-quick" if args.quick else "demo")
+    if args.command == "run":
+        path = Path(args.config)
+        if not path.exists() and path.suffix == "" and len(path.parts) == 1:
+            path = packaged_config(args.config)  # e.g. `bctkit run demo-chain`
+    else:
+        path = packaged_config("demo-quick" if args.quick else "demo")
     cfg = load_config(path, args.overrides)
     scenarios = args.scenarios
     if args.command == "demo" and not args.quick and not scenarios:

@@ -240,5 +240,6 @@ def packaged_config(name: str) -> Path:
     """Path of a config shipped inside the package (bctkit/configs/NAME.yaml)."""
     path = Path(__file__).parent / "configs" / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"no packaged config {name!r}")
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"{name}: no such config file, and no packaged config of that name (packaged: {known})")
     return path
