@@ -78,7 +78,14 @@ def test_report_schema(tiny_run):
     for plot in on_disk["plots"]:
         assert (out / "r" / plot).read_bytes()[:4] == b"\x89PNG"
     assert {"roc.png", "cmc.png", "backfill.png"} <= set(on_disk["plots"])
+    ch = report["chain"]["top1"]
+    m = ch["matrix"]
+    assert m[3][0] == pick(report, "v4", "old", "top1") and m[1][2] == pick(report, "v2", "v3", "top1")
+    assert ch["criterion"][3][0] == (m[3][0] > m[0][0]) and ch["criterion"][0][3] is None
+    assert ch["AC"] == sum(ch["criterion"][i][j] for i in range(4) for j in range(i)) / 6
     md = (out / "r" / "report.md").read_text()
+    mark = "✓" if ch["criterion"][3][0] else "✗"
+    assert f"| v4 | {100 * m[3][0]:.2f} {mark} |" in md
     assert "| l2 |" in md and ("✓" in md or "✗" in md)
 
 
@@ -259,7 +266,14 @@ def test_chain_report_matrix_and_cross_dims(chain_run):
     assert all(v is not None for row in top1["values"] for v in row if names)  # every pair comparable
     i, j = names.index("v4"), names.index("old")
     assert top1["values"][i][j] == pick(report, "v4", "old", "top1")
+    ch = report["chain"]["top1"]
+    m = ch["matrix"]
+    assert m[3][0] == pick(report, "v4", "old", "top1") and m[1][2] == pick(report, "v2", "v3", "top1")
+    assert ch["criterion"][3][0] == (m[3][0] > m[0][0]) and ch["criterion"][0][3] is None
+    assert ch["AC"] == sum(ch["criterion"][i][j] for i in range(4) for j in range(i)) / 6
     md = (out / "r" / "report.md").read_text()
+    mark = "✓" if ch["criterion"][3][0] else "✗"
+    assert f"| v4 | {100 * m[3][0]:.2f} {mark} |" in md
     assert "Chain of upgrades: old <- v2 <- v3 <- v4" in md
     assert "| v4 | bt2 | {'k': 4} | 72 | 12 | 16 = bct [0:12] + added [12:16]; self tests all" in md
 

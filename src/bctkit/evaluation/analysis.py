@@ -55,13 +55,17 @@ def matrices(records: list[dict[str, Any]], names: list[str], metrics: list[str]
 
 def chain_summary(records: list[dict[str, Any]], chain: list[str], metrics: list[str]) -> dict[str, Any]:
     """AC (strict), AM (mean of M[i][j], i > j), BC and FC (CL2R) of the models in ``chain`` order,
-    oldest first, for each metric."""
+    oldest first, for each metric; with the chain's matrix and, for every pair i > j, whether the
+    criterion M[i][j] > M[j][j] holds."""
     out: dict[str, Any] = {"models": chain}
     for metric in metrics:
         m, _ = compatibility_matrix(
             {k: v for k, v in _values(records, metric).items() if k[0] in chain and k[1] in chain}, chain
         )
-        out[metric] = chain_metrics(m)
+        marks = [[bool(m[i, j] > m[j, j]) if i > j else None for j in range(len(chain))]
+                 for i in range(len(chain))]
+        values = [[None if math.isnan(v) else float(v) for v in row] for row in m]
+        out[metric] = {**chain_metrics(m), "matrix": values, "criterion": marks}
     return out
 
 

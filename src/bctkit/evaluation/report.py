@@ -123,6 +123,14 @@ def markdown(report: dict[str, Any]) -> str:
         rows = [[m, f"{v['AC']:.2f}", f"{100 * v['AM']:.2f}", f"{100 * v['BC']:.2f}", f"{100 * v['FC']:.2f}"]
                 for m, v in chain.items() if m != "models"]
         lines += _table(["metric", "AC", "AM", "BC", "FC"], rows)
+        for metric, v in chain.items():
+            if metric == "models":
+                continue
+            lines += [f"{metric} (✓ / ✗: the newer query model on an older gallery meets / misses the "
+                      "criterion):", ""]
+            rows = [[q] + [_fmt(x) + _MARK[ok] for x, ok in zip(row, oks, strict=True)]
+                    for q, row, oks in zip(chain["models"], v["matrix"], v["criterion"], strict=True)]
+            lines += _table(["query \\ gallery"] + chain["models"], rows)
     backfill = report.get("backfill", {})
     if backfill:
         lines += ["## Partial backfill", "",
@@ -152,6 +160,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += _table(["model", "method", "options", "train images", "classes", "dims", "fingerprint"], rows)
     lines += [f"bctkit {__version__}. Full numbers: report.json.", ""]
     return "\n".join(lines)
+
+
+_MARK = {None: "", True: " ✓", False: " ✗"}
 
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> None:
