@@ -78,14 +78,7 @@ def test_report_schema(tiny_run):
     for plot in on_disk["plots"]:
         assert (out / "r" / plot).read_bytes()[:4] == b"\x89PNG"
     assert {"roc.png", "cmc.png", "backfill.png"} <= set(on_disk["plots"])
-    ch = report["chain"]["top1"]
-    m = ch["matrix"]
-    assert m[3][0] == pick(report, "v4", "old", "top1") and m[1][2] == pick(report, "v2", "v3", "top1")
-    assert ch["criterion"][3][0] == (m[3][0] > m[0][0]) and ch["criterion"][0][3] is None
-    assert ch["AC"] == sum(ch["criterion"][i][j] for i in range(4) for j in range(i)) / 6
     md = (out / "r" / "report.md").read_text()
-    mark = "✓" if ch["criterion"][3][0] else "✗"
-    assert f"| v4 | {100 * m[3][0]:.2f} {mark} |" in md
     assert "| l2 |" in md and ("✓" in md or "✗" in md)
 
 
