@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
+from bctkit.data.glyphs import GlyphsConfig, load_glyphs
 from bctkit.data.imageset import ImageSet
 from bctkit.data.synthetic import SyntheticSpec, make_synthetic
 
@@ -32,23 +33,36 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: Literal["synthetic"] = "synthetic"
+    dataset: Literal["synthetic", "glyphs"] = "synthetic"
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    glyphs: GlyphsConfig = Field(default_factory=GlyphsConfig)
     eval_classes: int = Field(100, ge=2)
     eval_images_per_class: int = Field(10, ge=2)
 
+    @model_serializer(mode="wrap")
+    def _drop_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Dumps leave out the section of the dataset not in use, so that a run's key and
+        config.json depend only on options that make its data (and synthetic runs keep the keys
+        they had before the glyphs dataset existed)."""
+        data = handler(self)
+        data.pop("glyphs" if self.dataset == "synthetic" else "synthetic", None)
+        return data
+
     @property
     def channels(self) -> int:
-        return self.synthetic.channels
+        return self.synthetic.channels if self.dataset == "synthetic" else 1
 
     @property
     def image_size(self) -> int:
-        return self.synthetic.size
+        return self.synthetic.size if self.dataset == "synthetic" else self.glyphs.size
 
 
 def load_datasets(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
-    """(training pool, evaluation set). Evaluation identities are generated after the pool's, so
-    they are distinct classes; both are relabelled from 0."""
+    """(training pool, evaluation set), both labelled from 0; no evaluation identity is in the pool.
+    Synthetic: evaluation identities are generated after the pool's. Glyphs: they are characters
+    the pool does not use (rendered on first use, then read from the cache)."""
+    if cfg.dataset == "glyphs":
+        return load_glyphs(cfg.glyphs, cfg.eval_classes, cfg.eval_images_per_class)
     syn = cfg.synthetic
     known = {f.name for f in fields(SyntheticSpec)}
     common = {k: v for k, v in syn.model_dump().items() if k in known}
