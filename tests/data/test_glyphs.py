@@ -137,6 +137,13 @@ def test_changed_seed_or_size_renders_again(warm, monkeypatch):
     assert calls and not np.array_equal(noisier.images, pool.images)
 
 
+def test_a_bigger_pool_keeps_the_images_and_the_evaluation_set(warm):
+    cache, pool, held = warm
+    bigger, same_held = _load(small(cache, num_classes=14))
+    assert bigger.num_classes == 14 and np.array_equal(bigger.images[: len(pool)], pool.images)
+    assert np.array_equal(same_held.images, held.images) and same_held.name == held.name
+
+
 def test_corrupt_image_cache_is_rendered_again(warm, tmp_path):
     cache, pool, _ = warm
     copy = tmp_path / "cache"

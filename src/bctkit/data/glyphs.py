@@ -421,7 +421,7 @@ def _run(fn: Callable[[T], list[R]], tasks: list[T], sizes: list[int], workers: 
     no ``__main__`` guard in the caller's script, and the workers touch neither torch nor the
     parent's open fonts (they reopen their own, so no file offset is shared)."""
     results: list[R] = []
-    with tqdm(total=sum(sizes), desc=desc, unit="img", disable=not progress) as bar:
+    with tqdm(total=sum(sizes), desc=desc, unit="img", disable=not progress or not sum(sizes)) as bar:
         forkable = sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
         if not forkable or workers <= 1 or sum(sizes) < SERIAL_BELOW or len(tasks) < 2:
             for task, n in zip(tasks, sizes, strict=True):
