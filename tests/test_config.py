@@ -7,7 +7,8 @@ from bctkit.errors import ConfigError
 
 
 @pytest.mark.parametrize(
-    "name", ["demo", "demo-quick", "unibct-paper", "mixbct-official", "bt2-paper", "demo-chain"]
+    "name", ["demo", "demo-quick", "synthetic-demo", "synthetic-quick", "unibct-paper", "mixbct-official",
+             "bt2-paper", "demo-chain"]
 )
 def test_packaged_configs_load(name):
     cfg = load_config(packaged_config(name))

@@ -115,14 +115,16 @@ def test_resume_keys_ignore_eval_set_and_paragon_ignores_old(tiny_run, tmp_path)
 
 
 def test_cli_quick_demo_packaged_config(tmp_path, capsys):
-    small = ["data.synthetic.num_classes=12", "data.synthetic.images_per_class=6", "data.eval_classes=6",
-             "data.eval_images_per_class=4", "old.train.epochs=2", "new.train.epochs=2"]
+    small = ["data.dataset=synthetic", "data.synthetic.num_classes=12", "data.synthetic.images_per_class=6",
+             "data.eval_classes=6", "data.eval_images_per_class=4", "old.train.epochs=2",
+             "new.train.epochs=2"]
     args = ["demo", "--quick", "--out", str(tmp_path / "d"), "--quiet"]
     for item in small:
         args += ["--set", item]
     assert main(args) == 0
     rep = json.loads((tmp_path / "d" / "report.json").read_text())
-    assert set(rep["models"]) == {"old", "paragon", "l2"} and rep["allocation"]["scenario"] == "extended-data"
+    assert set(rep["models"]) == {"old", "paragon", "l2", "bct"}
+    assert rep["allocation"]["scenario"] == "extended-data"
 
 
 def test_cli_errors_exit_2(tiny_run, tmp_path, capsys):

@@ -15,7 +15,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="allocate, train old and new models, evaluate, report")
     run.add_argument("config", help="YAML run configuration, or the name of a packaged one "
-                     "(demo, demo-quick, demo-chain, unibct-paper, mixbct-official, bt2-paper)")
+                     "(demo, demo-quick, demo-chain, synthetic-demo, synthetic-quick, unibct-paper, "
+                     "mixbct-official, bt2-paper)")
     run.add_argument("--out", required=True, help="run directory (models, features, report)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set old.train.epochs=5 (repeatable)")
@@ -25,8 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--scenarios", nargs="+", metavar="SCENARIO",
                      help="run once per allocation scenario ('all' = the five) into OUT/<scenario>, "
                           "plus OUT/summary.md")
-    demo = sub.add_parser("demo", help="run the packaged demo on the embedded synthetic dataset "
-                                       "(all five allocations; --quick: one)")
+    demo = sub.add_parser("demo", help="run the packaged demo on the glyphs benchmark (characters drawn "
+                                       "by installed fonts; all five allocations; --quick: one)")
     demo.add_argument("--quick", action="store_true", help="reduced demo (under 5 minutes on 2 cores)")
     demo.add_argument("--out", default="bctkit-demo", help="run directory (default: ./bctkit-demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

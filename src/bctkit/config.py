@@ -241,5 +241,7 @@ def packaged_config(name: str) -> Path:
     path = Path(__file__).parent / "configs" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ConfigError(f"{name}: no such config file, and no packaged config of that name (packaged: {known})")
+        raise ConfigError(
+            f"{name}: no such config file, and no packaged config of that name (packaged: {known})"
+        )
     return path

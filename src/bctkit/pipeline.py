@@ -229,8 +229,10 @@ class Run:
         self.log(f"[allocation] {alloc.summary()}")
         old_set = pool.subset(alloc.old_indices, alloc.old_labels)
         new_set = pool.subset(alloc.new_indices, alloc.new_labels)
-        # What a trained model depends on: the training pool and allocation, not the evaluation set.
-        data_key = {"data": cfg.data.model_dump(exclude={"eval_classes", "eval_images_per_class"}),
+        # What a trained model depends on: the training pool's pixels and labels and the allocation,
+        # not the evaluation set nor where the data is cached (glyphs: the installed fonts are in the
+        # pool's fingerprint).
+        data_key = {"pool": pool.fingerprint(), "pool_shape": list(pool.images.shape),
                     "allocation": cfg.allocation.model_dump()}
         old = self.train_or_load(
             "old", old_set, cfg.old, cfg.old.train, _key({**data_key, "model": cfg.old.model_dump()})
