@@ -222,7 +222,7 @@ class Run:
         cfg, out = self.cfg, self.out
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cfg.model_dump(mode="json"))
-        pool, eval_set = load_datasets(cfg.data)
+        pool, eval_set = load_datasets(cfg.data, progress=self.progress)
         alloc = allocate(pool.labels, cfg.allocation.scenario, cfg.allocation.ratio, cfg.allocation.seed)
         self.log(f"[data] {pool.name}: {len(pool)} images, {pool.num_classes} classes; "
                  f"eval {len(eval_set)} images, {eval_set.num_classes} held-out classes")

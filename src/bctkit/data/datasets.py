@@ -57,12 +57,12 @@ class DataConfig(BaseModel):
         return self.synthetic.size if self.dataset == "synthetic" else self.glyphs.size
 
 
-def load_datasets(cfg: DataConfig) -> tuple[ImageSet, ImageSet]:
+def load_datasets(cfg: DataConfig, progress: bool = True) -> tuple[ImageSet, ImageSet]:
     """(training pool, evaluation set), both labelled from 0; no evaluation identity is in the pool.
     Synthetic: evaluation identities are generated after the pool's. Glyphs: they are characters
     the pool does not use (rendered on first use, then read from the cache)."""
     if cfg.dataset == "glyphs":
-        return load_glyphs(cfg.glyphs, cfg.eval_classes, cfg.eval_images_per_class)
+        return load_glyphs(cfg.glyphs, cfg.eval_classes, cfg.eval_images_per_class, progress=progress)
     syn = cfg.synthetic
     known = {f.name for f in fields(SyntheticSpec)}
     common = {k: v for k, v in syn.model_dump().items() if k in known}
