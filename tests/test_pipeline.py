@@ -207,6 +207,7 @@ def test_cli_scenarios_summary(tmp_path):
     row = summary["rows"][2]
     assert row["top1 cross"] == pick(rep, "l2", "old", "top1")
     assert "| open-class | l2 |" in (tmp_path / "s" / "summary.md").read_text()
+    assert (tmp_path / "s" / "summary_top1.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["run", str(path), "--out", str(tmp_path / "x"), "--scenarios", "closed"]) == 2
 
 

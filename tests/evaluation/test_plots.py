@@ -77,3 +77,24 @@ def test_no_figures_leak(tmp_path: Path) -> None:
     with pytest.raises(DataError):
         plots.plot_backfill({"a": ([0.0, 1.0], [0.1])}, tmp_path / "b.png")
     assert len(plt.get_fignums()) == before
+
+
+def test_plot_summary_draws_the_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {"extended-data": {"paragon": (0.01, 0.9), "bct": (0.6, 0.85)},
+              "open-class": {"paragon": (0.02, 0.8), "bct": (None, 0.7)}}
+    out = plots.plot_summary(values, {"extended-data": 0.4, "open-class": 0.5}, tmp_path / "s.png")
+    assert_png_only(out)
+    captured = {}
+
+    def keep(fig, path):
+        captured["ax"] = fig.axes[0]
+        return Path(path)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    plots.plot_summary(values, {"extended-data": 0.4, "open-class": 0.5}, tmp_path / "t.png")
+    heights = [round(p.get_height(), 6) for p in captured["ax"].patches]
+    # per model: self bars (one per allocation), then cross bars; a missing value is NaN
+    assert heights[:4] == [90.0, 80.0, 1.0, 2.0]
+    assert heights[4:7] == [85.0, 70.0, 60.0] and np.isnan(heights[7])
+    lines = captured["ax"].collections
+    assert sorted(round(float(seg[0][1]), 6) for c in lines for seg in c.get_segments()) == [40.0, 50.0]

@@ -152,3 +152,38 @@ def plot_matrix(
     ax.set_ylabel("query model")
     ax.set_title(title)
     return save_figure(fig, path)
+
+
+def plot_summary(
+    values: Mapping[str, Mapping[str, tuple[float | None, float | None]]],
+    old_self: Mapping[str, float | None],
+    path: str | os.PathLike,
+    metric: str = "top1",
+) -> Path:
+    """Grouped bars per allocation: every new model's cross test (solid) and self test (light), with
+    the old model's self test as a dashed line: a cross bar above the line meets the criterion.
+    ``values[allocation][model] = (cross, self)`` as fractions."""
+    if not values:
+        raise DataError("plot_summary needs at least one allocation")
+    allocations = list(values)
+    models = list(dict.fromkeys(m for a in allocations for m in values[a]))
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.6 * len(allocations) * max(1, len(models)) / 4), 4.5))
+    colors = plt.get_cmap("tab10")
+    for k, model in enumerate(models):
+        xs = np.arange(len(allocations)) - 0.4 + width * (k + 0.5)
+        cross = [np.nan if values[a].get(model, (None, None))[0] is None else 100 * values[a][model][0]
+                 for a in allocations]
+        self_ = [np.nan if values[a].get(model, (None, None))[1] is None else 100 * values[a][model][1]
+                 for a in allocations]
+        ax.bar(xs, self_, width, color=colors(k % 10), alpha=0.3)
+        ax.bar(xs, cross, width * 0.6, color=colors(k % 10), label=model)
+    for i, a in enumerate(allocations):
+        if old_self.get(a) is not None:
+            ax.hlines(100 * float(old_self[a]), i - 0.45, i + 0.45, colors="black", linestyles="dashed")
+    ax.set_xticks(np.arange(len(allocations)), allocations)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{metric}: cross test (narrow bars) and self test (wide, light); dashed: old self test")
+    ax.legend(fontsize=8, ncols=min(4, len(models)))
+    ax.grid(True, axis="y", alpha=0.3)
+    return save_figure(fig, path)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bctkit import __version__
+from bctkit.evaluation.plots import plot_summary
 from bctkit.evaluation.protocols import rate_name
 from bctkit.storage import write_json, write_text
 
@@ -201,4 +202,9 @@ def write_summary(out: Path, reports: dict[str, dict[str, Any]], fars: list[floa
             cross = row[f"{m} cross"]
             cells += [_fmt(cross) + (mark if cross is not None else ""), _fmt(row[f"{m} self"])]
         table.append(cells)
-    write_text(out / "summary.md", "\n".join(lines + _table(header, table)))
+    values = {a: {r["model"]: (r["top1 cross"], r["top1 self"]) for r in rows
+                  if r["allocation"] == a and r["model"] != "old"} for a in reports}
+    old_self = {r["allocation"]: r["top1 self"] for r in rows if r["model"] == "old"}
+    plot_summary(values, old_self, out / "summary_top1.png")
+    lines_plot = ["", "![top-1 cross and self tests per allocation](summary_top1.png)", ""]
+    write_text(out / "summary.md", "\n".join(lines + _table(header, table) + lines_plot))
