@@ -184,6 +184,7 @@ def plot_summary(
     ax.set_xticks(np.arange(len(allocations)), allocations)
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(f"{metric}: cross test (narrow bars) and self test (wide, light); dashed: old self test")
-    ax.legend(fontsize=8, ncols=min(4, len(models)))
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, ncols=min(8, len(models)), loc="upper center", bbox_to_anchor=(0.5, -0.08))
     ax.grid(True, axis="y", alpha=0.3)
     return save_figure(fig, path)
