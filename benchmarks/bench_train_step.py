@@ -99,7 +99,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images_np = rng.integers(0, 256, (n_images, 1, 32, 32), dtype=np.uint8)
     images = torch.from_numpy(images_np)
-    labels = torch.from_numpy(rng.integers(0, n_new, n_images))
+    labels = torch.from_numpy(rng.permutation(np.arange(n_images) % n_new))  # every class has images
     bcfg = BackboneConfig(arch="r8", width=16, in_channels=1, image_size=32, embedding_dim=dim)
     hcfg = HeadConfig(type="arcface")
     old_model = freeze(build_backbone(bcfg))
