@@ -30,14 +30,19 @@ def pick(rep, query, gallery, metric):
                 if (r["query_model"], r["gallery_model"], r["metric"]) == (query, gallery, metric))
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    cfg_path = out / "tiny.yaml"
-    cfg_path.write_text(yaml.safe_dump(TINY))
+def _run_config(tmp_path_factory, name, tree):
+    """Write ``tree`` as NAME.yaml and run it into OUT/r; (out, config path, report, log lines)."""
+    out = tmp_path_factory.mktemp(name)
+    cfg_path = out / f"{name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(tree))
     logs: list[str] = []
     report = run_pipeline(load_config(cfg_path), out / "r", progress=False, log=logs.append)
     return out, cfg_path, report, logs
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    return _run_config(tmp_path_factory, "tiny", TINY)
 
 
 def test_report_schema(tiny_run):
@@ -225,16 +230,11 @@ CHAIN = {
 
 @pytest.fixture(scope="module")
 def chain_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("chain")
-    cfg_path = out / "chain.yaml"
-    cfg_path.write_text(yaml.safe_dump(CHAIN))
-    logs: list[str] = []
-    report = run_pipeline(load_config(cfg_path), out / "r", progress=False, log=logs.append)
-    return out, report, logs
+    return _run_config(tmp_path_factory, "chain", CHAIN)
 
 
 def test_chain_dims_accumulate_and_layout_is_saved(chain_run):
-    out, report, logs = chain_run
+    out, _, report, logs = chain_run
     models = report["models"]
     assert [models[n]["embedding_dim"] for n in ("old", "v2", "v3", "v4", "bt2")] == [8, 8, 12, 16, 12]
     assert models["v2"]["train_images"] < models["v3"]["train_images"] == models["paragon"]["train_images"]
@@ -249,7 +249,7 @@ def test_chain_dims_accumulate_and_layout_is_saved(chain_run):
 
 
 def test_chain_report_matrix_and_cross_dims(chain_run):
-    out, report, _ = chain_run
+    out, _, report, _ = chain_run
     assert report["chain"]["models"] == ["old", "v2", "v3", "v4"]
     pairs = {(r["query_model"], r["gallery_model"]): r["protocol"] for r in report["results"]
              if r["metric"] == "top1"}
@@ -275,7 +275,7 @@ def test_chain_report_matrix_and_cross_dims(chain_run):
 
 
 def test_chain_cross_test_slice_equals_bct_block(chain_run):
-    out, report, _ = chain_run
+    out, _, report, _ = chain_run
     from bctkit.models.store import load_model
 
     model = load_model(out / "r" / "models" / "v4" / "model.safetensors")
@@ -293,16 +293,15 @@ def test_chain_cross_test_slice_equals_bct_block(chain_run):
 
 
 def test_chain_resume_reuses_every_version(chain_run, tmp_path):
-    out, report, _ = chain_run
+    out, cfg_path, report, _ = chain_run
     logs: list[str] = []
-    cfg_path = out / "chain.yaml"
     again = run_pipeline(load_config(cfg_path), out / "r", resume=True, progress=False, log=logs.append)
     assert not any("training on" in line for line in logs)
     assert again["results"] == report["results"]
 
 
 def test_cli_evaluate_chain_reads_layout_from_feature_files(chain_run, tmp_path):
-    out, report, _ = chain_run
+    out, _, report, _ = chain_run
     feats = out / "r" / "features"
     args = ["evaluate", "--old", str(feats / "old.safetensors"), "--chain", "--out", str(tmp_path / "ev")]
     for name in ("v2", "v3", "v4"):

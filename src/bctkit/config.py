@@ -183,37 +183,34 @@ def parse_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
         cfg = RunConfig.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_format_error(exc)}") from None
-    d_n = cfg.new.backbone.embedding_dim
     for i, m in enumerate(cfg.methods):
         try:
-            _check_method(m, cfg.old.backbone, d_n, cfg.new.train)
+            _check_method(m, cfg.old.backbone, cfg.new.backbone, cfg.new.train)
         except ConfigError as exc:
             raise ConfigError(f"{source}: methods.{i}: {exc}") from None
     prev = cfg.old.backbone
     for i, m in enumerate(cfg.chain):
-        bb = m.backbone or cfg.new.backbone
         try:
-            prev = _check_method(m, prev, bb.embedding_dim, cfg.new.train, bb)
+            prev = _check_method(m, prev, m.backbone or cfg.new.backbone, cfg.new.train)
         except ConfigError as exc:
             raise ConfigError(f"{source}: chain.{i}: {exc}") from None
     return cfg
 
 
 def _check_method(
-    m: MethodConfig, old: BackboneConfig, new_dim: int, train: TrainConfig,
-    new: BackboneConfig | None = None,
+    m: MethodConfig, old: BackboneConfig, new: BackboneConfig, train: TrainConfig
 ) -> BackboneConfig:
-    """Validate one method against the model it must be compatible with; returns the backbone
-    config the method trains (``new`` widened if the method widens it)."""
+    """Validate one method (training ``new``) against the model it must be compatible with; returns
+    the backbone config the method trains (``new`` widened if the method widens it)."""
     term = method_class(m.method)(validate_params(m.method, m.params))
-    term.check_dims(old.output_dim, new_dim)
+    term.check_dims(old.output_dim, new.embedding_dim)
     term.check_train((m.train or train).epochs)
     if old.bt2 is not None and term.uses_old_classifier():
         raise ConfigError(
             f"{m.display_name}: the previous model is a BT^2 model, whose classifier scores f, not its "
             "stored embedding; use a method that needs only its features (bct: new_classes=synthesize_all)"
         )
-    return term.backbone_config(new or old, old.output_dim)
+    return term.backbone_config(new, old.output_dim)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

@@ -92,12 +92,13 @@ class Run:
             checkpoint=ckpt, resume=resume, run_id=key,
             desc=name, progress=self.progress, init_seed=model_seed(train_cfg.seed, name),
         )
-        compat_dims, prefixes = None, None
+        compat_dims, prefixes, compatible_with = None, None, None
         if term is not None and prev is not None and method is not None and method.method != "independent":
             d_o = prev.backbone.config.output_dim
             compat_dims = term.compatible_dims(d_o, model_cfg.backbone.embedding_dim)
             prev_prefixes = prev.meta.get("compat_prefixes") or []
             prefixes = sorted({d_o, *prev_prefixes} - {model_cfg.backbone.output_dim}, reverse=True)
+            compatible_with = prev.meta["name"]
         meta = {
             "name": name,
             "run_id": key,
@@ -109,7 +110,7 @@ class Run:
             "compat_dims": compat_dims,
             "compat_prefixes": prefixes,
             "layout": embedding_layout(model_cfg.backbone),
-            "compatible_with": None if prev is None or compat_dims is prefixes is None else prev.meta["name"],
+            "compatible_with": compatible_with,
             "history": result.history,
         }
         save_model(path, result.backbone, result.head, model_cfg.head, meta)
@@ -125,7 +126,7 @@ class Run:
             "fingerprint": m["fingerprint"],
             "train_images": m["train_images"],
             "num_classes": m["num_classes"],
-            "embedding_dim": BackboneConfig(**m["backbone"]).output_dim,
+            "embedding_dim": model.backbone.config.output_dim,
             "compat_dims": m.get("compat_dims"),
             "layout": m.get("layout"),
             "config": {"backbone": m["backbone"], "head": m["head"], "train": m["train"]},

@@ -9,7 +9,13 @@ from typing import Any
 
 import numpy as np
 
-from bctkit.evaluation.compat import chain_metrics, compatibility_matrix, partial_backfill_curve, update_gain
+from bctkit.evaluation.compat import (
+    chain_metrics,
+    compatibility_matrix,
+    criterion,
+    partial_backfill_curve,
+    update_gain,
+)
 from bctkit.evaluation.plots import plot_backfill, plot_cmc, plot_matrix, plot_roc
 from bctkit.evaluation.protocols import EvalProtocol, PairResult, comparable
 from bctkit.features import FeatureSet
@@ -62,8 +68,8 @@ def chain_summary(records: list[dict[str, Any]], chain: list[str], metrics: list
         m, _ = compatibility_matrix(
             {k: v for k, v in _values(records, metric).items() if k[0] in chain and k[1] in chain}, chain
         )
-        marks = [[bool(m[i, j] > m[j, j]) if i > j else None for j in range(len(chain))]
-                 for i in range(len(chain))]
+        n = len(chain)
+        marks = [[criterion(m, i, j) if i > j else None for j in range(n)] for i in range(n)]
         values = [[None if math.isnan(v) else float(v) for v in row] for row in m]
         out[metric] = {**chain_metrics(m), "matrix": values, "criterion": marks}
     return out

@@ -172,10 +172,8 @@ def plot_summary(
     colors = plt.get_cmap("tab10")
     for k, model in enumerate(models):
         xs = np.arange(len(allocations)) - 0.4 + width * (k + 0.5)
-        cross = [np.nan if values[a].get(model, (None, None))[0] is None else 100 * values[a][model][0]
-                 for a in allocations]
-        self_ = [np.nan if values[a].get(model, (None, None))[1] is None else 100 * values[a][model][1]
-                 for a in allocations]
+        pct = np.array([values[a].get(model, (None, None)) for a in allocations], dtype=np.float64) * 100
+        cross, self_ = pct[:, 0], pct[:, 1]
         ax.bar(xs, self_, width, color=colors(k % 10), alpha=0.3)
         ax.bar(xs, cross, width * 0.6, color=colors(k % 10), label=model)
     for i, a in enumerate(allocations):
