@@ -2,7 +2,7 @@
 
 import pytest
 
-from bctkit.config import load_config, packaged_config
+from bctkit.config import for_scenario, load_config, packaged_config
 from bctkit.errors import ConfigError
 
 
@@ -45,6 +45,15 @@ def test_overrides():
         (["chain=[{method: bct, name: v2, ratio: 1.5}]"], "chain.0.ratio"),
         (["methods=[{method: bt2, params: {k: 0}}]"], "option 'k'"),
         (["new.backbone.embedding_dim=200", "methods=[{method: bt2}]"], "must exceed"),
+        (["allocation.scenario=identical-data"], "identical-data .*new.backbone equals old.backbone"),
+        (["scenario_overrides={closed-data: {}}"], "scenario_overrides.closed-data"),
+        (["scenario_overrides={identical-data: {new: {backbone: {width: 0}}}}"],
+         "scenario_overrides.identical-data: new.backbone.width"),
+        (["scenario_overrides={open-data: {new: {backbone: {in_channels: 3}}}}"],
+         "scenario_overrides.open-data: new.backbone.in_channels=3 conflicts"),
+        (["scenario_overrides={open-data: {methods: [{method: l2}, {method: l2}]}}"],
+         "scenario_overrides.open-data: .*used twice"),
+        (["scenario_overrides={open-data: {allocation: {scenario: open-class}}}"], "may not set"),
     ],
 )
 def test_bad_config(overrides, message):
@@ -72,3 +81,29 @@ def test_bad_files(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_scenario_overrides_apply_to_their_scenario_only():
+    wide = "scenario_overrides={identical-data: {new: {backbone: {width: 32}, train: {epochs: 12}}}}"
+    cfg = load_config(packaged_config("demo-quick"), [wide])
+    ident = for_scenario(cfg, "identical-data")
+    assert ident.allocation.scenario == "identical-data" and not ident.scenario_overrides
+    assert ident.new.backbone.width == 32 and ident.new.train.epochs == 12
+    # the merge keeps every other field of the section it changes, and every other section
+    assert ident.new.backbone.model_dump() == {**cfg.new.backbone.model_dump(), "width": 32}
+    assert ident.new.train.batch_size == cfg.new.train.batch_size and ident.old == cfg.old
+    assert ident.methods == cfg.methods and ident.data == cfg.data
+    other = for_scenario(cfg, "open-class")
+    assert other.new == cfg.new and other.allocation.scenario == "open-class"
+    # a config whose own scenario is identical-data loads once the override gives it a new architecture
+    load_config(packaged_config("demo-quick"), [wide, "allocation.scenario=identical-data"])
+    with pytest.raises(ConfigError, match="identical-data"):
+        for_scenario(load_config(packaged_config("demo-quick")), "identical-data")
+
+
+@pytest.mark.parametrize("name", ["demo", "synthetic-demo"])
+def test_all_scenario_demos_are_valid_in_every_scenario(name):
+    cfg = load_config(packaged_config(name))
+    for scenario in ("extended-data", "open-data", "extended-class", "open-class", "identical-data"):
+        assert for_scenario(cfg, scenario).allocation.scenario == scenario
+    assert for_scenario(cfg, "identical-data").new.backbone != cfg.old.backbone

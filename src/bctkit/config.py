@@ -101,6 +101,9 @@ class RunConfig(_Strict):
     chain: list[ChainVersion] = Field(default_factory=list)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    # Per-allocation changes, merged into the config when that scenario runs: a mapping of sections
+    # as at the top level, e.g. identical-data's upgraded architecture (see for_scenario).
+    scenario_overrides: dict[Scenario, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
@@ -177,8 +180,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def parse_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
-    """Validate a config tree into a RunConfig, including every method's options and dimensions."""
+def _validate(tree: dict[str, Any], source: str) -> RunConfig:
     try:
         cfg = RunConfig.model_validate(tree)
     except ValidationError as exc:
@@ -194,6 +196,45 @@ def parse_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
             prev = _check_method(m, prev, m.backbone or cfg.new.backbone, cfg.new.train)
         except ConfigError as exc:
             raise ConfigError(f"{source}: chain.{i}: {exc}") from None
+    return cfg
+
+
+def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in patch.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merge(out[key], value) if both else value
+    return out
+
+
+def for_scenario(cfg: RunConfig, scenario: Scenario, source: str = "config") -> RunConfig:
+    """The config that allocation ``scenario`` runs with: ``allocation.scenario`` set and that
+    scenario's ``scenario_overrides`` merged in, checked as a whole like any config. identical-data
+    is the same data with a new architecture (methods.md), so there the new backbone must differ
+    from the old one: otherwise the "upgrade" retrains the old model."""
+    patch = cfg.scenario_overrides.get(scenario, {})
+    where = f"{source}: scenario_overrides.{scenario}" if patch else source
+    alloc_patch = patch.get("allocation")
+    if "scenario_overrides" in patch or (isinstance(alloc_patch, dict) and "scenario" in alloc_patch):
+        raise ConfigError(f"{where}: may not set scenario_overrides or allocation.scenario")
+    tree = _merge(cfg.model_dump(mode="json", exclude={"scenario_overrides"}), patch)
+    tree["allocation"] = {**tree["allocation"], "scenario": scenario}
+    eff = _validate(tree, where)
+    if scenario == "identical-data" and eff.new.backbone == eff.old.backbone:
+        raise ConfigError(
+            f"{where}: identical-data trains the new model on the old model's own images, so the upgrade "
+            "is a new architecture, but new.backbone equals old.backbone; set "
+            "scenario_overrides.identical-data.new.backbone (or new.backbone) to the new architecture"
+        )
+    return eff
+
+
+def parse_config(tree: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a config tree into a RunConfig, including every method's options and dimensions, and
+    the config of its own scenario and of every scenario it overrides."""
+    cfg = _validate(tree, source)
+    for scenario in dict.fromkeys([cfg.allocation.scenario, *cfg.scenario_overrides]):
+        for_scenario(cfg, scenario, source)
     return cfg
 
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from bctkit.cache import OldFeatureCache, as_tensor
-from bctkit.config import MethodConfig, ModelConfig, RunConfig
+from bctkit.config import MethodConfig, ModelConfig, RunConfig, for_scenario
 from bctkit.data import allocate
-from bctkit.data.allocation import Allocation, label_map
+from bctkit.data.allocation import Allocation, Scenario, label_map
 from bctkit.data.datasets import load_datasets
 from bctkit.data.imageset import ImageSet
 from bctkit.errors import ConfigError
@@ -283,24 +283,26 @@ def run_pipeline(
     cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True,
     log: Callable[[str], None] = _stderr,
 ) -> dict[str, Any]:
-    """Run the whole pipeline for ``cfg`` into ``out``; returns the report dictionary."""
-    return Run(cfg, Path(out), resume, progress, log).execute()
+    """Run the whole pipeline for ``cfg`` (with its scenario's overrides) into ``out``; returns the
+    report dictionary."""
+    return Run(for_scenario(cfg, cfg.allocation.scenario), Path(out), resume, progress, log).execute()
 
 
 __all__ = ["run_pipeline"]
 
 
 def run_scenarios(
-    cfg: RunConfig, out: str | Path, scenarios: list[str], resume: bool = False, progress: bool = True,
+    cfg: RunConfig, out: str | Path, scenarios: list[Scenario], resume: bool = False, progress: bool = True,
     log: Callable[[str], None] = _stderr,
 ) -> dict[str, dict[str, Any]]:
     """Run the pipeline once per allocation scenario into ``out/<scenario>`` and write the combined
     table (UniBCT Table 2 layout) to ``out/summary.md`` and ``out/summary.json``."""
     out = Path(out)
+    # Every scenario's config is checked before anything trains.
+    subs = {scenario: for_scenario(cfg, scenario) for scenario in scenarios}
     reports = {}
-    for scenario in scenarios:
+    for scenario, sub in subs.items():
         log(f"=== allocation {scenario} ===")
-        sub = cfg.model_copy(update={"allocation": cfg.allocation.model_copy(update={"scenario": scenario})})
         reports[scenario] = run_pipeline(sub, out / scenario, resume=resume, progress=progress, log=log)
     write_summary(out, reports, cfg.evaluation.fars)
     return reports
