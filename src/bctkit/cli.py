@@ -1,4 +1,5 @@
-"""Command line: ``bctkit run``, ``bctkit demo``, ``bctkit methods``. Errors: one line, exit 2."""
+"""Command line: ``bctkit run``, ``bctkit demo``, ``bctkit evaluate``, ``bctkit aggregate``,
+``bctkit methods``. Errors: one line, exit 2."""
 
 from __future__ import annotations
 
@@ -54,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--chain", action="store_true",
                     help="the models form a chain of upgrades: --old, then each --new in order "
                          "(AC, AM, BC, FC in the report)")
+    agg = sub.add_parser("aggregate", help="combine repeated all-allocation runs (seeds): mean ± sd, "
+                                           "criterion per run and on the means")
+    agg.add_argument("runs", nargs="+", help="all-allocation run directories, e.g. one per seed")
+    agg.add_argument("--out", required=True, help="directory for aggregate.md and aggregate.json")
     sub.add_parser("methods", help="list the compatibility methods and their options")
     return p
 
@@ -72,6 +77,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "aggregate":
+        from bctkit.evaluation.aggregate import aggregate, load_run, write_aggregate
+
+        write_aggregate(Path(args.out), aggregate([load_run(Path(r)) for r in args.runs], args.runs))
+        print(f"aggregate: {args.out}/aggregate.md ({len(args.runs)} runs)")
+        return 0
     if args.command == "run":
         path = Path(args.config)
         if not path.exists() and path.suffix == "" and len(path.parts) == 1:

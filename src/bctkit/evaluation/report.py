@@ -38,7 +38,8 @@ def _fmt(v: float | None) -> str:
     return f"{100 * v:.2f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table as lines, with a blank line after it."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(r) + " |" for r in rows
     ] + [""]
@@ -60,7 +61,7 @@ def _self_cross(report: dict[str, Any], metrics: list[str], old: str) -> list[st
             mark = "" if cross is None or math.isnan(cross) else (" ✓" if info["criterion"] else " ✗")
             row.append(_fmt(cross) + mark)
         rows.append(row)
-    return _table(header, rows)
+    return markdown_table(header, rows)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -110,11 +111,11 @@ def markdown(report: dict[str, Any]) -> str:
                 continue
             gains = [compat[name].get(m, {}).get("update_gain") for m in gain_metrics]
             rows.append([name] + ["—" if g is None else f"{100 * g:.1f}" for g in gains])
-        lines += _table(["model"] + gain_metrics, rows)
+        lines += markdown_table(["model"] + gain_metrics, rows)
     for metric, mat in report.get("matrices", {}).items():
         lines += [f"## Compatibility matrix: {metric} (row = query model, column = gallery model)", ""]
         rows = [[q] + [_fmt(v) for v in row] for q, row in zip(mat["models"], mat["values"], strict=True)]
-        lines += _table(["query \\ gallery"] + mat["models"], rows)
+        lines += markdown_table(["query \\ gallery"] + mat["models"], rows)
     chain = report.get("chain")
     if chain:
         lines += ["## Chain of upgrades: " + " <- ".join(chain["models"]), "",
@@ -123,7 +124,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "M[t][t-1] - M[t][t] (CL2R, points).", ""]
         rows = [[m, f"{v['AC']:.2f}", f"{100 * v['AM']:.2f}", f"{100 * v['BC']:.2f}", f"{100 * v['FC']:.2f}"]
                 for m, v in chain.items() if m != "models"]
-        lines += _table(["metric", "AC", "AM", "BC", "FC"], rows)
+        lines += markdown_table(["metric", "AC", "AM", "BC", "FC"], rows)
         for metric, v in chain.items():
             if metric == "models":
                 continue
@@ -131,7 +132,7 @@ def markdown(report: dict[str, Any]) -> str:
                       "criterion):", ""]
             rows = [[q] + [_fmt(x) + _MARK[ok] for x, ok in zip(row, oks, strict=True)]
                     for q, row, oks in zip(chain["models"], v["matrix"], v["criterion"], strict=True)]
-            lines += _table(["query \\ gallery"] + chain["models"], rows)
+            lines += markdown_table(["query \\ gallery"] + chain["models"], rows)
     backfill = report.get("backfill", {})
     if backfill:
         lines += ["## Partial backfill", "",
@@ -144,7 +145,7 @@ def markdown(report: dict[str, Any]) -> str:
                 vals = b[order]["values"]
                 rows.append([name, order, _fmt(vals[0]), _fmt(vals[len(vals) // 2]), _fmt(vals[-1]),
                              f"{100 * b[order]['area']:.2f}"])
-        lines += _table(["model", "order", "p=0", "p=0.5", "p=1", "area"], rows)
+        lines += markdown_table(["model", "order", "p=0", "p=0.5", "p=1", "area"], rows)
     plots = report.get("plots", [])
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -158,7 +159,8 @@ def markdown(report: dict[str, Any]) -> str:
                     f"{layout['added'][1]}]; self tests all, cross tests bct")
         rows.append([name, info.get("method") or "—", str(info.get("params") or "—"),
                      str(info["train_images"]), str(info["num_classes"]), dims, f"`{info['fingerprint']}`"])
-    lines += _table(["model", "method", "options", "train images", "classes", "dims", "fingerprint"], rows)
+    header = ["model", "method", "options", "train images", "classes", "dims", "fingerprint"]
+    lines += markdown_table(header, rows)
     lines += [f"bctkit {__version__}. Full numbers: report.json.", ""]
     return "\n".join(lines)
 
@@ -173,12 +175,9 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> None:
     write_text(out_dir / "report.md", markdown(report))
 
 
-def write_summary(out: Path, reports: dict[str, dict[str, Any]], fars: list[float]) -> None:
-    """Rows: per allocation old / paragon / each method; columns: 1:1 TAR@FAR and 1:N top-1 / top-5,
-    each as cross (new queries vs old gallery) and self. ✓ marks the strict criterion."""
-    far = min((f for f in fars if f >= 1e-4), default=max(fars))
-    tar = rate_name("tar@far", far)
-    metrics = [tar, "top1", "top5"]
+def summary_rows(reports: dict[str, dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
+    """One row per (allocation, model) of per-allocation reports: ``<metric> self``, ``<metric>
+    cross`` (queries by the model, gallery by the old model) and ``<metric> criterion``."""
     rows: list[dict[str, Any]] = []
     for scenario, rep in reports.items():
         for name in rep["models"]:
@@ -189,6 +188,16 @@ def write_summary(out: Path, reports: dict[str, dict[str, Any]], fars: list[floa
                 info = rep.get("compatibility", {}).get(name, {}).get(m)
                 row[f"{m} criterion"] = None if info is None else info["criterion"]
             rows.append(row)
+    return rows
+
+
+def write_summary(out: Path, reports: dict[str, dict[str, Any]], fars: list[float]) -> None:
+    """Rows: per allocation old / paragon / each method; columns: 1:1 TAR@FAR and 1:N top-1 / top-5,
+    each as cross (new queries vs old gallery) and self. ✓ marks the strict criterion."""
+    far = min((f for f in fars if f >= 1e-4), default=max(fars))
+    tar = rate_name("tar@far", far)
+    metrics = [tar, "top1", "top5"]
+    rows = summary_rows(reports, metrics)
     write_json(out / "summary.json", {"metrics": metrics, "rows": rows})
     header = ["allocation", "model"] + [f"{m} {side}" for m in metrics for side in ("cross", "self")]
     lines = ["# bctkit summary: all allocations", "",
@@ -207,4 +216,4 @@ def write_summary(out: Path, reports: dict[str, dict[str, Any]], fars: list[floa
     old_self = {r["allocation"]: r["top1 self"] for r in rows if r["model"] == "old"}
     plot_summary(values, old_self, out / "summary_top1.png")
     lines_plot = ["", "![top-1 cross and self tests per allocation](summary_top1.png)", ""]
-    write_text(out / "summary.md", "\n".join(lines + _table(header, table) + lines_plot))
+    write_text(out / "summary.md", "\n".join(lines + markdown_table(header, table) + lines_plot))

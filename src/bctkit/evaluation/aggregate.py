@@ -1,0 +1,160 @@
+"""Repeated runs (seeds): combine the per-allocation reports of several runs into mean and
+sample standard deviation per allocation, model and test, with the criterion counted per run and
+checked on the means, and each model's mean over allocations (the figure papers compare methods by).
+
+Single-run differences below the run-to-run spread say nothing; this is how to see that spread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bctkit.data.allocation import SCENARIOS
+from bctkit.errors import FileFormatError
+from bctkit.evaluation.report import markdown_table, summary_rows
+from bctkit.storage import write_json, write_text
+
+SIDES = ("cross", "self")
+
+
+def load_run(path: Path) -> dict[str, Any]:
+    """One all-allocation run directory (``bctkit run --scenarios`` / ``bctkit demo``): its
+    per-allocation reports as summary rows, with every TAR@FAR and top-k test they hold."""
+    reports: dict[str, dict[str, Any]] = {}
+    for scenario in SCENARIOS:
+        file = path / scenario / "report.json"
+        if not file.is_file():
+            continue
+        try:
+            rep = json.loads(file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise FileFormatError(f"{file}: not valid JSON (truncated or not a bctkit report)") from None
+        if not isinstance(rep, dict) or not isinstance(rep.get("results"), list) \
+                or not isinstance(rep.get("models"), (list, dict)):
+            raise FileFormatError(f"{file}: expected a bctkit report with 'results' and 'models'")
+        reports[scenario] = rep
+    if not reports:
+        raise FileFormatError(f"{path}: no <allocation>/report.json inside (expected a run made with "
+                              "--scenarios, or bctkit demo)")
+    first = next(iter(reports.values()))
+    names = {r["metric"] for r in first["results"]}
+    tars = sorted((n for n in names if n.startswith("tar@far=")), key=lambda n: -float(n.split("=")[1]))
+    tops = sorted((n for n in names if n.startswith("top")), key=lambda n: int(n[3:]))
+    metrics = tars + tops
+    return {"metrics": metrics, "rows": summary_rows(reports, metrics)}
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+            "n": len(values), "values": values}
+
+
+def aggregate(summaries: list[dict[str, Any]], names: list[str]) -> dict[str, Any]:
+    """Combine run summaries (``names`` label them in errors). Rows are matched by (allocation,
+    model); only rows present in every run are kept, the rest are listed under ``dropped``."""
+    if not summaries:
+        raise FileFormatError("no run summaries given")
+    metrics = summaries[0]["metrics"]
+    for s, name in zip(summaries, names, strict=True):
+        if s["metrics"] != metrics:
+            raise FileFormatError(f"{name}: metrics {s['metrics']} differ from {names[0]}'s {metrics}")
+    keyed = [{(r["allocation"], r["model"]): r for r in s["rows"]} for s in summaries]
+    order = list(keyed[0])
+    keys = [k for k in order if all(k in rows for rows in keyed)]
+    dropped = sorted({k for rows in keyed for k in rows} - set(keys))
+    rows: list[dict[str, Any]] = []
+    for key in keys:
+        row: dict[str, Any] = {"allocation": key[0], "model": key[1]}
+        for m in metrics:
+            for side in SIDES:
+                vals = [rows[key].get(f"{m} {side}") for rows in keyed]
+                missing = any(v is None for v in vals)
+                row[f"{m} {side}"] = None if missing else _stats([float(v) for v in vals])
+            met = [rows[key].get(f"{m} criterion") for rows in keyed]
+            row[f"{m} criterion runs"] = None if any(v is None for v in met) else sum(bool(v) for v in met)
+        rows.append(row)
+    old_self = {r["allocation"]: {m: r[f"{m} self"] for m in metrics} for r in rows if r["model"] == "old"}
+    for row in rows:
+        old = old_self.get(row["allocation"])
+        for m in metrics:
+            cross = row[f"{m} cross"]
+            ok = None if cross is None or old is None or old[m] is None else cross["mean"] > old[m]["mean"]
+            row[f"{m} criterion on means"] = ok
+    return {"runs": names, "n_runs": len(summaries), "metrics": metrics, "rows": rows,
+            "dropped": [list(k) for k in dropped],
+            "over_allocations": _over_allocations(keyed, keys, metrics)}
+
+
+def _over_allocations(keyed: list[dict[Any, dict[str, Any]]], keys: list[tuple[str, str]],
+                      metrics: list[str]) -> dict[str, Any]:
+    """Per model and test: each run's mean over the allocations the model has, then mean and sd of
+    those per-run means (the spread of the figure methods are ranked by)."""
+    allocations: dict[str, list[str]] = {}
+    for alloc, model in keys:
+        allocations.setdefault(model, []).append(alloc)
+    out: dict[str, Any] = {}
+    for model, allocs in allocations.items():
+        entry: dict[str, Any] = {"allocations": allocs}
+        for m in metrics:
+            for side in SIDES:
+                per_run = []
+                for rows in keyed:
+                    vals = [rows[(a, model)].get(f"{m} {side}") for a in allocs]
+                    if any(v is None for v in vals):
+                        break
+                    per_run.append(statistics.fmean(float(v) for v in vals))
+                else:
+                    entry[f"{m} {side}"] = _stats(per_run)
+        out[model] = entry
+    return out
+
+
+def _cell(stat: dict[str, Any] | None) -> str:
+    if stat is None:
+        return "—"
+    if math.isnan(stat["mean"]):
+        return "n/m"
+    sd = "" if stat["sd"] is None else f" ± {100 * stat['sd']:.2f}"
+    return f"{100 * stat['mean']:.2f}{sd}"
+
+
+def write_aggregate(out: Path, result: dict[str, Any]) -> None:
+    """aggregate.json and aggregate.md (tables in %, mean ± sample sd over runs)."""
+    metrics, n = result["metrics"], result["n_runs"]
+    lines = [f"# bctkit: {n} runs combined", "",
+             "Values in %: mean ± sample standard deviation over the runs "
+             f"({', '.join(result['runs'])}). Cross: queries by the model, gallery by the old model. "
+             f"k/{n}: runs in which the criterion (cross > old self, strict) held; ✓ / ✗: the criterion "
+             "on the means.", ""]
+    header = ["allocation", "model"] + [f"{m} {side}" for m in metrics for side in SIDES]
+    table = []
+    for row in result["rows"]:
+        cells = [row["allocation"], row["model"]]
+        for m in metrics:
+            cross = _cell(row[f"{m} cross"])
+            runs, ok = row[f"{m} criterion runs"], row[f"{m} criterion on means"]
+            if runs is not None:
+                cross += f" {runs}/{n}" + {True: " ✓", False: " ✗", None: ""}[ok]
+            cells += [cross, _cell(row[f"{m} self"])]
+        table.append(cells)
+    lines += markdown_table(header, table)
+    lines += ["## Mean over allocations", "",
+              "Each run's mean over the allocations the model was trained in, then mean ± sd over runs.", ""]
+    header = ["model", "allocations"] + [f"{m} {side}" for m in metrics for side in SIDES]
+    table = [[model, str(len(e["allocations"]))] + [_cell(e.get(f"{m} {side}")) for m in metrics
+                                                     for side in SIDES]
+             for model, e in result["over_allocations"].items()]
+    lines += markdown_table(header, table)
+    if result["dropped"]:
+        lines += ["Rows not in every run (left out): "
+                  + ", ".join(f"{a} / {m}" for a, m in result["dropped"]), ""]
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "aggregate.json", result)
+    write_text(out / "aggregate.md", "\n".join(lines))
+
+
+__all__ = ["aggregate", "load_run", "write_aggregate"]
