@@ -196,14 +196,25 @@ def test_cli_evaluate_feature_files(tiny_run, tmp_path, capsys):
     assert "labels differ" in capsys.readouterr().err
 
 
-def test_cli_scenarios_summary(tmp_path):
+def test_cli_scenarios_summary(tmp_path, capsys):
     cfg = {**TINY, "methods": [{"method": "l2"}], "evaluation": {"fars": [0.1], "topk": [1, 5],
                                                                "backfill": False, "retrieval": False}}
+    same = {**cfg, "new": {**cfg["new"], "backbone": cfg["old"]["backbone"]}}
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    # identical-data with the old architecture is refused before anything trains ...
+    path.write_text(yaml.safe_dump(same))
+    assert main(["run", str(path), "--out", str(tmp_path / "s"), "--scenarios", "open-class",
+                 "identical-data"]) == 2
+    assert "new.backbone equals old.backbone" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    # ... and runs with the override, which reaches identical-data's models only
+    same["scenario_overrides"] = {"identical-data": {"new": {"backbone": {"width": 6}}}}
+    path.write_text(yaml.safe_dump(same))
     args = ["run", str(path), "--out", str(tmp_path / "s"), "--quiet", "--scenarios", "open-class",
             "identical-data"]
     assert main(args) == 0
+    width = {a: json.loads((tmp_path / "s" / a / "models" / "paragon" / "model.json").read_text())
+             ["backbone"]["width"] for a in ("open-class", "identical-data")}
+    assert width == {"open-class": 4, "identical-data": 6}
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert [(r["allocation"], r["model"]) for r in summary["rows"]] == [
         (a, m) for a in ("open-class", "identical-data") for m in ("old", "paragon", "l2")]
