@@ -111,8 +111,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import torch
 
     from bctkit.errors import ConfigError

@@ -303,6 +303,6 @@ def run_scenarios(
     reports = {}
     for scenario, sub in subs.items():
         log(f"=== allocation {scenario} ===")
-        reports[scenario] = run_pipeline(sub, out / scenario, resume=resume, progress=progress, log=log)
+        reports[scenario] = Run(sub, out / scenario, resume, progress, log).execute()
     write_summary(out, reports, cfg.evaluation.fars)
     return reports

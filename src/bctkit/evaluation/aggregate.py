@@ -15,7 +15,7 @@ from typing import Any
 
 from bctkit.data.allocation import SCENARIOS
 from bctkit.errors import FileFormatError
-from bctkit.evaluation.report import markdown_table, summary_rows
+from bctkit.evaluation.report import CRITERION_MARK, fmt_percent, markdown_table, summary_rows
 from bctkit.storage import write_json, write_text
 
 SIDES = ("cross", "self")
@@ -116,10 +116,8 @@ def _over_allocations(keyed: list[dict[Any, dict[str, Any]]], keys: list[tuple[s
 def _cell(stat: dict[str, Any] | None) -> str:
     if stat is None:
         return "—"
-    if math.isnan(stat["mean"]):
-        return "n/m"
-    sd = "" if stat["sd"] is None else f" ± {100 * stat['sd']:.2f}"
-    return f"{100 * stat['mean']:.2f}{sd}"
+    sd = "" if stat["sd"] is None or math.isnan(stat["mean"]) else f" ± {100 * stat['sd']:.2f}"
+    return fmt_percent(stat["mean"]) + sd
 
 
 def write_aggregate(out: Path, result: dict[str, Any]) -> None:
@@ -138,7 +136,7 @@ def write_aggregate(out: Path, result: dict[str, Any]) -> None:
             cross = _cell(row[f"{m} cross"])
             runs, ok = row[f"{m} criterion runs"], row[f"{m} criterion on means"]
             if runs is not None:
-                cross += f" {runs}/{n}" + {True: " ✓", False: " ✗", None: ""}[ok]
+                cross += f" {runs}/{n}" + CRITERION_MARK[ok]
             cells += [cross, _cell(row[f"{m} self"])]
         table.append(cells)
     lines += markdown_table(header, table)

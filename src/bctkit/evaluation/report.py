@@ -30,7 +30,12 @@ def lookup(records: list[dict[str, Any]], query: str, gallery: str, metric: str)
     return None
 
 
-def _fmt(v: float | None) -> str:
+# The criterion's mark after a cross-test value: met, missed, or not applicable.
+CRITERION_MARK = {None: "", True: " ✓", False: " ✗"}
+
+
+def fmt_percent(v: float | None) -> str:
+    """A fraction as a percentage with two decimals; "—" for none, "n/m" for not measurable."""
     if v is None:
         return "—"
     if math.isnan(v):
@@ -52,14 +57,14 @@ def _self_cross(report: dict[str, Any], metrics: list[str], old: str) -> list[st
     for name in report["models"]:
         row = [name]
         for m in metrics:
-            row.append(_fmt(lookup(records, name, name, m)))
+            row.append(fmt_percent(lookup(records, name, name, m)))
             info = compat.get(name, {}).get(m)
             if name == old or info is None:
                 row.append("—")
                 continue
             cross = lookup(records, name, old, m)
             mark = "" if cross is None or math.isnan(cross) else (" ✓" if info["criterion"] else " ✗")
-            row.append(_fmt(cross) + mark)
+            row.append(fmt_percent(cross) + mark)
         rows.append(row)
     return markdown_table(header, rows)
 
@@ -114,7 +119,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += markdown_table(["model"] + gain_metrics, rows)
     for metric, mat in report.get("matrices", {}).items():
         lines += [f"## Compatibility matrix: {metric} (row = query model, column = gallery model)", ""]
-        rows = [[q] + [_fmt(v) for v in row] for q, row in zip(mat["models"], mat["values"], strict=True)]
+        rows = [[q] + [fmt_percent(v) for v in row]
+                for q, row in zip(mat["models"], mat["values"], strict=True)]
         lines += markdown_table(["query \\ gallery"] + mat["models"], rows)
     chain = report.get("chain")
     if chain:
@@ -130,7 +136,7 @@ def markdown(report: dict[str, Any]) -> str:
                 continue
             lines += [f"{metric} (✓ / ✗: the newer query model on an older gallery meets / misses the "
                       "criterion):", ""]
-            rows = [[q] + [_fmt(x) + _MARK[ok] for x, ok in zip(row, oks, strict=True)]
+            rows = [[q] + [fmt_percent(x) + CRITERION_MARK[ok] for x, ok in zip(row, oks, strict=True)]
                     for q, row, oks in zip(chain["models"], v["matrix"], v["criterion"], strict=True)]
             lines += markdown_table(["query \\ gallery"] + chain["models"], rows)
     backfill = report.get("backfill", {})
@@ -143,8 +149,8 @@ def markdown(report: dict[str, Any]) -> str:
         for name, b in backfill.items():
             for order in ("random", "distance"):
                 vals = b[order]["values"]
-                rows.append([name, order, _fmt(vals[0]), _fmt(vals[len(vals) // 2]), _fmt(vals[-1]),
-                             f"{100 * b[order]['area']:.2f}"])
+                rows.append([name, order, fmt_percent(vals[0]), fmt_percent(vals[len(vals) // 2]),
+                             fmt_percent(vals[-1]), f"{100 * b[order]['area']:.2f}"])
         lines += markdown_table(["model", "order", "p=0", "p=0.5", "p=1", "area"], rows)
     plots = report.get("plots", [])
     if plots:
@@ -163,9 +169,6 @@ def markdown(report: dict[str, Any]) -> str:
     lines += markdown_table(header, rows)
     lines += [f"bctkit {__version__}. Full numbers: report.json.", ""]
     return "\n".join(lines)
-
-
-_MARK = {None: "", True: " ✓", False: " ✗"}
 
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> None:
@@ -207,9 +210,9 @@ def write_summary(out: Path, reports: dict[str, dict[str, Any]], fars: list[floa
     for row in rows:
         cells = [row["allocation"], row["model"]]
         for m in metrics:
-            mark = {True: " ✓", False: " ✗", None: ""}[row[f"{m} criterion"]]
+            mark = CRITERION_MARK[row[f"{m} criterion"]]
             cross = row[f"{m} cross"]
-            cells += [_fmt(cross) + (mark if cross is not None else ""), _fmt(row[f"{m} self"])]
+            cells += [fmt_percent(cross) + (mark if cross is not None else ""), fmt_percent(row[f"{m} self"])]
         table.append(cells)
     values = {a: {r["model"]: (r["top1 cross"], r["top1 self"]) for r in rows
                   if r["allocation"] == a and r["model"] != "old"} for a in reports}
