@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 from bctkit.data.glyphs import GlyphsConfig, load_glyphs
 from bctkit.data.imageset import ImageSet
+from bctkit.data.noise import flip_labels
 from bctkit.data.synthetic import SyntheticSpec, make_synthetic
 
 
@@ -38,6 +39,10 @@ class DataConfig(BaseModel):
     glyphs: GlyphsConfig = Field(default_factory=GlyphsConfig)
     eval_classes: int = Field(100, ge=2)
     eval_images_per_class: int = Field(10, ge=2)
+    label_noise: float = Field(0.0, ge=0, lt=1, description=(
+        "share of training-pool images relabelled to a uniformly drawn other class (symmetric label "
+        "noise, a robustness study); evaluation identities are never touched"))
+    label_noise_seed: int = Field(0, ge=0)
 
     @model_serializer(mode="wrap")
     def _drop_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -46,6 +51,9 @@ class DataConfig(BaseModel):
         they had before the glyphs dataset existed)."""
         data = handler(self)
         data.pop("glyphs" if self.dataset == "synthetic" else "synthetic", None)
+        if self.label_noise == 0:
+            data.pop("label_noise", None)
+            data.pop("label_noise_seed", None)
         return data
 
     @property
@@ -60,7 +68,17 @@ class DataConfig(BaseModel):
 def load_datasets(cfg: DataConfig, progress: bool = True) -> tuple[ImageSet, ImageSet]:
     """(training pool, evaluation set), both labelled from 0; no evaluation identity is in the pool.
     Synthetic: evaluation identities are generated after the pool's. Glyphs: they are characters
-    the pool does not use (rendered on first use, then read from the cache)."""
+    the pool does not use (rendered on first use, then read from the cache). ``label_noise``
+    relabels a share of the pool's images (:func:`bctkit.data.noise.flip_labels`)."""
+    pool, held_out = _load_clean(cfg, progress)
+    if cfg.label_noise == 0:
+        return pool, held_out
+    noisy, flipped = flip_labels(pool.labels, cfg.label_noise, cfg.label_noise_seed, pool.num_classes)
+    name = f"{pool.name}, {len(flipped)} of {len(pool)} labels flipped (seed {cfg.label_noise_seed})"
+    return ImageSet(pool.images, noisy, name), held_out
+
+
+def _load_clean(cfg: DataConfig, progress: bool) -> tuple[ImageSet, ImageSet]:
     if cfg.dataset == "glyphs":
         return load_glyphs(cfg.glyphs, cfg.eval_classes, cfg.eval_images_per_class, progress=progress)
     syn = cfg.synthetic
