@@ -11,7 +11,7 @@ import torch
 
 from bctkit import prototypes
 from bctkit.errors import ConfigError, DataError
-from bctkit.prototypes import _plan_chunks, class_means, drop_means, refine_prototypes
+from bctkit.prototypes import _plan_chunks, class_means, drop_means, refine_prototypes, refinement_weights
 
 SIZES = [1, 2, 3, 17, 50, 5, 1, 8, 2, 33, 4, 1, 64, 9]
 
@@ -88,6 +88,44 @@ def test_refine_matches_direct_equations(
     got = refine_prototypes(old, new, labels, len(SIZES), chunk_size=chunk_size)
     assert got.dtype == torch.float32
     np.testing.assert_allclose(got.double().numpy(), ref, atol=1e-5, rtol=0)
+
+
+def test_weights_match_mean_row_of_explicit_inverse() -> None:
+    old, new, labels = _data(SIZES, seed=5)
+    got = refinement_weights(new, labels, len(SIZES), lam=0.8, tau=0.1, chunk_size=30, dtype=torch.float64)
+    f, y = new.double().numpy(), labels.numpy()
+    for c in range(len(SIZES)):
+        idx = np.nonzero(y == c)[0]
+        m = len(idx)
+        if m == 1:
+            assert got[idx[0]] == 1.0
+            continue
+        fc = _unit(f[idx])
+        s = fc @ fc.T / 0.1
+        np.fill_diagonal(s, -np.inf)
+        e = np.exp(s - s.max(1, keepdims=True))
+        e /= e.sum(1, keepdims=True)
+        expected = ((1 - 0.8) * np.linalg.inv(np.eye(m) - 0.8 * e)).mean(axis=0)
+        np.testing.assert_allclose(got[idx].numpy(), expected, atol=1e-10, rtol=0)
+        assert abs(float(got[idx].sum()) - 1.0) < 1e-10 and float(got[idx].min()) > 0
+    # the prototypes are these weights applied to the normalised old features
+    protos = refine_prototypes(old, new, labels, len(SIZES), lam=0.8, tau=0.1, dtype=torch.float64)
+    unit_old = torch.nn.functional.normalize(old.double(), dim=1)
+    direct = torch.zeros_like(protos).index_add_(0, labels, unit_old * got[:, None])
+    torch.testing.assert_close(protos, direct, atol=1e-12, rtol=0)
+
+
+def test_weights_put_an_outlier_last() -> None:
+    g = torch.Generator().manual_seed(2)
+    centre = torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0)
+    feats = torch.cat([centre + 0.1 * torch.randn(11, 16, generator=g), -centre[None]])
+    w = refinement_weights(feats, torch.zeros(12, dtype=torch.int64), 1)
+    assert int(w.argmin()) == 11 and float(w[11]) * 12 < 0.5
+    with pytest.raises(ConfigError, match="tau"):
+        refinement_weights(feats, torch.zeros(12, dtype=torch.int64), 1, tau=0.0)
+    with pytest.raises(DataError, match="NaN"):
+        refinement_weights(feats.index_fill(0, torch.tensor([3]), float("nan")),
+                           torch.zeros(12, dtype=torch.int64), 1)
 
 
 def test_refine_float64_and_other_hyperparameters() -> None:

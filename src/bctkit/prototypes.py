@@ -31,7 +31,7 @@ from bctkit.errors import ConfigError, DataError
 Features = torch.Tensor | np.ndarray
 Labels = torch.Tensor | np.ndarray
 
-__all__ = ["class_means", "drop_means", "refine_prototypes"]
+__all__ = ["class_means", "drop_means", "refine_prototypes", "refinement_weights"]
 
 _MAX_LISTED_IDS = 10
 _NUMPY_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64"})
@@ -483,6 +483,85 @@ def _propagation_weights(
     return torch.where(singleton, valid.to(new.dtype), w)
 
 
+def _check_refine_options(lam: float, tau: float, normalize: str, chunk_size: int) -> tuple[float, float]:
+    if normalize not in ("row", "column"):
+        raise ConfigError(f"normalize is {normalize!r}; expected 'row' or 'column'")
+    lam = _check_hyper("lam", lam, 0.0, 1.0, hi_open=True)
+    tau = float(tau)
+    if not tau > 0 or math.isinf(tau):
+        raise ConfigError(f"tau is {tau}; expected a finite positive temperature")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ConfigError(f"chunk_size is {chunk_size!r}; expected a positive integer")
+    return lam, tau
+
+
+@torch.no_grad()
+def refinement_weights(
+    new_feats: Features,
+    labels: Labels,
+    num_classes: int,
+    lam: float = 0.9,
+    tau: float = 0.05,
+    normalize: Literal["row", "column"] = "row",
+    chunk_size: int = 4096,
+    *,
+    allow_empty: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-sample weights w (n,) of the structural refinement: the refined prototype of class c is
+    sum_{i in c} w_i n(v0_i) (see :func:`refine_prototypes`).
+
+    Each class's weights are non-negative and sum to one (the plain mean gives every sample 1/m);
+    ``m * w_i`` below one means the new-model graph places sample i outside the dense part of its
+    class, so the lowest-weighted samples are the candidates for wrong labels. Singletons get 1.
+
+    Samples are sorted by class once; classes of similar size are processed together in chunks of
+    at most ``chunk_size`` padded rows: batched Gram matrix, masked softmax and one batched solve
+    with one right-hand side per class (no inverse, no (m x d) solve). ``new_feats`` may be a float16
+    ``np.memmap``: only the current chunk's rows are read.
+    """
+    n, d_new = _check_features("new_feats", new_feats)
+    lam, tau = _check_refine_options(lam, tau, normalize, chunk_size)
+    y = _labels_tensor(labels, n, num_classes)
+    counts = _class_counts(y, num_classes, allow_empty)
+    return _weights_pass(new_feats, y, counts, num_classes, d_new, lam, tau, normalize, chunk_size, dtype,
+                         _device_of(new_feats))
+
+
+def _weights_pass(
+    new_feats: Features, y: torch.Tensor, counts: torch.Tensor, num_classes: int, d_new: int,
+    lam: float, tau: float, normalize: Literal["row", "column"], chunk_size: int, dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """Pass 1 of the refinement, by class chunks over the new features (inputs already checked)."""
+    n = len(y)
+    order = torch.argsort(y, stable=True)
+    first_of_class = torch.cumsum(counts, 0) - counts
+    plan = _plan_chunks(counts, chunk_size)
+    max_rows = max((cls.numel() * m for cls, m in plan), default=0)
+    weights = torch.zeros(n, dtype=dtype, device=device)
+    new_reader = _RowReader(new_feats, max_rows, dtype, device)
+    prefetch_at: dict[int, int] = {}
+    if isinstance(new_feats, np.memmap):
+        row_bytes = d_new * new_feats.dtype.itemsize
+        prefetch_at = _prefetch_groups(plan, counts, max(1, _STAGING_BYTES // max(1, row_bytes)))
+    for i, (cls, m) in enumerate(plan):
+        if i in prefetch_at:
+            in_group = torch.zeros(num_classes, dtype=torch.bool)
+            in_group[torch.cat([c for c, _ in plan[i : prefetch_at[i]]])] = True
+            new_reader.prefetch(in_group[y].nonzero().squeeze(1))
+        b, cnt = cls.numel(), counts[cls]
+        slots = torch.arange(m).unsqueeze(0)
+        valid = slots < cnt.unsqueeze(1)
+        # padding slots repeat the class's first sample: masked out of E and given zero weight
+        src = order[(first_of_class[cls].unsqueeze(1) + slots * valid).flatten()]
+        new = new_reader.take(src).view(b, m, -1)
+        w = _propagation_weights(new, valid.to(device), cnt, lam, tau, normalize, src)
+        flat_valid = valid.flatten()
+        weights[src[flat_valid].to(device)] = w.flatten()[flat_valid.to(device)]
+    return weights
+
+
 @torch.no_grad()
 def refine_prototypes(
     old_feats: Features,
@@ -508,60 +587,24 @@ def refine_prototypes(
     ``normalize="column"`` reproduces the published pseudo-code (column softmax), whose result is
     exactly ``class_means``: for comparison only. The prototype is not re-normalised.
 
-    Samples are sorted by class once; classes of similar size are processed together in chunks of
-    at most ``chunk_size`` padded rows of new features (a larger class gets a chunk alone): batched
-    Gram matrix, masked softmax, one batched solve with one right-hand side per class, giving a
-    weight per sample with prototype = sum_i w_i n(v0_i). The old features are then read once,
-    sequentially, in blocks, and accumulated with ``index_add_`` (they are never gathered). Only
-    the current chunk's or block's rows are read and converted to ``dtype``, so the inputs may be
-    float16 ``np.memmap`` files larger than RAM; rows are checked for NaN/Inf as they are read.
-    Memory is O(rows_max * (d_n + m_max) + block * d_o + n) with rows_max = max(chunk_size,
-    largest class) and block = max(chunk_size, 8192). ``allow_empty=True`` gives classes without
-    samples a zero row instead of a DataError.
+    Pass 1 is :func:`refinement_weights` (a weight per sample, prototype = sum_i w_i n(v0_i)). The
+    old features are then read once, sequentially, in blocks, and accumulated with ``index_add_``
+    (they are never gathered). Only the current chunk's or block's rows are read and converted to
+    ``dtype``, so the inputs may be float16 ``np.memmap`` files larger than RAM; rows are checked for
+    NaN/Inf as they are read. Memory is O(rows_max * (d_n + m_max) + block * d_o + n) with
+    rows_max = max(chunk_size, largest class) and block = max(chunk_size, 8192).
+    ``allow_empty=True`` gives classes without samples a zero row instead of a DataError.
     """
     n, d_old = _check_features("old_feats", old_feats)
     n_new, d_new = _check_features("new_feats", new_feats)
     if n_new != n:
         raise DataError(f"new_feats has {n_new} rows; expected {n}, one per row of old_feats")
-    if normalize not in ("row", "column"):
-        raise ConfigError(f"normalize is {normalize!r}; expected 'row' or 'column'")
-    lam = _check_hyper("lam", lam, 0.0, 1.0, hi_open=True)
-    tau = float(tau)
-    if not tau > 0 or math.isinf(tau):
-        raise ConfigError(f"tau is {tau}; expected a finite positive temperature")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ConfigError(f"chunk_size is {chunk_size!r}; expected a positive integer")
+    lam, tau = _check_refine_options(lam, tau, normalize, chunk_size)
     y = _labels_tensor(labels, n, num_classes)
     counts = _class_counts(y, num_classes, allow_empty)
     device = _device_of(old_feats, new_feats)
-
-    order = torch.argsort(y, stable=True)
-    first_of_class = torch.cumsum(counts, 0) - counts
-    plan = _plan_chunks(counts, chunk_size)
-    max_rows = max((cls.numel() * m for cls, m in plan), default=0)
-
-    # pass 1, by class chunks over the new features: per-sample weights, prototype = sum w_i v0_i
-    weights = torch.zeros(n, dtype=dtype, device=device)
-    new_reader = _RowReader(new_feats, max_rows, dtype, device)
-    prefetch_at: dict[int, int] = {}
-    if isinstance(new_feats, np.memmap):
-        row_bytes = d_new * new_feats.dtype.itemsize
-        prefetch_at = _prefetch_groups(plan, counts, max(1, _STAGING_BYTES // max(1, row_bytes)))
-    for i, (cls, m) in enumerate(plan):
-        if i in prefetch_at:
-            in_group = torch.zeros(num_classes, dtype=torch.bool)
-            in_group[torch.cat([c for c, _ in plan[i : prefetch_at[i]]])] = True
-            new_reader.prefetch(in_group[y].nonzero().squeeze(1))
-        b, cnt = cls.numel(), counts[cls]
-        slots = torch.arange(m).unsqueeze(0)
-        valid = slots < cnt.unsqueeze(1)
-        # padding slots repeat the class's first sample: masked out of E and given zero weight
-        src = order[(first_of_class[cls].unsqueeze(1) + slots * valid).flatten()]
-        new = new_reader.take(src).view(b, m, -1)
-        w = _propagation_weights(new, valid.to(device), cnt, lam, tau, normalize, src)
-        flat_valid = valid.flatten()
-        weights[src[flat_valid].to(device)] = w.flatten()[flat_valid.to(device)]
-    del new_reader
+    weights = _weights_pass(new_feats, y, counts, num_classes, d_new, lam, tau, normalize, chunk_size,
+                            dtype, device)
 
     # pass 2, sequential blocks of the old features: normalise via the weights and accumulate
     y_dev = y.to(device)
