@@ -11,6 +11,7 @@ import yaml
 from bctkit.cli import main
 from bctkit.config import load_config
 from bctkit.features import FeatureSet, load_features
+from bctkit.models.store import load_model
 from bctkit.pipeline import run_pipeline
 
 TINY = {
@@ -117,6 +118,34 @@ def test_resume_keys_ignore_eval_set_and_paragon_ignores_old(tiny_run, tmp_path)
     run_pipeline(weaker_old, run_dir, resume=True, progress=False, log=logs.append)
     reused = [line for line in logs if "reusing finished model" in line]
     assert len(reused) == 1 and "[paragon]" in reused[0]
+
+
+def test_reuse_old_from_copies_the_old_model_only(tiny_run, tmp_path, capsys):
+    out, cfg_path, report, _ = tiny_run
+    logs: list[str] = []
+    rep = run_pipeline(load_config(cfg_path, ["new.train.seed=5"]), tmp_path / "s5", progress=False,
+                       log=logs.append, reuse_old_from=out / "r")
+    assert any(line.startswith("[old] reusing") for line in logs)
+    assert not any(line.startswith("[old] training") for line in logs)
+    assert rep["models"]["old"]["fingerprint"] == report["models"]["old"]["fingerprint"]
+    assert rep["models"]["paragon"]["fingerprint"] != report["models"]["paragon"]["fingerprint"]
+    copied = load_model(tmp_path / "s5" / "models" / "old" / "model.safetensors")
+    assert copied.fingerprint == report["models"]["old"]["fingerprint"]
+    assert pick(rep, "old", "old", "top1") == pick(report, "old", "old", "top1")
+    # another old-model config, a missing run: one-line errors, exit 2, nothing trained or created
+    args = ["run", str(cfg_path), "--out", str(tmp_path / "bad"), "--quiet", "--reuse-old-from",
+            str(out / "r"), "--set", "old.train.epochs=1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("bctkit: error: --reuse-old-from") and "another old-model config" in err
+    assert not (tmp_path / "bad" / "models" / "old").exists()
+    assert main(["run", str(cfg_path), "--out", str(tmp_path / "none"), "--reuse-old-from",
+                 str(tmp_path / "missing")]) == 2
+    assert "no finished old model at" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    assert main(["run", str(cfg_path), "--out", str(tmp_path / "sc"), "--scenarios", "open-data",
+                 "--reuse-old-from", str(out / "r")]) == 2
+    assert "open-data/models/old/model.safetensors" in capsys.readouterr().err
 
 
 def test_cli_quick_demo_packaged_config(tmp_path, capsys):

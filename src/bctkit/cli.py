@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="reuse finished models and continue interrupted training from checkpoints")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--reuse-old-from", metavar="RUN_DIR",
+                     help="copy the finished old model of RUN_DIR (same data, allocation and old config; "
+                          "with --scenarios, RUN_DIR/<scenario>) instead of training one, e.g. for seeds")
     run.add_argument("--scenarios", nargs="+", metavar="SCENARIO",
                      help="run once per allocation scenario ('all' = the five) into OUT/<scenario>, "
                           "plus OUT/summary.md")
@@ -36,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="allocations to run (default: all five; --quick: extended-data only)")
     demo.add_argument("--resume", action="store_true")
     demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--reuse-old-from", metavar="RUN_DIR", help="as for run")
     ev = sub.add_parser("evaluate", help="evaluate saved feature files (models trained anywhere)")
     ev.add_argument("--old", required=True, help="feature file of the old model (the gallery side)")
     ev.add_argument("--new", action="append", required=True, metavar="[NAME=]FILE",
@@ -102,10 +106,12 @@ def _run(args: argparse.Namespace) -> int:
         unknown = [s for s in scenarios if s not in SCENARIOS]
         if unknown:
             raise ConfigError(f"--scenarios: unknown {unknown}; expected 'all' or some of {list(SCENARIOS)}")
-        run_scenarios(cfg, args.out, scenarios, resume=args.resume, progress=not args.quiet)
+        run_scenarios(cfg, args.out, scenarios, resume=args.resume, progress=not args.quiet,
+                      reuse_old_from=args.reuse_old_from)
         print(f"summary: {args.out}/summary.md")
         return 0
-    report = run_pipeline(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    report = run_pipeline(cfg, args.out, resume=args.resume, progress=not args.quiet,
+                          reuse_old_from=args.reuse_old_from)
     print(f"report: {args.out}/report.md ({len(report['results'])} results)")
     return 0
 

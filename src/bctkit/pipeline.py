@@ -29,6 +29,7 @@ from bctkit.features import FeatureSet, extract
 from bctkit.losses import CompatContext, CompatibilityTerm, build_term
 from bctkit.losses.base import method_class
 from bctkit.models.backbones import BackboneConfig
+from bctkit.models.heads import HeadConfig
 from bctkit.models.store import LoadedModel, load_model, save_model
 from bctkit.storage import write_json
 from bctkit.training import TrainConfig, train_model
@@ -63,9 +64,29 @@ class Run:
     """One pipeline run in ``out``; see :func:`run_pipeline`."""
 
     def __init__(self, cfg: RunConfig, out: Path, resume: bool, progress: bool,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], reuse_old: Path | None = None) -> None:
         self.cfg, self.out, self.resume, self.progress, self.log = cfg, out, resume, progress, log
+        self.reuse_old = reuse_old
         self.models_info: dict[str, dict[str, Any]] = {}
+
+    def adopt_old(self, key: str, dest: Path) -> LoadedModel:
+        """The finished old model of the run in ``reuse_old``, copied into this run. It must have
+        been trained on this run's data and allocation with this run's old-model config."""
+        src = Path(self.reuse_old or "") / "models" / "old" / "model.safetensors"
+        if not src.exists():
+            raise ConfigError(f"--reuse-old-from {self.reuse_old}: no finished old model at {src}")
+        loaded = load_model(src)
+        if loaded.meta.get("run_id") != key:
+            raise ConfigError(
+                f"--reuse-old-from {self.reuse_old}: {src} was trained on other data, another allocation "
+                f"or another old-model config than this run's (run id {loaded.meta.get('run_id')}, "
+                f"this run needs {key})"
+            )
+        if not dest.exists() or src.resolve() != dest.resolve():
+            save_model(dest, loaded.backbone, loaded.head, HeadConfig(**loaded.meta["head"]), loaded.meta)
+        self.log(f"[old] reusing {src}")
+        self._record("old", loaded)
+        return loaded
 
     def train_or_load(
         self, name: str, train_set: ImageSet, model_cfg: ModelConfig, train_cfg: TrainConfig,
@@ -74,6 +95,8 @@ class Run:
     ) -> LoadedModel:
         folder = self.out / "models" / name
         path = folder / "model.safetensors"
+        if name == "old" and self.reuse_old is not None:
+            return self.adopt_old(key, path)
         if self.resume and path.exists():
             loaded = load_model(path)
             if loaded.meta.get("run_id") == key:
@@ -281,11 +304,22 @@ class Run:
 
 def run_pipeline(
     cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = _stderr, reuse_old_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline for ``cfg`` (with its scenario's overrides) into ``out``; returns the
-    report dictionary."""
-    return Run(for_scenario(cfg, cfg.allocation.scenario), Path(out), resume, progress, log).execute()
+    report dictionary. ``reuse_old_from``: a finished run of the same data, allocation and old
+    model whose old model is copied in instead of training one (e.g. runs that differ only in
+    ``new.train.seed``)."""
+    reuse = None if reuse_old_from is None else _reuse_dir(Path(reuse_old_from))
+    return Run(for_scenario(cfg, cfg.allocation.scenario), Path(out), resume, progress, log, reuse).execute()
+
+
+def _reuse_dir(path: Path) -> Path:
+    """A ``reuse_old_from`` run directory, checked before anything trains."""
+    if not (path / "models" / "old" / "model.safetensors").exists():
+        raise ConfigError(f"--reuse-old-from {path}: no finished old model at "
+                          f"{path / 'models' / 'old' / 'model.safetensors'}")
+    return path
 
 
 __all__ = ["run_pipeline"]
@@ -293,16 +327,19 @@ __all__ = ["run_pipeline"]
 
 def run_scenarios(
     cfg: RunConfig, out: str | Path, scenarios: list[Scenario], resume: bool = False, progress: bool = True,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = _stderr, reuse_old_from: str | Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the pipeline once per allocation scenario into ``out/<scenario>`` and write the combined
-    table (UniBCT Table 2 layout) to ``out/summary.md`` and ``out/summary.json``."""
+    table (UniBCT Table 2 layout) to ``out/summary.md`` and ``out/summary.json``.
+    ``reuse_old_from``: an all-allocation run whose ``<scenario>/models/old`` are copied in."""
     out = Path(out)
-    # Every scenario's config is checked before anything trains.
+    # Every scenario's config (and old model to reuse) is checked before anything trains.
     subs = {scenario: for_scenario(cfg, scenario) for scenario in scenarios}
+    reuse = {scenario: None if reuse_old_from is None else _reuse_dir(Path(reuse_old_from) / scenario)
+             for scenario in scenarios}
     reports = {}
     for scenario, sub in subs.items():
         log(f"=== allocation {scenario} ===")
-        reports[scenario] = Run(sub, out / scenario, resume, progress, log).execute()
+        reports[scenario] = Run(sub, out / scenario, resume, progress, log, reuse[scenario]).execute()
     write_summary(out, reports, cfg.evaluation.fars)
     return reports
