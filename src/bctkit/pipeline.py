@@ -72,9 +72,7 @@ class Run:
     def adopt_old(self, key: str, dest: Path) -> LoadedModel:
         """The finished old model of the run in ``reuse_old``, copied into this run. It must have
         been trained on this run's data and allocation with this run's old-model config."""
-        src = Path(self.reuse_old or "") / "models" / "old" / "model.safetensors"
-        if not src.exists():
-            raise ConfigError(f"--reuse-old-from {self.reuse_old}: no finished old model at {src}")
+        src = _old_model_file(Path(self.reuse_old or ""))
         loaded = load_model(src)
         if loaded.meta.get("run_id") != key:
             raise ConfigError(
@@ -82,7 +80,7 @@ class Run:
                 f"or another old-model config than this run's (run id {loaded.meta.get('run_id')}, "
                 f"this run needs {key})"
             )
-        if not dest.exists() or src.resolve() != dest.resolve():
+        if src.resolve() != dest.resolve():
             save_model(dest, loaded.backbone, loaded.head, HeadConfig(**loaded.meta["head"]), loaded.meta)
         self.log(f"[old] reusing {src}")
         self._record("old", loaded)
@@ -314,11 +312,17 @@ def run_pipeline(
     return Run(for_scenario(cfg, cfg.allocation.scenario), Path(out), resume, progress, log, reuse).execute()
 
 
+def _old_model_file(run_dir: Path) -> Path:
+    """The finished old model of a ``reuse_old_from`` run directory (checked before anything trains)."""
+    path = run_dir / "models" / "old" / "model.safetensors"
+    if not path.exists():
+        raise ConfigError(f"--reuse-old-from {run_dir}: no finished old model at {path}")
+    return path
+
+
 def _reuse_dir(path: Path) -> Path:
-    """A ``reuse_old_from`` run directory, checked before anything trains."""
-    if not (path / "models" / "old" / "model.safetensors").exists():
-        raise ConfigError(f"--reuse-old-from {path}: no finished old model at "
-                          f"{path / 'models' / 'old' / 'model.safetensors'}")
+    """``path``, once it is known to hold a finished old model."""
+    _old_model_file(path)
     return path
 
 
