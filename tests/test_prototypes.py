@@ -11,7 +11,15 @@ import torch
 
 from bctkit import prototypes
 from bctkit.errors import ConfigError, DataError
-from bctkit.prototypes import _plan_chunks, class_means, drop_means, refine_prototypes, refinement_weights
+from bctkit.prototypes import (
+    _plan_chunks,
+    class_means,
+    drop_means,
+    refine_prototypes,
+    refinement_weights,
+    weight_summary,
+    weighted_means,
+)
 
 SIZES = [1, 2, 3, 17, 50, 5, 1, 8, 2, 33, 4, 1, 64, 9]
 
@@ -113,6 +121,45 @@ def test_weights_match_mean_row_of_explicit_inverse() -> None:
     unit_old = torch.nn.functional.normalize(old.double(), dim=1)
     direct = torch.zeros_like(protos).index_add_(0, labels, unit_old * got[:, None])
     torch.testing.assert_close(protos, direct, atol=1e-12, rtol=0)
+
+
+def test_weighted_means_of_the_weights_are_the_refined_prototypes(tmp_path: Path) -> None:
+    old, new, labels = _data(SIZES, seed=8)
+    w = refinement_weights(new, labels, len(SIZES))
+    mm = np.lib.format.open_memmap(tmp_path / "old.npy", mode="w+", dtype=np.float16, shape=tuple(old.shape))
+    mm[:] = old.numpy()
+    mm.flush()
+    mapped = np.load(tmp_path / "old.npy", mmap_mode="r")
+    from_mm = weighted_means(mapped, w, labels, len(SIZES), chunk_size=7)
+    as_f32 = torch.from_numpy(mm.astype(np.float32))
+    torch.testing.assert_close(from_mm, refine_prototypes(as_f32, new, labels, len(SIZES)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(weighted_means(old, w, labels, len(SIZES)),
+                               refine_prototypes(old, new, labels, len(SIZES)), atol=1e-6, rtol=0)
+    with pytest.raises(DataError, match="weights have shape"):
+        weighted_means(old, w[:-1], labels, len(SIZES))
+    with pytest.raises(DataError, match="NaN"):
+        weighted_means(old, w.index_fill(0, torch.tensor([0]), float("nan")), labels, len(SIZES))
+
+
+def test_weight_summary_matches_loop() -> None:
+    g = torch.Generator().manual_seed(4)
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 3, 3, 3])
+    raw = torch.rand(10, generator=g, dtype=torch.float64) + 0.05
+    raw[2] = 0.01  # far below the plain mean in class 0
+    w = raw / torch.zeros(4, dtype=torch.float64).index_add_(0, labels, raw)[labels]
+    got = weight_summary(w, labels, 4)
+    ess, low, members = [], 0, 0
+    for c in range(4):
+        wc = w[labels == c]
+        if len(wc) < 2:
+            continue
+        ess.append(float(wc.sum() ** 2 / (wc ** 2).sum()) / len(wc))
+        low += int((wc * len(wc) < 0.5).sum())
+        members += len(wc)
+    assert got["ess"] == pytest.approx(sum(ess) / len(ess), abs=1e-12)
+    assert got["low"] == pytest.approx(low / members, abs=1e-12) and got["low"] > 0
+    uniform = weight_summary(torch.full((10,), 1.0) / torch.bincount(labels)[labels], labels, 4)
+    assert uniform == pytest.approx({"ess": 1.0, "low": 0.0})
 
 
 def test_weights_put_an_outlier_last() -> None:

@@ -31,7 +31,10 @@ from bctkit.errors import ConfigError, DataError
 Features = torch.Tensor | np.ndarray
 Labels = torch.Tensor | np.ndarray
 
-__all__ = ["class_means", "drop_means", "refine_prototypes", "refinement_weights"]
+__all__ = [
+    "class_means", "drop_means", "refine_prototypes", "refinement_weights", "weight_summary",
+    "weighted_means",
+]
 
 _MAX_LISTED_IDS = 10
 _NUMPY_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64"})
@@ -606,8 +609,18 @@ def refine_prototypes(
     weights = _weights_pass(new_feats, y, counts, num_classes, d_new, lam, tau, normalize, chunk_size,
                             dtype, device)
 
-    # pass 2, sequential blocks of the old features: normalise via the weights and accumulate
+    return _weighted_pass(old_feats, weights, y, num_classes, d_old, normalize_inputs, chunk_size, dtype,
+                          device)
+
+
+def _weighted_pass(
+    old_feats: Features, weights: torch.Tensor, y: torch.Tensor, num_classes: int, d_old: int,
+    normalize_inputs: bool, chunk_size: int, dtype: torch.dtype, device: torch.device,
+) -> torch.Tensor:
+    """Pass 2: sequential blocks of the old features, (normalised and) weighted, summed per class."""
+    n = len(y)
     y_dev = y.to(device)
+    weights = weights.to(device=device, dtype=dtype)
     block_rows = max(chunk_size, 8192)
     old_reader = _RowReader(old_feats, min(n, block_rows), dtype, device)
     out = torch.zeros(num_classes, d_old, dtype=dtype, device=device)
@@ -621,3 +634,54 @@ def refine_prototypes(
             coef = coef / norms.clamp_min(_EPS)
         out.index_add_(0, y_dev[start:stop], block.mul_(coef.unsqueeze(1)))
     return out
+
+
+@torch.no_grad()
+def weighted_means(
+    old_feats: Features,
+    weights: torch.Tensor | np.ndarray,
+    labels: Labels,
+    num_classes: int,
+    normalize_inputs: bool = True,
+    chunk_size: int = 4096,
+    *,
+    allow_empty: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-class sums of ``weights[i] * n(old_feats[i])`` (num_classes, d_o): with the output of
+    :func:`refinement_weights` these are the refined prototypes, so one set of weights can be both
+    inspected and used. Reads ``old_feats`` (np.memmap fine) once, sequentially, in blocks."""
+    n, d_old = _check_features("old_feats", old_feats)
+    w = torch.as_tensor(weights)
+    if w.shape != (n,) or not w.dtype.is_floating_point:
+        raise DataError(f"weights have shape {tuple(w.shape)} and dtype {w.dtype}; expected ({n},) floats, "
+                        "one per row of old_feats")
+    if not torch.isfinite(w).all():
+        raise DataError("weights contain NaN or Inf")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ConfigError(f"chunk_size is {chunk_size!r}; expected a positive integer")
+    y = _labels_tensor(labels, n, num_classes)
+    _class_counts(y, num_classes, allow_empty)
+    device = _device_of(old_feats, w)
+    return _weighted_pass(old_feats, w, y, num_classes, d_old, normalize_inputs, chunk_size, dtype, device)
+
+
+@torch.no_grad()
+def weight_summary(
+    weights: torch.Tensor, labels: Labels, num_classes: int, low: float = 0.5
+) -> dict[str, float]:
+    """What a set of refinement weights did, for training logs: ``ess`` = mean over classes of more
+    than one sample of the effective sample share 1 / (m * sum w_i^2) (1: the plain mean), and
+    ``low`` = share of samples (of such classes) weighted below ``low`` times the plain mean's 1/m,
+    the samples the new model's graph places outside their class (candidates for wrong labels)."""
+    w = torch.as_tensor(weights).double().cpu()
+    y = _labels_tensor(labels, len(w), num_classes).cpu()
+    counts = torch.bincount(y, minlength=num_classes)
+    sq = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, y, w * w)
+    multi = counts > 1
+    if not multi.any():
+        return {"ess": 1.0, "low": 0.0}
+    ess = (1.0 / (counts[multi] * sq[multi])).mean()
+    in_multi = multi[y]
+    scaled = w[in_multi] * counts[y][in_multi]
+    return {"ess": float(ess), "low": float((scaled < low).double().mean())}

@@ -10,7 +10,7 @@ from bctkit.data import SyntheticSpec, make_synthetic
 from bctkit.errors import ConfigError
 from bctkit.losses import CompatBatch, CompatContext, build_term
 from bctkit.models import BackboneConfig, HeadConfig, build_backbone
-from bctkit.prototypes import class_means, refine_prototypes
+from bctkit.prototypes import class_means, refine_prototypes, refinement_weights, weight_summary
 from bctkit.training import TrainConfig, train_model
 
 BB = BackboneConfig(arch="r8", width=4, embedding_dim=8, image_size=16)
@@ -76,6 +76,10 @@ def test_refined_follows_the_new_model(tiny):
         new = model(torch.from_numpy(tiny.images).float() / 127.5 - 1)
     assert torch.allclose(term.head.weight, refine_prototypes(old, new, y, 5), atol=1e-5)
     assert not torch.allclose(term.head.weight, class_means(old, y, 5), atol=1e-4)
+    stats = weight_summary(refinement_weights(new, y, 5), y, 5)
+    assert term.weight_stats == pytest.approx(stats, abs=1e-6) and 0 < stats["ess"] < 1
+    parts = term(CompatBatch(new_feats=new, labels=y, index=torch.arange(len(y)), epoch=0)).parts
+    assert parts["proto_ess"] == term.weight_stats["ess"] and parts["proto_low"] == term.weight_stats["low"]
     first = term.head.weight.clone()
     with torch.no_grad():
         model.fc.weight.mul_(-1.5)

@@ -5,7 +5,9 @@ refinement along the graph of current new-model similarities, Eq. 6 row-stochast
 
 eta = 0 during the first ``warmup_epochs``; prototypes are (re)built at the end of warm-up and every
 ``rebuild_every`` epochs after it (or at ``rebuild_epochs``), the refined ones with the current new
-model. The base ArcFace is the run's new head; this term adds the prototype ArcFace.
+model. The base ArcFace is the run's new head; this term adds the prototype ArcFace. With refined
+prototypes the training history logs what the last rebuild's weights did (``proto_ess``, ``proto_low``:
+:func:`bctkit.prototypes.weight_summary`; after a resume, from the next rebuild on).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from bctkit.errors import ConfigError
 from bctkit.features import extract
 from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm, TermOutput, TermParams, register
 from bctkit.models.heads import ArcFaceHead
-from bctkit.prototypes import class_means, drop_means, refine_prototypes
+from bctkit.prototypes import class_means, drop_means, refinement_weights, weight_summary, weighted_means
 
 
 class UniBCTParams(TermParams):
@@ -74,6 +76,7 @@ class UniBCT(CompatibilityTerm):
         self.head = ArcFaceHead(ctx.old_embedding_dim, ctx.num_new_classes, self.params.s, self.params.m)
         self.head.requires_grad_(False)
         self.register_buffer("built", torch.zeros((), dtype=torch.bool))
+        self.weight_stats: dict[str, float] = {}
 
     def build(self, model: nn.Module) -> torch.Tensor:
         """Pseudo prototypes (num_new_classes x d_o) for the current state of ``model``."""
@@ -86,8 +89,10 @@ class UniBCT(CompatibilityTerm):
         if ctx.train_images is None:
             raise ValueError("unibct refined prototypes need the training images")
         new = extract(model, ctx.train_images, progress=False, desc="unibct new features")
-        return refine_prototypes(old, new[:, : ctx.old_embedding_dim], labels, c, lam=p.lam, tau=p.tau,
-                                 normalize=p.normalize)
+        weights = refinement_weights(new[:, : ctx.old_embedding_dim], labels, c, lam=p.lam, tau=p.tau,
+                                     normalize=p.normalize)
+        self.weight_stats = weight_summary(weights, labels, c)
+        return weighted_means(old, weights, labels, c)
 
     def on_epoch_start(self, epoch: int, model: nn.Module) -> None:
         if not self.rebuild_at(epoch):
@@ -103,4 +108,6 @@ class UniBCT(CompatibilityTerm):
             return TermOutput(batch.new_feats.new_zeros(()), {"eta": 0.0})
         f = batch.new_feats[:, : self.ctx.old_embedding_dim]
         loss = F.cross_entropy(self.head.logits(f, batch.labels), batch.labels)
-        return TermOutput(self.params.eta * loss, {"proto_ce": float(loss.detach()), "eta": self.params.eta})
+        parts = {"proto_ce": float(loss.detach()), "eta": self.params.eta}
+        parts.update({f"proto_{k}": v for k, v in self.weight_stats.items()})
+        return TermOutput(self.params.eta * loss, parts)
