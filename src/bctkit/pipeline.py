@@ -69,14 +69,14 @@ class Run:
         self.reuse_old = reuse_old
         self.models_info: dict[str, dict[str, Any]] = {}
 
-    def adopt_old(self, key: str, dest: Path) -> LoadedModel:
-        """The finished old model of the run in ``reuse_old``, copied into this run. It must have
+    def adopt_old(self, run_dir: Path, key: str, dest: Path) -> LoadedModel:
+        """The finished old model of the run in ``run_dir``, copied into this run. It must have
         been trained on this run's data and allocation with this run's old-model config."""
-        src = _old_model_file(Path(self.reuse_old or ""))
+        src = _old_model_file(run_dir)
         loaded = load_model(src)
         if loaded.meta.get("run_id") != key:
             raise ConfigError(
-                f"--reuse-old-from {self.reuse_old}: {src} was trained on other data, another allocation "
+                f"--reuse-old-from {run_dir}: {src} was trained on other data, another allocation "
                 f"or another old-model config than this run's (run id {loaded.meta.get('run_id')}, "
                 f"this run needs {key})"
             )
@@ -94,7 +94,7 @@ class Run:
         folder = self.out / "models" / name
         path = folder / "model.safetensors"
         if name == "old" and self.reuse_old is not None:
-            return self.adopt_old(key, path)
+            return self.adopt_old(self.reuse_old, key, path)
         if self.resume and path.exists():
             loaded = load_model(path)
             if loaded.meta.get("run_id") == key:

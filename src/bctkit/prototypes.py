@@ -486,6 +486,11 @@ def _propagation_weights(
     return torch.where(singleton, valid.to(new.dtype), w)
 
 
+def _check_chunk_size(chunk_size: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ConfigError(f"chunk_size is {chunk_size!r}; expected a positive integer")
+
+
 def _check_refine_options(lam: float, tau: float, normalize: str, chunk_size: int) -> tuple[float, float]:
     if normalize not in ("row", "column"):
         raise ConfigError(f"normalize is {normalize!r}; expected 'row' or 'column'")
@@ -493,8 +498,7 @@ def _check_refine_options(lam: float, tau: float, normalize: str, chunk_size: in
     tau = float(tau)
     if not tau > 0 or math.isinf(tau):
         raise ConfigError(f"tau is {tau}; expected a finite positive temperature")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ConfigError(f"chunk_size is {chunk_size!r}; expected a positive integer")
+    _check_chunk_size(chunk_size)
     return lam, tau
 
 
@@ -658,8 +662,7 @@ def weighted_means(
                         "one per row of old_feats")
     if not torch.isfinite(w).all():
         raise DataError("weights contain NaN or Inf")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ConfigError(f"chunk_size is {chunk_size!r}; expected a positive integer")
+    _check_chunk_size(chunk_size)
     y = _labels_tensor(labels, n, num_classes)
     _class_counts(y, num_classes, allow_empty)
     device = _device_of(old_feats, w)
