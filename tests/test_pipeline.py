@@ -120,6 +120,51 @@ def test_resume_keys_ignore_eval_set_and_paragon_ignores_old(tiny_run, tmp_path)
     assert len(reused) == 1 and "[paragon]" in reused[0]
 
 
+def _top1(query: torch.Tensor, gallery: torch.Tensor, labels: torch.Tensor) -> float:
+    """Closed-set top-1 with the first image of each identity as its gallery, by a direct loop."""
+    first = {}
+    for i, y in enumerate(labels.tolist()):
+        first.setdefault(y, i)
+    g_idx = torch.tensor(sorted(first.values()))
+    g = torch.nn.functional.normalize(gallery[g_idx].double(), dim=1)
+    hits, probes = 0, 0
+    for i in range(len(labels)):
+        if i in first.values():
+            continue
+        q = torch.nn.functional.normalize(query[i].double(), dim=0)
+        hits += int(labels[g_idx[int(torch.argmax(g @ q))]] == labels[i])
+        probes += 1
+    return hits / probes
+
+
+def test_validation_split_reuses_the_models_and_reports_beside_the_test_report(tiny_run, tmp_path, capsys):
+    out, cfg_path, report, _ = tiny_run
+    run_dir = tmp_path / "r"
+    shutil.copytree(out / "r", run_dir)
+    test_report = (run_dir / "report.json").read_bytes()
+    logs: list[str] = []
+    cfg = load_config(cfg_path, ["data.validation_classes=5", "evaluation.split=validation"])
+    rep = run_pipeline(cfg, run_dir, resume=True, progress=False, log=logs.append)
+    assert sum("reusing finished model" in line for line in logs) == 4
+    assert not any("training on" in line for line in logs)
+    assert (run_dir / "report.json").read_bytes() == test_report
+    on_disk = json.loads((run_dir / "validation" / "report.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(rep["results"]))
+    assert "validation split" in on_disk["dataset"] and "5 ids" in on_disk["results"][0]["protocol"]
+    saved = json.loads((run_dir / "validation" / "config.json").read_text())
+    assert saved["evaluation"]["split"] == "validation"
+    old = load_features(run_dir / "validation" / "features" / "old.safetensors")
+    l2 = load_features(run_dir / "validation" / "features" / "l2.safetensors")
+    assert old.feats.shape == (20, 8) and torch.equal(old.labels, torch.arange(5).repeat_interleave(4))
+    assert pick(rep, "l2", "old", "top1") == pytest.approx(_top1(l2.feats[:, :8], old.feats, old.labels))
+    test_old = load_features(run_dir / "features" / "old.safetensors")
+    assert not any(torch.allclose(v, t) for v in old.feats for t in test_old.feats)
+    args = ["run", str(cfg_path), "--out", str(tmp_path / "x"), "--set", "evaluation.split=validation"]
+    assert main(args) == 2
+    assert "evaluation.split=validation needs data.validation_classes >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_reuse_old_from_copies_the_old_model_only(tiny_run, tmp_path, capsys):
     out, cfg_path, report, _ = tiny_run
     logs: list[str] = []
@@ -254,6 +299,25 @@ def test_cli_scenarios_summary(tmp_path, capsys):
     assert "| open-class | l2 |" in (tmp_path / "s" / "summary.md").read_text()
     assert (tmp_path / "s" / "summary_top1.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["run", str(path), "--out", str(tmp_path / "x"), "--scenarios", "closed"]) == 2
+    # the validation split of the same run: nothing retrained, summary and reports under validation/
+    test_summary = (tmp_path / "s" / "summary.json").read_bytes()
+    capsys.readouterr()
+    val_args = ["--resume", "--set", "data.validation_classes=3", "--set", "evaluation.split=validation"]
+    assert main([*args, *val_args]) == 0
+    assert "training on" not in capsys.readouterr().err
+    assert (tmp_path / "s" / "summary.json").read_bytes() == test_summary
+    val = json.loads((tmp_path / "s" / "validation" / "summary.json").read_text())
+    val_rep = json.loads((tmp_path / "s" / "open-class" / "validation" / "report.json").read_text())
+    assert val["rows"][2]["top1 cross"] == pick(val_rep, "l2", "old", "top1")
+    assert "3 ids" in val_rep["results"][0]["protocol"]
+    assert main(["aggregate", str(tmp_path / "s"), "--split", "validation", "--out",
+                 str(tmp_path / "agg")]) == 0
+    agg = json.loads((tmp_path / "agg" / "aggregate.json").read_text())
+    row = next(r for r in agg["rows"] if (r["allocation"], r["model"]) == ("open-class", "l2"))
+    assert row["top1 cross"]["mean"] == pick(val_rep, "l2", "old", "top1")
+    assert main(["aggregate", str(tmp_path / "s" / "open-class"), "--split", "validation",
+                 "--out", str(tmp_path / "agg2")]) == 2
+    assert "no <allocation>/validation/report.json" in capsys.readouterr().err
 
 
 CHAIN = {

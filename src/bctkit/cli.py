@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
                                            "criterion per run and on the means")
     agg.add_argument("runs", nargs="+", help="all-allocation run directories, e.g. one per seed")
     agg.add_argument("--out", required=True, help="directory for aggregate.md and aggregate.json")
+    agg.add_argument("--split", choices=["test", "validation"], default="test",
+                     help="which reports to combine: the test identities' (default) or those of runs "
+                          "made with --set evaluation.split=validation (RUN_DIR/<scenario>/validation)")
     sub.add_parser("methods", help="list the compatibility methods and their options")
     return p
 
@@ -84,7 +87,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "aggregate":
         from bctkit.evaluation.aggregate import aggregate, load_run, write_aggregate
 
-        write_aggregate(Path(args.out), aggregate([load_run(Path(r)) for r in args.runs], args.runs))
+        summaries = [load_run(Path(r), args.split) for r in args.runs]
+        write_aggregate(Path(args.out), aggregate(summaries, args.runs))
         print(f"aggregate: {args.out}/aggregate.md ({len(args.runs)} runs)")
         return 0
     if args.command == "run":

@@ -74,6 +74,9 @@ class EvalConfig(_Strict):
     gallery_per_class: int = Field(1, ge=1)
     flip: bool = False
     batch_size: int = Field(512, ge=1)
+    # Which held-out identities to evaluate on: "validation" (data.validation_classes) is for
+    # choosing settings; its reports go to RUN_DIR/validation, beside the test reports.
+    split: Literal["test", "validation"] = "test"
 
     @model_validator(mode="after")
     def _ranges(self) -> EvalConfig:
@@ -124,6 +127,11 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"evaluation.gallery_per_class={self.evaluation.gallery_per_class} leaves no probes "
                 f"with data.eval_images_per_class={self.data.eval_images_per_class}"
+            )
+        if self.evaluation.split == "validation" and self.data.validation_classes < 2:
+            raise ValueError(
+                f"evaluation.split=validation needs data.validation_classes >= 2 (identities kept apart "
+                f"from training and test), got {self.data.validation_classes}"
             )
         seen: set[str] = set()
         for m in [*self.methods, *self.chain]:

@@ -23,7 +23,7 @@ from bctkit.data.datasets import load_datasets
 from bctkit.data.imageset import ImageSet
 from bctkit.errors import ConfigError
 from bctkit.evaluation.protocols import EvalProtocol
-from bctkit.evaluation.report import write_summary
+from bctkit.evaluation.report import report_dir, write_summary
 from bctkit.evaluation.suite import evaluate_suite
 from bctkit.features import FeatureSet, extract
 from bctkit.losses import CompatContext, CompatibilityTerm, build_term
@@ -242,9 +242,10 @@ class Run:
 
     def execute(self) -> dict[str, Any]:
         cfg, out = self.cfg, self.out
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", cfg.model_dump(mode="json"))
-        pool, eval_set = load_datasets(cfg.data, progress=self.progress)
+        reports = report_dir(out, cfg.evaluation.split)
+        reports.mkdir(parents=True, exist_ok=True)
+        write_json(reports / "config.json", cfg.model_dump(mode="json"))
+        pool, eval_set = load_datasets(cfg.data, progress=self.progress, split=cfg.evaluation.split)
         alloc = allocate(pool.labels, cfg.allocation.scenario, cfg.allocation.ratio, cfg.allocation.seed)
         self.log(f"[data] {pool.name}: {len(pool)} images, {pool.num_classes} classes; "
                  f"eval {len(eval_set)} images, {eval_set.num_classes} held-out classes")
@@ -283,20 +284,22 @@ class Run:
                 "dataset": eval_set.name, "images_fingerprint": eval_fp,
                 **{k: self.models_info[name][k] for k in ("method", "params", "train_images", "num_classes")},
             })
-            fs.save(out / "features" / f"{name}.safetensors")
+            fs.save(reports / "features" / f"{name}.safetensors")
             features[name] = fs
         ev = cfg.evaluation
         protocol = EvalProtocol(eval_set.name, eval_labels, ev.gallery_per_class, tuple(ev.fars),
                                 tuple(ev.topk), tuple(ev.fpirs), ev.retrieval)
         extra = {
             "dataset": f"{eval_set.name}: {len(eval_set)} images of {eval_set.num_classes} "
-                       f"identities never used in training",
+                       f"identities never used in training" + (
+                           "" if cfg.evaluation.split == "test" else
+                           " (validation split: for choosing settings, not the test identities)"),
             "allocation": alloc.summary(),
             "config": cfg.model_dump(mode="json"),
         }
-        report = evaluate_suite(features, protocol, out, self.models_info, extra, backfill=ev.backfill,
+        report = evaluate_suite(features, protocol, reports, self.models_info, extra, backfill=ev.backfill,
                                 chain=chain)
-        self.log(f"[report] {out / 'report.md'}")
+        self.log(f"[report] {reports / 'report.md'}")
         return report
 
 
@@ -326,9 +329,6 @@ def _reuse_dir(path: Path) -> Path:
     return path
 
 
-__all__ = ["run_pipeline"]
-
-
 def run_scenarios(
     cfg: RunConfig, out: str | Path, scenarios: list[Scenario], resume: bool = False, progress: bool = True,
     log: Callable[[str], None] = _stderr, reuse_old_from: str | Path | None = None,
@@ -345,5 +345,10 @@ def run_scenarios(
     for scenario, sub in subs.items():
         log(f"=== allocation {scenario} ===")
         reports[scenario] = Run(sub, out / scenario, resume, progress, log, reuse[scenario]).execute()
-    write_summary(out, reports, cfg.evaluation.fars)
+    summary_dir = report_dir(out, cfg.evaluation.split)
+    summary_dir.mkdir(parents=True, exist_ok=True)
+    write_summary(summary_dir, reports, cfg.evaluation.fars)
     return reports
+
+
+__all__ = ["run_pipeline", "run_scenarios"]

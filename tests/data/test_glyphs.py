@@ -18,7 +18,7 @@ from bctkit.data import glyphs as g
 from bctkit.data.datasets import DataConfig, load_datasets
 from bctkit.data.glyphs import GlyphsConfig, load_glyphs
 from bctkit.data.imageset import ImageSet
-from bctkit.errors import DataError
+from bctkit.errors import ConfigError, DataError
 
 EVAL_CLASSES, EVAL_IMAGES = 8, 3
 
@@ -193,6 +193,28 @@ def test_more_images_than_faces_reuse_faces_with_new_copies(warm):
     assert {f for f, _ in plan[:n]} == set(table.faces_of(char))
     assert [k for _, k in plan] == [0] * n + [1] * n + [2]
     assert [f for f, _ in plan[n: 2 * n]] == [f for f, _ in plan[:n]] and plan[2 * n][0] == plan[0][0]
+
+
+def test_validation_characters_are_apart_and_leave_the_other_sets_alone(warm):
+    cache, pool, held = warm
+    cfg = small(cache)
+    pool2, test2 = load_glyphs(cfg, EVAL_CLASSES, EVAL_IMAGES, progress=False, validation_classes=5)
+    assert np.array_equal(pool2.images, pool.images) and np.array_equal(test2.images, held.images)
+    assert test2.name == held.name
+    pool3, val = load_glyphs(cfg, EVAL_CLASSES, EVAL_IMAGES, progress=False, validation_classes=5,
+                             split="validation")
+    assert np.array_equal(pool3.images, pool.images) and val.name.startswith("glyphs validation (5 ")
+    assert val.images.shape == (5 * EVAL_IMAGES, 1, 16, 16)
+    assert np.array_equal(val.labels, np.repeat(np.arange(5), EVAL_IMAGES))
+    val_chars = _manifest(cache, "validation", val)["characters"]
+    train_chars = _manifest(cache, "train", pool)["characters"]
+    eval_chars = _manifest(cache, "eval", held)["characters"]
+    assert len(set(val_chars)) == 5 and not set(val_chars) & (set(train_chars) | set(eval_chars))
+    # the characters that come right after training's in the seeded order: a bigger pool takes them
+    bigger, _ = _load(small(cache, num_classes=17))
+    assert np.array_equal(_manifest(cache, "train", bigger)["characters"][12:], val_chars)
+    with pytest.raises(ConfigError, match="split='validation' needs validation_classes >= 2"):
+        load_glyphs(cfg, EVAL_CLASSES, EVAL_IMAGES, progress=False, split="validation")
 
 
 def test_too_few_identities_says_how_many(warm):

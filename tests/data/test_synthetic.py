@@ -1,9 +1,11 @@
 """The synthetic dataset: deterministic, class-consistent, and varied within a class."""
 
 import numpy as np
+import pytest
 
 from bctkit.data import SyntheticSpec, make_synthetic
 from bctkit.data.datasets import DataConfig, SyntheticConfig, load_datasets
+from bctkit.errors import ConfigError
 
 
 def test_deterministic_and_prefix_stable():
@@ -36,3 +38,24 @@ def test_channels_and_held_out_pool():
     assert held.labels.max() == 3
     flat_pool = {img.tobytes() for img in pool.images}
     assert not any(img.tobytes() in flat_pool for img in held.images)
+
+
+def test_validation_identities_are_neither_pool_nor_test_and_change_neither():
+    syn = SyntheticConfig(num_classes=5, images_per_class=3, size=16)
+    plain = DataConfig(synthetic=syn, eval_classes=4, eval_images_per_class=2)
+    with_val = plain.model_copy(update={"validation_classes": 3})
+    pool, test = load_datasets(plain)
+    pool2, test2 = load_datasets(with_val)
+    assert np.array_equal(pool.images, pool2.images) and np.array_equal(test.images, test2.images)
+    same_pool, val = load_datasets(with_val, split="validation")
+    assert np.array_equal(same_pool.images, pool.images)
+    assert val.images.shape == (6, 1, 16, 16) and np.array_equal(val.labels, np.repeat(np.arange(3), 2))
+    assert "validation" in val.name and "validation" not in test2.name
+    # the identities follow the test ones: generated as classes 9, 10, 11 of the same dataset
+    beyond = make_synthetic(SyntheticSpec(num_classes=3, images_per_class=2, size=16, first_class=9))
+    assert np.array_equal(val.images, beyond.images)
+    seen = {img.tobytes() for img in np.concatenate([pool.images, test.images])}
+    assert not any(img.tobytes() in seen for img in val.images)
+    assert "validation_classes" not in plain.model_dump() and with_val.model_dump()["validation_classes"] == 3
+    with pytest.raises(ConfigError, match="data.validation_classes=0: the validation split needs"):
+        load_datasets(plain, split="validation")

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import PIL
@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from bctkit.data.imageset import ImageSet
-from bctkit.errors import DataError
+from bctkit.errors import ConfigError, DataError
 from bctkit.storage import atomic_path, write_json
 
 FONT_PACKAGES: tuple[str, ...] = (
@@ -506,18 +506,20 @@ def missing_fonts_error(found: int, needed: int, cfg: GlyphsConfig, faces: int) 
     )
 
 
-def select_identities(table: GlyphTable, cfg: GlyphsConfig, eval_classes: int) -> tuple[list[int], list[int]]:
-    """(training characters, evaluation characters): disjoint, drawn by ``cfg.seed`` from the
-    eligible characters. Training takes the head of one seeded permutation and evaluation its tail,
-    so changing one count leaves the other set as it was."""
+def select_identities(table: GlyphTable, cfg: GlyphsConfig, eval_classes: int, validation_classes: int = 0
+                      ) -> tuple[list[int], list[int], list[int]]:
+    """(training, test, validation characters): disjoint, drawn by ``cfg.seed`` from the eligible
+    characters. Training takes the head of one seeded permutation, test its tail and validation the
+    characters right after training's, so changing one count leaves the other sets as they were."""
     eligible = table.eligible(cfg.min_faces)
-    needed = cfg.num_classes + eval_classes
+    needed = cfg.num_classes + eval_classes + validation_classes
     if len(eligible) < needed:
         raise missing_fonts_error(len(eligible), needed, cfg, len(table.faces))
     order = np.random.default_rng(cfg.seed).permutation(len(eligible))
     train = [eligible[i] for i in order[: cfg.num_classes]]
     held_out = [eligible[i] for i in order[len(eligible) - eval_classes:]]
-    return train, held_out
+    validation = [eligible[i] for i in order[cfg.num_classes: cfg.num_classes + validation_classes]]
+    return train, held_out, validation
 
 
 def image_plan(table: GlyphTable, char: int, count: int, seed: int) -> list[tuple[Face, int]]:
@@ -585,16 +587,24 @@ def _read_images(images_path: Path, manifest_path: Path, key: str, shape: tuple[
 
 
 def load_glyphs(cfg: GlyphsConfig, eval_classes: int, eval_images_per_class: int, *, progress: bool = True,
-                workers: int | None = None) -> tuple[ImageSet, ImageSet]:
+                workers: int | None = None, validation_classes: int = 0,
+                split: Literal["test", "validation"] = "test") -> tuple[ImageSet, ImageSet]:
     """(training pool, evaluation set) of the glyphs dataset; their characters are disjoint and
-    both are labelled from 0. ``workers``: render processes (default min(2, CPUs))."""
+    both are labelled from 0. The evaluation set is the test characters, or with ``split=
+    "validation"`` the ``validation_classes`` characters kept apart from both for choosing settings
+    (``eval_images_per_class`` images each, like the test set). ``workers``: render processes
+    (default min(2, CPUs))."""
     table = scan_fonts(cfg, progress=progress, workers=workers)
-    train, held_out = select_identities(table, cfg, eval_classes)
+    train, test, validation = select_identities(table, cfg, eval_classes, validation_classes)
+    held_out = validation if split == "validation" else test
+    if not held_out:
+        raise ConfigError(f"glyphs: split={split!r} needs validation_classes >= 2, got {validation_classes}")
     pool, pool_key = _render_split(table, cfg, "train", train, cfg.images_per_class, progress, workers)
-    ev, ev_key = _render_split(table, cfg, "eval", held_out, eval_images_per_class, progress, workers)
+    name = "eval" if split == "test" else split  # the test set's cache files and name predate the split
+    ev, ev_key = _render_split(table, cfg, name, held_out, eval_images_per_class, progress, workers)
     return (
         ImageSet(pool, np.repeat(np.arange(len(train), dtype=np.int64), cfg.images_per_class),
                  f"glyphs train pool ({len(train)} characters, seed {cfg.seed}, {pool_key[:8]})"),
         ImageSet(ev, np.repeat(np.arange(len(held_out), dtype=np.int64), eval_images_per_class),
-                 f"glyphs eval ({len(held_out)} characters, seed {cfg.seed}, {ev_key[:8]})"),
+                 f"glyphs {name} ({len(held_out)} characters, seed {cfg.seed}, {ev_key[:8]})"),
     )

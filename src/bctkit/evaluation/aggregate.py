@@ -15,18 +15,19 @@ from typing import Any
 
 from bctkit.data.allocation import SCENARIOS
 from bctkit.errors import FileFormatError
-from bctkit.evaluation.report import CRITERION_MARK, fmt_percent, markdown_table, summary_rows
+from bctkit.evaluation.report import CRITERION_MARK, fmt_percent, markdown_table, report_dir, summary_rows
 from bctkit.storage import write_json, write_text
 
 SIDES = ("cross", "self")
 
 
-def load_run(path: Path) -> dict[str, Any]:
+def load_run(path: Path, split: str = "test") -> dict[str, Any]:
     """One all-allocation run directory (``bctkit run --scenarios`` / ``bctkit demo``): its
-    per-allocation reports as summary rows, with every TAR@FAR and top-k test they hold."""
+    per-allocation reports as summary rows, with every TAR@FAR and top-k test they hold.
+    ``split="validation"``: the reports of its validation evaluation (``<scenario>/validation``)."""
     reports: dict[str, dict[str, Any]] = {}
     for scenario in SCENARIOS:
-        file = path / scenario / "report.json"
+        file = report_dir(path / scenario, split) / "report.json"
         if not file.is_file():
             continue
         try:
@@ -38,8 +39,9 @@ def load_run(path: Path) -> dict[str, Any]:
             raise FileFormatError(f"{file}: expected a bctkit report with 'results' and 'models'")
         reports[scenario] = rep
     if not reports:
-        raise FileFormatError(f"{path}: no <allocation>/report.json inside (expected a run made with "
-                              "--scenarios, or bctkit demo)")
+        made = "" if split == "test" else ", with evaluation.split=validation"
+        raise FileFormatError(f"{path}: no {report_dir(Path('<allocation>'), split) / 'report.json'} inside "
+                              f"(expected a run made with --scenarios, or bctkit demo{made})")
     first = next(iter(reports.values()))
     names = {r["metric"] for r in first["results"]}
     tars = sorted((n for n in names if n.startswith("tar@far=")), key=lambda n: -float(n.split("=")[1]))

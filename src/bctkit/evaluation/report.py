@@ -23,6 +23,13 @@ GROUPS = (
 )
 
 
+def report_dir(out: Path, split: str) -> Path:
+    """Where a run in ``out`` writes its reports and evaluation features: ``out`` itself for the
+    test identities, ``out/validation`` for the validation split (so a run directory holds both, and
+    the models trained once serve both)."""
+    return out if split == "test" else out / "validation"
+
+
 def lookup(records: list[dict[str, Any]], query: str, gallery: str, metric: str) -> float | None:
     for r in records:
         if r["query_model"] == query and r["gallery_model"] == gallery and r["metric"] == metric:
