@@ -594,11 +594,11 @@ def load_glyphs(cfg: GlyphsConfig, eval_classes: int, eval_images_per_class: int
     "validation"`` the ``validation_classes`` characters kept apart from both for choosing settings
     (``eval_images_per_class`` images each, like the test set). ``workers``: render processes
     (default min(2, CPUs))."""
+    if split == "validation" and validation_classes < 2:
+        raise ConfigError(f"glyphs: split={split!r} needs validation_classes >= 2, got {validation_classes}")
     table = scan_fonts(cfg, progress=progress, workers=workers)
     train, test, validation = select_identities(table, cfg, eval_classes, validation_classes)
     held_out = validation if split == "validation" else test
-    if not held_out:
-        raise ConfigError(f"glyphs: split={split!r} needs validation_classes >= 2, got {validation_classes}")
     pool, pool_key = _render_split(table, cfg, "train", train, cfg.images_per_class, progress, workers)
     name = "eval" if split == "test" else split  # the test set's cache files and name predate the split
     ev, ev_key = _render_split(table, cfg, name, held_out, eval_images_per_class, progress, workers)
