@@ -248,7 +248,7 @@ class Run:
         pool, eval_set = load_datasets(cfg.data, progress=self.progress, split=cfg.evaluation.split)
         alloc = allocate(pool.labels, cfg.allocation.scenario, cfg.allocation.ratio, cfg.allocation.seed)
         self.log(f"[data] {pool.name}: {len(pool)} images, {pool.num_classes} classes; "
-                 f"eval {len(eval_set)} images, {eval_set.num_classes} held-out classes")
+                 f"{cfg.evaluation.split} {len(eval_set)} images, {eval_set.num_classes} held-out classes")
         self.log(f"[allocation] {alloc.summary()}")
         old_set = pool.subset(alloc.old_indices, alloc.old_labels)
         new_set = pool.subset(alloc.new_indices, alloc.new_labels)
