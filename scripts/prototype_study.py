@@ -27,17 +27,11 @@ import torch.nn.functional as F
 from bctkit.config import parse_config
 from bctkit.data import SCENARIOS, allocate
 from bctkit.data.datasets import load_datasets
+from bctkit.evaluation.verification import roc_auc
 from bctkit.features import extract
 from bctkit.models.store import load_model
 from bctkit.pipeline import Run
 from bctkit.prototypes import class_means, refinement_weights, weight_summary, weighted_means
-
-
-def auroc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U)."""
-    _, inverse, counts = np.unique(np.concatenate([pos, neg]), return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # average rank of each tie group
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 def mean_cos(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> float:
@@ -80,7 +74,7 @@ def study(run_dir: Path, model: str, taus: list[float], lam: float) -> dict:
             mw = w.numpy() * sizes
             res.update({"mw_relabelled": round(float(mw[flipped].mean()), 3),
                         "mw_clean": round(float(mw[~flipped].mean()), 3),
-                        "auroc_low_weight_flags_relabelled": round(auroc(-mw[flipped], -mw[~flipped]), 3)})
+                        "auroc_low_weight_flags_relabelled": round(roc_auc(-mw, flipped), 3)})
         out[f"tau={tau}"] = res
     return out
 
