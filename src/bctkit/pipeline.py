@@ -66,17 +66,16 @@ class Run:
     def __init__(self, cfg: RunConfig, out: Path, resume: bool, progress: bool,
                  log: Callable[[str], None], reuse_old: Path | None = None) -> None:
         self.cfg, self.out, self.resume, self.progress, self.log = cfg, out, resume, progress, log
-        self.reuse_old = reuse_old
+        self.reuse_old = reuse_old  # a finished old model file (see _old_model_file) to copy in
         self.models_info: dict[str, dict[str, Any]] = {}
 
-    def adopt_old(self, run_dir: Path, key: str, dest: Path) -> LoadedModel:
-        """The finished old model of the run in ``run_dir``, copied into this run. It must have
-        been trained on this run's data and allocation with this run's old-model config."""
-        src = _old_model_file(run_dir)
+    def adopt_old(self, src: Path, key: str, dest: Path) -> LoadedModel:
+        """The finished old model ``src`` of another run, copied into this run. It must have been
+        trained on this run's data and allocation with this run's old-model config."""
         loaded = load_model(src)
         if loaded.meta.get("run_id") != key:
             raise ConfigError(
-                f"--reuse-old-from {run_dir}: {src} was trained on other data, another allocation "
+                f"--reuse-old-from {src.parents[2]}: {src} was trained on other data, another allocation "
                 f"or another old-model config than this run's (run id {loaded.meta.get('run_id')}, "
                 f"this run needs {key})"
             )
@@ -311,7 +310,7 @@ def run_pipeline(
     report dictionary. ``reuse_old_from``: a finished run of the same data, allocation and old
     model whose old model is copied in instead of training one (e.g. runs that differ only in
     ``new.train.seed``)."""
-    reuse = None if reuse_old_from is None else _reuse_dir(Path(reuse_old_from))
+    reuse = None if reuse_old_from is None else _old_model_file(Path(reuse_old_from))
     return Run(for_scenario(cfg, cfg.allocation.scenario), Path(out), resume, progress, log, reuse).execute()
 
 
@@ -320,12 +319,6 @@ def _old_model_file(run_dir: Path) -> Path:
     path = run_dir / "models" / "old" / "model.safetensors"
     if not path.exists():
         raise ConfigError(f"--reuse-old-from {run_dir}: no finished old model at {path}")
-    return path
-
-
-def _reuse_dir(path: Path) -> Path:
-    """``path``, once it is known to hold a finished old model."""
-    _old_model_file(path)
     return path
 
 
@@ -339,7 +332,7 @@ def run_scenarios(
     out = Path(out)
     # Every scenario's config (and old model to reuse) is checked before anything trains.
     subs = {scenario: for_scenario(cfg, scenario) for scenario in scenarios}
-    reuse = {scenario: None if reuse_old_from is None else _reuse_dir(Path(reuse_old_from) / scenario)
+    reuse = {scenario: None if reuse_old_from is None else _old_model_file(Path(reuse_old_from) / scenario)
              for scenario in scenarios}
     reports = {}
     for scenario, sub in subs.items():
