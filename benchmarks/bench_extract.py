@@ -9,8 +9,8 @@ import time
 
 import numpy as np
 import torch
-
 from bctkit.data.imageset import to_float
+
 from bctkit.features import extract
 from bctkit.models import BackboneConfig, build_backbone
 

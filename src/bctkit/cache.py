@@ -14,10 +14,12 @@ corrupt file, unreadable sidecar, checksum mismatch) makes the entry be rebuilt;
 never silently wrong features. Files are written to a temporary name and renamed into place (the
 array first, the sidecar last, so a sidecar always describes a complete array).
 
-Transform: images are uint8 (N, C, H, W), mapped to [-1, 1] as in training (``to_float``), never
-augmented. ``flip=True`` stores the mean of the features of the image and of its horizontal mirror,
-(f(x) + f(flip(x))) / 2: the same direction as the flip test's sum, and the same scale as an
-unflipped feature, which matters for terms that do not normalise.
+Transform: images are read through the model's preprocessing (``data.transform``: colour, resize,
+crop, mean/std; recorded in the key), never augmented. ``flip=True`` stores the mean of the features
+of the image and of its horizontal mirror, (f(x) + f(flip(x))) / 2: the same direction as the flip
+test's sum, and the same scale as an unflipped feature, which matters for terms that do not
+normalise. The images' fingerprint is their source's (index files, labels, the subset's indices),
+never a hash of pixels.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 from torch import nn
-from tqdm.auto import tqdm
 
+from bctkit.data.sources.base import DataSource
+from bctkit.data.transforms import TransformConfig
+from bctkit.engine.loader import Feed
 from bctkit.errors import DataError
-from bctkit.features import extract
+from bctkit.features import as_feed, iter_features
 from bctkit.prototypes import class_means
 from bctkit.storage import write_json
 
@@ -49,12 +53,21 @@ CacheDtype = Literal["float32", "float16"]
 _CRC_BLOCK = 1 << 24  # bytes hashed at a time
 
 
-def _transform(flip: bool) -> dict[str, str]:
-    return {
+def _transform(flip: bool, preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "input": "uint8 -> x / 127.5 - 1",
         "augment": "none",
         "flip": "mean of f(x) and f(hflip(x))" if flip else "none",
     }
+    if preprocessing is not None and not _is_default(preprocessing):
+        out["input"] = preprocessing
+    return out
+
+
+def _is_default(preprocessing: dict[str, Any]) -> bool:
+    """The default preprocessing (stored size and colour, [0, 255] -> [-1, 1])."""
+    config = {k: v for k, v in preprocessing.items() if k != "input"}
+    return config == TransformConfig().model_dump(mode="json")
 
 
 def _crc32(arr: np.ndarray) -> int:
@@ -84,10 +97,11 @@ class OldFeatureCache:
 
     @staticmethod
     def key(model_fingerprint: str, images_fingerprint: str, flip: bool = False,
-            dtype: CacheDtype = "float32") -> str:
+            dtype: CacheDtype = "float32", preprocessing: dict[str, Any] | None = None) -> str:
         """Name of the entry for these inputs."""
         ident = {"format": FORMAT, "model_fingerprint": model_fingerprint,
-                 "images_fingerprint": images_fingerprint, "transform": _transform(flip), "dtype": dtype}
+                 "images_fingerprint": images_fingerprint, "transform": _transform(flip, preprocessing),
+                 "dtype": dtype}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:20]
 
     def paths(self, key: str) -> tuple[Path, Path]:
@@ -98,34 +112,39 @@ class OldFeatureCache:
         self,
         model: nn.Module,
         model_fingerprint: str,
-        images: np.ndarray,
-        images_fingerprint: str,
+        images: Feed | DataSource | np.ndarray,
+        images_fingerprint: str | None = None,
         flip: bool = False,
         batch_size: int = 512,
         progress: bool = True,
         dtype: CacheDtype = "float32",
     ) -> np.memmap:
-        """Old features (N, d) of ``images`` (uint8 N, C, H, W), memory-mapped read-only; computed
-        with ``model`` only when no valid entry exists for these fingerprints, transform and dtype."""
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
-            desc = f"{images.dtype} {list(images.shape)}" if isinstance(images, np.ndarray) else type(images)
-            raise DataError(f"old-feature cache: images are {desc}; expected uint8 [N, C, H, W]")
-        if len(images) == 0:
+        """Old features (N, d) of ``images`` (a Feed, a source, or uint8 [N, C, H, W]),
+        memory-mapped read-only; computed with ``model`` only when no valid entry exists for these
+        fingerprints, preprocessing, flip and dtype. ``images_fingerprint`` defaults to the
+        source's."""
+        if isinstance(images, np.ndarray) and (images.dtype != np.uint8 or images.ndim != 4):
+            raise DataError(f"old-feature cache: images are {images.dtype} {list(images.shape)}; "
+                            "expected uint8 [N, C, H, W]")
+        feed = as_feed(images)
+        if len(feed) == 0:
             raise DataError("old-feature cache: no images; expected at least one")
         if dtype not in ("float32", "float16"):
             raise DataError(f"old-feature cache: dtype {dtype!r}; expected 'float32' or 'float16'")
-        key = self.key(model_fingerprint, images_fingerprint, flip, dtype)
+        images_fp = images_fingerprint or feed.source.fingerprint()
+        transform = _transform(flip, feed.spec())
+        key = self.key(model_fingerprint, images_fp, flip, dtype, feed.spec())
         meta = {"format": FORMAT, "key": key, "model_fingerprint": model_fingerprint,
-                "images_fingerprint": images_fingerprint, "transform": _transform(flip), "dtype": dtype}
-        feats, reason = self._open(key, meta, len(images))
+                "images_fingerprint": images_fp, "transform": transform, "dtype": dtype}
+        feats, reason = self._open(key, meta, len(feed))
         if feats is not None:
             self.hits += 1
             self.log(f"[cache] reusing old features {self.paths(key)[0].name}")
             return feats
         self.misses += 1
         self.log(f"[cache] computing old features {self.paths(key)[0].name} ({reason})")
-        self._build(key, meta, model, images, flip, batch_size, progress, dtype)
-        feats, reason = self._open(key, meta, len(images))
+        self._build(key, meta, model, feed, flip, batch_size, progress, dtype)
+        feats, reason = self._open(key, meta, len(feed))
         if feats is None:
             raise DataError(f"old-feature cache: entry {key} unreadable right after writing it ({reason})")
         return feats
@@ -155,36 +174,32 @@ class OldFeatureCache:
             return None, "checksum mismatch (corrupt file)"
         return arr, ""
 
-    def _build(self, key: str, meta: dict[str, Any], model: nn.Module, images: np.ndarray, flip: bool,
+    def _build(self, key: str, meta: dict[str, Any], model: nn.Module, feed: Feed, flip: bool,
                batch_size: int, progress: bool, dtype: CacheDtype) -> None:
-        """Extract in chunks straight into a temporary memmap, then rename it into place."""
+        """Extract batch by batch straight into a temporary memmap, then rename it into place."""
         npy, side = self.paths(key)
         self.root.mkdir(parents=True, exist_ok=True)
         side.unlink(missing_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{npy.name}.", suffix=".tmp", dir=self.root)
         os.close(fd)
         tmp = Path(tmp_name)
-        n = len(images)
-        chunk = max(1, batch_size) * 16
+        n = len(feed)
         crc = 0
         out: np.memmap | None = None
         try:
-            with tqdm(total=n, desc="old features", disable=not progress, leave=False, unit="img") as bar:
-                for start in range(0, n, chunk):
-                    f = extract(model, images[start : start + chunk], batch_size, flip=flip,
-                                progress=False, desc="old features")
-                    if flip:
-                        f = f / 2
-                    block = f.numpy().astype(dtype)
-                    if not np.isfinite(block).all():
-                        raise DataError(
-                            f"old-feature cache: features overflow {dtype} (rows from {start}); use float32"
-                        )
-                    if out is None:
-                        out = open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, block.shape[1]))
-                    out[start : start + len(block)] = block
-                    crc = zlib.crc32(np.ascontiguousarray(block).reshape(-1).view(np.uint8), crc)
-                    bar.update(len(block))
+            for start, f in iter_features(model, feed, batch_size, flip=flip, progress=progress,
+                                          desc="old features"):
+                if flip:
+                    f = f / 2
+                block = f.numpy().astype(dtype)
+                if not np.isfinite(block).all():
+                    raise DataError(
+                        f"old-feature cache: features overflow {dtype} (rows from {start}); use float32"
+                    )
+                if out is None:
+                    out = open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, block.shape[1]))
+                out[start : start + len(block)] = block
+                crc = zlib.crc32(np.ascontiguousarray(block).reshape(-1).view(np.uint8), crc)
             assert out is not None
             shape = list(out.shape)
             out.flush()

@@ -113,12 +113,13 @@ class RunConfig(_Strict):
         sides = [("old", self.old.backbone), ("new", self.new.backbone)]
         sides += [(f"chain.{i}", v.backbone) for i, v in enumerate(self.chain) if v.backbone is not None]
         for side, bb in sides:
-            if bb.in_channels != self.data.channels:
+            # File datasets without a transform are checked when the first image is read.
+            if self.data.channels is not None and bb.in_channels != self.data.channels:
                 raise ValueError(
                     f"{side}.backbone.in_channels={bb.in_channels} conflicts with the data's "
                     f"{self.data.channels} channel(s)"
                 )
-            if bb.image_size != self.data.image_size:
+            if self.data.image_size is not None and bb.image_size != self.data.image_size:
                 raise ValueError(
                     f"{side}.backbone.image_size={bb.image_size} conflicts with the data's image "
                     f"size {self.data.image_size}"

@@ -6,6 +6,7 @@ the model fingerprint, which leading coordinates are the compatible embedding, a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,43 +16,73 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bctkit.data.imageset import to_float
+from bctkit.data.sources.array import ArraySource
+from bctkit.data.sources.base import DataSource
+from bctkit.engine.loader import Feed, sequential_batches
 from bctkit.errors import DataError, FileFormatError
 from bctkit.storage import load_tensors, save_tensors
 
 
+def as_feed(data: Feed | DataSource | np.ndarray) -> Feed:
+    """What to read images from: a Feed as is, a source with the default preprocessing, or a uint8
+    [N, C, H, W] array."""
+    if isinstance(data, Feed):
+        return data
+    if isinstance(data, DataSource):
+        return Feed(data)
+    if isinstance(data, np.ndarray):
+        return Feed(ArraySource(data, np.zeros(len(data), dtype=np.int64), name="images"))
+    raise DataError(f"cannot read images from a {type(data).__name__}")
+
+
+def iter_features(
+    model: nn.Module,
+    data: Feed | DataSource | np.ndarray,
+    batch_size: int = 512,
+    flip: bool = False,
+    progress: bool = True,
+    desc: str = "extract",
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, float32 features) of each batch of ``data`` in order, under inference mode.
+
+    ``flip``: add the feature of the horizontally flipped image (the flip test). Raises DataError
+    when the model produces NaN or Inf.
+    """
+    feed = as_feed(data)
+    n = len(feed)
+    if n == 0:
+        raise DataError(f"{desc}: no images to extract")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), tqdm(total=n, desc=desc, disable=not progress, leave=False,
+                                          unit="img") as bar:
+            for images, _, idx in feed.read(sequential_batches(n, batch_size)):
+                x = feed.preprocess.normalize(images)
+                f = model(x)
+                if flip:
+                    f = f + model(x.flip(3))
+                f = f.float()
+                if not torch.isfinite(f).all():
+                    raise DataError(f"{desc}: the model produced NaN or Inf features "
+                                    f"(rows from {int(idx[0])})")
+                yield int(idx[0]), f
+                bar.update(len(idx))
+    finally:
+        model.train(was_training)
+
+
 def extract(
     model: nn.Module,
-    images: np.ndarray,
+    data: Feed | DataSource | np.ndarray,
     batch_size: int = 512,
     flip: bool = False,
     progress: bool = True,
     desc: str = "extract",
 ) -> torch.Tensor:
-    """Embed uint8 images [N, C, H, W] in batches under inference mode (float32 [N, d]).
-
-    ``flip``: add the feature of the horizontally flipped image (the flip test).
-    """
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress,
-                              leave=False):
-                x = to_float(images[start : start + batch_size])
-                f = model(x)
-                if flip:
-                    f = f + model(x.flip(3))
-                out.append(f.float())
-    finally:
-        model.train(was_training)
-    if not out:
-        raise DataError(f"{desc}: no images to extract")
-    feats = torch.cat(out)
-    if not torch.isfinite(feats).all():
-        raise DataError(f"{desc}: the model produced NaN or Inf features")
-    return feats
+    """Embed every image of ``data`` (a :class:`~bctkit.engine.loader.Feed`, a source, or uint8
+    images [N, C, H, W]) in batches: float32 [N, d]; see :func:`iter_features`."""
+    return torch.cat([f for _, f in iter_features(model, data, batch_size, flip, progress, desc)])
 
 
 @dataclass

@@ -19,9 +19,11 @@ from bctkit.cache import OldFeatureCache, as_tensor
 from bctkit.config import MethodConfig, ModelConfig, RunConfig, for_scenario
 from bctkit.data import allocate
 from bctkit.data.allocation import Allocation, Scenario, label_map
-from bctkit.data.datasets import load_datasets
-from bctkit.data.imageset import ImageSet
-from bctkit.errors import ConfigError
+from bctkit.data.datasets import load_data
+from bctkit.data.sources.base import DataSource
+from bctkit.data.transforms import Preprocess
+from bctkit.engine.loader import Feed
+from bctkit.errors import ConfigError, DataError
 from bctkit.evaluation.protocols import EvalProtocol
 from bctkit.evaluation.report import report_dir, write_summary
 from bctkit.evaluation.suite import evaluate_suite
@@ -34,6 +36,10 @@ from bctkit.models.store import LoadedModel, load_model, save_model
 from bctkit.storage import write_json
 from bctkit.training import TrainConfig, train_model
 from bctkit.training.checkpoint import checkpoint_run_id
+
+KEY = {"key": True}
+"""Serialisation context of configs that go into run keys (drops options that do not change a
+result, such as train.checkpoint_every)."""
 
 
 def _key(obj: Any) -> str:
@@ -86,7 +92,7 @@ class Run:
         return loaded
 
     def train_or_load(
-        self, name: str, train_set: ImageSet, model_cfg: ModelConfig, train_cfg: TrainConfig,
+        self, name: str, train_set: Feed, model_cfg: ModelConfig, train_cfg: TrainConfig,
         key: str, term: CompatibilityTerm | None = None, ctx: CompatContext | None = None,
         method: MethodConfig | None = None, prev: LoadedModel | None = None,
     ) -> LoadedModel:
@@ -100,7 +106,7 @@ class Run:
                 self.log(f"[{name}] reusing finished model {path}")
                 self._record(name, loaded)
                 return loaded
-        self.log(f"[{name}] training on {len(train_set)} images, {train_set.num_classes} classes")
+        self.log(f"[{name}] training on {len(train_set)} images, {train_set.source.num_classes} classes")
         ckpt = folder / "checkpoint.safetensors"
         resume = self.resume and ckpt.exists()
         if resume and checkpoint_run_id(ckpt) != key:
@@ -126,6 +132,8 @@ class Run:
             "params": None if method is None else method.params,
             "train": train_cfg.model_dump(mode="json"),
             "train_images": len(train_set),
+            "train_data": train_set.source.fingerprint(),
+            "preprocessing": train_set.spec(),
             "train_seconds": round(time.perf_counter() - t0, 1),
             "compat_dims": compat_dims,
             "compat_prefixes": prefixes,
@@ -154,18 +162,18 @@ class Run:
             "train_seconds": m.get("train_seconds"),
         }
 
-    def cached_features(self, model: LoadedModel, images: ImageSet) -> torch.Tensor:
+    def cached_features(self, model: LoadedModel, images: Feed) -> torch.Tensor:
         """A frozen model's features of training images (un-augmented), from the shared
-        memory-mapped cache: computed once per (model, images, transform, dtype)."""
+        memory-mapped cache: computed once per (model, images, preprocessing, dtype)."""
         c = self.cfg.cache
         root = Path(c.dir) if c.dir else self.out / "cache"
         cache = OldFeatureCache(root, log=self.log)
-        feats = cache.get(model.backbone, model.fingerprint, images.images, images.fingerprint(), flip=c.flip,
+        feats = cache.get(model.backbone, model.fingerprint, images, flip=c.flip,
                           batch_size=self.cfg.evaluation.batch_size, progress=self.progress, dtype=c.dtype)
         return as_tensor(feats)
 
     def compat_model(
-        self, name: str, method: MethodConfig, train_set: ImageSet, new_to_old: np.ndarray,
+        self, name: str, method: MethodConfig, train_set: Feed, new_to_old: np.ndarray,
         prev: LoadedModel, paragon: LoadedModel | None, set_key: dict[str, Any],
         backbone: BackboneConfig | None = None,
     ) -> LoadedModel:
@@ -182,14 +190,14 @@ class Run:
         ctx = CompatContext(
             old_embedding_dim=d_o,
             new_embedding_dim=backbone.embedding_dim,
-            num_new_classes=train_set.num_classes,
+            num_new_classes=train_set.source.num_classes,
             new_to_old=torch.from_numpy(new_to_old),
-            train_labels=torch.from_numpy(train_set.labels),
+            train_labels=torch.from_numpy(train_set.source.labels),
             old_train_feats=self.cached_features(prev, train_set) if term.needs_old_features else None,
             old_model=prev.backbone,
             # A BT^2 model's classifier scores f, not the stored embedding: it has none to offer.
             old_head=None if prev_cfg.bt2 is not None else prev.head,
-            train_images=train_set.images,
+            train_images=train_set,
             paragon_train_feats=(self.cached_features(paragon, train_set)
                                  if paragon is not None and term.needs_paragon_features else None),
         )
@@ -197,12 +205,13 @@ class Run:
         deps: dict[str, Any] = {"old": None if method.method == "independent" else prev.fingerprint}
         if term.needs_paragon_features and paragon is not None:
             deps["paragon"] = paragon.fingerprint
-        key = _key({**set_key, "model": model_cfg.model_dump(), "train": train_cfg.model_dump(),
-                    "method": method.model_dump(), **deps})
+        key = _key({**set_key, "model": model_cfg.model_dump(context=KEY),
+                    "train": train_cfg.model_dump(context=KEY), "method": method.model_dump(context=KEY),
+                    **deps})
         return self.train_or_load(name, train_set, model_cfg, train_cfg, key, term, ctx, method, prev)
 
     def train_chain(
-        self, pool: ImageSet, alloc: Allocation, paragon: LoadedModel, data_key: dict[str, Any],
+        self, pool: Feed, alloc: Allocation, paragon: LoadedModel, data_key: dict[str, Any],
         models: dict[str, LoadedModel],
     ) -> list[str]:
         """Train the chain's versions in order, each against the previous one (v1 = the old model);
@@ -216,9 +225,9 @@ class Run:
             if v.ratio is None:
                 idx, classes, labels = alloc.new_indices, alloc.new_classes, alloc.new_labels
             else:
-                part = allocate(pool.labels, cfg.allocation.scenario, v.ratio, cfg.allocation.seed)
+                part = allocate(pool.source.labels, cfg.allocation.scenario, v.ratio, cfg.allocation.seed)
                 idx, classes, labels = part.old_indices, part.old_classes, part.old_labels
-            train_set = pool.subset(idx, labels)
+            train_set = pool.with_source(pool.source.subset(idx, labels))
             set_key = {**data_key, "chain_ratio": v.ratio}
             to_prev = label_map(classes, prev_classes)
             backbone = v.backbone or cfg.new.backbone
@@ -244,20 +253,27 @@ class Run:
         reports = report_dir(out, cfg.evaluation.split)
         reports.mkdir(parents=True, exist_ok=True)
         write_json(reports / "config.json", cfg.model_dump(mode="json"))
-        pool, eval_set = load_datasets(cfg.data, progress=self.progress, split=cfg.evaluation.split)
-        alloc = allocate(pool.labels, cfg.allocation.scenario, cfg.allocation.ratio, cfg.allocation.seed)
+        data = load_data(cfg.data, progress=self.progress, split=cfg.evaluation.split)
+        pool, eval_set = data.pool, data.held_out
+        feed = Feed(pool, Preprocess(cfg.data.transform), cfg.data.workers(),
+                    pin_memory=bool(cfg.data.pin_memory))
         self.log(f"[data] {pool.name}: {len(pool)} images, {pool.num_classes} classes; "
-                 f"{cfg.evaluation.split} {len(eval_set)} images, {eval_set.num_classes} held-out classes")
+                 f"{cfg.evaluation.split} {len(eval_set)} images, {eval_set.num_classes} held-out classes"
+                 + (f"; {data.notes}" if data.notes else ""))
+        check_inputs(cfg, feed.input_shape)
+        check_identities(pool, cfg.allocation.scenario, eval_set, cfg.evaluation.gallery_per_class)
+        alloc = allocate(pool.labels, cfg.allocation.scenario, cfg.allocation.ratio, cfg.allocation.seed)
         self.log(f"[allocation] {alloc.summary()}")
-        old_set = pool.subset(alloc.old_indices, alloc.old_labels)
-        new_set = pool.subset(alloc.new_indices, alloc.new_labels)
-        # What a trained model depends on: the training pool's pixels and labels and the allocation,
-        # not the evaluation set nor where the data is cached (glyphs: the installed fonts are in the
-        # pool's fingerprint).
-        data_key = {"pool": pool.fingerprint(), "pool_shape": list(pool.images.shape),
+        old_set = feed.with_source(pool.subset(alloc.old_indices, alloc.old_labels))
+        new_set = feed.with_source(pool.subset(alloc.new_indices, alloc.new_labels))
+        # What a trained model depends on: the training pool (its source's identity and labels, not
+        # its pixels), how images are preprocessed and the allocation; not the evaluation set nor
+        # where the data is cached (glyphs: the installed fonts are in the render cache's key).
+        data_key = {"pool": pool.fingerprint(), "images": len(pool), "preprocessing": feed.spec(),
                     "allocation": cfg.allocation.model_dump()}
         old = self.train_or_load(
-            "old", old_set, cfg.old, cfg.old.train, _key({**data_key, "model": cfg.old.model_dump()})
+            "old", old_set, cfg.old, cfg.old.train,
+            _key({**data_key, "model": cfg.old.model_dump(context=KEY)}),
         )
         models: dict[str, LoadedModel] = {"old": old}
         paragon = self.compat_model("paragon", MethodConfig(method="independent"), new_set, alloc.new_to_old,
@@ -267,13 +283,14 @@ class Run:
             models[method.display_name] = self.compat_model(
                 method.display_name, method, new_set, alloc.new_to_old, old, paragon, data_key
             )
-        chain = self.train_chain(pool, alloc, paragon, data_key, models) if cfg.chain else None
+        chain = self.train_chain(feed, alloc, paragon, data_key, models) if cfg.chain else None
 
         features = {}
         eval_labels = torch.from_numpy(eval_set.labels)
         eval_fp = eval_set.fingerprint()
+        eval_feed = feed.with_source(eval_set)
         for name, model in models.items():
-            feats = extract(model.backbone, eval_set.images, cfg.evaluation.batch_size,
+            feats = extract(model.backbone, eval_feed, cfg.evaluation.batch_size,
                             flip=cfg.evaluation.flip, progress=self.progress, desc=f"eval {name}")
             fs = FeatureSet(feats, eval_labels, {
                 "model": name, "model_fingerprint": model.fingerprint,
@@ -296,10 +313,50 @@ class Run:
             "allocation": alloc.summary(),
             "config": cfg.model_dump(mode="json"),
         }
+        if data.notes:
+            extra["data_notes"] = data.notes
         report = evaluate_suite(features, protocol, reports, self.models_info, extra, backfill=ev.backfill,
                                 chain=chain)
         self.log(f"[report] {reports / 'report.md'}")
         return report
+
+
+def check_inputs(cfg: RunConfig, shape: tuple[int, int, int]) -> None:
+    """Every backbone of the run takes images of the data's [C, H, W], checked before training."""
+    c, h, w = shape
+    sides = [("old", cfg.old.backbone), ("new", cfg.new.backbone)]
+    sides += [(f"chain.{i}", v.backbone) for i, v in enumerate(cfg.chain) if v.backbone is not None]
+    for side, bb in sides:
+        if (bb.in_channels, bb.image_size, bb.image_size) != (c, h, w):
+            raise ConfigError(
+                f"{side}.backbone takes {bb.in_channels}x{bb.image_size}x{bb.image_size} images (C x H x W) "
+                f"but the data gives {c}x{h}x{w}; set data.transform (resize, crop, color) or "
+                f"{side}.backbone.in_channels / image_size"
+            )
+
+
+def check_identities(pool: DataSource, scenario: str, held_out: DataSource, gallery_per_class: int) -> None:
+    """Refuse, naming the identity, a pool identity with one image when the allocation splits
+    every identity's images (the old and new models would silently share it), and a held-out
+    identity with no image left to probe after its ``gallery_per_class`` gallery images."""
+    if scenario.endswith("-data"):
+        classes, counts = np.unique(pool.labels, return_counts=True)
+        if counts.min() < 2:
+            k = int(np.argmin(counts))
+            raise DataError(
+                f"{pool.name}: identity {pool.label_name(int(classes[k]))!r} has 1 image; the {scenario} "
+                f"allocation splits each identity's images between the old and the new training set and "
+                f"needs at least 2 ({int((counts < 2).sum())} identities have 1): set data.min_images: 2"
+            )
+    classes, counts = np.unique(held_out.labels, return_counts=True)
+    if len(counts) and counts.min() <= gallery_per_class:
+        k = int(np.argmin(counts))
+        raise DataError(
+            f"{held_out.name}: identity {held_out.label_name(int(classes[k]))!r} has {int(counts[k])} "
+            f"image(s); evaluation needs more than evaluation.gallery_per_class={gallery_per_class} "
+            f"(gallery) per identity to leave a probe ({int((counts <= gallery_per_class).sum())} "
+            "identities have too few)"
+        )
 
 
 def run_pipeline(

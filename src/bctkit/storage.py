@@ -35,6 +35,11 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def cache_home() -> Path:
+    """Root of bctkit's caches (rendered glyphs, dataset scans): $BCTKIT_CACHE, else ~/.cache/bctkit."""
+    return Path(os.environ.get("BCTKIT_CACHE") or "~/.cache/bctkit").expanduser()
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:

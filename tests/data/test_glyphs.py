@@ -17,7 +17,7 @@ from bctkit.data import SCENARIOS, allocate
 from bctkit.data import glyphs as g
 from bctkit.data.datasets import DataConfig, load_datasets
 from bctkit.data.glyphs import GlyphsConfig, load_glyphs
-from bctkit.data.imageset import ImageSet
+from bctkit.data.sources import ArraySource
 from bctkit.errors import ConfigError, DataError
 
 EVAL_CLASSES, EVAL_IMAGES = 8, 3
@@ -44,14 +44,14 @@ def warm(tmp_path_factory):
     return cache, pool, held
 
 
-def _cached(cache: Path, split: str, images: ImageSet, suffix: str) -> Path:
+def _cached(cache: Path, split: str, images: ArraySource, suffix: str) -> Path:
     """The cache file of ``images`` (its name ends with the first 8 characters of the cache key)."""
     key = re.search(r"([0-9a-f]{8})\)$", images.name).group(1)
     (path,) = (cache / "glyphs").glob(f"{split}-{key}*.{suffix}")
     return path
 
 
-def _manifest(cache: Path, split: str, images: ImageSet) -> dict:
+def _manifest(cache: Path, split: str, images: ArraySource) -> dict:
     return json.loads(_cached(cache, split, images, "json").read_text())
 
 

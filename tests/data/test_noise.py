@@ -63,7 +63,7 @@ def test_load_datasets_noises_the_pool_only():
     cfg = DataConfig(synthetic=syn, eval_classes=3, eval_images_per_class=2, label_noise=0.2,
                      label_noise_seed=7)
     pool, held = load_datasets(cfg)
-    assert np.array_equal(pool.images, clean_pool.images)
+    assert np.array_equal(pool.parent.images, clean_pool.images)
     assert (pool.labels != clean_pool.labels).sum() == 6
     assert "6 of 30 labels flipped (seed 7)" in pool.name
     assert pool.fingerprint() != clean_pool.fingerprint()

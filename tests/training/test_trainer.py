@@ -1,5 +1,6 @@
 """Training: resume equals an uninterrupted run; schedules; NaN loss; frozen old side."""
 
+import json
 import math
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from bctkit.data import SyntheticSpec, make_synthetic
+from bctkit.engine.loader import Feed
 from bctkit.errors import TrainingError
 from bctkit.losses import CompatContext, build_term
 from bctkit.models import BackboneConfig, HeadConfig
@@ -37,11 +39,32 @@ def test_resume_matches_uninterrupted(tmp_path, tiny, optimizer):
     assert len(first.history) == 1
     resumed = train_model(tiny, BB, HEAD, cfg, progress=False, checkpoint=ckpt, resume=True)
     assert resumed.resumed_from_epoch == 1 and len(resumed.history) == 3
-    for (k, a), b in zip(full.backbone.state_dict().items(), resumed.backbone.state_dict().values(),
-                         strict=True):
-        assert torch.equal(a, b), k
-    assert torch.equal(full.head.weight, resumed.head.weight)
+    _same_weights(full, resumed)
     assert full.history[-1]["loss"] == resumed.history[-1]["loss"]
+
+
+def _same_weights(a, b):
+    for (k, x), y in zip(a.backbone.state_dict().items(), b.backbone.state_dict().values(), strict=True):
+        assert torch.equal(x, y), k
+    assert torch.equal(a.head.weight, b.head.weight)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_matches_uninterrupted(tmp_path, tiny, workers):
+    """Killed inside an epoch after a step checkpoint, a resumed run ends with the same weights, and
+    reading through worker processes changes nothing."""
+    cfg = _cfg().model_copy(update={"checkpoint_every": 1})
+    feed = Feed(tiny, workers=workers)
+    full = train_model(tiny, BB, HEAD, _cfg(), progress=False)
+    ckpt = tmp_path / "m.safetensors"
+    # 48 images / batch 16 = 3 steps per epoch: killed during the 5th step's checkpoint, so the
+    # last checkpoint holds epoch 2 after its first step, and the 5th step is trained again
+    train_model(feed, BB, HEAD, cfg, progress=False, checkpoint=ckpt, stop_after_step=5)
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    assert (meta["epoch"], meta["step"]) == (1, 1)
+    resumed = train_model(feed, BB, HEAD, cfg, progress=False, checkpoint=ckpt, resume=True)
+    _same_weights(full, resumed)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
 
 
 def test_resume_refuses_other_run(tmp_path, tiny):

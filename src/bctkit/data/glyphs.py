@@ -40,9 +40,9 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont, features
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
-from bctkit.data.imageset import ImageSet
+from bctkit.data.sources.array import ArraySource
 from bctkit.errors import ConfigError, DataError
-from bctkit.storage import atomic_path, write_json
+from bctkit.storage import atomic_path, cache_home, write_json
 
 FONT_PACKAGES: tuple[str, ...] = (
     "fonts-arphic-bkai00mp",
@@ -198,8 +198,7 @@ class GlyphTable:
 
 def cache_root(cfg: GlyphsConfig) -> Path:
     """Where the glyph caches live: ``cfg.cache_dir``, else $BCTKIT_CACHE, else ~/.cache/bctkit."""
-    root = cfg.cache_dir or os.environ.get("BCTKIT_CACHE") or "~/.cache/bctkit"
-    return Path(root).expanduser() / "glyphs"
+    return (Path(cfg.cache_dir).expanduser() if cfg.cache_dir else cache_home()) / "glyphs"
 
 
 def find_font_files(dirs: Iterable[str]) -> list[Path]:
@@ -539,8 +538,9 @@ def _render_chars(task: tuple[list[tuple[int, list[tuple[Face, int]]]], int, dic
 
 def _render_split(table: GlyphTable, cfg: GlyphsConfig, split: str, chars: list[int], per_class: int,
                   progress: bool, workers: int | None) -> tuple[np.ndarray, str]:
-    """uint8 [len(chars) * per_class, 1, size, size] images of ``chars``, from cache when the
-    manifest's key matches, else rendered and cached."""
+    """uint8 [len(chars) * per_class, 1, size, size] images of ``chars``, memory-mapped from the
+    cache (rendered and cached first when no entry's manifest matches): a cold and a warm load read
+    the same file."""
     plans = [(c, image_plan(table, c, per_class, cfg.seed)) for c in chars]
     aug = cfg.augmentation()
     key = _digest({
@@ -558,9 +558,9 @@ def _render_split(table: GlyphTable, cfg: GlyphsConfig, split: str, chars: list[
     sizes = [len(part) * per_class for part in _chunks(plans, 64)]
     stacks = _run(_render_chars, tasks, sizes, workers or _default_workers(), f"glyphs: render {split}",
                   progress)
-    images = np.concatenate(stacks)[:, None] if stacks else np.zeros(shape, np.uint8)
+    rendered = np.concatenate(stacks)[:, None] if stacks else np.zeros(shape, np.uint8)
     with atomic_path(images_path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, images)
+        np.save(fh, rendered)
     write_json(manifest_path, {
         "key": key, "split": split, "shape": list(shape), "images_per_class": per_class,
         "size": cfg.size, "seed": cfg.seed, "augmentation": aug, "fonts": table.fonts, "scan": table.key,
@@ -568,6 +568,9 @@ def _render_split(table: GlyphTable, cfg: GlyphsConfig, split: str, chars: list[
         "characters": [chr(c) for c in chars],
         "faces": sorted({f.key for _, plan in plans for f, _ in plan}),
     })
+    images = _read_images(images_path, manifest_path, key, shape)
+    if images is None:
+        raise DataError(f"glyphs: the image cache {images_path} is unreadable right after writing it")
     return images, key
 
 
@@ -577,7 +580,7 @@ def _read_images(images_path: Path, manifest_path: Path, key: str, shape: tuple[
         return None
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        images = np.load(images_path, allow_pickle=False)
+        images = np.load(images_path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
         warnings.warn(f"glyphs: ignoring corrupt image cache {images_path} ({exc})", stacklevel=3)
         return None
@@ -588,7 +591,7 @@ def _read_images(images_path: Path, manifest_path: Path, key: str, shape: tuple[
 
 def load_glyphs(cfg: GlyphsConfig, eval_classes: int, eval_images_per_class: int, *, progress: bool = True,
                 workers: int | None = None, validation_classes: int = 0,
-                split: Literal["test", "validation"] = "test") -> tuple[ImageSet, ImageSet]:
+                split: Literal["test", "validation"] = "test") -> tuple[ArraySource, ArraySource]:
     """(training pool, evaluation set) of the glyphs dataset; their characters are disjoint and
     both are labelled from 0. The evaluation set is the test characters, or with ``split=
     "validation"`` the ``validation_classes`` characters kept apart from both for choosing settings
@@ -603,8 +606,10 @@ def load_glyphs(cfg: GlyphsConfig, eval_classes: int, eval_images_per_class: int
     name = "eval" if split == "test" else split  # the test set's cache files and name predate the split
     ev, ev_key = _render_split(table, cfg, name, held_out, eval_images_per_class, progress, workers)
     return (
-        ImageSet(pool, np.repeat(np.arange(len(train), dtype=np.int64), cfg.images_per_class),
-                 f"glyphs train pool ({len(train)} characters, seed {cfg.seed}, {pool_key[:8]})"),
-        ImageSet(ev, np.repeat(np.arange(len(held_out), dtype=np.int64), eval_images_per_class),
-                 f"glyphs {name} ({len(held_out)} characters, seed {cfg.seed}, {ev_key[:8]})"),
+        ArraySource(pool, np.repeat(np.arange(len(train), dtype=np.int64), cfg.images_per_class),
+                    f"glyphs train pool ({len(train)} characters, seed {cfg.seed}, {pool_key[:8]})",
+                    identity={"format": "glyphs", "render_key": pool_key}),
+        ArraySource(ev, np.repeat(np.arange(len(held_out), dtype=np.int64), eval_images_per_class),
+                    f"glyphs {name} ({len(held_out)} characters, seed {cfg.seed}, {ev_key[:8]})",
+                    identity={"format": "glyphs", "render_key": ev_key}),
     )

@@ -9,13 +9,16 @@ Class ``c``'s images depend only on (seed, c), so a dataset with more classes ex
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bctkit.data.imageset import ImageSet
+from bctkit.data.sources.array import ArraySource
+
+GENERATOR_VERSION = 1
+"""Bump when a code change alters the generated pixels (it is part of the dataset's identity)."""
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ def _nuisance(spec: SyntheticSpec, pattern: torch.Tensor, gen: torch.Generator) 
     return x
 
 
-def make_synthetic(spec: SyntheticSpec) -> ImageSet:
+def make_synthetic(spec: SyntheticSpec) -> ArraySource:
     """Generate the dataset for ``spec``: labels ``first_class .. first_class + num_classes - 1``."""
     classes = range(spec.first_class, spec.first_class + spec.num_classes)
     patterns = _class_patterns(spec, classes)
@@ -121,4 +124,5 @@ def make_synthetic(spec: SyntheticSpec) -> ImageSet:
         block = (views * 48 + 128).round().clamp(0, 255).to(torch.uint8).numpy()
         images[j * spec.images_per_class : (j + 1) * spec.images_per_class] = block
     labels = np.repeat(np.arange(spec.num_classes, dtype=np.int64), spec.images_per_class)
-    return ImageSet(images, labels, f"synthetic(seed={spec.seed})")
+    return ArraySource(images, labels, f"synthetic(seed={spec.seed})",
+                       identity={"format": "synthetic", "generator": GENERATOR_VERSION, "spec": asdict(spec)})

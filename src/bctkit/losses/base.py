@@ -11,7 +11,7 @@ the trainer's; a method that must change what the base head sees (MixBCT) overri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from torch import nn
 from bctkit.errors import ConfigError
 from bctkit.models.backbones import BackboneConfig
 from bctkit.models.heads import Head
+
+if TYPE_CHECKING:
+    from bctkit.engine.loader import Feed
 
 
 class TermParams(BaseModel):
@@ -41,7 +44,7 @@ class CompatContext:
     old_train_feats: torch.Tensor | None = None
     old_model: nn.Module | None = None
     old_head: Head | None = None
-    train_images: np.ndarray | None = None
+    train_images: Feed | np.ndarray | None = None  # the training images, for terms that embed them
     paragon_train_feats: torch.Tensor | None = None
 
 

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 
 class _Strict(BaseModel):
@@ -33,7 +41,10 @@ class ScheduleConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    """Train-time augmentation. Off by default: synthetic images already carry random nuisance,
+    """Train-time augmentation, applied to each batch in the data loader after the data's
+    preprocessing, seeded by (train seed, epoch, step): ``hflip`` mirrors each image with
+    probability 1/2, ``crop_pad`` takes a random crop of the image's size from a copy padded by that
+    many pixels (edges repeated). Off by default: synthetic images already carry random nuisance,
     and cached old features are computed from un-augmented images."""
 
     hflip: bool = False
@@ -48,6 +59,19 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0)
     seed: int = 666
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    checkpoint_every: int | None = Field(None, ge=1, description=(
+        "also write the checkpoint every N steps inside an epoch, so an interrupted long epoch "
+        "resumes where it stopped (the checkpoint after every epoch is always written); not part of "
+        "a run's key, since it does not change the result"))
+
+    @model_serializer(mode="wrap")
+    def _drop_unset(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        """Dumps leave out ``checkpoint_every`` when unset, and always in run keys (context
+        ``{"key": True}``): it does not change what training produces."""
+        data = handler(self)
+        if self.checkpoint_every is None or (info.context or {}).get("key"):
+            data.pop("checkpoint_every", None)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

@@ -7,17 +7,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from bctkit.data.imageset import ImageSet, to_float
+from bctkit.data.sources.base import DataSource
+from bctkit.engine.loader import Feed, epoch_batches
 from bctkit.errors import TrainingError
+from bctkit.features import as_feed
 from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm
 from bctkit.models.backbones import BackboneConfig, build_backbone
 from bctkit.models.heads import Head, HeadConfig, build_head
 from bctkit.training.checkpoint import load_checkpoint, save_checkpoint
-from bctkit.training.config import AugmentConfig, OptimizerConfig, TrainConfig
+from bctkit.training.config import OptimizerConfig, TrainConfig
 from bctkit.training.schedules import lr_factor
 
 
@@ -38,25 +40,8 @@ def make_optimizer(cfg: OptimizerConfig, params: list[torch.nn.Parameter]) -> to
     return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """Seeded train-time augmentation (random horizontal flip, random crop from a padded image)."""
-    if cfg.hflip:
-        flip = torch.rand(x.shape[0], generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    if cfg.crop_pad:
-        p, (n, _, h, w) = cfg.crop_pad, x.shape
-        padded = F.pad(x, (p, p, p, p), mode="replicate")
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        rows = (dy[:, None] + torch.arange(h))[:, None, :, None].expand(n, x.shape[1], h, w + 2 * p)
-        x = padded.gather(2, rows)
-        cols = (dx[:, None] + torch.arange(w))[:, None, None, :].expand(n, x.shape[1], h, w)
-        x = x.gather(3, cols)
-    return x
-
-
 def train_model(
-    train_set: ImageSet,
+    train_set: Feed | DataSource | np.ndarray,
     backbone_cfg: BackboneConfig,
     head_cfg: HeadConfig,
     cfg: TrainConfig,
@@ -69,18 +54,25 @@ def train_model(
     desc: str = "train",
     progress: bool = True,
     stop_after_epoch: int | None = None,
+    stop_after_step: int | None = None,
     init_seed: int | None = None,
 ) -> TrainResult:
-    """Train backbone + head (+ compatibility term) on ``train_set`` (labels 0..C-1).
+    """Train backbone + head (+ compatibility term) on ``train_set`` (labels 0..C-1): a Feed (source,
+    preprocessing, loader workers) or a source read with the default preprocessing.
 
-    A checkpoint is written atomically after every epoch; with ``resume`` an existing checkpoint of
-    the same ``run_id`` is continued, giving the same weights as an uninterrupted run.
-    ``stop_after_epoch`` ends early (as an interruption would), for tests and staged runs.
-    ``init_seed`` (default ``cfg.seed``) seeds initialisation and dropout; batch order and
-    augmentation always follow ``cfg.seed``.
+    A checkpoint is written atomically after every epoch (and every ``cfg.checkpoint_every`` steps
+    inside one); with ``resume`` an existing checkpoint of the same ``run_id`` is continued, from
+    the step it was written at, giving the same weights as an uninterrupted run.
+    ``stop_after_epoch`` / ``stop_after_step`` (a global step count) end early, as an interruption
+    would, for tests and staged runs. ``init_seed`` (default ``cfg.seed``) seeds initialisation and
+    dropout; batch order and augmentation always follow ``cfg.seed``.
     """
+    feed = as_feed(train_set)
+    labels_np = feed.source.labels
+    if len(labels_np) == 0:
+        raise TrainingError(f"{desc}: no training images")
     torch.manual_seed(cfg.seed if init_seed is None else init_seed)
-    num_classes = int(train_set.labels.max()) + 1
+    num_classes = int(labels_np.max()) + 1
     backbone = build_backbone(backbone_cfg)
     head = build_head(head_cfg, backbone_cfg.embedding_dim, num_classes)
     modules: dict[str, torch.nn.Module] = {"backbone": backbone, "head": head}
@@ -93,7 +85,7 @@ def train_model(
     opt = make_optimizer(cfg.optimizer, params)
 
     history: list[dict[str, Any]] = []
-    start = 0
+    start, start_step, sums, spent = 0, 0, {}, 0.0
     if resume and checkpoint is not None and checkpoint.exists():
         meta = load_checkpoint(checkpoint, modules, opt)
         if meta.get("run_id") != run_id:
@@ -101,44 +93,56 @@ def train_model(
                 f"{checkpoint}: checkpoint belongs to another configuration; delete it or drop --resume"
             )
         start, history = int(meta["epoch"]), list(meta["history"])
+        start_step, sums = int(meta.get("step", 0)), dict(meta.get("sums", {}))
+        spent = float(meta.get("spent", 0))
+        if progress:
+            where = f"epoch {start + 1} step {start_step + 1}" if start_step else f"epoch {start + 1}"
+            tqdm.write(f"{desc}: resuming from {checkpoint.name} at {where}")
 
-    images = torch.from_numpy(train_set.images)
-    labels = torch.from_numpy(train_set.labels)
-    n, bs = len(labels), cfg.batch_size
+    def save(epoch: int, step: int) -> None:
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, modules, opt,
+                            {"run_id": run_id, "epoch": epoch, "step": step, "sums": sums, "spent": spent,
+                             "history": history, "backbone": backbone_cfg.model_dump(mode="json")})
+
+    n, bs = len(labels_np), cfg.batch_size
     steps = max(1, n // bs)
-    old_labels = ctx.new_to_old[labels] if ctx is not None else None
+    per_step = min(bs, n)
+    old_labels = ctx.new_to_old[torch.from_numpy(labels_np)] if ctx is not None else None
     last = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
+    lr = cfg.optimizer.lr
     for epoch in range(start, last):
-        if term is not None:
+        first = start_step if epoch == start else 0
+        if term is not None and first == 0:
             term.on_epoch_start(epoch, backbone)
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        perm = torch.randperm(n, generator=gen)
+        if first == 0:
+            sums, spent = {}, 0.0
         backbone.train()
         head.train()
-        sums: dict[str, float] = {}
-        t0 = time.perf_counter()
-        bar = tqdm(range(steps), desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False, dynamic_ncols=True)
-        for it in bar:
+        batches = epoch_batches(n, bs, cfg.seed, epoch, first)
+        t0 = t_bar = time.perf_counter()
+        bar = tqdm(total=steps, initial=first, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, leave=False, dynamic_ncols=True)
+        reads = feed.read(batches, cfg.augment.hflip, cfg.augment.crop_pad, cfg.seed)
+        for batch, (images, y, idx) in zip(batches, reads, strict=True):
+            it = batch.step
             step = epoch * steps + it
             lr = cfg.optimizer.lr * lr_factor(cfg.schedule, step, steps, cfg.epochs)
             for group in opt.param_groups:
                 group["lr"] = lr
-            idx = perm[it * bs : (it + 1) * bs] if n >= bs else perm
-            x = augment(to_float(images[idx]), cfg.augment, gen)
-            y = labels[idx]
+            x = feed.preprocess.normalize(images)
             base_feats, feats = backbone.forward_train(x)
             parts: dict[str, float] = {}
             loss: torch.Tensor
             if term is not None and ctx is not None:
-                batch = CompatBatch(
+                cbatch = CompatBatch(
                     new_feats=feats, base_feats=base_feats, labels=y, index=idx, epoch=epoch, step=step,
                     old_feats=None if ctx.old_train_feats is None else ctx.old_train_feats[idx],
                     paragon_feats=None if ctx.paragon_train_feats is None else ctx.paragon_train_feats[idx],
                     old_labels=None if old_labels is None else old_labels[idx],
                 )
-                base = head(term.mix(base_feats, batch), y)
-                out = term(batch)
+                base = head(term.mix(base_feats, cbatch), y)
+                out = term(cbatch)
                 loss = base + out.loss
                 parts = out.parts
             else:
@@ -157,22 +161,27 @@ def train_model(
             loss_value = float(loss.detach())
             for k, v in {"loss": loss_value, "base": float(base.detach()), **parts}.items():
                 sums[k] = sums.get(k, 0.0) + v
-            done = (it + 1) * len(idx)
-            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{done / (time.perf_counter() - t0):.0f}")
-        elapsed = time.perf_counter() - t0
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}",
+                            img_s=f"{(it + 1 - first) * per_step / (time.perf_counter() - t_bar):.0f}")
+            if stop_after_step is not None and step + 1 >= stop_after_step:
+                bar.close()
+                return TrainResult(backbone, head, history, resumed_from_epoch=start)
+            if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < steps:
+                spent += time.perf_counter() - t0  # an epoch's time excludes its checkpoint saves
+                save(epoch, it + 1)
+                t0 = time.perf_counter()
+        bar.close()
+        elapsed = spent + time.perf_counter() - t0
         record = {k: v / steps for k, v in sums.items()}
         record.update(epoch=epoch + 1, lr=lr, seconds=round(elapsed, 3),
-                      images_per_s=round(steps * min(bs, n) / elapsed, 1))
+                      images_per_s=round(steps * per_step / elapsed, 1))
         history.append(record)
         if progress:
             tqdm.write(f"{desc} epoch {epoch + 1}/{cfg.epochs}: loss {record['loss']:.4f} "
                        f"({record['images_per_s']:.0f} img/s)")
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, modules, opt,
-                            {"run_id": run_id, "epoch": epoch + 1, "history": history,
-                             "backbone": backbone_cfg.model_dump(mode="json")})
+        sums, spent = {}, 0.0
+        save(epoch + 1, 0)
     backbone.eval()
     head.eval()
     return TrainResult(backbone, head, history, resumed_from_epoch=start)
-
-

@@ -1,0 +1,220 @@
+"""Reading a dataset source in batches through torch's DataLoader, for training, the old-feature cache
+and extraction alike.
+
+- Order: a training epoch's order is ``torch.randperm`` seeded by (seed, epoch) only, cut into
+  ``max(1, N // batch_size)`` batches (the remainder is dropped); extraction reads 0..N-1 in order.
+  Each batch is a :class:`Batch` (epoch, step, indices), so a run that resumes at step k of an
+  epoch reads exactly the batches it would have read, and the number of workers changes nothing.
+- Work split: a worker decodes, preprocesses and augments one whole batch into a uint8
+  [B, C, H, W] array (augmentation randomness is seeded by (seed, epoch, step)); the main process
+  normalises it on the model's device (:meth:`bctkit.data.transforms.Preprocess.normalize`).
+- Errors: a bctkit error in a worker (a corrupt image, a wrong size) comes back as the same one-line
+  error in the main process, not as a worker traceback.
+- The DataLoader gets its own seeded generator, so reading never consumes the global torch RNG
+  (training's dropout draws are the same with or without workers).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from bctkit.data.sources.base import CorruptImageError, DataSource
+from bctkit.data.transforms import Preprocess, augment_batch
+from bctkit.errors import BctkitError, DataError
+
+__all__ = ["Batch", "Feed", "auto_workers", "epoch_batches", "sequential_batches"]
+
+
+class Batch(NamedTuple):
+    """One batch to read: its epoch and step (which seed its augmentation) and source indices."""
+
+    epoch: int
+    step: int
+    indices: np.ndarray
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, start_step: int = 0) -> list[Batch]:
+    """The training batches of ``epoch`` from ``start_step`` on: a permutation seeded by
+    (seed, epoch), ``max(1, n // batch_size)`` full batches (all n items when n < batch_size)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=gen).numpy()
+    steps = max(1, n // batch_size)
+    return [Batch(epoch, it, perm[it * batch_size:(it + 1) * batch_size] if n >= batch_size else perm)
+            for it in range(start_step, steps)]
+
+
+def sequential_batches(n: int, batch_size: int) -> list[Batch]:
+    """Items 0..n-1 in order, ``batch_size`` at a time (the last batch may be smaller)."""
+    return [Batch(0, k, np.arange(s, min(s + batch_size, n), dtype=np.int64))
+            for k, s in enumerate(range(0, n, batch_size))]
+
+
+def auto_workers() -> int:
+    """Loader workers for ``num_workers: auto`` on a file dataset: the CPUs this process may use,
+    at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+class _Failure:
+    """A bctkit error raised in a worker, carried back as a value (one line, same type)."""
+
+    def __init__(self, exc: BctkitError) -> None:
+        self.kind = type(exc)
+        self.message = str(exc)
+
+    def raise_(self) -> None:
+        raise self.kind(self.message)
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """What a worker runs: Batch -> (uint8 images, labels, indices)."""
+
+    def __init__(self, source: DataSource, preprocess: Preprocess, shape: tuple[int, int, int],
+                 hflip: bool, crop_pad: int, seed: int) -> None:
+        self.source, self.preprocess, self.shape = source, preprocess, shape
+        self.hflip, self.crop_pad, self.seed = hflip, crop_pad, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitems__(self, batch: Batch) -> Any:
+        try:
+            return self._read(batch)
+        except BctkitError as exc:
+            return _Failure(exc)
+
+    def _read(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = batch.indices
+        raw = self.source.read_many(idx)
+        if isinstance(raw, np.ndarray) and self.preprocess.identity:
+            images = raw
+            if images.shape[1:] != self.shape:
+                self._wrong_shape(int(idx[0]), images.shape[1:])
+        else:
+            images = np.empty((len(idx), *self.shape), dtype=np.uint8)
+            for j, img in enumerate(raw):
+                out = self.preprocess(img)
+                if out.shape != self.shape:
+                    self._wrong_shape(int(idx[j]), out.shape)
+                images[j] = out
+        if self.hflip or self.crop_pad:
+            rng = np.random.default_rng([self.seed, batch.epoch, batch.step, 0x617567])
+            images = augment_batch(images, self.hflip, self.crop_pad, rng)
+        return (torch.from_numpy(images), torch.from_numpy(self.source.labels[idx]),
+                torch.from_numpy(np.asarray(idx, dtype=np.int64)))
+
+    def _wrong_shape(self, i: int, shape: tuple[int, ...]) -> None:
+        raise DataError(
+            f"{self.source.describe(i)}: image is {'x'.join(map(str, shape))} (C x H x W) but the first "
+            f"image is {'x'.join(map(str, self.shape))}; images of different sizes or colours need "
+            "data.transform (e.g. resize: [112, 112], color: rgb)")
+
+
+def _collate(item: Any) -> Any:
+    return item
+
+
+class Feed:
+    """A source as a model reads it: the source, its preprocessing, and the loader's workers.
+
+    ``workers``: DataLoader worker processes (0: read in this process). ``pin_memory``: page-locked
+    batches for fast copies to a GPU (ignored without CUDA).
+    """
+
+    def __init__(self, source: DataSource, preprocess: Preprocess | None = None, workers: int = 0,
+                 pin_memory: bool = False) -> None:
+        if workers < 0:
+            raise DataError(f"loader workers must be >= 0, got {workers}")
+        self.source = source
+        self.preprocess = preprocess or Preprocess()
+        self.workers = workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self._shape: tuple[int, int, int] | None = None
+
+    def with_source(self, source: DataSource) -> Feed:
+        """The same preprocessing and loader settings over another source (a subset, say)."""
+        return Feed(source, self.preprocess, self.workers, self.pin_memory)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """[C, H, W] of every preprocessed image (decodes the first image once to learn it)."""
+        if self._shape is None:
+            if len(self.source) == 0:
+                raise DataError(f"{self.source.name}: no images")
+            stored = self.source.stored_shape()
+            if stored is not None and self.preprocess.identity:
+                self._shape = stored
+            else:
+                first = self.preprocess(self.source.read(0))
+                self._shape = (int(first.shape[0]), int(first.shape[1]), int(first.shape[2]))
+        return self._shape
+
+    def spec(self) -> dict[str, Any]:
+        """The preprocessing as saved with a model."""
+        return self.preprocess.spec(self.input_shape)
+
+    def read(self, batches: Sequence[Batch], hflip: bool = False, crop_pad: int = 0, seed: int = 0
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(uint8 images, labels, indices) of each of ``batches`` in order, with train-time
+        augmentation when ``hflip`` / ``crop_pad`` are set."""
+        if not batches:
+            return
+        reader = _BatchReader(self.source, self.preprocess, self.input_shape, hflip, crop_pad, seed)
+        yield from self._load(reader, batches, self.pin_memory)
+
+    def find_corrupt(self, batch_size: int = 256, progress: bool = True) -> np.ndarray:
+        """Indices of the images that cannot be decoded (decodes every image once, in the workers)."""
+        bad: list[np.ndarray] = []
+        with tqdm(total=len(self.source), desc="checking images", unit="img", disable=not progress) as bar:
+            for found, n in self._load(_CorruptFinder(self.source), sequential_batches(len(self.source),
+                                                                                    batch_size), False):
+                bad.append(found)
+                bar.update(n)
+        return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+    def _load(self, dataset: torch.utils.data.Dataset, batches: Sequence[Batch], pin: bool) -> Iterator[Any]:
+        workers = min(self.workers, len(batches))
+        loader = DataLoader(
+            dataset, batch_sampler=batches, collate_fn=_collate, num_workers=workers, pin_memory=pin,
+            generator=torch.Generator().manual_seed(0), prefetch_factor=4 if workers else None,
+        )
+        for out in loader:
+            if isinstance(out, _Failure):
+                out.raise_()
+            yield out
+
+
+class _CorruptFinder(torch.utils.data.Dataset):
+    """What a worker runs to find undecodable images: Batch -> (their indices, batch size)."""
+
+    def __init__(self, source: DataSource) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitems__(self, batch: Batch) -> Any:
+        bad = []
+        try:
+            for i in batch.indices:
+                try:
+                    self.source.read(int(i))
+                except CorruptImageError:
+                    bad.append(int(i))
+        except BctkitError as exc:
+            return _Failure(exc)
+        return np.asarray(bad, dtype=np.int64), len(batch.indices)
