@@ -9,15 +9,17 @@ import time
 
 import numpy as np
 import torch
-from bctkit.data.imageset import to_float
 
+from bctkit.data.transforms import Preprocess
 from bctkit.features import extract
 from bctkit.models import BackboneConfig, build_backbone
 
 
 def naive(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(to_float(images[i : i + 1])) for i in range(len(images))]).detach()
+    pre = Preprocess()
+    one = [model(pre.normalize(torch.from_numpy(images[i : i + 1]))) for i in range(len(images))]
+    return torch.cat(one).detach()
 
 
 def main() -> None:

@@ -25,13 +25,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from bctkit.data.imageset import to_float
 
 import bctkit.losses.bct
 import bctkit.losses.bt2
 import bctkit.losses.contrastive
 import bctkit.losses.l2
 import bctkit.losses.lwf  # noqa: F401  (registration of the methods benchmarked)
+from bctkit.data.transforms import Preprocess
 from bctkit.features import extract
 from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm, build_term
 from bctkit.models import BackboneConfig, HeadConfig, build_backbone, build_head
@@ -65,7 +65,7 @@ class Config:
         self.backbone.train()
 
     def step(self, images: torch.Tensor, idx: torch.Tensor) -> None:
-        x = to_float(images[idx])
+        x = Preprocess().normalize(images[idx])
         y = self.ctx.train_labels[idx]
         if self.naive:
             with torch.no_grad():
