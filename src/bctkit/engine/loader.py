@@ -96,29 +96,41 @@ class _BatchReader(torch.utils.data.Dataset):
 
     def _read(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = batch.indices
-        raw = self.source.read_many(idx)
-        if isinstance(raw, np.ndarray) and self.preprocess.identity:
-            images = raw
-            if images.shape[1:] != self.shape:
-                self._wrong_shape(int(idx[0]), images.shape[1:])
+        if self.source.reads_batches and self.preprocess.identity:
+            raw = self.source.read_many(idx)
+            if raw.shape[1:] != self.shape:
+                self._wrong_shape(int(idx[0]), raw.shape[1:])
+            out = torch.from_numpy(raw)
         else:
-            images = np.empty((len(idx), *self.shape), dtype=np.uint8)
-            for j, img in enumerate(raw):
-                out = self.preprocess(img)
-                if out.shape != self.shape:
-                    self._wrong_shape(int(idx[j]), out.shape)
-                images[j] = out
+            out = _batch_buffer((len(idx), *self.shape))
+            images = out.numpy()
+            for j, i in enumerate(idx):  # one image at a time: a batch of decoded images stays out of cache
+                one = self.preprocess(self.source.read(int(i)))
+                if one.shape != self.shape:
+                    self._wrong_shape(int(idx[j]), one.shape)
+                images[j] = one
         if self.hflip or self.crop_pad:
             rng = np.random.default_rng([self.seed, batch.epoch, batch.step, 0x617567])
-            images = augment_batch(images, self.hflip, self.crop_pad, rng)
-        return (torch.from_numpy(images), torch.from_numpy(self.source.labels[idx]),
-                torch.from_numpy(np.asarray(idx, dtype=np.int64)))
+            out.numpy()[:] = augment_batch(out.numpy(), self.hflip, self.crop_pad, rng)
+        labels = torch.from_numpy(self.source.labels[idx])
+        return out, labels, torch.from_numpy(np.asarray(idx, dtype=np.int64))
 
     def _wrong_shape(self, i: int, shape: tuple[int, ...]) -> None:
         raise DataError(
             f"{self.source.describe(i)}: image is {'x'.join(map(str, shape))} (C x H x W) but the first "
             f"image is {'x'.join(map(str, self.shape))}; images of different sizes or colours need "
             "data.transform (e.g. resize: [112, 112], color: rgb)")
+
+
+def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty uint8 tensor to decode a batch into: in a worker process it lives in shared memory
+    from the start (as torch's default_collate does it), so sending it to the main process copies
+    nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.from_numpy(np.empty(shape, dtype=np.uint8))  # numpy's malloc reuses freed blocks
+    numel = int(np.prod(shape))
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel, device="cpu")
+    return torch.empty(0, dtype=torch.uint8).new(storage).view(shape)
 
 
 def _collate(item: Any) -> Any:

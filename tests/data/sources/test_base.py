@@ -82,3 +82,11 @@ def test_path_table_round_trip():
     assert [table[i] for i in range(len(table))] == paths
     assert table.blob.dtype == np.uint8 and table.offsets.tolist()[-1] == len(table.blob)
     assert PathTable.from_paths(paths).digest() == table.digest() != PathTable.from_paths(paths[:3]).digest()
+
+
+def test_misnamed_file_still_decodes(tmp_path):
+    png = _encode(Image.fromarray(np.full((3, 4, 3), 9, np.uint8), "RGB"))
+    (tmp_path / "really_png.jpg").write_bytes(png)
+    assert decode_image(tmp_path / "really_png.jpg", "x").size == (4, 3)
+    gif = _encode(Image.fromarray(np.full((3, 4, 3), 9, np.uint8), "RGB"), "GIF")
+    assert decode_image(gif, "no JPEG or PNG signature").size == (4, 3)

@@ -21,6 +21,8 @@ class ArraySource(DataSource):
     which is only for small arrays a caller builds by hand. ``images`` may be a read-only memmap:
     it is reopened (not copied) in DataLoader workers."""
 
+    reads_batches = True
+
     def __init__(self, images: np.ndarray, labels: Any, name: str = "array",
                  identity: dict[str, Any] | None = None) -> None:
         if not isinstance(images, np.ndarray) or images.ndim != 4 or images.dtype != np.uint8:

@@ -19,12 +19,12 @@ import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from bctkit.errors import DataError
 
@@ -54,6 +54,8 @@ class DataSource(ABC):
     """
 
     name: str = "source"
+    reads_batches: bool = False
+    """True when :meth:`read_many` gives a whole batch as one array faster than image by image."""
 
     @property
     @abstractmethod
@@ -67,10 +69,10 @@ class DataSource(ABC):
     def read(self, i: int) -> Image.Image | np.ndarray:
         """Image ``i`` as stored: a decoded PIL image (mode L or RGB) or a uint8 [C, H, W] array."""
 
-    def read_many(self, indices: np.ndarray) -> np.ndarray | list[Image.Image | np.ndarray]:
-        """Images at ``indices``: a uint8 [B, C, H, W] array where the source can give one at once
-        (in-memory sets), else one :meth:`read` per index."""
-        return [self.read(int(i)) for i in indices]
+    def read_many(self, indices: np.ndarray) -> np.ndarray:
+        """Images at ``indices`` as one uint8 [B, C, H, W] array (they must share a shape); sources
+        with ``reads_batches`` do this in one step."""
+        return np.stack([self.decode(int(i)) for i in indices])
 
     def decode(self, i: int) -> np.ndarray:
         """Image ``i`` as uint8 [C, H, W] at its stored size and colour."""
@@ -142,10 +144,14 @@ class SubsetSource(DataSource):
     def labels(self) -> np.ndarray:
         return self._labels
 
+    @property
+    def reads_batches(self) -> bool:  # type: ignore[override]
+        return self.parent.reads_batches
+
     def read(self, i: int) -> Image.Image | np.ndarray:
         return self.parent.read(int(self.indices[i]))
 
-    def read_many(self, indices: np.ndarray) -> np.ndarray | list[Image.Image | np.ndarray]:
+    def read_many(self, indices: np.ndarray) -> np.ndarray:
         return self.parent.read_many(self.indices[np.asarray(indices, dtype=np.int64)])
 
     def identity(self) -> dict[str, Any]:
@@ -191,7 +197,7 @@ def decode_image(data: str | os.PathLike[str] | bytes, where: str) -> Image.Imag
     Colour images (palette, alpha, CMYK ...) become RGB, grey ones L. A missing file is a
     DataError, an undecodable or truncated one a :class:`CorruptImageError`; both name ``where``."""
     try:
-        img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        img = _open(data)
         img.load()  # decodes now: a truncated file fails here, not later
     except FileNotFoundError:
         raise DataError(f"{where}: image file not found") from None
@@ -207,6 +213,28 @@ def decode_image(data: str | os.PathLike[str] | bytes, where: str) -> Image.Imag
     converted = img.convert(target)
     img.close()
     return converted
+
+
+@lru_cache(maxsize=1)
+def _extension_formats() -> dict[str, str]:
+    Image.init()
+    return {ext.lower(): fmt for ext, fmt in Image.registered_extensions().items()}
+
+
+def _open(data: str | os.PathLike[str] | bytes) -> Image.Image:
+    """Image.open, told the likely format (from the file extension, or the JPEG / PNG signature of
+    encoded bytes) so Pillow does not try its other plugins first; a file whose content is another
+    format than its name says is still opened, by the full search."""
+    if isinstance(data, bytes):
+        hint = "JPEG" if data[:3] == b"\xff\xd8\xff" else "PNG" if data[:8] == b"\x89PNG\r\n\x1a\n" else None
+    else:
+        hint = _extension_formats().get(os.path.splitext(os.fspath(data))[1].lower())
+    if hint is not None:
+        try:
+            return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=[hint])
+        except UnidentifiedImageError:
+            pass
+    return Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
 
 
 def to_chw(img: Image.Image | np.ndarray) -> np.ndarray:

@@ -73,14 +73,15 @@ class ImageFolderSource(DataSource):
         self._sizes = np.asarray(sizes, dtype=np.int64)
         self._labels = np.repeat(np.arange(len(classes), dtype=np.int64), counts)
         self.name = name or f"imagefolder {self.root.name}"
+        self._dir = str(self.root)
 
     @property
     def labels(self) -> np.ndarray:
         return self._labels
 
     def read(self, i: int) -> Image.Image:
-        path = self.root / self.paths[i]
-        return decode_image(path, str(path))
+        path = os.path.join(self._dir, self.paths[i])
+        return decode_image(path, path)
 
     def identity(self) -> dict[str, Any]:
         h = hashlib.sha256(self.paths.digest().encode())

@@ -100,6 +100,7 @@ class ListSource(DataSource):
         self._labels = arrays["labels"]
         self._sizes = arrays["sizes"]
         self.base = self.file.parent
+        self._dir = str(self.base)
         self.name = name or f"list {self.file.name}"
 
     @property
@@ -107,8 +108,8 @@ class ListSource(DataSource):
         return self._labels
 
     def read(self, i: int) -> Image.Image:
-        path = self.base / self.paths[i]
-        return decode_image(path, str(path))
+        path = os.path.join(self._dir, self.paths[i])
+        return decode_image(path, path)
 
     def identity(self) -> dict[str, Any]:
         h = hashlib.sha256(self.paths.digest().encode())
