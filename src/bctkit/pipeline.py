@@ -20,10 +20,10 @@ from bctkit.config import MethodConfig, ModelConfig, RunConfig, for_scenario
 from bctkit.data import allocate
 from bctkit.data.allocation import Allocation, Scenario, label_map
 from bctkit.data.datasets import load_data
-from bctkit.data.sources.base import DataSource
+from bctkit.data.screening import check_identities, describe_notes
 from bctkit.data.transforms import Preprocess
 from bctkit.engine.loader import Feed
-from bctkit.errors import ConfigError, DataError
+from bctkit.errors import ConfigError
 from bctkit.evaluation.protocols import EvalProtocol
 from bctkit.evaluation.report import report_dir, write_summary
 from bctkit.evaluation.suite import evaluate_suite
@@ -309,7 +309,8 @@ class Run:
             "dataset": f"{eval_set.name}: {len(eval_set)} images of {eval_set.num_classes} "
                        f"identities never used in training" + (
                            "" if cfg.evaluation.split == "test" else
-                           " (validation split: for choosing settings, not the test identities)"),
+                           " (validation split: for choosing settings, not the test identities)")
+                       + describe_notes(data.notes),
             "allocation": alloc.summary(),
             "config": cfg.model_dump(mode="json"),
         }
@@ -333,30 +334,6 @@ def check_inputs(cfg: RunConfig, shape: tuple[int, int, int]) -> None:
                 f"but the data gives {c}x{h}x{w}; set data.transform (resize, crop, color) or "
                 f"{side}.backbone.in_channels / image_size"
             )
-
-
-def check_identities(pool: DataSource, scenario: str, held_out: DataSource, gallery_per_class: int) -> None:
-    """Refuse, naming the identity, a pool identity with one image when the allocation splits
-    every identity's images (the old and new models would silently share it), and a held-out
-    identity with no image left to probe after its ``gallery_per_class`` gallery images."""
-    if scenario.endswith("-data"):
-        classes, counts = np.unique(pool.labels, return_counts=True)
-        if counts.min() < 2:
-            k = int(np.argmin(counts))
-            raise DataError(
-                f"{pool.name}: identity {pool.label_name(int(classes[k]))!r} has 1 image; the {scenario} "
-                f"allocation splits each identity's images between the old and the new training set and "
-                f"needs at least 2 ({int((counts < 2).sum())} identities have 1): set data.min_images: 2"
-            )
-    classes, counts = np.unique(held_out.labels, return_counts=True)
-    if len(counts) and counts.min() <= gallery_per_class:
-        k = int(np.argmin(counts))
-        raise DataError(
-            f"{held_out.name}: identity {held_out.label_name(int(classes[k]))!r} has {int(counts[k])} "
-            f"image(s); evaluation needs more than evaluation.gallery_per_class={gallery_per_class} "
-            f"(gallery) per identity to leave a probe ({int((counts <= gallery_per_class).sum())} "
-            "identities have too few)"
-        )
 
 
 def run_pipeline(

@@ -261,7 +261,7 @@ def _load_embedded(cfg: DataConfig, progress: bool, split: Split) -> LoadedData:
 
 
 def _load_files(cfg: DataConfig, progress: bool, split: Split) -> LoadedData:
-    from bctkit.data.cleaning import drop_corrupt, drop_small_identities
+    from bctkit.data.screening import drop_corrupt, drop_small_identities
 
     notes: dict[str, Any] = {}
     source = open_file_source(cfg.dataset, getattr(cfg, cfg.dataset))
