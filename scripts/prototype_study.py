@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from bctkit.config import parse_config
 from bctkit.data import SCENARIOS, allocate
 from bctkit.data.datasets import load_datasets
+from bctkit.data.transforms import Preprocess
+from bctkit.engine.loader import Feed
 from bctkit.evaluation.verification import roc_auc
 from bctkit.features import extract
 from bctkit.models.store import load_model
@@ -42,10 +44,10 @@ def study(run_dir: Path, model: str, taus: list[float], lam: float) -> dict:
     cfg = parse_config(json.loads((run_dir / "config.json").read_text()))
     pool, _ = load_datasets(cfg.data, progress=False)
     alloc = allocate(pool.labels, cfg.allocation.scenario, cfg.allocation.ratio, cfg.allocation.seed)
-    new_set = pool.subset(alloc.new_indices, alloc.new_labels)
+    new_set = Feed(pool.subset(alloc.new_indices, alloc.new_labels), Preprocess(cfg.data.transform))
     old = load_model(run_dir / "models" / "old" / "model.safetensors")
     old_feats = Run(cfg, run_dir, True, False, lambda _: None).cached_features(old, new_set).float()
-    labels, c = torch.from_numpy(new_set.labels), new_set.num_classes
+    labels, c = torch.from_numpy(new_set.source.labels), new_set.source.num_classes
     out: dict = {"allocation": cfg.allocation.scenario, "classes": c,
                  "images_per_class": round(len(new_set) / c, 2)}
     flipped = None
@@ -62,9 +64,9 @@ def study(run_dir: Path, model: str, taus: list[float], lam: float) -> dict:
         reference[rows] = old.head.weight.detach().float()[torch.from_numpy(alloc.new_to_old)[rows]]
     has_reference = bool(rows.any())  # open-class: the old model knows none of the classes
     out["cos_avg"] = mean_cos(class_means(old_feats, labels, c), reference, rows) if has_reference else None
-    new = extract(load_model(run_dir / "models" / model / "model.safetensors").backbone, new_set.images,
+    new = extract(load_model(run_dir / "models" / model / "model.safetensors").backbone, new_set,
                   progress=False)[:, : old_feats.shape[1]]
-    sizes = np.bincount(new_set.labels, minlength=c)[new_set.labels]
+    sizes = np.bincount(new_set.source.labels, minlength=c)[new_set.source.labels]
     for tau in taus:
         w = refinement_weights(new, labels, c, lam=lam, tau=tau)
         refined = weighted_means(old_feats, w, labels, c)
