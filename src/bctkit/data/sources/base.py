@@ -29,8 +29,8 @@ from PIL import Image, UnidentifiedImageError
 from bctkit.errors import DataError
 
 __all__ = [
-    "CorruptImageError", "DataSource", "PathTable", "SubsetSource", "decode_image", "hash_array",
-    "to_chw",
+    "CorruptImageError", "DataSource", "PathSource", "PathTable", "SubsetSource", "decode_image",
+    "hash_array", "to_chw",
 ]
 
 
@@ -272,6 +272,42 @@ class PathTable:
     def digest(self) -> str:
         """sha256 of the paths in order."""
         return hashlib.sha256(self.blob.tobytes() + self.offsets.tobytes()).hexdigest()
+
+
+class PathSource(DataSource):
+    """Images that are files under one folder (image folders, list files): relative ``paths``, their
+    byte sizes and labels. Identity = a hash of the relative paths and sizes (so moving the dataset
+    keeps it); images are decoded from ``folder / path``."""
+
+    format: str = "files"
+
+    def __init__(self, folder: Path, paths: PathTable, sizes: np.ndarray, labels: np.ndarray, name: str
+                 ) -> None:
+        self.folder = folder
+        self.paths = paths
+        self._sizes = np.asarray(sizes, dtype=np.int64)
+        self._labels = np.asarray(labels, dtype=np.int64)
+        self._dir = str(folder)
+        self.name = name
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    def read(self, i: int) -> Image.Image:
+        path = os.path.join(self._dir, self.paths[i])
+        return decode_image(path, path)
+
+    def identity(self) -> dict[str, Any]:
+        h = hashlib.sha256(self.paths.digest().encode())
+        h.update(self._sizes.tobytes())
+        return {"format": self.format, "images": len(self), "manifest": h.hexdigest()[:32]}
+
+    def describe(self, i: int) -> str:
+        return os.path.join(self._dir, self.paths[i])
+
+    def key(self, i: int) -> str:
+        return self.paths[i]
 
 
 def file_signature(path: Path, edge: int = 1 << 20) -> dict[str, Any]:

@@ -10,16 +10,14 @@ paths, file sizes and labels, so moving the dataset does not change it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from bctkit.data.sources.base import DataSource, PathTable, decode_image
+from bctkit.data.sources.base import PathSource, PathTable
 from bctkit.errors import DataError
 
 __all__ = ["ImageFolderConfig", "ImageFolderSource", "image_extensions"]
@@ -39,8 +37,10 @@ def image_extensions() -> frozenset[str]:
     return frozenset(ext.lower() for ext in Image.registered_extensions())
 
 
-class ImageFolderSource(DataSource):
+class ImageFolderSource(PathSource):
     """See the module docstring."""
+
+    format = "imagefolder"
 
     def __init__(self, root: str | os.PathLike[str], name: str | None = None) -> None:
         self.root = Path(root).expanduser()
@@ -69,30 +69,9 @@ class ImageFolderSource(DataSource):
                                 f"reads: {', '.join(sorted(e for e in exts if len(e) <= 5)[:12])} ...)")
             counts.append(found)
         self.classes = classes
-        self.paths = PathTable.from_paths(paths)
-        self._sizes = np.asarray(sizes, dtype=np.int64)
-        self._labels = np.repeat(np.arange(len(classes), dtype=np.int64), counts)
-        self.name = name or f"imagefolder {self.root.name}"
-        self._dir = str(self.root)
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self._labels
-
-    def read(self, i: int) -> Image.Image:
-        path = os.path.join(self._dir, self.paths[i])
-        return decode_image(path, path)
-
-    def identity(self) -> dict[str, Any]:
-        h = hashlib.sha256(self.paths.digest().encode())
-        h.update(self._sizes.tobytes())
-        return {"format": "imagefolder", "images": len(self), "manifest": h.hexdigest()[:32]}
-
-    def describe(self, i: int) -> str:
-        return str(self.root / self.paths[i])
-
-    def key(self, i: int) -> str:
-        return self.paths[i]
+        super().__init__(self.root, PathTable.from_paths(paths), np.asarray(sizes),
+                         np.repeat(np.arange(len(classes), dtype=np.int64), counts),
+                         name or f"imagefolder {self.root.name}")
 
     def label_name(self, label: int) -> str:
         return self.classes[label] if 0 <= label < len(self.classes) else str(label)

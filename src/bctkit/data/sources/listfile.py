@@ -14,16 +14,13 @@ list is parsed; the source's identity is a hash of the list's paths, labels and 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from bctkit.data.sources.base import DataSource, PathTable, decode_image
+from bctkit.data.sources.base import PathSource, PathTable
 from bctkit.data.sources.scan_cache import cached_scan
 from bctkit.errors import DataError
 
@@ -87,8 +84,10 @@ def parse_list(file: Path) -> dict[str, np.ndarray]:
             "sizes": np.asarray(sizes, dtype=np.int64)}
 
 
-class ListSource(DataSource):
+class ListSource(PathSource):
     """See the module docstring."""
+
+    format = "list"
 
     def __init__(self, file: str | os.PathLike[str], name: str | None = None) -> None:
         self.file = Path(file).expanduser()
@@ -96,28 +95,5 @@ class ListSource(DataSource):
             raise DataError(f"{self.file}: list file not found (data.list.file)")
         arrays, self.from_cache = cached_scan("list", [self.file], {"version": SCAN_VERSION},
                                               lambda: parse_list(self.file))
-        self.paths = PathTable(arrays["blob"], arrays["offsets"])
-        self._labels = arrays["labels"]
-        self._sizes = arrays["sizes"]
-        self.base = self.file.parent
-        self._dir = str(self.base)
-        self.name = name or f"list {self.file.name}"
-
-    @property
-    def labels(self) -> np.ndarray:
-        return self._labels
-
-    def read(self, i: int) -> Image.Image:
-        path = os.path.join(self._dir, self.paths[i])
-        return decode_image(path, path)
-
-    def identity(self) -> dict[str, Any]:
-        h = hashlib.sha256(self.paths.digest().encode())
-        h.update(self._sizes.tobytes())
-        return {"format": "list", "images": len(self), "manifest": h.hexdigest()[:32]}
-
-    def describe(self, i: int) -> str:
-        return str(self.base / self.paths[i])
-
-    def key(self, i: int) -> str:
-        return self.paths[i]
+        super().__init__(self.file.parent, PathTable(arrays["blob"], arrays["offsets"]), arrays["sizes"],
+                         arrays["labels"], name or f"list {self.file.name}")
