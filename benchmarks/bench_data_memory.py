@@ -32,7 +32,7 @@ SIZE, IDENTITIES_PER_100K = 32, 5000
 
 def make_rec(folder: Path, n: int) -> None:
     """n 32 x 32 RGB JPEGs in the insightface layout, labels in blocks (20 images per identity)."""
-    from bctkit.data.sources.recordio import write_insightface
+    from bctkit.data.sources.recordio_writer import write_insightface
 
     rng = np.random.default_rng(0)
     per = 20

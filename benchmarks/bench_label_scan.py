@@ -53,7 +53,7 @@ def _labels_for(n: int, seed: int) -> np.ndarray:
 
 def build(folder: Path, layout: str, n: int) -> None:
     """Write ``n`` tiny image records in ``layout`` to ``folder``."""
-    from bctkit.data.sources.recordio import pack_image_record, write_insightface, write_recordio
+    from bctkit.data.sources.recordio_writer import pack_image_record, write_insightface, write_recordio
 
     labels = _labels_for(n, seed=0)
     if layout == "insightface":

@@ -19,7 +19,7 @@ import yaml
 from bctkit.cli import main
 from bctkit.config import load_config
 from bctkit.data.sources import ImageFolderSource, ListSource, RecordIOSource
-from bctkit.data.sources.recordio import write_insightface
+from bctkit.data.sources.recordio_writer import write_insightface
 from bctkit.models.store import load_model
 from bctkit.pipeline import run_pipeline
 from tests.data.sources.conftest import encoded_images, write_folder

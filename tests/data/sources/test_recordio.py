@@ -10,13 +10,8 @@ import pytest
 from PIL import Image
 
 from bctkit.data.sources.base import CorruptImageError
-from bctkit.data.sources.recordio import (
-    RecordIOConfig,
-    RecordIOSource,
-    pack_image_record,
-    write_insightface,
-    write_recordio,
-)
+from bctkit.data.sources.recordio import RecordIOConfig, RecordIOSource
+from bctkit.data.sources.recordio_writer import pack_image_record, write_insightface, write_recordio
 from bctkit.errors import DataError, FileFormatError
 
 MAGIC = 0xCED7230A
