@@ -129,10 +129,11 @@ class RunConfig(_Strict):
                 f"evaluation.gallery_per_class={self.evaluation.gallery_per_class} leaves no probes "
                 f"with data.eval_images_per_class={self.data.eval_images_per_class}"
             )
-        if self.evaluation.split == "validation" and self.data.validation_classes < 2:
+        if (self.evaluation.split == "validation" and self.data.validation is None
+                and self.data.validation_classes < 2):
             raise ValueError(
                 f"evaluation.split=validation needs data.validation_classes >= 2 (identities kept apart "
-                f"from training and test), got {self.data.validation_classes}"
+                f"from training and test) or a data.validation source, got {self.data.validation_classes}"
             )
         seen: set[str] = set()
         for m in [*self.methods, *self.chain]:

@@ -256,7 +256,7 @@ class Run:
         data = load_data(cfg.data, progress=self.progress, split=cfg.evaluation.split)
         pool, eval_set = data.pool, data.held_out
         feed = Feed(pool, Preprocess(cfg.data.transform), cfg.data.workers(),
-                    pin_memory=bool(cfg.data.pin_memory))
+                    pin_memory=cfg.data.pin_memory is not False)
         self.log(f"[data] {pool.name}: {len(pool)} images, {pool.num_classes} classes; "
                  f"{cfg.evaluation.split} {len(eval_set)} images, {eval_set.num_classes} held-out classes"
                  + (f"; {data.notes}" if data.notes else ""))

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from bctkit.data.datasets import DataConfig, identity_split, load_data
+from bctkit.config import RunConfig
+from bctkit.data.datasets import DataConfig, SourceConfig, identity_split, load_data
 from bctkit.data.sources import ImageFolderSource
 from bctkit.errors import DataError
 from tests.data.sources.conftest import encoded_images, write_folder
@@ -79,6 +80,12 @@ def test_load_split_and_separate_eval(tmp_path):
                      eval={"dataset": "imagefolder", "imagefolder": {"root": str(other)}})
     data = load_data(sep, progress=False)
     assert len(data.pool) == 40 and len(data.held_out) == 9  # the whole source; the pool keeps all
+    val_src = {"dataset": "imagefolder", "imagefolder": {"root": str(_folder(tmp_path, "val", 2, 3, 5))}}
+    both = load_data(sep.model_copy(update={"validation": SourceConfig(**val_src)}), False, "validation")
+    assert len(both.pool) == 40 and len(both.held_out) == 6
+    run = RunConfig(data=sep.model_copy(update={"validation": SourceConfig(**val_src)}),
+                    evaluation={"split": "validation"})
+    assert run.data.validation_classes == 0  # a separate validation source needs no split
 
 
 def test_skip_corrupt_and_min_images(tmp_path):
