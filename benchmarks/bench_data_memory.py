@@ -4,8 +4,11 @@ uint8 array, as bctkit did before dataset sources) on the same set. Two sizes sh
 grows with N. Each measurement runs in a fresh process. Prints one JSON line.
 
 Memory is sampled every 20 ms from /proc/self/status: ``peak_anon_mb`` (RssAnon: memory the process
-owns) and ``peak_rss_mb`` (VmHWM, which also counts pages of files it maps, e.g. the feature
+owns), per stage (open: the label scan, cold; allocate; train: one epoch; cache: the old features)
+and overall, and ``peak_rss_mb`` (VmHWM, which also counts pages of files it maps, e.g. the feature
 cache); the loader workers' peak (``workers_peak_rss_mb``) is their own, shared pages included.
+The number of identities is the same at every size (``--identities``): the classifier's memory
+grows with the identities, not with the images, and is not the data path's.
 
     python benchmarks/bench_data_memory.py [--sizes 200000 400000] [--workers 2] [--tmpdir DIR]
 """
@@ -49,10 +52,13 @@ def make_rec(folder: Path, n: int) -> None:
 
 
 class Peak:
-    """Samples RssAnon and VmHWM of this process in a thread."""
+    """Samples RssAnon and VmHWM of this process in a thread; ``stage`` records the peak of RssAnon
+    since the previous stage."""
 
     def __init__(self) -> None:
         self.anon = 0
+        self.since = 0
+        self.stages: dict[str, float] = {}
         self.stop = False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -68,8 +74,14 @@ class Peak:
 
     def _run(self) -> None:
         while not self.stop:
-            self.anon = max(self.anon, self._status()["RssAnon"])
+            now = self._status()["RssAnon"]
+            self.anon, self.since = max(self.anon, now), max(self.since, now)
             time.sleep(0.02)
+
+    def stage(self, name: str) -> None:
+        now = self._status()["RssAnon"]
+        self.stages[f"{name}_peak_anon_mb"] = round(max(self.since, now) / 1024, 1)
+        self.since = now
 
     def result(self) -> dict[str, float]:
         self.stop = True
@@ -78,7 +90,7 @@ class Peak:
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         return {"peak_anon_mb": round(max(self.anon, status["RssAnon"]) / 1024, 1),
                 "peak_rss_mb": round(status["VmHWM"] / 1024, 1),
-                "workers_peak_rss_mb": round(children / 1024, 1)}
+                "workers_peak_rss_mb": round(children / 1024, 1), **self.stages}
 
 
 def child(rec: Path, mode: str, workers: int, cache: Path) -> dict:
@@ -102,21 +114,25 @@ def child(rec: Path, mode: str, workers: int, cache: Path) -> dict:
         source = ArraySource(images, source.labels, "decoded")
         workers = 0
     times["open_s"] = time.perf_counter() - t0
+    peak.stage("open")
     t0 = time.perf_counter()
     alloc = allocate(source.labels, "extended-data", 0.3, 666)
     old_set = source.subset(alloc.old_indices, alloc.old_labels)
     new_set = source.subset(alloc.new_indices, alloc.new_labels)
     times["allocate_s"] = time.perf_counter() - t0
+    peak.stage("allocate")
     bb = BackboneConfig(arch="r8", width=8, in_channels=3, image_size=SIZE, embedding_dim=64)
     t0 = time.perf_counter()
     res = train_model(Feed(old_set, workers=workers), bb, HeadConfig(type="arcface", s=32, m=0.3),
                       TrainConfig(epochs=1, batch_size=256), progress=False)
     times["train_epoch_s"] = time.perf_counter() - t0
+    peak.stage("train")
     t0 = time.perf_counter()
     model = freeze(res.backbone)
     feats = OldFeatureCache(cache).get(model, fingerprint(model), Feed(new_set, workers=workers),
                                        batch_size=1024, progress=False)
     times["old_feature_cache_s"] = time.perf_counter() - t0
+    peak.stage("cache")
     return {"images": len(source), "train_images": len(old_set), "cached_rows": int(feats.shape[0]),
             **{k: round(v, 1) for k, v in times.items()}, **peak.result()}
 
@@ -125,6 +141,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[200_000, 400_000])
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--identities", type=int, default=10_000,
+                    help="fixed across sizes, so the classifier (whose memory grows with the identities) "
+                         "stays the same and only the data grows")
     ap.add_argument("--tmpdir", default=None)
     ap.add_argument("--child", nargs=4, metavar=("REC", "MODE", "WORKERS", "CACHE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -133,13 +152,14 @@ def main() -> None:
         print(json.dumps(child(Path(rec), mode, int(workers), Path(cache))))
         return
     out: dict = {"bench": "data_memory", "image": f"{SIZE}x{SIZE} RGB JPEG", "workers": args.workers,
+                 "identities": args.identities,
                  "host_cpus": os.cpu_count(), "loadavg_1m_at_start": os.getloadavg()[0], "sizes": {}}
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
         env = {**os.environ, "BCTKIT_CACHE": str(Path(tmp) / "bctkit-cache")}
         for n in args.sizes:
             rec = Path(tmp) / f"rec{n}"
             t0 = time.perf_counter()
-            make_rec(rec, n)
+            make_rec(rec, n, args.identities)
             row: dict = {"build_s": round(time.perf_counter() - t0, 1),
                          "rec_mb": round((rec / "train.rec").stat().st_size / 2**20, 1),
                          "raw_pixels_mb": round(n * 3 * SIZE * SIZE / 2**20, 1)}
