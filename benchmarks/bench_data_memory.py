@@ -30,15 +30,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-SIZE, IDENTITIES_PER_100K = 32, 5000
+SIZE = 32
 
 
-def make_rec(folder: Path, n: int) -> None:
-    """n 32 x 32 RGB JPEGs in the insightface layout, labels in blocks (20 images per identity)."""
+def make_rec(folder: Path, n: int, identities: int) -> None:
+    """n 32 x 32 RGB JPEGs in the insightface layout, ``identities`` labels in equal blocks."""
     from bctkit.data.sources.recordio_writer import write_insightface
 
     rng = np.random.default_rng(0)
-    per = 20
+    per = -(-n // identities)
 
     def encoded():
         for i in range(n):
