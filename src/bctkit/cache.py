@@ -40,9 +40,9 @@ from torch import nn
 
 from bctkit.data.sources.base import DataSource
 from bctkit.data.transforms import TransformConfig
-from bctkit.engine.loader import Feed
+from bctkit.engine.loader import Feed, as_feed
 from bctkit.errors import DataError
-from bctkit.features import as_feed, iter_features
+from bctkit.features import iter_features
 from bctkit.prototypes import class_means
 from bctkit.storage import write_json
 
@@ -132,10 +132,10 @@ class OldFeatureCache:
         if dtype not in ("float32", "float16"):
             raise DataError(f"old-feature cache: dtype {dtype!r}; expected 'float32' or 'float16'")
         images_fp = images_fingerprint or feed.source.fingerprint()
-        transform = _transform(flip, feed.spec())
-        key = self.key(model_fingerprint, images_fp, flip, dtype, feed.spec())
+        spec = feed.spec()
+        key = self.key(model_fingerprint, images_fp, flip, dtype, spec)
         meta = {"format": FORMAT, "key": key, "model_fingerprint": model_fingerprint,
-                "images_fingerprint": images_fp, "transform": transform, "dtype": dtype}
+                "images_fingerprint": images_fp, "transform": _transform(flip, spec), "dtype": dtype}
         feats, reason = self._open(key, meta, len(feed))
         if feats is not None:
             self.hits += 1

@@ -16,23 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bctkit.data.sources.array import ArraySource
 from bctkit.data.sources.base import DataSource
-from bctkit.engine.loader import Feed, sequential_batches
+from bctkit.engine.loader import Feed, as_feed, sequential_batches
 from bctkit.errors import DataError, FileFormatError
 from bctkit.storage import load_tensors, save_tensors
-
-
-def as_feed(data: Feed | DataSource | np.ndarray) -> Feed:
-    """What to read images from: a Feed as is, a source with the default preprocessing, or a uint8
-    [N, C, H, W] array."""
-    if isinstance(data, Feed):
-        return data
-    if isinstance(data, DataSource):
-        return Feed(data)
-    if isinstance(data, np.ndarray):
-        return Feed(ArraySource(data, np.zeros(len(data), dtype=np.int64), name="images"))
-    raise DataError(f"cannot read images from a {type(data).__name__}")
 
 
 def iter_features(

@@ -31,12 +31,14 @@ from pydantic import (
 
 from bctkit.data.glyphs import GlyphsConfig, load_glyphs
 from bctkit.data.noise import flip_labels
+from bctkit.data.screening import drop_corrupt, drop_small_identities
 from bctkit.data.sources.base import DataSource
 from bctkit.data.sources.imagefolder import ImageFolderConfig, ImageFolderSource
 from bctkit.data.sources.listfile import ListConfig, ListSource
 from bctkit.data.sources.recordio import RecordIOConfig, RecordIOSource
 from bctkit.data.synthetic import SyntheticSpec, make_synthetic
 from bctkit.data.transforms import TransformConfig
+from bctkit.engine.loader import auto_workers
 from bctkit.errors import ConfigError, DataError
 
 Split = Literal["test", "validation"]
@@ -194,8 +196,6 @@ class DataConfig(BaseModel):
 
     def workers(self) -> int:
         """DataLoader workers for this dataset (``num_workers`` resolved)."""
-        from bctkit.engine.loader import auto_workers
-
         if self.num_workers == "auto":
             return auto_workers() if self.is_file else 0
         return int(self.num_workers)
@@ -261,8 +261,6 @@ def _load_embedded(cfg: DataConfig, progress: bool, split: Split) -> LoadedData:
 
 
 def _load_files(cfg: DataConfig, progress: bool, split: Split) -> LoadedData:
-    from bctkit.data.screening import drop_corrupt, drop_small_identities
-
     notes: dict[str, Any] = {}
     source = open_file_source(cfg.dataset, getattr(cfg, cfg.dataset))
     if cfg.skip_corrupt:

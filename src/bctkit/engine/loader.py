@@ -25,11 +25,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from bctkit.data.sources.array import ArraySource
 from bctkit.data.sources.base import CorruptImageError, DataSource
 from bctkit.data.transforms import Preprocess, augment_batch
 from bctkit.errors import BctkitError, DataError
 
-__all__ = ["Batch", "Feed", "auto_workers", "epoch_batches", "sequential_batches"]
+__all__ = ["Batch", "Feed", "as_feed", "auto_workers", "epoch_batches", "sequential_batches"]
 
 
 class Batch(NamedTuple):
@@ -230,3 +231,15 @@ class _CorruptFinder(torch.utils.data.Dataset):
         except BctkitError as exc:
             return _Failure(exc)
         return np.asarray(bad, dtype=np.int64), len(batch.indices)
+
+
+def as_feed(data: Feed | DataSource | np.ndarray) -> Feed:
+    """What to read images from: a Feed as is, a source with the default preprocessing, or a uint8
+    [N, C, H, W] array."""
+    if isinstance(data, Feed):
+        return data
+    if isinstance(data, DataSource):
+        return Feed(data)
+    if isinstance(data, np.ndarray):
+        return Feed(ArraySource(data, np.zeros(len(data), dtype=np.int64), name="images"))
+    raise DataError(f"cannot read images from a {type(data).__name__}")

@@ -12,9 +12,8 @@ import torch
 from tqdm.auto import tqdm
 
 from bctkit.data.sources.base import DataSource
-from bctkit.engine.loader import Feed, epoch_batches
+from bctkit.engine.loader import Feed, as_feed, epoch_batches
 from bctkit.errors import TrainingError
-from bctkit.features import as_feed
 from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm
 from bctkit.models.backbones import BackboneConfig, build_backbone
 from bctkit.models.heads import Head, HeadConfig, build_head
@@ -115,8 +114,6 @@ def train_model(
         first = start_step if epoch == start else 0
         if term is not None and first == 0:
             term.on_epoch_start(epoch, backbone)
-        if first == 0:
-            sums, spent = {}, 0.0
         backbone.train()
         head.train()
         batches = epoch_batches(n, bs, cfg.seed, epoch, first)
