@@ -25,13 +25,14 @@ never a hash of pixels.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -40,11 +41,15 @@ from torch import nn
 
 from bctkit.data.sources.base import DataSource
 from bctkit.data.transforms import TransformConfig
+from bctkit.engine.distributed import barrier, broadcast_object, is_main, max_across, share, world_size
 from bctkit.engine.loader import Feed, as_feed
 from bctkit.errors import DataError
 from bctkit.features import iter_features
 from bctkit.prototypes import class_means
 from bctkit.storage import write_json
+
+if TYPE_CHECKING:
+    from bctkit.engine.compute import Engine
 
 __all__ = ["OldFeatureCache", "as_tensor", "class_means_from_cache"]
 
@@ -118,11 +123,14 @@ class OldFeatureCache:
         batch_size: int = 512,
         progress: bool = True,
         dtype: CacheDtype = "float32",
+        engine: Engine | None = None,
     ) -> np.memmap:
         """Old features (N, d) of ``images`` (a Feed, a source, or uint8 [N, C, H, W]),
         memory-mapped read-only; computed with ``model`` only when no valid entry exists for these
         fingerprints, preprocessing, flip and dtype. ``images_fingerprint`` defaults to the
-        source's."""
+        source's. ``engine``: device and precision of the extraction. Under several processes every
+        rank calls this: each embeds its share of the rows into the one file rank 0 creates (the
+        cache directory must be shared by the ranks, as on one machine), and all open the result."""
         if isinstance(images, np.ndarray) and (images.dtype != np.uint8 or images.ndim != 4):
             raise DataError(f"old-feature cache: images are {images.dtype} {list(images.shape)}; "
                             "expected uint8 [N, C, H, W]")
@@ -137,13 +145,19 @@ class OldFeatureCache:
         meta = {"format": FORMAT, "key": key, "model_fingerprint": model_fingerprint,
                 "images_fingerprint": images_fp, "transform": _transform(flip, spec), "dtype": dtype}
         feats, reason = self._open(key, meta, len(feed))
+        hit = broadcast_object(feats is not None)  # rank 0 decides for every rank
+        if hit and feats is None:
+            raise DataError(f"old-feature cache: rank 0 reads entry {key} but this rank cannot ({reason}); "
+                            "the cache directory must be the same for every process")
+        if not hit:
+            feats = None
         if feats is not None:
             self.hits += 1
             self.log(f"[cache] reusing old features {self.paths(key)[0].name}")
             return feats
         self.misses += 1
         self.log(f"[cache] computing old features {self.paths(key)[0].name} ({reason})")
-        self._build(key, meta, model, feed, flip, batch_size, progress, dtype)
+        self._build(key, meta, model, feed, flip, batch_size, progress, dtype, engine)
         feats, reason = self._open(key, meta, len(feed))
         if feats is None:
             raise DataError(f"old-feature cache: entry {key} unreadable right after writing it ({reason})")
@@ -175,20 +189,30 @@ class OldFeatureCache:
         return arr, ""
 
     def _build(self, key: str, meta: dict[str, Any], model: nn.Module, feed: Feed, flip: bool,
-               batch_size: int, progress: bool, dtype: CacheDtype) -> None:
-        """Extract batch by batch straight into a temporary memmap, then rename it into place."""
+               batch_size: int, progress: bool, dtype: CacheDtype, engine: Engine | None) -> None:
+        """Extract batch by batch straight into a temporary memmap (each rank its rows), then
+        rename it into place."""
         npy, side = self.paths(key)
-        self.root.mkdir(parents=True, exist_ok=True)
-        side.unlink(missing_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{npy.name}.", suffix=".tmp", dir=self.root)
-        os.close(fd)
-        tmp = Path(tmp_name)
         n = len(feed)
-        crc = 0
-        out: np.memmap | None = None
+        tmp_name = None
+        if is_main():
+            self.root.mkdir(parents=True, exist_ok=True)
+            side.unlink(missing_ok=True)
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{npy.name}.", suffix=".tmp", dir=self.root)
+            os.close(fd)
+        tmp = Path(broadcast_object(tmp_name))
+        rows = share(n)
         try:
-            for start, f in iter_features(model, feed, batch_size, flip=flip, progress=progress,
-                                          desc="old features"):
+            blocks = iter_features(model, feed, batch_size, flip=flip, progress=progress and is_main(),
+                                   desc="old features", engine=engine, rows=rows)
+            first = next(blocks, None)
+            dim = max_across(0 if first is None else first[1].shape[1])
+            if is_main():
+                open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, dim)).flush()
+            barrier()
+            out = open_memmap(tmp, mode="r+")
+            crc = 0
+            for start, f in itertools.chain([] if first is None else [first], blocks):
                 if flip:
                     f = f / 2
                 block = f.numpy().astype(dtype)
@@ -196,18 +220,20 @@ class OldFeatureCache:
                     raise DataError(
                         f"old-feature cache: features overflow {dtype} (rows from {start}); use float32"
                     )
-                if out is None:
-                    out = open_memmap(tmp, mode="w+", dtype=np.dtype(dtype), shape=(n, block.shape[1]))
                 out[start : start + len(block)] = block
                 crc = zlib.crc32(np.ascontiguousarray(block).reshape(-1).view(np.uint8), crc)
-            assert out is not None
-            shape = list(out.shape)
             out.flush()
             del out
-            os.replace(tmp, npy)
+            barrier()
+            if is_main():
+                if world_size() > 1:  # the rows came from every rank: hash the file once
+                    crc = _crc32(np.load(tmp, mmap_mode="r", allow_pickle=False))
+                os.replace(tmp, npy)
+                write_json(side, {**meta, "shape": [n, dim], "file_size": npy.stat().st_size, "crc32": crc})
         finally:
-            tmp.unlink(missing_ok=True)
-        write_json(side, {**meta, "shape": shape, "file_size": npy.stat().st_size, "crc32": crc})
+            if is_main():
+                tmp.unlink(missing_ok=True)
+        barrier()
 
 
 def as_tensor(feats: np.memmap) -> torch.Tensor:

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from bctkit.engine.distributed import is_distributed, is_main, rank
 from bctkit.errors import BctkitError
 
 
@@ -112,11 +113,13 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--scenarios: unknown {unknown}; expected 'all' or some of {list(SCENARIOS)}")
         run_scenarios(cfg, args.out, scenarios, resume=args.resume, progress=not args.quiet,
                       reuse_old_from=args.reuse_old_from)
-        print(f"summary: {args.out}/summary.md")
+        if is_main():
+            print(f"summary: {args.out}/summary.md")
         return 0
     report = run_pipeline(cfg, args.out, resume=args.resume, progress=not args.quiet,
                           reuse_old_from=args.reuse_old_from)
-    print(f"report: {args.out}/report.md ({len(report['results'])} results)")
+    if is_main():
+        print(f"report: {args.out}/report.md ({len(report['results'])} results)")
     return 0
 
 
@@ -164,15 +167,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _where() -> str:
+    """'rank N: ' under several processes (each rank may fail on its own share), else ''."""
+    return f"rank {rank()}: " if is_distributed() else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Under torchrun every process runs this; a failing rank prints its one-line error and exits 2,
+    and torchrun then stops the other ranks (none waits forever on a collective)."""
     args = _parser().parse_args(argv)
     try:
         return _run(args)
     except BctkitError as exc:
-        print(f"bctkit: error: {exc}", file=sys.stderr)
+        print(f"bctkit: error: {_where()}{exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"bctkit: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"bctkit: error: {_where()}{exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bctkit: interrupted; rerun with --resume to continue from the last checkpoint",

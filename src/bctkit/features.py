@@ -6,10 +6,11 @@ the model fingerprint, which leading coordinates are the compatible embedding, a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,9 +18,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bctkit.data.sources.base import DataSource
-from bctkit.engine.loader import Feed, as_feed, sequential_batches
+from bctkit.engine.distributed import all_gather_rows, is_main, share
+from bctkit.engine.loader import Batch, Feed, as_feed, sequential_batches
 from bctkit.errors import DataError, FileFormatError
 from bctkit.storage import load_tensors, save_tensors
+
+if TYPE_CHECKING:
+    from bctkit.engine.compute import Engine
 
 
 def iter_features(
@@ -29,27 +34,35 @@ def iter_features(
     flip: bool = False,
     progress: bool = True,
     desc: str = "extract",
+    engine: Engine | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, float32 features) of each batch of ``data`` in order, under inference mode.
+    """(first row, float32 CPU features) of each batch of ``data`` in order, under inference mode.
 
-    ``flip``: add the feature of the horizontally flipped image (the flip test). Raises DataError
-    when the model produces NaN or Inf.
+    ``flip``: add the feature of the horizontally flipped image (the flip test). ``engine``: device
+    and precision (default: the model's device, float32). ``rows``: only rows [start, end) (one
+    rank's share). Raises DataError when the model produces NaN or Inf.
     """
     feed = as_feed(data)
     n = len(feed)
     if n == 0:
         raise DataError(f"{desc}: no images to extract")
+    start, end = (0, n) if rows is None else rows
+    dev = engine.device if engine is not None else _model_device(model)
+    autocast = engine.precision.autocast if engine is not None else contextlib.nullcontext
+    batches = [Batch(0, b.step, b.indices + start) for b in sequential_batches(end - start, batch_size)]
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=n, desc=desc, disable=not progress, leave=False,
+        with torch.inference_mode(), tqdm(total=end - start, desc=desc, disable=not progress, leave=False,
                                           unit="img") as bar:
-            for images, _, idx in feed.read(sequential_batches(n, batch_size)):
-                x = feed.preprocess.normalize(images)
-                f = model(x)
-                if flip:
-                    f = f + model(x.flip(3))
-                f = f.float()
+            for images, _, idx in feed.read(batches):
+                x = feed.preprocess.normalize(images.to(dev, non_blocking=True))
+                with autocast():
+                    f = model(x)
+                    if flip:
+                        f = f + model(x.flip(3))
+                f = f.float().cpu()
                 if not torch.isfinite(f).all():
                     raise DataError(f"{desc}: the model produced NaN or Inf features "
                                     f"(rows from {int(idx[0])})")
@@ -59,6 +72,11 @@ def iter_features(
         model.train(was_training)
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return torch.device("cpu") if p is None else p.device
+
+
 def extract(
     model: nn.Module,
     data: Feed | DataSource | np.ndarray,
@@ -66,10 +84,32 @@ def extract(
     flip: bool = False,
     progress: bool = True,
     desc: str = "extract",
+    engine: Engine | None = None,
 ) -> torch.Tensor:
     """Embed every image of ``data`` (a :class:`~bctkit.engine.loader.Feed`, a source, or uint8
-    images [N, C, H, W]) in batches: float32 [N, d]; see :func:`iter_features`."""
-    return torch.cat([f for _, f in iter_features(model, data, batch_size, flip, progress, desc)])
+    images [N, C, H, W]) in batches: float32 [N, d] on the CPU; see :func:`iter_features`. Under
+    several processes each rank embeds its share and every rank gets all rows (a collective call:
+    every rank must make it)."""
+    return all_gather_rows(extract_share(model, data, batch_size, flip, progress, desc, engine))
+
+
+def extract_share(
+    model: nn.Module,
+    data: Feed | DataSource | np.ndarray,
+    batch_size: int = 512,
+    flip: bool = False,
+    progress: bool = True,
+    desc: str = "extract",
+    engine: Engine | None = None,
+) -> torch.Tensor:
+    """This rank's share of :func:`extract` (all rows in one process), for :func:`gather_rows`."""
+    feed = as_feed(data)
+    parts = [f for _, f in iter_features(model, feed, batch_size, flip, progress and is_main(), desc,
+                                         engine, share(len(feed)))]
+    if parts:
+        return torch.cat(parts)
+    _, first = next(iter_features(model, feed, 1, False, False, desc, engine, (0, 1)))
+    return first[:0]  # a rank with no rows (fewer rows than ranks) still knows the feature size
 
 
 @dataclass

@@ -22,12 +22,14 @@ from bctkit.data.allocation import Allocation, Scenario, label_map
 from bctkit.data.datasets import load_data
 from bctkit.data.screening import check_identities, describe_notes
 from bctkit.data.transforms import Preprocess
+from bctkit.engine.compute import Engine
+from bctkit.engine.distributed import barrier, gather_rows, is_main, rank0_first
 from bctkit.engine.loader import Feed
 from bctkit.errors import ConfigError
 from bctkit.evaluation.protocols import EvalProtocol
 from bctkit.evaluation.report import report_dir, write_summary
 from bctkit.evaluation.suite import evaluate_suite
-from bctkit.features import FeatureSet, extract
+from bctkit.features import FeatureSet, extract_share
 from bctkit.losses import CompatContext, CompatibilityTerm, build_term
 from bctkit.losses.base import method_class
 from bctkit.models.backbones import BackboneConfig
@@ -66,12 +68,19 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _quiet(msg: str) -> None:
+    """The log of ranks other than 0 (rank 0 speaks for the run)."""
+
+
 class Run:
     """One pipeline run in ``out``; see :func:`run_pipeline`."""
 
     def __init__(self, cfg: RunConfig, out: Path, resume: bool, progress: bool,
                  log: Callable[[str], None], reuse_old: Path | None = None) -> None:
-        self.cfg, self.out, self.resume, self.progress, self.log = cfg, out, resume, progress, log
+        self.engine = Engine.create(cfg.new.train.device)
+        main = self.engine.is_main
+        self.cfg, self.out, self.resume, self.progress = cfg, out, resume, progress and main
+        self.log = log if main else _quiet
         self.reuse_old = reuse_old  # a finished old model file (see _old_model_file) to copy in
         self.models_info: dict[str, dict[str, Any]] = {}
 
@@ -85,8 +94,9 @@ class Run:
                 f"or another old-model config than this run's (run id {loaded.meta.get('run_id')}, "
                 f"this run needs {key})"
             )
-        if src.resolve() != dest.resolve():
+        if src.resolve() != dest.resolve() and is_main():
             save_model(dest, loaded.backbone, loaded.head, HeadConfig(**loaded.meta["head"]), loaded.meta)
+        barrier()
         self.log(f"[old] reusing {src}")
         self._record("old", loaded)
         return loaded
@@ -141,7 +151,9 @@ class Run:
             "compatible_with": compatible_with,
             "history": result.history,
         }
-        save_model(path, result.backbone, result.head, model_cfg.head, meta)
+        if is_main():
+            save_model(path, result.backbone, result.head, model_cfg.head, meta)
+        barrier()
         loaded = load_model(path)
         self._record(name, loaded)
         return loaded
@@ -168,8 +180,9 @@ class Run:
         c = self.cfg.cache
         root = Path(c.dir) if c.dir else self.out / "cache"
         cache = OldFeatureCache(root, log=self.log)
-        feats = cache.get(model.backbone, model.fingerprint, images, flip=c.flip,
-                          batch_size=self.cfg.evaluation.batch_size, progress=self.progress, dtype=c.dtype)
+        feats = cache.get(model.backbone.to(self.engine.device), model.fingerprint, images, flip=c.flip,
+                          batch_size=self.cfg.evaluation.batch_size, progress=self.progress, dtype=c.dtype,
+                          engine=self.engine)
         return as_tensor(feats)
 
     def compat_model(
@@ -251,9 +264,11 @@ class Run:
     def execute(self) -> dict[str, Any]:
         cfg, out = self.cfg, self.out
         reports = report_dir(out, cfg.evaluation.split)
-        reports.mkdir(parents=True, exist_ok=True)
-        write_json(reports / "config.json", cfg.model_dump(mode="json"))
-        data = load_data(cfg.data, progress=self.progress, split=cfg.evaluation.split)
+        if is_main():
+            reports.mkdir(parents=True, exist_ok=True)
+            write_json(reports / "config.json", cfg.model_dump(mode="json"))
+        with rank0_first():  # rank 0 fills the scan and render caches the other ranks then read
+            data = load_data(cfg.data, progress=self.progress, split=cfg.evaluation.split)
         pool, eval_set = data.pool, data.held_out
         feed = Feed(pool, Preprocess(cfg.data.transform), cfg.data.workers(),
                     pin_memory=cfg.data.pin_memory is not False)
@@ -290,8 +305,12 @@ class Run:
         eval_fp = eval_set.fingerprint()
         eval_feed = feed.with_source(eval_set)
         for name, model in models.items():
-            feats = extract(model.backbone, eval_feed, cfg.evaluation.batch_size,
-                            flip=cfg.evaluation.flip, progress=self.progress, desc=f"eval {name}")
+            share = extract_share(model.backbone.to(self.engine.device), eval_feed, cfg.evaluation.batch_size,
+                                  flip=cfg.evaluation.flip, progress=self.progress, desc=f"eval {name}",
+                                  engine=self.engine)
+            feats = gather_rows(share)
+            if feats is None:  # another rank than 0: rank 0 evaluates and reports
+                continue
             fs = FeatureSet(feats, eval_labels, {
                 "model": name, "model_fingerprint": model.fingerprint,
                 "compat_dims": model.meta.get("compat_dims"),
@@ -302,6 +321,9 @@ class Run:
             })
             fs.save(reports / "features" / f"{name}.safetensors")
             features[name] = fs
+        if not is_main():
+            barrier()
+            return {}
         ev = cfg.evaluation
         protocol = EvalProtocol(eval_set.name, eval_labels, ev.gallery_per_class, tuple(ev.fars),
                                 tuple(ev.topk), tuple(ev.fpirs), ev.retrieval)
@@ -319,6 +341,7 @@ class Run:
         report = evaluate_suite(features, protocol, reports, self.models_info, extra, backfill=ev.backfill,
                                 chain=chain)
         self.log(f"[report] {reports / 'report.md'}")
+        barrier()
         return report
 
 
@@ -370,11 +393,13 @@ def run_scenarios(
              for scenario in scenarios}
     reports = {}
     for scenario, sub in subs.items():
-        log(f"=== allocation {scenario} ===")
+        if is_main():
+            log(f"=== allocation {scenario} ===")
         reports[scenario] = Run(sub, out / scenario, resume, progress, log, reuse[scenario]).execute()
-    summary_dir = report_dir(out, cfg.evaluation.split)
-    summary_dir.mkdir(parents=True, exist_ok=True)
-    write_summary(summary_dir, reports, cfg.evaluation.fars)
+    if is_main():
+        summary_dir = report_dir(out, cfg.evaluation.split)
+        summary_dir.mkdir(parents=True, exist_ok=True)
+        write_summary(summary_dir, reports, cfg.evaluation.fars)
     return reports
 
 

@@ -133,19 +133,24 @@ def _expand(values: list[float], channels: int) -> list[float]:
     return values
 
 
-def augment_batch(x: np.ndarray, hflip: bool, crop_pad: int, rng: np.random.Generator) -> np.ndarray:
+def augment_batch(x: np.ndarray, hflip: bool, crop_pad: int, rng: np.random.Generator, offset: int = 0,
+                  total: int | None = None) -> np.ndarray:
     """Train-time augmentation of a uint8 [B, C, H, W] batch: each image mirrored with probability
     1/2, then cropped back to its size at a random offset from a copy padded by ``crop_pad`` pixels
-    (edge pixels repeated). Draws depend only on ``rng``, so a batch is the same in any worker."""
+    (edge pixels repeated). Draws depend only on ``rng``, so a batch is the same in any worker.
+    ``x`` may be rows ``offset``.. of a batch of ``total`` rows (one rank's share): the draws are made
+    for the whole batch and this share's rows taken, so they do not depend on how it is split."""
     n, _, h, w = x.shape
+    total = n if total is None else total
+    rows_of = slice(offset, offset + n)
     if hflip:
-        flip = rng.random(n) < 0.5
+        flip = (rng.random(total) < 0.5)[rows_of]
         x = np.where(flip[:, None, None, None], x[..., ::-1], x)
     if crop_pad:
         p = crop_pad
         padded = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)), mode="edge")
-        dy = rng.integers(0, 2 * p + 1, n)
-        dx = rng.integers(0, 2 * p + 1, n)
+        dy = rng.integers(0, 2 * p + 1, total)[rows_of]
+        dx = rng.integers(0, 2 * p + 1, total)[rows_of]
         rows = dy[:, None] + np.arange(h)
         cols = dx[:, None] + np.arange(w)
         x = padded[np.arange(n)[:, None, None, None], np.arange(x.shape[1])[None, :, None, None],

@@ -34,11 +34,20 @@ __all__ = ["Batch", "Feed", "as_feed", "auto_workers", "epoch_batches", "sequent
 
 
 class Batch(NamedTuple):
-    """One batch to read: its epoch and step (which seed its augmentation) and source indices."""
+    """One batch to read: its epoch and step (which seed its augmentation) and source indices. Under
+    several processes a rank reads rows ``offset``.. of a global batch of ``total`` rows (0: this batch
+    is the whole one); augmentation is drawn for the global batch, so it does not depend on the split."""
 
     epoch: int
     step: int
     indices: np.ndarray
+    offset: int = 0
+    total: int = 0
+
+    def share(self, start: int, end: int) -> Batch:
+        """Rows [start, end) of this (global) batch, as one rank reads them."""
+        return Batch(self.epoch, self.step, self.indices[start:end], self.offset + start,
+                     self.total or len(self.indices))
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, start_step: int = 0) -> list[Batch]:
@@ -112,7 +121,8 @@ class _BatchReader(torch.utils.data.Dataset):
                 images[j] = one
         if self.hflip or self.crop_pad:
             rng = np.random.default_rng([self.seed, batch.epoch, batch.step, 0x617567])
-            out.numpy()[:] = augment_batch(out.numpy(), self.hflip, self.crop_pad, rng)
+            out.numpy()[:] = augment_batch(out.numpy(), self.hflip, self.crop_pad, rng, batch.offset,
+                                           batch.total or len(idx))
         labels = torch.from_numpy(self.source.labels[idx])
         return out, labels, torch.from_numpy(np.asarray(idx, dtype=np.int64))
 

@@ -53,7 +53,15 @@ class CompatBatch:
     """One training step's view. ``new_feats`` is the stored embedding; ``base_feats`` what the base
     head classifies (the same tensor except for models that widen their embedding, BT^2);
     ``old_feats`` are cached old-model features of the same images; ``step`` is the global
-    optimisation step (0-based), for seeded per-step randomness."""
+    optimisation step (0-based), for seeded per-step randomness.
+
+    Under several processes a rank holds rows ``offset``.. of the step's global batch, whose indices
+    are ``global_index`` (None or equal to ``index`` in one process). The trainer averages each
+    rank's loss over the ranks (gradients through DDP), so a per-sample term returns the mean over its
+    rows as usual; a term coupled across the batch (in-batch negatives, counts, a random choice of
+    rows) uses ``global_index`` with the context's per-image tensors, or
+    :func:`bctkit.engine.distributed.gather_with_grad`, so that the mean over ranks equals its value
+    on the whole batch."""
 
     new_feats: torch.Tensor
     labels: torch.Tensor
@@ -64,6 +72,18 @@ class CompatBatch:
     old_labels: torch.Tensor | None = None
     base_feats: torch.Tensor | None = None
     paragon_feats: torch.Tensor | None = None
+    global_index: torch.Tensor | None = None
+    offset: int = 0
+
+    @property
+    def whole_index(self) -> torch.Tensor:
+        """Indices of the step's whole (global) batch; this rank's are ``[offset, offset + len(index))``."""
+        return self.index if self.global_index is None else self.global_index
+
+    @property
+    def share(self) -> float:
+        """This rank's rows as a fraction of the global batch (1 in one process)."""
+        return len(self.index) / len(self.whole_index)
 
 
 @dataclass

@@ -177,7 +177,13 @@ class BCT(CompatibilityTerm):
         targets = self.target_map[batch.labels]
         keep = targets >= 0
         n_keep = int(keep.sum())
-        known_frac = float(self.known_class[batch.labels].float().mean())
+        # The mean is over the kept samples of the whole (global) batch: a rank's share of it is its
+        # kept samples' sum over that count, scaled so that the mean over ranks is the batch's loss.
+        whole_labels = batch.labels if batch.global_index is None else \
+            self.ctx.train_labels[batch.global_index.cpu()].to(batch.labels.device)
+        whole_keep = int((self.target_map[whole_labels] >= 0).sum())
+        known_frac = float(self.known_class[whole_labels].float().mean())
+        scale = (n_keep / whole_keep) / batch.share if whole_keep else 0.0
         o = old_features(batch, self.name, f) if self.params.kd else None
         if n_keep < len(targets):
             f, targets = f[keep], targets[keep]
@@ -188,8 +194,8 @@ class BCT(CompatibilityTerm):
             t = self.temperature
             with torch.no_grad():
                 p = torch.softmax(self.classifier.logits(o) / t, dim=1)
-            raw = -(p * torch.log_softmax(self.classifier.logits(f) / t, dim=1)).sum(1).mean()
+            raw = -(p * torch.log_softmax(self.classifier.logits(f) / t, dim=1)).sum(1).mean() * scale
         else:
-            raw = F.cross_entropy(self.classifier.logits(f, targets), targets)
+            raw = F.cross_entropy(self.classifier.logits(f, targets), targets) * scale
         parts = {"influence": float(raw.detach()), "known_frac": known_frac}
         return TermOutput(self.params.weight * raw, parts)

@@ -151,7 +151,8 @@ class MixBCT(CompatibilityTerm):
     def __init__(self, params: MixBCTParams) -> None:
         super().__init__(params)
         self.credible = torch.zeros(0, dtype=torch.bool)
-        self._last: tuple[int, int, int] | None = None  # (step, rows replaced, batch size)
+        self._last: tuple[int, int, int] | None = None  # (step, rows replaced, batch size): global batch
+        self._whole = (0, 0)
 
     def check_dims(self, old_dim: int, new_dim: int) -> None:
         if new_dim == old_dim:
@@ -196,15 +197,17 @@ class MixBCT(CompatibilityTerm):
         return F.pad(o, (0, new_dim - o.shape[1])) if new_dim > o.shape[1] else o
 
     def mixed_positions(self, batch: CompatBatch) -> torch.Tensor:
-        """Bool mask over the batch: the rows replaced at this step (credible rows, seeded draw)."""
-        b = len(batch.index)
-        eligible = self.credible[batch.index.cpu()].nonzero().flatten()
-        k = mix_count(self.params.mix_ratio, b, len(eligible))
+        """Bool mask over this rank's rows: the rows replaced at this step. The draw is made over the
+        step's whole (global) batch, so the rows mixed do not depend on the number of processes."""
+        whole = batch.whole_index.cpu()
+        eligible = self.credible[whole].nonzero().flatten()
+        k = mix_count(self.params.mix_ratio, len(whole), len(eligible))
         gen = step_generator(self.params.seed, batch.step)
         pick = eligible[torch.randperm(len(eligible), generator=gen)[:k]]
-        mask = torch.zeros(b, dtype=torch.bool)
+        mask = torch.zeros(len(whole), dtype=torch.bool)
         mask[pick] = True
-        return mask
+        self._whole = (int(mask.sum()), len(whole))
+        return mask[batch.offset : batch.offset + len(batch.index)]
 
     def mix(self, feats: torch.Tensor, batch: CompatBatch) -> torch.Tensor:
         """``feats`` with the chosen rows replaced by normalised old features (no gradient there)."""
@@ -217,7 +220,7 @@ class MixBCT(CompatibilityTerm):
         self.check_dims(old.shape[1], feats.shape[1])
         mask = self.mixed_positions(batch)
         k = int(mask.sum())
-        self._last = (batch.step, k, feats.shape[0])
+        self._last = (batch.step, *self._whole)
         if k == 0:
             return feats
         picked = old[mask.to(old.device)]

@@ -59,6 +59,12 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(None, gt=0)
     seed: int = 666
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    device: str = Field("auto", description=(
+        "auto (CUDA when present, the GPU of each process's LOCAL_RANK under torchrun), cpu, cuda, "
+        "cuda:N or mps; not part of a run's key: a run resumes on another device"))
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
+        "autocast dtype of the backbone's forward pass (heads and compatibility terms stay float32); "
+        "fp16 adds a gradient scaler"))
     checkpoint_every: int | None = Field(None, ge=1, description=(
         "also write the checkpoint every N steps inside an epoch, so an interrupted long epoch "
         "resumes where it stopped (the checkpoint after every epoch is always written); not part of "
@@ -66,11 +72,18 @@ class TrainConfig(_Strict):
 
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
-        """Dumps leave out ``checkpoint_every`` when unset, and always in run keys (context
-        ``{"key": True}``): it does not change what training produces."""
+        """Dumps leave out ``checkpoint_every`` when unset, ``device`` when auto and ``precision`` when
+        fp32 (so keys of runs made before these options are unchanged); run keys (context
+        ``{"key": True}``) always leave out ``checkpoint_every`` and ``device``: they do not change
+        what training produces beyond floating-point rounding."""
         data = handler(self)
-        if self.checkpoint_every is None or (info.context or {}).get("key"):
+        key = (info.context or {}).get("key")
+        if self.checkpoint_every is None or key:
             data.pop("checkpoint_every", None)
+        if self.device == "auto" or key:
+            data.pop("device", None)
+        if self.precision == "fp32":
+            data.pop("precision", None)
         return data
 
     @model_validator(mode="after")

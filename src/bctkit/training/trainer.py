@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from bctkit.data.sources.base import DataSource
+from bctkit.engine.batchnorm import sync_batchnorm
+from bctkit.engine.compute import Engine
+from bctkit.engine.distributed import mean_across
 from bctkit.engine.loader import Feed, as_feed, epoch_batches
+from bctkit.engine.precision import Precision
 from bctkit.errors import TrainingError
 from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm
 from bctkit.models.backbones import BackboneConfig, build_backbone
@@ -39,6 +46,37 @@ def make_optimizer(cfg: OptimizerConfig, params: list[torch.nn.Parameter]) -> to
     return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
+class _TrainStep(nn.Module):
+    """The trainable modules as one (backbone, head, compatibility term), so data parallelism wraps
+    exactly them and never the frozen old model. The backbone runs under the precision's autocast;
+    its features enter the head and the term in float32."""
+
+    def __init__(self, backbone: nn.Module, head: Head, term: CompatibilityTerm | None,
+                 precision: Precision) -> None:
+        super().__init__()
+        self.backbone, self.head, self.term = backbone, head, term
+        self.precision = precision
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, fields: dict[str, Any]
+                ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        with self.precision.autocast():
+            base_feats, feats = self.backbone.forward_train(x)
+        base_feats, feats = base_feats.float(), feats.float()
+        if self.term is None:
+            return self.head(base_feats, y), None, {}
+        cbatch = CompatBatch(new_feats=feats, base_feats=base_feats, labels=y, **fields)
+        base = self.head(self.term.mix(base_feats, cbatch), y)
+        out = self.term(cbatch)
+        return base, out.loss, out.parts
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """Dropout seed of one step on one rank (several processes or an accelerator: the global RNG's
+    state is not what a checkpoint restores there, so each step is seeded instead)."""
+    state = np.random.SeedSequence([seed, step, rank, 0x64726F70]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 32) | int(state[1])
+
+
 def train_model(
     train_set: Feed | DataSource | np.ndarray,
     backbone_cfg: BackboneConfig,
@@ -55,6 +93,8 @@ def train_model(
     stop_after_epoch: int | None = None,
     stop_after_step: int | None = None,
     init_seed: int | None = None,
+    engine: Engine | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train backbone + head (+ compatibility term) on ``train_set`` (labels 0..C-1): a Feed (source,
     preprocessing, loader workers) or a source read with the default preprocessing.
@@ -66,6 +106,9 @@ def train_model(
     would, for tests and staged runs. ``init_seed`` (default ``cfg.seed``) seeds initialisation and
     dropout; batch order and augmentation always follow ``cfg.seed``.
     """
+    eng = Engine.create(cfg.device, cfg.precision) if engine is None else engine.with_precision(cfg.precision)
+    dev, prec = eng.device, eng.precision
+    progress = progress and eng.is_main
     feed = as_feed(train_set)
     labels_np = feed.source.labels
     if len(labels_np) == 0:
@@ -80,13 +123,19 @@ def train_model(
             raise ValueError("a compatibility term needs a CompatContext")
         term.setup(ctx)
         modules["term"] = term
+    for module in modules.values():
+        module.to(dev)
+    if eng.world > 1:
+        sync_batchnorm(backbone)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     opt = make_optimizer(cfg.optimizer, params)
+    seed_steps = eng.world > 1 or dev.type != "cpu"
 
     history: list[dict[str, Any]] = []
     start, start_step, sums, spent = 0, 0, {}, 0.0
     if resume and checkpoint is not None and checkpoint.exists():
         meta = load_checkpoint(checkpoint, modules, opt)
+        prec.load_state_dict(meta.get("scaler") or {})
         if meta.get("run_id") != run_id:
             raise TrainingError(
                 f"{checkpoint}: checkpoint belongs to another configuration; delete it or drop --resume"
@@ -99,15 +148,18 @@ def train_model(
             tqdm.write(f"{desc}: resuming from {checkpoint.name} at {where}")
 
     def save(epoch: int, step: int) -> None:
-        if checkpoint is not None:
+        if checkpoint is not None and eng.is_main:
             save_checkpoint(checkpoint, modules, opt,
                             {"run_id": run_id, "epoch": epoch, "step": step, "sums": sums, "spent": spent,
-                             "history": history, "backbone": backbone_cfg.model_dump(mode="json")})
+                             "history": history, "backbone": backbone_cfg.model_dump(mode="json"),
+                             "scaler": prec.state_dict()})
+
+    model = eng.wrap(_TrainStep(backbone, head, term, prec))
 
     n, bs = len(labels_np), cfg.batch_size
     steps = max(1, n // bs)
     per_step = min(bs, n)
-    old_labels = ctx.new_to_old[torch.from_numpy(labels_np)] if ctx is not None else None
+    old_labels = ctx.new_to_old.cpu()[torch.from_numpy(labels_np)] if ctx is not None else None
     last = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
     lr = cfg.optimizer.lr
     for epoch in range(start, last):
@@ -117,47 +169,51 @@ def train_model(
         backbone.train()
         head.train()
         batches = epoch_batches(n, bs, cfg.seed, epoch, first)
+        local = [eng.local_batch(b) for b in batches]
         t0 = t_bar = time.perf_counter()
         bar = tqdm(total=steps, initial=first, desc=f"{desc} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, leave=False, dynamic_ncols=True)
-        reads = feed.read(batches, cfg.augment.hflip, cfg.augment.crop_pad, cfg.seed)
-        for batch, (images, y, idx) in zip(batches, reads, strict=True):
+        reads = feed.read(local, cfg.augment.hflip, cfg.augment.crop_pad, cfg.seed)
+        for batch, mine, (images, y, idx) in zip(batches, local, reads, strict=True):
             it = batch.step
             step = epoch * steps + it
             lr = cfg.optimizer.lr * lr_factor(cfg.schedule, step, steps, cfg.epochs)
             for group in opt.param_groups:
                 group["lr"] = lr
-            x = feed.preprocess.normalize(images)
-            base_feats, feats = backbone.forward_train(x)
-            parts: dict[str, float] = {}
-            loss: torch.Tensor
+            if seed_steps:
+                torch.manual_seed(_step_seed(cfg.seed, step, eng.rank))
+            x = feed.preprocess.normalize(images.to(dev, non_blocking=True))
+            y = y.to(dev, non_blocking=True)
+            fields: dict[str, Any] = {}
             if term is not None and ctx is not None:
-                cbatch = CompatBatch(
-                    new_feats=feats, base_feats=base_feats, labels=y, index=idx, epoch=epoch, step=step,
-                    old_feats=None if ctx.old_train_feats is None else ctx.old_train_feats[idx],
-                    paragon_feats=None if ctx.paragon_train_feats is None else ctx.paragon_train_feats[idx],
-                    old_labels=None if old_labels is None else old_labels[idx],
+                fields = dict(
+                    index=idx, epoch=epoch, step=step, offset=mine.offset,
+                    global_index=torch.from_numpy(batch.indices),
+                    old_feats=_on(ctx.old_train_feats, idx, dev),
+                    paragon_feats=_on(ctx.paragon_train_feats, idx, dev),
+                    old_labels=_on(old_labels, idx, dev),
                 )
-                base = head(term.mix(base_feats, cbatch), y)
-                out = term(cbatch)
-                loss = base + out.loss
-                parts = out.parts
-            else:
-                base = head(base_feats, y)
-                loss = base
-            if not torch.isfinite(loss):
+            base, extra, parts = model(x, y, fields)
+            loss = base if extra is None else base + extra
+            values = dict(zip(["loss", "base", *parts],
+                              mean_across([float(loss.detach()), float(base.detach()), *parts.values()]),
+                              strict=True))
+            if not math.isfinite(values["loss"]):
                 raise TrainingError(
-                    f"{desc}: loss became {float(loss.detach())} at epoch {epoch + 1} step {it + 1}; "
+                    f"{desc}: loss became {values['loss']} at epoch {epoch + 1} step {it + 1}; "
                     "lower the learning rate or enable grad_clip"
                 )
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            prec.backward(loss)
             if cfg.grad_clip is not None:
+                prec.unscale(opt)
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            loss_value = float(loss.detach())
-            for k, v in {"loss": loss_value, "base": float(base.detach()), **parts}.items():
+            prec.step(opt)
+            loss_value = values["loss"]
+            for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
+            if on_step is not None:
+                on_step(step, values)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}",
                             img_s=f"{(it + 1 - first) * per_step / (time.perf_counter() - t_bar):.0f}")
@@ -182,3 +238,8 @@ def train_model(
     backbone.eval()
     head.eval()
     return TrainResult(backbone, head, history, resumed_from_epoch=start)
+
+
+def _on(t: torch.Tensor | None, idx: torch.Tensor, dev: torch.device) -> torch.Tensor | None:
+    """Rows ``idx`` of a per-image tensor (cached features, labels) on the training device."""
+    return None if t is None else t[idx].to(dev, non_blocking=True)

@@ -1,0 +1,78 @@
+"""Batch normalisation over the global batch when training with several processes.
+
+One process normalises a training batch by that batch's mean and variance. With the batch split over
+ranks, plain BatchNorm would use each rank's share instead, so the losses, gradients and running
+statistics would differ from one process's. :func:`sync_batchnorm` makes every BatchNorm layer of a
+model use the statistics of the whole global batch (two differentiable all-reduces per layer: the
+sums, then the squared deviations from the global mean). It works with gloo on CPU and with nccl on
+GPUs (torch's SyncBatchNorm refuses CPU modules). The layers keep their parameters and buffers, so
+state-dict names, checkpoints and saved models are unchanged; with one process, or in eval mode,
+they are plain BatchNorm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bctkit.engine.distributed import all_reduce_with_grad, is_distributed
+
+__all__ = ["GlobalBatchNorm1d", "GlobalBatchNorm2d", "sync_batchnorm"]
+
+
+def _global_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Training-mode batch norm with the global batch's statistics (computed in float32)."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    x32 = x.float()
+    local_n = x.numel() // x.shape[1]
+    sums = all_reduce_with_grad(torch.cat([x32.sum(dims), x32.new_tensor([float(local_n)])]))
+    n = float(sums[-1].detach())
+    mean = sums[:-1] / n
+    centred = x32 - mean.view(shape)
+    var = all_reduce_with_grad(centred.square().sum(dims)) / n
+    y = centred * torch.rsqrt(var + bn.eps).view(shape)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked += 1
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            bn.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+            bn.running_var.mul_(1 - factor).add_(var.detach() * (n / max(n - 1.0, 1.0)), alpha=factor)
+    return y.to(x.dtype)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over the global batch (see module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and is_distributed():
+            self._check_input_dim(x)
+            return _global_forward(self, x)
+        return super().forward(x)
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d over the global batch (see module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and is_distributed():
+            self._check_input_dim(x)
+            return _global_forward(self, x)
+        return super().forward(x)
+
+
+_GLOBAL: dict[type[nn.Module], type[nn.Module]] = {
+    nn.BatchNorm1d: GlobalBatchNorm1d, nn.BatchNorm2d: GlobalBatchNorm2d,
+}
+
+
+def sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Make every BatchNorm1d/2d layer of ``model`` normalise by the global batch, in place (same
+    parameters and buffers); returns ``model``."""
+    for m in model.modules():
+        cls = _GLOBAL.get(type(m))
+        if cls is not None:
+            m.__class__ = cls
+    return model
