@@ -28,7 +28,7 @@ from bctkit.errors import ConfigError
 __all__ = [
     "all_gather_rows", "all_reduce_with_grad", "barrier", "broadcast_object", "gather_rows",
     "gather_with_grad", "init_from_env", "is_distributed", "is_main", "local_rank", "max_across",
-    "mean_across", "rank", "rank0_first", "share", "world_size",
+    "mean_across", "rank", "rank0_first", "share", "sum_across", "world_size",
 ]
 
 
@@ -109,6 +109,15 @@ def mean_across(values: Sequence[float], device: torch.device | None = None) -> 
     t = torch.tensor(list(values), dtype=torch.float64, device=device or _collective_device())
     dist.all_reduce(t)
     return (t / world_size()).tolist()
+
+
+def sum_across(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks (no gradient)."""
+    if not is_distributed():
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out
 
 
 def max_across(value: int) -> int:

@@ -214,6 +214,14 @@ class ShardedHead(nn.Module):
         cos = cos.index_put((rows, cols), self.margin(cos[rows, cols]))
         return _ShardedCrossEntropy.apply(self.s * cos, target)
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
+        """A checkpoint holds the whole matrix (whatever the number of processes that wrote it):
+        this rank loads its rows of it."""
+        w = state_dict.get(prefix + "weight")
+        if isinstance(w, torch.Tensor) and w.ndim == 2 and w.shape[0] == self.num_classes:
+            state_dict[prefix + "weight"] = w[self.start : self.end]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+
     def full_weight(self) -> torch.Tensor:
         """The whole (num_classes, dim) class matrix on every rank."""
         return gather_rows(self.weight, self.num_classes)

@@ -15,8 +15,7 @@ from bctkit.errors import FileFormatError
 from bctkit.storage import META_KEY, load_tensors, save_tensors, write_json
 
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def _flatten_optimizer(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, state in sd["state"].items():
@@ -40,14 +39,16 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_checkpoint(
-    path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, meta: dict[str, Any]
+    path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer | dict[str, Any],
+    meta: dict[str, Any],
 ) -> None:
-    """Save module weights (prefixed by their key), optimiser and torch RNG state."""
+    """Save module weights (prefixed by their key), optimiser state (the optimiser or its state
+    dict) and torch RNG state."""
     tensors: dict[str, torch.Tensor] = {}
     for prefix, module in modules.items():
         for k, v in module.state_dict().items():
             tensors[f"{prefix}.{k}"] = v
-    opt_tensors, opt_meta = _flatten_optimizer(opt)
+    opt_tensors, opt_meta = _flatten_optimizer(opt if isinstance(opt, dict) else opt.state_dict())
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     full = {**meta, "optimizer": opt_meta}

@@ -51,6 +51,21 @@ class AugmentConfig(_Strict):
     crop_pad: int = Field(0, ge=0)
 
 
+class PartialFCConfig(_Strict):
+    """insightface's Partial FC for very many identities. ``shard``: under several processes each
+    rank holds a contiguous block of the classifier's rows and the softmax is computed across ranks
+    (exactly the replicated head's loss; saved as one matrix). ``sample_rate`` < 1: each step uses
+    every class present in the global batch plus random others up to that share of the classes
+    (a cosine-margin head only)."""
+
+    shard: bool = False
+    sample_rate: float = Field(1.0, gt=0, le=1)
+
+    @property
+    def active(self) -> bool:
+        return self.shard or self.sample_rate < 1
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=2)
@@ -65,6 +80,7 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
         "autocast dtype of the backbone's forward pass (heads and compatibility terms stay float32); "
         "fp16 adds a gradient scaler"))
+    partial_fc: PartialFCConfig = Field(default_factory=PartialFCConfig)
     checkpoint_every: int | None = Field(None, ge=1, description=(
         "also write the checkpoint every N steps inside an epoch, so an interrupted long epoch "
         "resumes where it stopped (the checkpoint after every epoch is always written); not part of "
@@ -84,6 +100,12 @@ class TrainConfig(_Strict):
             data.pop("device", None)
         if self.precision == "fp32":
             data.pop("precision", None)
+        pfc = data.get("partial_fc")
+        if isinstance(pfc, dict):
+            if key:  # sharding computes the same loss; sampling changes it
+                pfc.pop("shard", None)
+            if not self.partial_fc.active or pfc == {"sample_rate": 1.0}:
+                data.pop("partial_fc")
         return data
 
     @model_validator(mode="after")

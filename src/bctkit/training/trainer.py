@@ -17,13 +17,15 @@ from tqdm.auto import tqdm
 from bctkit.data.sources.base import DataSource
 from bctkit.engine.batchnorm import sync_batchnorm
 from bctkit.engine.compute import Engine
-from bctkit.engine.distributed import mean_across
+from bctkit.engine.distributed import mean_across, sum_across
 from bctkit.engine.loader import Feed, as_feed, epoch_batches
 from bctkit.engine.precision import Precision
 from bctkit.errors import TrainingError
 from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm
 from bctkit.models.backbones import BackboneConfig, build_backbone
 from bctkit.models.heads import Head, HeadConfig, build_head
+from bctkit.models.sharded_head import ShardedHead, shard_rows
+from bctkit.models.sharded_head import gather_rows as gather_shards
 from bctkit.training.checkpoint import load_checkpoint, save_checkpoint
 from bctkit.training.config import OptimizerConfig, TrainConfig
 from bctkit.training.schedules import lr_factor
@@ -51,23 +53,26 @@ class _TrainStep(nn.Module):
     exactly them and never the frozen old model. The backbone runs under the precision's autocast;
     its features enter the head and the term in float32."""
 
-    def __init__(self, backbone: nn.Module, head: Head, term: CompatibilityTerm | None,
+    def __init__(self, backbone: nn.Module, head: Head | None, term: CompatibilityTerm | None,
                  precision: Precision) -> None:
         super().__init__()
         self.backbone, self.head, self.term = backbone, head, term
         self.precision = precision
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, fields: dict[str, Any]
-                ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, dict[str, float]]:
+        """(features the base head classifies, base loss or None when the head is sharded and
+        applied outside, the term's loss or None, the term's logged parts)."""
         with self.precision.autocast():
             base_feats, feats = self.backbone.forward_train(x)
         base_feats, feats = base_feats.float(), feats.float()
         if self.term is None:
-            return self.head(base_feats, y), None, {}
+            return base_feats, None if self.head is None else self.head(base_feats, y), None, {}
         cbatch = CompatBatch(new_feats=feats, base_feats=base_feats, labels=y, **fields)
-        base = self.head(self.term.mix(base_feats, cbatch), y)
+        mixed = self.term.mix(base_feats, cbatch)
+        base = None if self.head is None else self.head(mixed, y)
         out = self.term(cbatch)
-        return base, out.loss, out.parts
+        return mixed, base, out.loss, out.parts
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -116,7 +121,11 @@ def train_model(
     torch.manual_seed(cfg.seed if init_seed is None else init_seed)
     num_classes = int(labels_np.max()) + 1
     backbone = build_backbone(backbone_cfg)
-    head = build_head(head_cfg, backbone_cfg.embedding_dim, num_classes)
+    pfc = cfg.partial_fc
+    sharded = pfc.sample_rate < 1 or (pfc.shard and eng.world > 1)
+    head: Head | ShardedHead = (
+        ShardedHead(head_cfg, backbone_cfg.embedding_dim, num_classes, pfc.sample_rate, cfg.seed) if sharded
+        else build_head(head_cfg, backbone_cfg.embedding_dim, num_classes))
     modules: dict[str, torch.nn.Module] = {"backbone": backbone, "head": head}
     if term is not None:
         if ctx is None:
@@ -136,6 +145,8 @@ def train_model(
     if resume and checkpoint is not None and checkpoint.exists():
         meta = load_checkpoint(checkpoint, modules, opt)
         prec.load_state_dict(meta.get("scaler") or {})
+        if isinstance(head, ShardedHead):
+            _shard_state(opt, head)
         if meta.get("run_id") != run_id:
             raise TrainingError(
                 f"{checkpoint}: checkpoint belongs to another configuration; delete it or drop --resume"
@@ -148,13 +159,18 @@ def train_model(
             tqdm.write(f"{desc}: resuming from {checkpoint.name} at {where}")
 
     def save(epoch: int, step: int) -> None:
-        if checkpoint is not None and eng.is_main:
-            save_checkpoint(checkpoint, modules, opt,
+        if checkpoint is None:
+            return
+        saved, opt_state = modules, opt.state_dict()
+        if isinstance(head, ShardedHead):  # one matrix, whatever the number of processes (collective)
+            saved, opt_state = {**modules, "head": head.to_head()}, _full_state(opt, head)
+        if eng.is_main:
+            save_checkpoint(checkpoint, saved, opt_state,
                             {"run_id": run_id, "epoch": epoch, "step": step, "sums": sums, "spent": spent,
                              "history": history, "backbone": backbone_cfg.model_dump(mode="json"),
                              "scaler": prec.state_dict()})
 
-    model = eng.wrap(_TrainStep(backbone, head, term, prec))
+    model = eng.wrap(_TrainStep(backbone, None if isinstance(head, ShardedHead) else head, term, prec))
 
     n, bs = len(labels_np), cfg.batch_size
     steps = max(1, n // bs)
@@ -193,7 +209,9 @@ def train_model(
                     paragon_feats=_on(ctx.paragon_train_feats, idx, dev),
                     old_labels=_on(old_labels, idx, dev),
                 )
-            base, extra, parts = model(x, y, fields)
+            mixed, base, extra, parts = model(x, y, fields)
+            if base is None:
+                base = head(mixed, y, step)
             loss = base if extra is None else base + extra
             values = dict(zip(["loss", "base", *parts],
                               mean_across([float(loss.detach()), float(base.detach()), *parts.values()]),
@@ -207,7 +225,10 @@ def train_model(
             prec.backward(loss)
             if cfg.grad_clip is not None:
                 prec.unscale(opt)
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                if isinstance(head, ShardedHead):
+                    _clip_sharded(params, head.weight, cfg.grad_clip)
+                else:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             prec.step(opt)
             loss_value = values["loss"]
             for k, v in values.items():
@@ -219,7 +240,7 @@ def train_model(
                             img_s=f"{(it + 1 - first) * per_step / (time.perf_counter() - t_bar):.0f}")
             if stop_after_step is not None and step + 1 >= stop_after_step:
                 bar.close()
-                return TrainResult(backbone, head, history, resumed_from_epoch=start)
+                return TrainResult(backbone, _replicated(head), history, resumed_from_epoch=start)
             if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < steps:
                 spent += time.perf_counter() - t0  # an epoch's time excludes its checkpoint saves
                 save(epoch, it + 1)
@@ -237,7 +258,50 @@ def train_model(
         save(epoch + 1, 0)
     backbone.eval()
     head.eval()
-    return TrainResult(backbone, head, history, resumed_from_epoch=start)
+    return TrainResult(backbone, _replicated(head), history, resumed_from_epoch=start)
+
+
+def _replicated(head: Head | ShardedHead) -> Head:
+    """The head as one matrix (a sharded head is gathered: a collective call)."""
+    return head.to_head().eval() if isinstance(head, ShardedHead) else head
+
+
+def _clip_sharded(params: list[torch.nn.Parameter], shard: torch.nn.Parameter, max_norm: float) -> None:
+    """clip_grad_norm_ with the norm of the whole model: the replicated gradients (equal on every
+    rank) plus every rank's rows of the sharded class matrix."""
+    replicated = [p.grad for p in params if p.grad is not None and p is not shard]
+    sq = torch.stack([g.detach().float().square().sum() for g in replicated]).sum() if replicated else 0.0
+    own = shard.grad.detach().float().square().sum() if shard.grad is not None else torch.zeros(())
+    total = (sq + sum_across(own.to(shard.device))).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in [*replicated, shard.grad]:
+        if g is not None:
+            g.mul_(coef.to(g.device, g.dtype))
+
+
+def _full_state(opt: torch.optim.Optimizer, head: ShardedHead) -> dict[str, Any]:
+    """The optimiser's state dict with the sharded head's per-row state (momentum) gathered whole."""
+    sd = opt.state_dict()
+    pid = _param_id(opt, head.weight)
+    state = dict(sd["state"].get(pid, {}))
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.shape == head.weight.shape:
+            state[k] = gather_shards(v, head.num_classes)
+    return {**sd, "state": {**sd["state"], pid: state}}
+
+
+def _shard_state(opt: torch.optim.Optimizer, head: ShardedHead) -> None:
+    """After loading a checkpoint's whole-matrix optimiser state: keep this rank's rows."""
+    st = opt.state.get(head.weight, {})
+    for k, v in list(st.items()):
+        if isinstance(v, torch.Tensor) and v.ndim == 2 and v.shape[0] == head.num_classes:
+            st[k] = shard_rows(v).clone()
+
+
+def _param_id(opt: torch.optim.Optimizer, param: torch.nn.Parameter) -> int:
+    """The index of ``param`` in the optimiser's state dict."""
+    flat = [p for group in opt.param_groups for p in group["params"]]
+    return next(i for i, p in enumerate(flat) if p is param)
 
 
 def _on(t: torch.Tensor | None, idx: torch.Tensor, dev: torch.device) -> torch.Tensor | None:
