@@ -30,7 +30,8 @@ def _cfg(precision: str, **kw) -> TrainConfig:
 
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_device("auto") == torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    expected = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    assert resolve_device("auto") == expected
     for bad in ["gpu", "cpu:1", "cuda:x", "tpu"]:
         with pytest.raises(ConfigError, match="train.device"):
             resolve_device(bad)
