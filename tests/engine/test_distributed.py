@@ -172,3 +172,19 @@ def test_torchrun_bctkit_run_writes_once_and_matches(tmp_path):
         [(r["query_model"], r["gallery_model"], r["metric"]) for r in b]
     assert max(abs(x["value"] - y["value"]) for x, y in zip(a, b, strict=True)) < 0.04
     shutil.rmtree(tmp_path)
+
+
+def test_global_batchnorm_and_gather_with_grad(tmp_path):
+    """Under 2 processes: BatchNorm over the global batch equals nn.BatchNorm2d on the whole batch
+    (output, input and parameter gradients, running statistics), and an in-batch InfoNCE over
+    gather_with_grad's global batch gives DDP-averaged gradients equal to one process's."""
+    worker = str(HERE / "collectives_worker.py")
+    res = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2", worker, str(tmp_path)],
+                         env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for r in (0, 1):
+        found = json.loads((tmp_path / f"collectives-{r}.json").read_text())
+        assert found["gather_grad_scale"] > 0.1
+        for name, value in found.items():
+            if name != "gather_grad_scale":
+                assert value < 2e-6, (r, name, value)
