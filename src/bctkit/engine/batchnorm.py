@@ -3,8 +3,8 @@
 One process normalises a training batch by that batch's mean and variance. With the batch split over
 ranks, plain BatchNorm would use each rank's share instead, so the losses, gradients and running
 statistics would differ from one process's. :func:`sync_batchnorm` makes every BatchNorm layer of a
-model use the statistics of the whole global batch (two differentiable all-reduces per layer: the
-sums, then the squared deviations from the global mean). It works with gloo on CPU and with nccl on
+model use the statistics of the whole global batch (one differentiable all-reduce per layer in the
+forward pass and one in the backward pass). It works with gloo on CPU and with nccl on
 GPUs (torch's SyncBatchNorm refuses CPU modules). The layers keep their parameters and buffers, so
 state-dict names, checkpoints and saved models are unchanged; with one process, or in eval mode,
 they are plain BatchNorm.
@@ -21,17 +21,23 @@ __all__ = ["GlobalBatchNorm1d", "GlobalBatchNorm2d", "sync_batchnorm"]
 
 
 def _global_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
-    """Training-mode batch norm with the global batch's statistics (computed in float32)."""
+    """Training-mode batch norm with the global batch's statistics (computed in float32).
+
+    One differentiable all-reduce per layer: the sums of (x - s) and (x - s)^2 and the count, with
+    the shift s = the running mean (the same on every rank), which keeps E[(x-s)^2] - E[x-s]^2 free
+    of cancellation once the running mean follows the data."""
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
-    x32 = x.float()
-    local_n = x.numel() // x.shape[1]
-    sums = all_reduce_with_grad(torch.cat([x32.sum(dims), x32.new_tensor([float(local_n)])]))
+    c = x.shape[1]
+    shift = bn.running_mean.detach().float() if bn.running_mean is not None else x.new_zeros(c).float()
+    d = x.float() - shift.view(shape)
+    local_n = x.numel() // c
+    sums = all_reduce_with_grad(torch.cat([d.sum(dims), d.square().sum(dims), d.new_tensor([float(local_n)])]))
     n = float(sums[-1].detach())
-    mean = sums[:-1] / n
-    centred = x32 - mean.view(shape)
-    var = all_reduce_with_grad(centred.square().sum(dims)) / n
-    y = centred * torch.rsqrt(var + bn.eps).view(shape)
+    mean_d = sums[:c] / n
+    var = (sums[c : 2 * c] / n - mean_d.square()).clamp_min(0.0)
+    mean = mean_d + shift
+    y = (d - mean_d.view(shape)) * torch.rsqrt(var + bn.eps).view(shape)
     if bn.affine:
         y = y * bn.weight.view(shape) + bn.bias.view(shape)
     if bn.track_running_stats and bn.running_mean is not None and bn.running_var is not None:
