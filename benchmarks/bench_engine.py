@@ -5,10 +5,11 @@ Prints three JSON lines, each measured in this run:
 
 - ``ddp_cpu``: training images/s of 1 process x 1 thread against ``torchrun --nproc_per_node=2`` x 1
   thread each (gloo), the same global batch; ratio = 2-process / 1-process throughput (2.0 ideal on 2
-  free cores).
+  free cores), with BatchNorm over the global batch (the default) and per process (``local``).
 - ``precision_cpu``: step time fp32 vs bf16 autocast on this CPU (ratio = bf16 / fp32 time).
 - ``compat_overhead``: images/s of the independent model against l2 and bct with cached old features,
-  through the same loop (ratio = independent / method throughput; goal <= 1.05).
+  through the same loop, in ``--rounds`` rounds of the three (ratio = median over rounds of
+  independent / method throughput; goal <= 1.05).
 
 Setup: r8 / width 16 on 32x32 grey synthetic images, embedding 128, ArcFace, batch 128, SGD; the
 first epoch is a warm-up and only the last epoch's images/s counts.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,11 +42,12 @@ BB = BackboneConfig(arch="r8", width=16, embedding_dim=128, image_size=32)
 HEAD = HeadConfig(type="arcface", s=64, m=0.5)
 
 
-def _throughput(images: int, epochs: int, precision: str = "fp32", method: str | None = None) -> float:
+def _throughput(images: int, epochs: int, precision: str = "fp32", method: str | None = None,
+                batchnorm: str = "global") -> float:
     """Last epoch's training images/s (in every rank: the loop's own measurement)."""
     data = make_synthetic(SyntheticSpec(num_classes=images // 16, images_per_class=16, size=32, seed=1))
     cfg = TrainConfig(epochs=epochs, batch_size=128, optimizer={"name": "sgd", "lr": 0.05}, device="cpu",
-                      precision=precision)
+                      precision=precision, batchnorm=batchnorm)
     term = ctx = None
     if method is not None:
         torch.manual_seed(3)
@@ -62,15 +65,16 @@ def _throughput(images: int, epochs: int, precision: str = "fp32", method: str |
 
 def _child(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
-    rate = _throughput(args.images, args.epochs)
+    rates = {bn: _throughput(args.images, args.epochs, batchnorm=bn) for bn in ("global", "local")}
     if is_main():
-        Path(args.child).write_text(json.dumps(rate))
+        Path(args.child).write_text(json.dumps(rates))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=3840)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
@@ -86,8 +90,10 @@ def main() -> None:
             subprocess.run([*launcher, __file__, "--images", str(args.images), "--epochs", str(args.epochs),
                             "--child", str(out)], env=env, check=True, capture_output=True)
             rates[procs] = json.loads(out.read_text())
-    print(json.dumps({"bench": "ddp_cpu", "img_s_1proc": rates[1], "img_s_2proc": rates[2],
-                      "ratio": round(rates[2] / rates[1], 3), "cpus": os.cpu_count()}))
+    one = rates[1]["global"]  # one process: BatchNorm is the same either way
+    print(json.dumps({"bench": "ddp_cpu", "img_s_1proc": one, "img_s_2proc": rates[2]["global"],
+                      "ratio": round(rates[2]["global"] / one, 3), "img_s_2proc_local_bn": rates[2]["local"],
+                      "ratio_local_bn": round(rates[2]["local"] / one, 3), "cpus": os.cpu_count()}))
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     fp32 = _throughput(args.images, args.epochs, "fp32")
@@ -95,12 +101,14 @@ def main() -> None:
     print(json.dumps({"bench": "precision_cpu", "img_s_fp32": fp32, "img_s_bf16": bf16,
                       "ratio_time_bf16_over_fp32": round(fp32 / bf16, 3)}))
 
-    base = _throughput(args.images, args.epochs)
-    out = {"bench": "compat_overhead", "img_s_independent": base}
+    # Paired and repeated: load from other processes shifts every configuration of a round alike.
+    rounds = [{m: _throughput(args.images, args.epochs, method=m) for m in (None, "l2", "bct")}
+              for _ in range(args.rounds)]
+    out: dict[str, object] = {"bench": "compat_overhead", "rounds": args.rounds,
+                              "img_s_independent": statistics.median(r[None] for r in rounds)}
     for method in ("l2", "bct"):
-        rate = _throughput(args.images, args.epochs, method=method)
-        out[f"img_s_{method}"] = rate
-        out[f"ratio_{method}"] = round(base / rate, 3)
+        out[f"img_s_{method}"] = statistics.median(r[method] for r in rounds)
+        out[f"ratio_{method}"] = round(statistics.median(r[None] / r[method] for r in rounds), 3)
     print(json.dumps(out))
 
 

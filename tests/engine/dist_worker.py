@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--shard-head", action="store_true")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--local-bn", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     engine = Engine.create(args.device)
@@ -75,7 +76,8 @@ def main() -> None:
     cfg = TrainConfig(epochs=2, batch_size=16, optimizer={"name": "sgd", "lr": 0.05},
                       schedule={"name": "cosine", "warmup_epochs": 0.5}, grad_clip=5.0, seed=7,
                       augment={"hflip": True, "crop_pad": 2}, precision=args.precision,
-                      checkpoint_every=2, partial_fc={"shard": args.shard_head}, device=args.device)
+                      checkpoint_every=2, partial_fc={"shard": args.shard_head}, device=args.device,
+                      batchnorm="local" if args.local_bn else "global")
     for method in args.methods.split(","):
         term = None if method == "independent" else build_term(method.split("-")[0], PARAMS[method])
         ctx = CompatContext(

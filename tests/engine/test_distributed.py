@@ -5,6 +5,7 @@ gather_with_grad, a failing rank, and ``torchrun -m bctkit run`` end to end."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -108,6 +109,16 @@ def test_sharded_head_equals_replicated(runs, tmp_path):
         assert max_rel(steps1[:6], steps2[:6]) < 1e-5
         assert max_rel(steps1, steps2) < 1e-3
         assert max_abs(w1, w2) < 1e-3
+
+
+def test_local_batchnorm_is_per_process(runs, tmp_path):
+    """``train.batchnorm: local`` normalises by each process's share: it trains, and (unlike the
+    default) its steps are not one process's."""
+    run_worker(tmp_path, ["independent"], 2, "--local-bn")
+    steps1, _ = load(runs / "one", "independent")
+    steps2, _ = load(tmp_path, "independent")
+    assert all(math.isfinite(s["loss"]) for s in steps2)
+    assert max_rel(steps1, steps2) > 1e-3
 
 
 def test_failing_rank_ends_every_rank(tmp_path):

@@ -31,8 +31,8 @@ def _global_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> tor
     c = x.shape[1]
     shift = bn.running_mean.detach().float() if bn.running_mean is not None else x.new_zeros(c).float()
     d = x.float() - shift.view(shape)
-    local_n = x.numel() // c
-    sums = all_reduce_with_grad(torch.cat([d.sum(dims), d.square().sum(dims), d.new_tensor([float(local_n)])]))
+    count = d.new_tensor([float(x.numel() // c)])
+    sums = all_reduce_with_grad(torch.cat([d.sum(dims), d.square().sum(dims), count]))
     n = float(sums[-1].detach())
     mean_d = sums[:c] / n
     var = (sums[c : 2 * c] / n - mean_d.square()).clamp_min(0.0)

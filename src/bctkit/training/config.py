@@ -80,6 +80,10 @@ class TrainConfig(_Strict):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
         "autocast dtype of the backbone's forward pass (heads and compatibility terms stay float32); "
         "fp16 adds a gradient scaler"))
+    batchnorm: Literal["global", "local"] = Field("global", description=(
+        "under several processes: 'global' normalises by the whole global batch (one small all-reduce "
+        "per BatchNorm layer; the steps equal one process's), 'local' by each process's share "
+        "(insightface's arcface_torch; faster where communication is slow, not equal to one process)"))
     partial_fc: PartialFCConfig = Field(default_factory=PartialFCConfig)
     checkpoint_every: int | None = Field(None, ge=1, description=(
         "also write the checkpoint every N steps inside an epoch, so an interrupted long epoch "
@@ -100,6 +104,8 @@ class TrainConfig(_Strict):
             data.pop("device", None)
         if self.precision == "fp32":
             data.pop("precision", None)
+        if self.batchnorm == "global":
+            data.pop("batchnorm", None)
         pfc = data.get("partial_fc")
         if isinstance(pfc, dict):
             if key:  # sharding computes the same loss; sampling changes it

@@ -134,7 +134,7 @@ def train_model(
         modules["term"] = term
     for module in modules.values():
         module.to(dev)
-    if eng.world > 1:
+    if eng.world > 1 and cfg.batchnorm == "global":
         sync_batchnorm(backbone)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     opt = make_optimizer(cfg.optimizer, params)
