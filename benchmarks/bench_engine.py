@@ -6,7 +6,8 @@ Prints three JSON lines, each measured in this run:
 - ``ddp_cpu``: training images/s of 1 process x 1 thread against ``torchrun --nproc_per_node=2`` x 1
   thread each (gloo), the same global batch; ratio = 2-process / 1-process throughput (2.0 ideal on 2
   free cores), with BatchNorm over the global batch (the default) and per process (``local``).
-- ``precision_cpu``: step time fp32 vs bf16 autocast on this CPU (ratio = bf16 / fp32 time).
+- ``precision_cpu``: step time fp32 vs bf16 autocast on this CPU (ratio = median over rounds of
+  bf16 / fp32 time).
 - ``compat_overhead``: images/s of the independent model against l2 and bct with cached old features,
   through the same loop, in ``--rounds`` rounds of the three (ratio = median over rounds of
   independent / method throughput; goal <= 1.05).
@@ -74,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=3840)
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--child")
     args = ap.parse_args()
     if args.child:
@@ -96,19 +97,26 @@ def main() -> None:
                       "ratio_local_bn": round(rates[2]["local"] / one, 3), "cpus": os.cpu_count()}))
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    fp32 = _throughput(args.images, args.epochs, "fp32")
-    bf16 = _throughput(args.images, args.epochs, "bf16")
-    print(json.dumps({"bench": "precision_cpu", "img_s_fp32": fp32, "img_s_bf16": bf16,
-                      "ratio_time_bf16_over_fp32": round(fp32 / bf16, 3)}))
-
     # Paired and repeated: load from other processes shifts every configuration of a round alike.
-    rounds = [{m: _throughput(args.images, args.epochs, method=m) for m in (None, "l2", "bct")}
+    configs: dict[str, dict[str, str]] = {
+        "independent": {}, "bf16": {"precision": "bf16"}, "l2": {"method": "l2"}, "bct": {"method": "bct"}}
+    rounds = [{name: _throughput(args.images, args.epochs, **kw) for name, kw in configs.items()}
               for _ in range(args.rounds)]
+
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+
+    def ratio(num: str, den: str) -> float:
+        return round(statistics.median(r[num] / r[den] for r in rounds), 3)
+
+    print(json.dumps({"bench": "precision_cpu", "rounds": args.rounds, "img_s_fp32": median("independent"),
+                      "img_s_bf16": median("bf16"),
+                      "ratio_time_bf16_over_fp32": ratio("independent", "bf16")}))
     out: dict[str, object] = {"bench": "compat_overhead", "rounds": args.rounds,
-                              "img_s_independent": statistics.median(r[None] for r in rounds)}
+                              "img_s_independent": median("independent")}
     for method in ("l2", "bct"):
-        out[f"img_s_{method}"] = statistics.median(r[method] for r in rounds)
-        out[f"ratio_{method}"] = round(statistics.median(r[None] / r[method] for r in rounds), 3)
+        out[f"img_s_{method}"] = median(method)
+        out[f"ratio_{method}"] = ratio("independent", method)
     print(json.dumps(out))
 
 
