@@ -177,21 +177,23 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor | None:
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward gives each rank the gradient of the SUM of all ranks' losses with
-    respect to its own rows (an all_reduce of the incoming gradient, then this rank's slice)."""
+    respect to its own rows (an all_reduce of the incoming gradient, then this rank's slice), times
+    ``scale``."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
         parts = [torch.empty_like(x) for _ in range(world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rows = len(x)
+        dist.all_gather(parts, x.detach().contiguous())
+        ctx.rows, ctx.scale = len(x), scale
         return torch.cat(parts)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous().clone()
         dist.all_reduce(grad)
         start = rank() * ctx.rows
-        return grad[start : start + ctx.rows]
+        local = grad[start : start + ctx.rows]
+        return (local * ctx.scale if ctx.scale != 1.0 else local), None
 
 
 class _AllReduceWithGrad(torch.autograd.Function):
@@ -218,14 +220,15 @@ def all_reduce_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _AllReduceWithGrad.apply(x)
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+def gather_with_grad(x: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
     """The global batch of a batch-coupled term (equal local shares, rank order): other ranks' rows as
     values, this rank's rows keeping their graph; gradients from every rank's loss reach the rows
     they came from. With each rank's loss the mean over ITS anchors and DDP averaging gradients, the
-    update equals one process's on the whole batch."""
+    update equals one process's on the whole batch. A loss that every rank computes over the whole
+    global batch (the sharded classifier) passes ``grad_scale`` = world size, undoing DDP's average."""
     if not is_distributed():
         return x
-    return _GatherWithGrad.apply(x)
+    return _GatherWithGrad.apply(x, float(grad_scale))
 
 
 def local_rows(n: int) -> np.ndarray:

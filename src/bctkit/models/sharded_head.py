@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from bctkit.engine.distributed import all_gather_rows, gather_with_grad, rank, share, world_size
 from bctkit.errors import ConfigError, DataError
 from bctkit.models.heads import ArcFaceHead, CosFaceHead, Head, HeadConfig, NormFaceHead, build_head
 
@@ -23,80 +24,29 @@ _MARGIN_HEADS = {"normface": NormFaceHead, "cosface": CosFaceHead, "arcface": Ar
 
 
 def _world_rank() -> tuple[int, int]:
-    """(world size, rank) of the default process group; (1, 0) when none is initialised."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+    """(world size, rank) of the default process group; (1, 0) without one."""
+    return world_size(), rank()
 
 
 def shard_bounds(num_classes: int, world: int) -> list[tuple[int, int]]:
-    """Contiguous [start, end) row blocks in rank order, sizes differing by at most 1 (as np.array_split)."""
-    base, extra = divmod(num_classes, world)
-    bounds, start = [], 0
-    for r in range(world):
-        end = start + base + (1 if r < extra else 0)
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate equally shaped tensors of all ranks in rank order (no gradient)."""
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.detach().contiguous())
-    return torch.cat(parts)
+    """Contiguous [start, end) row blocks in rank order, sizes differing by at most 1: each rank's
+    :func:`bctkit.engine.distributed.share` of the classes."""
+    return [share(num_classes, r, world) for r in range(world)]
 
 
 def gather_rows(t: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """The full tensor of ``num_rows`` rows on every rank, from each rank's [start, end) row shard ``t``.
-
-    Works for any row-sharded tensor (the weight, an optimizer buffer of it); shards are padded to the
-    largest size because gloo's all_gather needs equal shapes.
-    """
-    world, rank = _world_rank()
-    bounds = shard_bounds(num_rows, world)
-    start, end = bounds[rank]
+    """The full tensor of ``num_rows`` rows on every rank, from each rank's [start, end) row shard ``t``
+    (the weight, an optimizer buffer of it)."""
+    start, end = share(num_rows)
     if t.shape[0] != end - start:
-        raise DataError(f"gather_rows: rank {rank} holds {t.shape[0]} rows, expected {end - start}")
-    if world == 1:
-        return t.detach().clone()
-    longest = max(e - s for s, e in bounds)
-    padded = t.new_zeros((longest, *t.shape[1:]))
-    padded[: t.shape[0]] = t.detach()
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: e - s] for p, (s, e) in zip(parts, bounds, strict=True)])
+        raise DataError(f"gather_rows: rank {rank()} holds {t.shape[0]} rows, expected {end - start}")
+    return all_gather_rows(t.detach()).clone()
 
 
 def shard_rows(full: torch.Tensor) -> torch.Tensor:
     """This rank's rows [start, end) of a full row-sharded tensor (e.g. to reload at another world size)."""
-    world, rank = _world_rank()
-    start, end = shard_bounds(full.shape[0], world)[rank]
+    start, end = share(full.shape[0])
     return full[start:end].clone()
-
-
-class _GatherFeats(torch.autograd.Function):
-    """All-gather of the local features whose backward returns W * (this rank's rows of sum_ranks grad).
-
-    Every rank's loss is the whole global-batch loss L, and each rank's backward only holds the part of
-    dL/d(gathered feats) that flows through its class shard, so the parts are summed across ranks. The
-    backbone is wrapped in DDP, which averages gradients (divides by W); multiplying by W makes that
-    average equal dL/d(backbone parameters).
-    """
-
-    @staticmethod
-    def forward(ctx, feats: torch.Tensor) -> torch.Tensor:
-        world, rank = _world_rank()
-        ctx.world, ctx.rank, ctx.rows = world, rank, feats.shape[0]
-        parts = [torch.empty_like(feats) for _ in range(world)]
-        dist.all_gather(parts, feats.detach().contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows] * ctx.world
 
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
@@ -146,7 +96,7 @@ class ShardedHead(nn.Module):
     Keep this module out of DistributedDataParallel: its weight gradient is already the exact gradient of
     the global-batch loss for this rank's rows. The gradient returned to the local features is scaled by
     the world size W so that DDP's averaging of the backbone gradients yields dL/d(backbone) (see
-    ``_GatherFeats``). Every rank must pass the same local batch size.
+    :func:`bctkit.engine.distributed.gather_with_grad`). Every rank must pass the same local batch size.
     """
 
     def __init__(
@@ -194,7 +144,10 @@ class ShardedHead(nn.Module):
     def forward(self, feats: torch.Tensor, labels: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Cross entropy of the global batch (all ranks' local batches in rank order), equal on every rank."""
         if _world_rank()[0] > 1:
-            feats, labels = _GatherFeats.apply(feats), _all_gather_cat(labels)
+            # Every rank's loss is the whole global batch's and each holds only its class shard's part of
+            # d L / d feats: the gather sums the parts over ranks and scales by W, so that DDP's average
+            # of the backbone gradients equals d L / d backbone.
+            feats, labels = gather_with_grad(feats, grad_scale=world_size()), all_gather_rows(labels)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise DataError(f"ShardedHead: labels must lie in [0, {self.num_classes})")
         size = self.end - self.start
