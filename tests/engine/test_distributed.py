@@ -111,6 +111,20 @@ def test_sharded_head_equals_replicated(runs, tmp_path):
         assert max_abs(w1, w2) < 1e-3
 
 
+@pytest.mark.parametrize(("first", "then"), [(2, 1), (1, 2)])
+def test_sharded_head_resumes_across_world_sizes(runs, tmp_path, first, then):
+    """A checkpoint of a sharded run holds the whole class matrix and its whole momentum: interrupted
+    with ``first`` processes (sharded when 2) and resumed with ``then``, the run ends where the
+    one-process run does (steps 2-5: before the sharded run's rounding drift, see above)."""
+    run_worker(tmp_path, ["independent"], first, "--stop-after-step", "3", "--shard-head")
+    run_worker(tmp_path, ["independent"], then, "--resume", "--shard-head")
+    steps, w = load(tmp_path, "independent")
+    full_steps, full_w = load(runs / "one", "independent")
+    assert [s["step"] for s in steps] == list(range(2, 8))
+    assert max_rel(full_steps[2:6], steps[:4]) < 1e-5
+    assert max_abs(full_w, w) < 1e-3
+
+
 def test_local_batchnorm_is_per_process(runs, tmp_path):
     """``train.batchnorm: local`` normalises by each process's share: it trains, and (unlike the
     default) its steps are not one process's."""
