@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from bctkit.engine.distributed import is_distributed, is_main, rank
+from bctkit.engine.distributed import close_process_group, is_distributed, is_main, rank
 from bctkit.errors import BctkitError
 
 
@@ -177,7 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     and torchrun then stops the other ranks (none waits forever on a collective)."""
     args = _parser().parse_args(argv)
     try:
-        return _run(args)
+        code = _run(args)
+        close_process_group()
+        return code
     except BctkitError as exc:
         print(f"bctkit: error: {_where()}{exc}", file=sys.stderr)
         return 2

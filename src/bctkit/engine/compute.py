@@ -80,4 +80,4 @@ class Engine:
         if self.world == 1 or not any(p.requires_grad for p in module.parameters()):
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, forward_sync_buffers=False)

@@ -26,9 +26,9 @@ import torch.distributed as dist
 from bctkit.errors import ConfigError
 
 __all__ = [
-    "all_gather_rows", "all_reduce_with_grad", "barrier", "broadcast_object", "gather_rows",
-    "gather_with_grad", "init_from_env", "is_distributed", "is_main", "local_rank", "max_across",
-    "mean_across", "rank", "rank0_first", "share", "sum_across", "world_size",
+    "all_gather_rows", "all_reduce_with_grad", "barrier", "broadcast_object", "close_process_group",
+    "gather_rows", "gather_with_grad", "init_from_env", "is_distributed", "is_main", "local_rank",
+    "max_across", "mean_across", "rank", "rank0_first", "share", "sum_across", "world_size",
 ]
 
 
@@ -76,6 +76,13 @@ def init_from_env(device: torch.device, timeout_s: float = 1800.0) -> bool:
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
     return True
+
+
+def close_process_group() -> None:
+    """Leave the process group after a successful run (every rank reaches this)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
