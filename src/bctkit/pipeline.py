@@ -23,7 +23,8 @@ from bctkit.data.datasets import load_data
 from bctkit.data.screening import check_identities, describe_notes
 from bctkit.data.transforms import Preprocess
 from bctkit.engine.compute import Engine
-from bctkit.engine.distributed import barrier, gather_rows, is_main, rank0_first
+from bctkit.engine.device import resolve_device
+from bctkit.engine.distributed import barrier, gather_rows, is_main, launched_world, local_rank, rank0_first
 from bctkit.engine.loader import Feed
 from bctkit.errors import ConfigError
 from bctkit.evaluation.protocols import EvalProtocol
@@ -77,6 +78,7 @@ class Run:
 
     def __init__(self, cfg: RunConfig, out: Path, resume: bool, progress: bool,
                  log: Callable[[str], None], reuse_old: Path | None = None) -> None:
+        check_devices(cfg)
         self.engine = Engine.create(cfg.new.train.device)
         main = self.engine.is_main
         self.cfg, self.out, self.resume, self.progress = cfg, out, resume, progress and main
@@ -343,6 +345,15 @@ class Run:
         self.log(f"[report] {reports / 'report.md'}")
         barrier()
         return report
+
+
+def check_devices(cfg: RunConfig) -> None:
+    """Every model's ``train.device`` exists on this machine, checked before anything runs."""
+    sides = [("old.train", cfg.old.train), ("new.train", cfg.new.train)]
+    sides += [(f"methods.{i}.train", m.train) for i, m in enumerate(cfg.methods) if m.train is not None]
+    sides += [(f"chain.{i}.train", v.train) for i, v in enumerate(cfg.chain) if v.train is not None]
+    for side, train in sides:
+        resolve_device(train.device, local_rank(), launched_world(), field=f"{side}.device")
 
 
 def check_inputs(cfg: RunConfig, shape: tuple[int, int, int]) -> None:

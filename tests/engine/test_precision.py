@@ -92,3 +92,15 @@ def test_cuda_bf16_training_matches_cpu_start(tiny):
                           on_step=lambda _s, v, dev=dev: losses[dev].append(v["loss"]))
         assert next(res.backbone.parameters()).device.type == dev
     assert abs(losses["cpu"][0] - losses["cuda"][0]) / losses["cpu"][0] < 0.05
+
+
+def test_run_checks_every_models_device_before_work():
+    from bctkit.config import load_config, packaged_config
+    from bctkit.pipeline import check_devices
+
+    with pytest.raises(ConfigError, match="new.train.device: 'gpu'"):
+        load_config(packaged_config("synthetic-quick"), ["new.train.device=gpu"])
+    if not torch.cuda.is_available():
+        cfg = load_config(packaged_config("synthetic-quick"), ["old.train.device=cuda:1"])
+        with pytest.raises(ConfigError, match=r"old.train.device='cuda:1' but this machine has no"):
+            check_devices(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import (
@@ -10,6 +11,7 @@ from pydantic import (
     Field,
     SerializationInfo,
     SerializerFunctionWrapHandler,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -113,6 +115,14 @@ class TrainConfig(_Strict):
             if not self.partial_fc.active or pfc == {"sample_rate": 1.0}:
                 data.pop("partial_fc")
         return data
+
+    @field_validator("device")
+    @classmethod
+    def _device_spelling(cls, v: str) -> str:
+        """The spelling is checked at load time; whether the device exists, when the run starts."""
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v.strip().lower()):
+            raise ValueError(f"{v!r}; expected auto, cpu, cuda, cuda:N or mps")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
