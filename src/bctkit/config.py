@@ -135,6 +135,13 @@ class RunConfig(_Strict):
                 f"evaluation.split=validation needs data.validation_classes >= 2 (identities kept apart "
                 f"from training and test) or a data.validation source, got {self.data.validation_classes}"
             )
+        trains = [("old", self.old.head, self.old.train), ("new", self.new.head, self.new.train)]
+        trains += [(f"methods.{i}", self.new.head, m.train) for i, m in enumerate(self.methods) if m.train]
+        trains += [(f"chain.{i}", self.new.head, v.train) for i, v in enumerate(self.chain) if v.train]
+        for side, head, train in trains:
+            if train.partial_fc.active and head.type == "softmax":
+                raise ValueError(f"{side}.train.partial_fc needs a cosine-margin head (normface, cosface, "
+                                 "arcface), not softmax")
         seen: set[str] = set()
         for m in [*self.methods, *self.chain]:
             if m.method == "independent" and m.name is None:

@@ -104,3 +104,13 @@ def test_run_checks_every_models_device_before_work():
         cfg = load_config(packaged_config("synthetic-quick"), ["old.train.device=cuda:1"])
         with pytest.raises(ConfigError, match=r"old.train.device='cuda:1' but this machine has no"):
             check_devices(cfg)
+
+
+def test_partial_fc_needs_a_margin_head_at_load_time():
+    from bctkit.config import load_config, packaged_config
+
+    with pytest.raises(ConfigError, match="old.train.partial_fc needs a cosine-margin head"):
+        load_config(packaged_config("synthetic-quick"),
+                    ["old.head.type=softmax", "old.train.partial_fc.shard=true"])
+    with pytest.raises(ConfigError, match="sample_rate"):
+        load_config(packaged_config("synthetic-quick"), ["new.train.partial_fc.sample_rate=0"])
