@@ -416,3 +416,24 @@ def test_cli_evaluate_chain_reads_layout_from_feature_files(chain_run, tmp_path)
     for q, g in (("v4", "old"), ("v4", "v2"), ("v3", "old"), ("v4", "v3")):
         assert pick(ev, q, g, "top1") == pick(report, q, g, "top1")
     assert ev["chain"]["top1"] == report["chain"]["top1"]
+
+
+def test_cli_evaluate_refuses_features_with_no_common_coordinates(tmp_path, capsys):
+    """An old 32-d and a new 24-d file without a declared compatible block: the cross tests would be
+    empty, so evaluate refuses instead of writing a report without them."""
+    from bctkit.features import FeatureSet
+
+    labels = torch.arange(6).repeat_interleave(3)
+    FeatureSet(torch.randn(18, 32), labels, {"model": "old"}).save(tmp_path / "old.safetensors")
+    FeatureSet(torch.randn(18, 24), labels, {"model": "new"}).save(tmp_path / "new.safetensors")
+    old = str(tmp_path / "old.safetensors")
+    code = main(["evaluate", "--old", old, "--new", str(tmp_path / "new.safetensors"),
+                 "--out", str(tmp_path / "ev")])
+    err = capsys.readouterr().err
+    assert code == 2 and "24-d features cannot be compared with the 32-d features" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ev").exists()
+    FeatureSet(torch.randn(18, 40), labels, {"model": "new", "compat_prefixes": [32]}).save(
+        tmp_path / "wide.safetensors")
+    assert main(["evaluate", "--old", old, "--new", str(tmp_path / "wide.safetensors"), "--fars", "0.1",
+                 "--no-backfill", "--out", str(tmp_path / "ev2")]) == 0

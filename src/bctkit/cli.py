@@ -145,6 +145,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if any(not 0 < f < 1 for f in args.fars + args.fpirs):
         raise ConfigError("--fars and --fpirs must lie in (0, 1)")
     features = load_feature_files(paths)
+    _check_comparable(features, paths, args.chain)
     labels = features["old"].labels
     per_class = int(torch.unique(labels, return_counts=True)[1].min())
     if args.gallery_per_class < 1 or args.gallery_per_class >= per_class:
@@ -165,6 +166,25 @@ def _evaluate(args: argparse.Namespace) -> int:
                             backfill=not args.no_backfill, chain=chain)
     print(f"report: {out}/report.md ({len(report['results'])} results)")
     return 0
+
+
+def _check_comparable(features: dict, paths: dict[str, Path], chain: bool) -> None:
+    """Every new model's features must be comparable with the model it claims compatibility with
+    (the old one; with --chain, the previous version): a cross test with no common coordinates would
+    leave the report silently without the numbers it exists for."""
+    from bctkit.errors import ConfigError
+    from bctkit.evaluation.protocols import comparable
+
+    names = [n for n in paths if n != "paragon"]
+    for i, name in enumerate(names[1:], start=1):
+        ref = names[i - 1] if chain else "old"
+        if comparable(features[name], features[ref]) is None:
+            q, g = features[name], features[ref]
+            raise ConfigError(
+                f"--new {paths[name]}: its {q.dim}-d features cannot be compared with the {g.dim}-d "
+                f"features of {ref!r} ({paths[ref]}): neither file declares a compatible leading block "
+                "of the other's size (metadata compat_prefixes); a compatible model has the same size "
+                "or declares one")
 
 
 def _where() -> str:
