@@ -228,7 +228,9 @@ def test_cli_errors_exit_2(tiny_run, tmp_path, capsys):
 
 def test_cli_methods(capsys):
     assert main(["methods"]) == 0
-    assert "l2: weight=10.0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "l2: weight=10.0" in out
+    assert "independent" not in out  # the paragon, which configs refuse as a method
 
 
 def test_cli_evaluate_feature_files(tiny_run, tmp_path, capsys):

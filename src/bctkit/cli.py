@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="reuse finished models and continue interrupted training from checkpoints")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run of another configuration found in --out (refused otherwise)")
     run.add_argument("--reuse-old-from", metavar="RUN_DIR",
                      help="copy the finished old model of RUN_DIR (same data, allocation and old config; "
                           "with --scenarios, RUN_DIR/<scenario>) instead of training one, e.g. for seeds")
@@ -40,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="allocations to run (default: all five; --quick: extended-data only)")
     demo.add_argument("--resume", action="store_true")
     demo.add_argument("--quiet", action="store_true")
+    demo.add_argument("--overwrite", action="store_true", help="as for run")
     demo.add_argument("--reuse-old-from", metavar="RUN_DIR", help="as for run")
     ev = sub.add_parser("evaluate", help="evaluate saved feature files (models trained anywhere)")
     ev.add_argument("--old", required=True, help="feature file of the old model (the gallery side)")
@@ -79,6 +82,8 @@ def _run(args: argparse.Namespace) -> int:
         from bctkit.losses.base import available_methods, method_class
 
         for name in available_methods():
+            if name == "independent":  # the paragon every run trains; not a method to list in configs
+                continue
             params = method_class(name).Params.model_fields
             opts = ", ".join(f"{k}={v.default!r}" for k, v in params.items()) or "no options"
             print(f"{name}: {opts}")
@@ -112,12 +117,12 @@ def _run(args: argparse.Namespace) -> int:
         if unknown:
             raise ConfigError(f"--scenarios: unknown {unknown}; expected 'all' or some of {list(SCENARIOS)}")
         run_scenarios(cfg, args.out, scenarios, resume=args.resume, progress=not args.quiet,
-                      reuse_old_from=args.reuse_old_from)
+                      reuse_old_from=args.reuse_old_from, overwrite=args.overwrite)
         if is_main():
             print(f"summary: {args.out}/summary.md")
         return 0
     report = run_pipeline(cfg, args.out, resume=args.resume, progress=not args.quiet,
-                          reuse_old_from=args.reuse_old_from)
+                          reuse_old_from=args.reuse_old_from, overwrite=args.overwrite)
     if is_main():
         print(f"report: {args.out}/report.md ({len(report['results'])} results)")
     return 0

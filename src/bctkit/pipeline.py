@@ -77,13 +77,14 @@ class Run:
     """One pipeline run in ``out``; see :func:`run_pipeline`."""
 
     def __init__(self, cfg: RunConfig, out: Path, resume: bool, progress: bool,
-                 log: Callable[[str], None], reuse_old: Path | None = None) -> None:
+                 log: Callable[[str], None], reuse_old: Path | None = None, overwrite: bool = False) -> None:
         check_devices(cfg)
         self.engine = Engine.create(cfg.new.train.device)
         main = self.engine.is_main
         self.cfg, self.out, self.resume, self.progress = cfg, out, resume, progress and main
         self.log = log if main else _quiet
         self.reuse_old = reuse_old  # a finished old model file (see _old_model_file) to copy in
+        check_out_dir(report_dir(out, cfg.evaluation.split), cfg, overwrite)
         self.models_info: dict[str, dict[str, Any]] = {}
 
     def adopt_old(self, src: Path, key: str, dest: Path) -> LoadedModel:
@@ -128,7 +129,7 @@ class Run:
         result = train_model(
             train_set, model_cfg.backbone, model_cfg.head, train_cfg, term=term, ctx=ctx,
             checkpoint=ckpt, resume=resume, run_id=key,
-            desc=name, progress=self.progress, init_seed=model_seed(train_cfg.seed, name),
+            desc=name, progress=self.progress, init_seed=model_seed(train_cfg.seed, name), log=self.log,
         )
         compat_dims, prefixes, compatible_with = None, None, None
         if term is not None and prev is not None and method is not None and method.method != "independent":
@@ -341,10 +342,48 @@ class Run:
         if data.notes:
             extra["data_notes"] = data.notes
         report = evaluate_suite(features, protocol, reports, self.models_info, extra, backfill=ev.backfill,
-                                chain=chain)
+                                chain=chain, log=self.log, progress=self.progress)
         self.log(f"[report] {reports / 'report.md'}")
         barrier()
         return report
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """Dotted keys whose values differ between a run directory's config.json and ``cfg``, counting
+    only what changes results (not train.checkpoint_every, train.device)."""
+    try:
+        old = RunConfig.model_validate(stored).model_dump(mode="json", context=KEY)
+    except ValueError:
+        old = stored
+    a, b = _flat(old), _flat(cfg.model_dump(mode="json", context=KEY))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def check_out_dir(reports: Path, cfg: RunConfig, overwrite: bool) -> None:
+    """Refuse to run into a directory that holds a run of another configuration (its models, report
+    and config would be replaced) unless ``overwrite``."""
+    path = reports / "config.json"
+    if overwrite or not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        stored = {}
+    diff = config_differences(stored if isinstance(stored, dict) else {}, cfg)
+    if diff:
+        more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
+        raise ConfigError(
+            f"{reports} holds a run of another configuration (differs in {', '.join(diff[:5])}{more}); "
+            "its models and report would be replaced: use another --out, or --overwrite to replace them")
 
 
 def check_devices(cfg: RunConfig) -> None:
@@ -372,14 +411,15 @@ def check_inputs(cfg: RunConfig, shape: tuple[int, int, int]) -> None:
 
 def run_pipeline(
     cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True,
-    log: Callable[[str], None] = _stderr, reuse_old_from: str | Path | None = None,
+    log: Callable[[str], None] = _stderr, reuse_old_from: str | Path | None = None, overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run the whole pipeline for ``cfg`` (with its scenario's overrides) into ``out``; returns the
     report dictionary. ``reuse_old_from``: a finished run of the same data, allocation and old
     model whose old model is copied in instead of training one (e.g. runs that differ only in
     ``new.train.seed``)."""
     reuse = None if reuse_old_from is None else _old_model_file(Path(reuse_old_from))
-    return Run(for_scenario(cfg, cfg.allocation.scenario), Path(out), resume, progress, log, reuse).execute()
+    return Run(for_scenario(cfg, cfg.allocation.scenario), Path(out), resume, progress, log, reuse,
+               overwrite).execute()
 
 
 def _old_model_file(run_dir: Path) -> Path:
@@ -392,7 +432,7 @@ def _old_model_file(run_dir: Path) -> Path:
 
 def run_scenarios(
     cfg: RunConfig, out: str | Path, scenarios: list[Scenario], resume: bool = False, progress: bool = True,
-    log: Callable[[str], None] = _stderr, reuse_old_from: str | Path | None = None,
+    log: Callable[[str], None] = _stderr, reuse_old_from: str | Path | None = None, overwrite: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Run the pipeline once per allocation scenario into ``out/<scenario>`` and write the combined
     table (UniBCT Table 2 layout) to ``out/summary.md`` and ``out/summary.json``.
@@ -402,11 +442,14 @@ def run_scenarios(
     subs = {scenario: for_scenario(cfg, scenario) for scenario in scenarios}
     reuse = {scenario: None if reuse_old_from is None else _old_model_file(Path(reuse_old_from) / scenario)
              for scenario in scenarios}
+    for scenario, sub in subs.items():
+        check_out_dir(report_dir(out / scenario, sub.evaluation.split), sub, overwrite)
     reports = {}
     for scenario, sub in subs.items():
         if is_main():
             log(f"=== allocation {scenario} ===")
-        reports[scenario] = Run(sub, out / scenario, resume, progress, log, reuse[scenario]).execute()
+        run = Run(sub, out / scenario, resume, progress, log, reuse[scenario], overwrite)
+        reports[scenario] = run.execute()
     if is_main():
         summary_dir = report_dir(out, cfg.evaluation.split)
         summary_dir.mkdir(parents=True, exist_ok=True)

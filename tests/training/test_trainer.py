@@ -121,3 +121,13 @@ def test_config_conflicts():
         TrainConfig(epochs=2, schedule={"name": "cosine", "warmup_epochs": 2})
     with pytest.raises(ValueError, match="milestones"):
         TrainConfig(epochs=5, schedule={"name": "multistep", "milestones": [2, 7]})
+
+
+def test_resume_says_where_it_continues(tmp_path, tiny):
+    cfg = _cfg(epochs=2)
+    ckpt = tmp_path / "c.safetensors"
+    train_model(tiny, BB, HEAD, cfg, progress=False, checkpoint=ckpt, stop_after_epoch=1, run_id="r")
+    said: list[str] = []
+    train_model(tiny, BB, HEAD, cfg, progress=False, checkpoint=ckpt, resume=True, run_id="r", desc="paragon",
+                log=said.append)
+    assert said == [f"[paragon] resuming from {ckpt} at epoch 2 of 2"]

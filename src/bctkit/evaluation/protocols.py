@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from bctkit.evaluation.identification import cmc, tpir_at_fpir
 from bctkit.evaluation.retrieval import retrieval_metrics
@@ -166,20 +167,18 @@ def evaluate_pair(
 
 
 def evaluate_models(
-    features: dict[str, FeatureSet], protocol: EvalProtocol
+    features: dict[str, FeatureSet], protocol: EvalProtocol, progress: bool = False
 ) -> tuple[list[dict[str, Any]], dict[tuple[str, str], PairResult]]:
     """Records for every ordered (query model, gallery model) pair whose embeddings are comparable,
     and the per-pair results (with curves) keyed by (query, gallery)."""
     records: list[dict[str, Any]] = []
     pairs: dict[tuple[str, str], PairResult] = {}
-    for qname, qf in features.items():
-        for gname, gf in features.items():
-            view = comparable(qf, gf)
-            if view is None:
-                continue
-            q, g, dims = view
-            res = evaluate_pair(q, g, protocol, dims)
-            pairs[(qname, gname)] = res
-            for rec in res.records:
-                records.append({"query_model": qname, "gallery_model": gname, **rec})
+    todo = [(qn, gn, view) for qn, qf in features.items() for gn, gf in features.items()
+            if (view := comparable(qf, gf)) is not None]
+    bar = tqdm(todo, desc="metrics", unit="pair", disable=not progress, leave=False)
+    for qname, gname, (q, g, dims) in bar:
+        res = evaluate_pair(q, g, protocol, dims)
+        pairs[(qname, gname)] = res
+        for rec in res.records:
+            records.append({"query_model": qname, "gallery_model": gname, **rec})
     return records, pairs

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +27,26 @@ MATRIX_METRICS = ("top1", "tar@far=1e-3")
 def evaluate_suite(
     features: dict[str, FeatureSet], protocol: EvalProtocol, out_dir: Path,
     models_info: dict[str, dict[str, Any]], extra: dict[str, Any] | None = None, backfill: bool = True,
-    chain: list[str] | None = None,
+    chain: list[str] | None = None, log: Callable[[str], None] | None = None, progress: bool = False,
 ) -> dict[str, Any]:
     """All metrics for every comparable (query, gallery) pair, the compatibility analysis, plots,
     report.json and report.md in ``out_dir``. ``features`` must contain "old". ``chain``: model
-    names of a sequence of upgrades, oldest first, for the multi-model metrics."""
+    names of a sequence of upgrades, oldest first, for the multi-model metrics. ``log`` receives a
+    line per stage and ``progress`` shows a bar over the model pairs (metrics can take a while)."""
     if "old" not in features:
         raise DataError("evaluation needs the old model's features (name 'old')")
+    say = log or (lambda _msg: None)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records, pairs = evaluate_models(features, protocol)
+    say(f"[metrics] {len(features)} models, every comparable (query, gallery) pair")
+    records, pairs = evaluate_models(features, protocol, progress=progress)
     names = list(features)
     present = {r["metric"] for r in records}
     mats = matrices(records, names, [m for m in MATRIX_METRICS if m in present])
-    curves = backfill_curves(features, protocol) if backfill and protocol.identification else {}
+    do_backfill = backfill and protocol.identification
+    if do_backfill:
+        say("[metrics] partial-backfill curves")
+    curves = backfill_curves(features, protocol) if do_backfill else {}
+    say("[report] plots, report.json and report.md")
     report = {
         **(extra or {}),
         "models": models_info,

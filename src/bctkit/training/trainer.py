@@ -100,6 +100,7 @@ def train_model(
     init_seed: int | None = None,
     engine: Engine | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train backbone + head (+ compatibility term) on ``train_set`` (labels 0..C-1): a Feed (source,
     preprocessing, loader workers) or a source read with the default preprocessing.
@@ -154,9 +155,10 @@ def train_model(
         start, history = int(meta["epoch"]), list(meta["history"])
         start_step, sums = int(meta.get("step", 0)), dict(meta.get("sums", {}))
         spent = float(meta.get("spent", 0))
-        if progress:
-            where = f"epoch {start + 1} step {start_step + 1}" if start_step else f"epoch {start + 1}"
-            tqdm.write(f"{desc}: resuming from {checkpoint.name} at {where}")
+        where = f"epoch {start + 1} step {start_step + 1}" if start_step else f"epoch {start + 1}"
+        say = log if log is not None else (tqdm.write if progress else None)
+        if say is not None and eng.is_main:
+            say(f"[{desc}] resuming from {checkpoint} at {where} of {cfg.epochs}")
 
     def save(epoch: int, step: int) -> None:
         if checkpoint is None:
