@@ -439,3 +439,25 @@ def test_cli_evaluate_refuses_features_with_no_common_coordinates(tmp_path, caps
         tmp_path / "wide.safetensors")
     assert main(["evaluate", "--old", old, "--new", str(tmp_path / "wide.safetensors"), "--fars", "0.1",
                  "--no-backfill", "--out", str(tmp_path / "ev2")]) == 0
+
+
+def test_out_dir_of_another_configuration_is_refused(tmp_path):
+    """A run directory holding another configuration's run is not overwritten unless asked; options
+    that do not change results (checkpoint_every, device) are not a difference."""
+    from bctkit.config import load_config, packaged_config
+    from bctkit.errors import ConfigError
+    from bctkit.pipeline import check_out_dir
+    from bctkit.storage import write_json
+
+    cfg = load_config(packaged_config("synthetic-quick"))
+    write_json(tmp_path / "config.json", cfg.model_dump(mode="json"))
+    check_out_dir(tmp_path, cfg, overwrite=False)
+    same = load_config(packaged_config("synthetic-quick"),
+                       ["new.train.checkpoint_every=5", "new.train.device=cpu"])
+    check_out_dir(tmp_path, same, overwrite=False)
+    other = load_config(packaged_config("synthetic-quick"), ["new.train.epochs=3", "allocation.ratio=0.5"])
+    with pytest.raises(ConfigError, match=r"configuration \(differs in allocation.ratio, new.train.epochs\)"):
+        check_out_dir(tmp_path, other, overwrite=False)
+    check_out_dir(tmp_path, other, overwrite=True)
+    assert main(["run", "synthetic-quick", "--out", str(tmp_path.parent / tmp_path.name), "--quiet",
+                 "--set", "new.train.epochs=3"]) == 2
