@@ -98,3 +98,33 @@ def test_plot_summary_draws_the_values(tmp_path: Path, monkeypatch: pytest.Monke
     assert heights[4:7] == [85.0, 70.0, 60.0] and np.isnan(heights[7])
     lines = captured["ax"].collections
     assert sorted(round(float(seg[0][1]), 6) for c in lines for seg in c.get_segments()) == [40.0, 50.0]
+
+
+def test_curves_in_percent_legend_outside_one_colour_per_model(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plots use percent like the tables; the legend sits outside the axes, so it cannot cover a curve;
+    a model's self and cross curves share its colour (cross dashed) and the backfill plot uses it too."""
+    captured: list = []
+
+    def keep(fig, path):
+        captured.append(fig.axes[0])
+        return Path(path)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    colour = plots.model_styles(["old", "l2"])
+    styles = {"l2 / l2 (self)": {"color": colour["l2"], "linestyle": "-"},
+              "l2 / old (cross)": {"color": colour["l2"], "linestyle": "--"}}
+    fpr, tpr = np.array([1e-4, 1e-2, 1.0]), np.array([0.2, 0.5, 1.0])
+    plots.plot_roc({k: (fpr, tpr) for k in styles}, tmp_path / "r.png", styles=styles)
+    plots.plot_cmc({k: {1: 0.25, 5: 0.5} for k in styles}, tmp_path / "c.png", styles=styles)
+    plots.plot_backfill({"l2 (random)": ([0.0, 1.0], [0.1, 0.3])}, tmp_path / "b.png",
+                        styles={"l2 (random)": {"color": colour["l2"]}})
+    roc, cmc, back = captured
+    assert list(roc.lines[0].get_ydata()) == [20.0, 50.0, 100.0]
+    assert list(cmc.lines[0].get_ydata()) == [25.0, 50.0]
+    assert list(back.lines[0].get_xdata()) == [0.0, 100.0] and list(back.lines[0].get_ydata()) == [10.0, 30.0]
+    assert "%" in roc.get_ylabel() and "%" in cmc.get_ylabel() and "%" in back.get_ylabel()
+    for ax in (roc, cmc, back):
+        assert ax.get_legend().get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1
+    assert roc.lines[0].get_color() == roc.lines[1].get_color() == back.lines[0].get_color() == colour["l2"]
+    assert roc.lines[1].get_linestyle() == "--"

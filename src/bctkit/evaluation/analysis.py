@@ -16,7 +16,7 @@ from bctkit.evaluation.compat import (
     partial_backfill_curve,
     update_gain,
 )
-from bctkit.evaluation.plots import plot_backfill, plot_cmc, plot_matrix, plot_roc
+from bctkit.evaluation.plots import model_styles, plot_backfill, plot_cmc, plot_matrix, plot_roc
 from bctkit.evaluation.protocols import EvalProtocol, PairResult, comparable
 from bctkit.features import FeatureSet
 
@@ -114,14 +114,17 @@ def write_plots(
     """roc.png, cmc.png, matrix_<metric>.png and backfill.png; returns the file names written."""
     keys = [(old, old)] + [k for n in names if n != old for k in ((n, n), (n, old)) if k in pairs]
     label = {k: f"{k[0]} / {k[1]} ({'self' if k[0] == k[1] else 'cross'})" for k in keys}
+    colour = model_styles(names)  # a model has one colour in every figure; cross tests are dashed
+    styles = {label[k]: {"color": colour[k[0]], "linestyle": "-" if k[0] == k[1] else "--"} for k in keys}
     written = []
     rocs = {label[k]: pairs[k].roc for k in keys if pairs[k].roc is not None}
     if rocs:
-        plot_roc(rocs, out_dir / "roc.png", title="1:1 verification ROC (query / gallery model)")
+        plot_roc(rocs, out_dir / "roc.png", title="1:1 verification ROC (query / gallery model)",
+                 styles=styles)
         written.append("roc.png")
     cmcs = {label[k]: pairs[k].cmc for k in keys if pairs[k].cmc}
     if cmcs:
-        plot_cmc(cmcs, out_dir / "cmc.png", title="1:N closed-set CMC (query / gallery model)")
+        plot_cmc(cmcs, out_dir / "cmc.png", title="1:N closed-set CMC (query / gallery model)", styles=styles)
         written.append("cmc.png")
     for metric, mat in mats.items():
         fname = f"matrix_{metric.replace('@', '_at_').replace('=', '')}.png"
@@ -131,6 +134,10 @@ def write_plots(
     if backfill:
         curves = {f"{n} ({order})": (b[order]["fractions"], b[order]["values"])
                   for n, b in backfill.items() for order in ("random", "distance")}
-        plot_backfill(curves, out_dir / "backfill.png", title="Partial backfill by class", ylabel="top-1")
+        lines = {f"{n} ({order})": {"color": colour.get(n, "black"),
+                                    "linestyle": "-" if order == "random" else ":"}
+                 for n in backfill for order in ("random", "distance")}
+        plot_backfill(curves, out_dir / "backfill.png", title="Partial backfill by class", ylabel="top-1",
+                      styles=lines)
         written.append("backfill.png")
     return written

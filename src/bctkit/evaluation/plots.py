@@ -40,13 +40,29 @@ def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     return path
 
 
+Style = Mapping[str, Mapping[str, object]]
+"""Per curve label, matplotlib line options (color, linestyle): one colour per model in every figure."""
+
+
+def _legend_outside(ax: plt.Axes) -> None:
+    """The legend right of the axes, where it cannot cover a curve."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, borderaxespad=0.0)
+
+
+def model_styles(names: Sequence[str]) -> dict[str, str]:
+    """One colour per model name (tab10, in the given order), shared by every figure of a report."""
+    cmap = plt.get_cmap("tab10")
+    return {name: matplotlib.colors.to_hex(cmap(i % 10)) for i, name in enumerate(names)}
+
+
 def plot_roc(
     curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
     path: str | os.PathLike,
     title: str = "ROC",
     min_far: float = 1e-7,
+    styles: Style | None = None,
 ) -> Path:
-    """ROC curves (TAR vs FAR, log-x) of several labelled runs, e.g. cross and self, on one plot.
+    """ROC curves (TAR in % vs FAR, log-x) of several labelled runs, e.g. cross and self, on one plot.
 
     Points with FAR below ``min_far`` (including FAR = 0) are not drawn on the log axis.
     """
@@ -60,15 +76,15 @@ def plot_roc(
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, (fpr, tpr) in arrays.items():
         ok = fpr >= min_far
-        ax.plot(fpr[ok], tpr[ok], label=str(label))
+        ax.plot(fpr[ok], 100 * tpr[ok], label=str(label), **dict((styles or {}).get(label, {})))
     ax.set_xscale("log")
     ax.set_xlim(min_far, 1.0)
-    ax.set_ylim(0.0, 1.01)
+    ax.set_ylim(0.0, 101)
     ax.set_xlabel("FAR (false accept rate)")
-    ax.set_ylabel("TAR (true accept rate)")
+    ax.set_ylabel("TAR (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    _legend_outside(ax)
     return save_figure(fig, path)
 
 
@@ -76,21 +92,23 @@ def plot_cmc(
     curves: Mapping[str, Mapping[int, float]],
     path: str | os.PathLike,
     title: str = "CMC",
+    styles: Style | None = None,
 ) -> Path:
-    """CMC curves: {label: {rank k: identification rate}} plotted against k."""
+    """CMC curves: {label: {rank k: identification rate (fraction)}} plotted in % against k."""
     if not curves:
         raise DataError("plot_cmc needs at least one curve")
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, points in curves.items():
         ks = sorted(points)
-        ax.plot(ks, [points[k] for k in ks], marker="o", label=str(label))
+        ax.plot(ks, [100 * points[k] for k in ks], marker="o", label=str(label),
+                **dict((styles or {}).get(label, {})))
     ax.set_xscale("log")
-    ax.set_ylim(0.0, 1.01)
+    ax.set_ylim(0.0, 101)
     ax.set_xlabel("rank k")
-    ax.set_ylabel("identification rate")
+    ax.set_ylabel("identification rate (%)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    _legend_outside(ax)
     return save_figure(fig, path)
 
 
@@ -99,8 +117,10 @@ def plot_backfill(
     path: str | os.PathLike,
     title: str = "Partial backfill",
     ylabel: str = "top-1",
+    styles: Style | None = None,
 ) -> Path:
-    """Partial backfill curves {label: (fractions, values)}; the legend shows each area."""
+    """Partial backfill curves {label: (fractions, values as fractions)}, drawn in %; the legend
+    shows each area (in the values' own units, as report.json has it)."""
     if not curves:
         raise DataError("plot_backfill needs at least one curve")
     arrays = {}
@@ -111,13 +131,14 @@ def plot_backfill(
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, (fr, vals) in arrays.items():
         area = float(np.trapezoid(vals, fr)) if fr.size > 1 else float("nan")
-        ax.plot(fr, vals, marker="o", label=f"{label} (area {area:.4f})")
-    ax.set_xlim(0.0, 1.0)
-    ax.set_xlabel("fraction of gallery backfilled")
-    ax.set_ylabel(ylabel)
+        ax.plot(100 * fr, 100 * vals, marker="o", label=f"{label} (area {area:.4f})",
+                **dict((styles or {}).get(label, {})))
+    ax.set_xlim(0.0, 100.0)
+    ax.set_xlabel("gallery backfilled (%)")
+    ax.set_ylabel(f"{ylabel} (%)")
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    _legend_outside(ax)
     return save_figure(fig, path)
 
 
