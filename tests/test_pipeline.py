@@ -461,3 +461,19 @@ def test_out_dir_of_another_configuration_is_refused(tmp_path):
     check_out_dir(tmp_path, other, overwrite=True)
     assert main(["run", "synthetic-quick", "--out", str(tmp_path.parent / tmp_path.name), "--quiet",
                  "--set", "new.train.epochs=3"]) == 2
+
+
+def test_cli_demo_is_one_allocation_with_every_method_and_full_is_five(monkeypatch, tmp_path, capsys):
+    import bctkit.pipeline as pipeline
+
+    seen: dict = {}
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, out, **kw: seen.update(
+        one=(cfg.allocation.scenario, [m.display_name for m in cfg.methods])) or {"results": []})
+    monkeypatch.setattr(pipeline, "run_scenarios", lambda cfg, out, scenarios, **kw: seen.update(
+        full=list(scenarios)) or {})
+    assert main(["demo", "--out", str(tmp_path / "d"), "--quiet"]) == 0
+    assert seen["one"] == ("extended-data", ["l2", "bct", "unibct-avg", "unibct", "mixbct", "bt2"])
+    assert main(["demo", "--full", "--out", str(tmp_path / "f"), "--quiet"]) == 0
+    assert seen["full"] == ["extended-data", "open-data", "extended-class", "open-class", "identical-data"]
+    assert main(["demo", "--full", "--quick", "--out", str(tmp_path / "x")]) == 2
+    assert "--full and --quick conflict" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bctkit.engine.distributed import close_process_group, is_distributed, is_main, rank
-from bctkit.errors import BctkitError
+from bctkit.errors import BctkitError, ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,12 +34,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="run once per allocation scenario ('all' = the five) into OUT/<scenario>, "
                           "plus OUT/summary.md")
     demo = sub.add_parser("demo", help="run the packaged demo on the glyphs benchmark (characters drawn "
-                                       "by installed fonts; all five allocations; --quick: one)")
-    demo.add_argument("--quick", action="store_true", help="reduced demo (under 5 minutes on 2 cores)")
+                                       "by installed fonts): old, independent and every seed method on the "
+                                       "extended-data allocation; --full: the five allocations")
+    demo.add_argument("--full", action="store_true",
+                      help="the five-allocation study (about 5x as long) with OUT/summary.md")
+    demo.add_argument("--quick", action="store_true", help="reduced demo: l2 and bct only, fewer identities")
     demo.add_argument("--out", default="bctkit-demo", help="run directory (default: ./bctkit-demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--scenarios", nargs="+", metavar="SCENARIO",
-                      help="allocations to run (default: all five; --quick: extended-data only)")
+                      help="allocations to run (default: extended-data; --full: all five)")
     demo.add_argument("--resume", action="store_true")
     demo.add_argument("--quiet", action="store_true")
     demo.add_argument("--overwrite", action="store_true", help="as for run")
@@ -105,11 +108,12 @@ def _run(args: argparse.Namespace) -> int:
         path = packaged_config("demo-quick" if args.quick else "demo")
     cfg = load_config(path, args.overrides)
     scenarios = args.scenarios
-    if args.command == "demo" and not args.quick and not scenarios:
-        scenarios = ["all"]
+    if args.command == "demo" and args.full:
+        if args.quick:
+            raise ConfigError("demo: --full and --quick conflict; choose one")
+        scenarios = scenarios or ["all"]
     if scenarios:
         from bctkit.data.allocation import SCENARIOS
-        from bctkit.errors import ConfigError
         from bctkit.pipeline import run_scenarios
 
         scenarios = list(SCENARIOS) if scenarios == ["all"] else scenarios
