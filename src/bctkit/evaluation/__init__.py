@@ -1,5 +1,5 @@
 """Evaluation: metrics (verification, identification, retrieval), search, compatibility analysis,
-the run protocol, plots and reports. Definitions: shared/reference/evaluation.md."""
+the run protocol, plots and reports. Definitions: docs/evaluation.md."""
 
 from bctkit.evaluation.compat import (
     chain_metrics,
