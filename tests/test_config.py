@@ -107,3 +107,32 @@ def test_all_scenario_demos_are_valid_in_every_scenario(name):
     for scenario in ("extended-data", "open-data", "extended-class", "open-class", "identical-data"):
         assert for_scenario(cfg, scenario).allocation.scenario == scenario
     assert for_scenario(cfg, "identical-data").new.backbone != cfg.old.backbone
+
+
+def test_config_file_that_is_not_utf8(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("old:\n  train: {epochs: 2}\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(byte 31\)") as exc:
+        load_config(bad)
+    assert "\n" not in str(exc.value)
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("old:\n  train:\n    epochs: 2\n    batch_size: 16\n    epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: duplicate key 'epochs' \(line 5; first at line 3\)"):
+        load_config(dup)
+    dup.write_text("new:\n  train: {epochs: 2}\nold: {}\nnew:\n  backbone: {width: 8}\n")
+    with pytest.raises(ConfigError, match=r"dup\.yaml: duplicate key 'new' \(line 4; first at line 1\)"):
+        load_config(dup)
+    with pytest.raises(ConfigError, match=r"--set .*duplicate key 'epochs'"):
+        load_config(None, ["old.train={epochs: 2, epochs: 3}"])
+
+
+def test_merge_keys_may_override_what_they_merge(tmp_path):
+    """A YAML merge (<<) followed by one of the merged keys is an override, not a duplicate."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("old:\n  train: &t {epochs: 2, batch_size: 16}\n"
+                    "new:\n  train:\n    <<: *t\n    epochs: 3\n")
+    cfg = load_config(path)
+    assert (cfg.old.train.epochs, cfg.new.train.epochs, cfg.new.train.batch_size) == (2, 3, 16)

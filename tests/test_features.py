@@ -37,3 +37,29 @@ def test_feature_file_roundtrip_and_errors(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(FileFormatError, match="cut.safetensors"):
         load_features(tmp_path / "cut.safetensors")
+
+
+def test_feature_file_without_rows_is_refused(tmp_path):
+    FeatureSet(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), {}).save(tmp_path / "empty.safetensors")
+    with pytest.raises(DataError, match=r"empty\.safetensors: .*no rows"):
+        load_features(tmp_path / "empty.safetensors")
+    FeatureSet(torch.zeros(4, 0), torch.arange(4), {}).save(tmp_path / "flat.safetensors")
+    with pytest.raises(DataError, match=r"flat\.safetensors: .*no feature dimensions"):
+        load_features(tmp_path / "flat.safetensors")
+
+
+@pytest.mark.parametrize("labels", [torch.tensor([0.0, 1.5, 2.0]), torch.tensor([0.0, 1.0, 2.0]),
+                                    torch.tensor([0, 1, 2], dtype=torch.float16)])
+def test_float_labels_are_refused(tmp_path, labels):
+    """Any floating-point label tensor is refused, even with integral values: a float label may
+    already have been rounded (float32 holds integers exactly only up to 2**24)."""
+    FeatureSet(torch.randn(3, 2), labels, {}).save(tmp_path / "float.safetensors")
+    with pytest.raises(DataError, match=r"float\.safetensors: labels are .*float.*integer"):
+        load_features(tmp_path / "float.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_integer_labels_of_any_width_load(tmp_path, dtype):
+    FeatureSet(torch.randn(3, 2), torch.tensor([2, 0, 1], dtype=dtype), {}).save(tmp_path / "i.safetensors")
+    back = load_features(tmp_path / "i.safetensors")
+    assert back.labels.dtype == torch.long and back.labels.tolist() == [2, 0, 1]

@@ -10,9 +10,11 @@ import yaml
 
 from bctkit.cli import main
 from bctkit.config import load_config
+from bctkit.errors import ConfigError
 from bctkit.features import FeatureSet, load_features
 from bctkit.models.store import load_model
 from bctkit.pipeline import run_pipeline
+from bctkit.storage import json_safe
 
 TINY = {
     "data": {"synthetic": {"num_classes": 12, "images_per_class": 6, "size": 16, "seed": 1},
@@ -49,7 +51,7 @@ def tiny_run(tmp_path_factory):
 def test_report_schema(tiny_run):
     out, _, report, _ = tiny_run
     on_disk = json.loads((out / "r" / "report.json").read_text())
-    assert on_disk["results"] == json.loads(json.dumps(report["results"]))
+    assert on_disk["results"] == json_safe(report["results"])
     assert set(on_disk["models"]) == {"old", "paragon", "l2", "l2-weak"}
     for info in on_disk["models"].values():
         assert {"config", "fingerprint", "train_images"} <= set(info)
@@ -69,7 +71,7 @@ def test_report_schema(tiny_run):
     assert ("paragon", "old") not in pairs and ("paragon", "l2") in pairs
     n_pairs = 24 * 23 // 2
     tar = [r for r in on_disk["results"] if r["metric"] == "tar@far=1e-3"]
-    assert all(r["n"] == n_pairs and math.isnan(r["value"]) for r in tar)  # 1e-3 * 216 < 1
+    assert all(r["n"] == n_pairs and r["value"] is None for r in tar)  # 1e-3 * 216 < 1
     comp = on_disk["compatibility"]["l2"]["top1"]
     cross = next(r["value"] for r in on_disk["results"]
                  if (r["query_model"], r["gallery_model"], r["metric"]) == ("l2", "old", "top1"))
@@ -115,7 +117,10 @@ def test_resume_keys_ignore_eval_set_and_paragon_ignores_old(tiny_run, tmp_path)
     assert rep["results"][0]["n"] > 0 and "8 ids" in rep["results"][0]["protocol"]
     logs.clear()
     weaker_old = load_config(cfg_path, ["old.train.epochs=1"])
-    run_pipeline(weaker_old, run_dir, resume=True, progress=False, log=logs.append)
+    with pytest.raises(ConfigError, match=r"finished old model of another configuration \(the run's config "
+                                          r"differs in old.train.epochs\).*--overwrite"):
+        run_pipeline(weaker_old, run_dir, resume=True, progress=False, log=logs.append)
+    run_pipeline(weaker_old, run_dir, resume=True, progress=False, log=logs.append, overwrite=True)
     reused = [line for line in logs if "reusing finished model" in line]
     assert len(reused) == 1 and "[paragon]" in reused[0]
 
@@ -149,7 +154,7 @@ def test_validation_split_reuses_the_models_and_reports_beside_the_test_report(t
     assert not any("training on" in line for line in logs)
     assert (run_dir / "report.json").read_bytes() == test_report
     on_disk = json.loads((run_dir / "validation" / "report.json").read_text())
-    assert on_disk["results"] == json.loads(json.dumps(rep["results"]))
+    assert on_disk["results"] == json_safe(rep["results"])
     assert "validation split" in on_disk["dataset"] and "5 ids" in on_disk["results"][0]["protocol"]
     saved = json.loads((run_dir / "validation" / "config.json").read_text())
     assert saved["evaluation"]["split"] == "validation"
@@ -441,26 +446,17 @@ def test_cli_evaluate_refuses_features_with_no_common_coordinates(tmp_path, caps
                  "--no-backfill", "--out", str(tmp_path / "ev2")]) == 0
 
 
-def test_out_dir_of_another_configuration_is_refused(tmp_path):
-    """A run directory holding another configuration's run is not overwritten unless asked; options
-    that do not change results (checkpoint_every, device) are not a difference."""
+def test_config_differences_ignore_options_that_do_not_change_results():
     from bctkit.config import load_config, packaged_config
-    from bctkit.errors import ConfigError
-    from bctkit.pipeline import check_out_dir
-    from bctkit.storage import write_json
+    from bctkit.pipeline import config_differences
 
     cfg = load_config(packaged_config("synthetic-quick"))
-    write_json(tmp_path / "config.json", cfg.model_dump(mode="json"))
-    check_out_dir(tmp_path, cfg, overwrite=False)
+    stored = cfg.model_dump(mode="json")
     same = load_config(packaged_config("synthetic-quick"),
                        ["new.train.checkpoint_every=5", "new.train.device=cpu"])
-    check_out_dir(tmp_path, same, overwrite=False)
+    assert config_differences(stored, same) == []
     other = load_config(packaged_config("synthetic-quick"), ["new.train.epochs=3", "allocation.ratio=0.5"])
-    with pytest.raises(ConfigError, match=r"configuration \(differs in allocation.ratio, new.train.epochs\)"):
-        check_out_dir(tmp_path, other, overwrite=False)
-    check_out_dir(tmp_path, other, overwrite=True)
-    assert main(["run", "synthetic-quick", "--out", str(tmp_path.parent / tmp_path.name), "--quiet",
-                 "--set", "new.train.epochs=3"]) == 2
+    assert config_differences(stored, other) == ["allocation.ratio", "new.train.epochs"]
 
 
 def test_cli_demo_is_one_allocation_with_every_method_and_full_is_five(monkeypatch, tmp_path, capsys):

@@ -183,6 +183,42 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
             raise ConfigError(f"--set {dotted}: {'.'.join(parts[:i])!r} is not a section")
 
 
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A YAML mapping gives the same key twice (plain YAML loaders keep the last silently)."""
+
+    def __init__(self, key: Any, first: yaml.Mark, again: yaml.Mark) -> None:
+        super().__init__(problem=f"duplicate key {key!r}", problem_mark=again)
+        self.key, self.first_line, self.line = key, first.line + 1, again.line + 1
+
+    def describe(self) -> str:
+        return f"duplicate key {self.key!r} (line {self.line}; first at line {self.first_line})"
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with a duplicate key. Keys brought in by a merge
+    (``<<: *anchor``) may still be overridden by the mapping's own keys, as YAML intends."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark)
+                except TypeError:
+                    continue  # an unhashable key: the base class reports it
+                if first is not key_node.start_mark:
+                    raise DuplicateKeyError(key, first, key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text safely, refusing duplicate keys (:class:`DuplicateKeyError`)."""
+    return yaml.load(text, Loader=StrictLoader)
+
+
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` overrides; values are parsed as YAML (so 0.1, true, [1, 2] work)."""
     for item in overrides:
@@ -190,7 +226,9 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key.path=value")
         try:
-            value = yaml.safe_load(raw)
+            value = load_yaml(raw)
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"--set {item!r}: {exc.describe()}") from None
         except yaml.YAMLError:
             raise ConfigError(f"--set {item!r}: value is not valid YAML") from None
         _set_path(tree, key.strip(), value)
@@ -272,16 +310,23 @@ def _check_method(
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config (None: all defaults), apply overrides, validate."""
+    """Read a YAML run config (None: all defaults), apply overrides, validate. The file must be UTF-8
+    and may not give a key twice in one mapping."""
     tree: Any = {}
     source = "defaults"
     if path is not None:
         path = Path(path)
         source = str(path)
         try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            tree = load_yaml(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: config file not found") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"{path}: {exc.describe()}") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" (line {mark.line + 1})" if mark is not None else ""

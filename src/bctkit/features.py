@@ -144,15 +144,26 @@ class FeatureSet:
 
 
 def load_features(path: Path) -> FeatureSet:
-    """Read a feature file, checking it is complete and usable."""
+    """Read a feature file, checking it is complete and usable: feats [N, d] with N, d >= 1, finite,
+    and labels [N] of an integer dtype. Floating-point labels are refused whatever their values (a
+    float label may already be rounded: float32 holds integers exactly only up to 2**24), so that
+    identities are never silently truncated or merged; store them as int64."""
     tensors, meta = load_tensors(path)
     if "feats" not in tensors or "labels" not in tensors:
         raise FileFormatError(f"{path}: feature file needs tensors 'feats' and 'labels'")
-    feats, labels = tensors["feats"].float(), tensors["labels"].long()
+    feats, labels = tensors["feats"], tensors["labels"]
     if feats.ndim != 2 or labels.ndim != 1 or len(feats) != len(labels):
         raise FileFormatError(
             f"{path}: expected feats [N, d] and labels [N], got {list(feats.shape)} and {list(labels.shape)}"
         )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise DataError(f"{path}: labels are {str(labels.dtype).removeprefix('torch.')}; expected an "
+                        "integer dtype (identity ids, e.g. int64)")
+    if len(feats) == 0:
+        raise DataError(f"{path}: feature file has no rows (feats {list(feats.shape)})")
+    if feats.shape[1] == 0:
+        raise DataError(f"{path}: feature file has no feature dimensions (feats {list(feats.shape)})")
+    feats, labels = feats.float(), labels.long()
     if not torch.isfinite(feats).all():
         raise DataError(f"{path}: feats contain NaN or Inf")
     return FeatureSet(feats, labels, meta)

@@ -84,7 +84,7 @@ class Run:
         self.cfg, self.out, self.resume, self.progress = cfg, out, resume, progress and main
         self.log = log if main else _quiet
         self.reuse_old = reuse_old  # a finished old model file (see _old_model_file) to copy in
-        check_out_dir(report_dir(out, cfg.evaluation.split), cfg, overwrite)
+        self.overwrite = overwrite
         self.models_info: dict[str, dict[str, Any]] = {}
 
     def adopt_old(self, src: Path, key: str, dest: Path) -> LoadedModel:
@@ -119,6 +119,8 @@ class Run:
                 self.log(f"[{name}] reusing finished model {path}")
                 self._record(name, loaded)
                 return loaded
+        if path.exists() and not self.overwrite:
+            self.refuse_replacing(name, path, key)
         self.log(f"[{name}] training on {len(train_set)} images, {train_set.source.num_classes} classes")
         ckpt = folder / "checkpoint.safetensors"
         resume = self.resume and ckpt.exists()
@@ -142,7 +144,8 @@ class Run:
             "name": name,
             "run_id": key,
             "method": None if method is None else method.method,
-            "params": None if method is None else method.params,
+            # every option the method ran with, defaults included (the config may give only some)
+            "params": None if method is None or term is None else term.params.model_dump(mode="json"),
             "train": train_cfg.model_dump(mode="json"),
             "train_images": len(train_set),
             "train_data": train_set.source.fingerprint(),
@@ -160,6 +163,24 @@ class Run:
         loaded = load_model(path)
         self._record(name, loaded)
         return loaded
+
+    def refuse_replacing(self, name: str, path: Path, key: str) -> None:
+        """A finished model of another configuration is never replaced without ``overwrite``."""
+        stored = checkpoint_run_id(path)
+        if stored is None or stored == key:
+            return
+        config = report_dir(self.out, self.cfg.evaluation.split) / "config.json"
+        diff: list[str] = []
+        if config.is_file():
+            try:
+                diff = config_differences(json.loads(config.read_text(encoding="utf-8")), self.cfg)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                diff = []
+        more = " ..." if len(diff) > 5 else ""
+        what = f" (the run's config differs in {', '.join(diff[:5])}{more})" if diff else ""
+        raise ConfigError(
+            f"{path} is the finished {name} model of another configuration{what}; it would be replaced: "
+            "use another --out, or --overwrite to replace it")
 
     def _record(self, name: str, model: LoadedModel) -> None:
         m = model.meta
@@ -368,24 +389,6 @@ def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
-def check_out_dir(reports: Path, cfg: RunConfig, overwrite: bool) -> None:
-    """Refuse to run into a directory that holds a run of another configuration (its models, report
-    and config would be replaced) unless ``overwrite``."""
-    path = reports / "config.json"
-    if overwrite or not path.is_file():
-        return
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        stored = {}
-    diff = config_differences(stored if isinstance(stored, dict) else {}, cfg)
-    if diff:
-        more = f" and {len(diff) - 5} more" if len(diff) > 5 else ""
-        raise ConfigError(
-            f"{reports} holds a run of another configuration (differs in {', '.join(diff[:5])}{more}); "
-            "its models and report would be replaced: use another --out, or --overwrite to replace them")
-
-
 def check_devices(cfg: RunConfig) -> None:
     """Every model's ``train.device`` exists on this machine, checked before anything runs."""
     sides = [("old.train", cfg.old.train), ("new.train", cfg.new.train)]
@@ -442,8 +445,6 @@ def run_scenarios(
     subs = {scenario: for_scenario(cfg, scenario) for scenario in scenarios}
     reuse = {scenario: None if reuse_old_from is None else _old_model_file(Path(reuse_old_from) / scenario)
              for scenario in scenarios}
-    for scenario, sub in subs.items():
-        check_out_dir(report_dir(out / scenario, sub.evaluation.split), sub, overwrite)
     reports = {}
     for scenario, sub in subs.items():
         if is_main():

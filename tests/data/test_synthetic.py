@@ -59,3 +59,18 @@ def test_validation_identities_are_neither_pool_nor_test_and_change_neither():
     assert "validation_classes" not in plain.model_dump() and with_val.model_dump()["validation_classes"] == 3
     with pytest.raises(ConfigError, match="data.validation_classes=0: the validation split needs"):
         load_datasets(plain, split="validation")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [("num_classes", -3, "an integer >= 1"), ("num_classes", 0, "an integer >= 1"),
+     ("images_per_class", 0, "an integer >= 1"), ("num_classes", 2.5, "an integer >= 1"),
+     ("size", 2, "an integer >= 4"), ("channels", 0, "an integer >= 1"), ("basis", 0, "an integer >= 1"),
+     ("strokes", -1, "an integer >= 0"), ("first_class", -1, "an integer >= 0"),
+     ("occlusion_prob", 1.5, r"a number in \[0, 1\]"), ("occlusion_max", -0.1, r"a number in \[0, 1\]"),
+     ("noise", -0.5, "a number >= 0"), ("scale", 1.0, r"a number in \[0, 1\)"),
+     ("contrast", float("nan"), r"a number in \[0, 1\]")],
+)
+def test_bad_spec_is_a_config_error_naming_the_field(field, value, allowed):
+    with pytest.raises(ConfigError, match=rf"SyntheticSpec\.{field}={value}: must be {allowed}"):
+        SyntheticSpec(**{field: value})

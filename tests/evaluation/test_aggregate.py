@@ -2,12 +2,13 @@
 against numpy on hand-made run directories."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 from bctkit.cli import main
-from bctkit.errors import FileFormatError
+from bctkit.errors import ConfigError, FileFormatError
 from bctkit.evaluation.aggregate import aggregate, load_run, write_aggregate
 
 METRICS = ("tar@far=1e-3", "tar@far=1e-4", "top1")
@@ -114,3 +115,107 @@ def test_bad_runs(runs, tmp_path, capsys):
         aggregate([load_run(runs[0]), load_run(runs[2])], ["r0", "r2"])
     assert main(["aggregate", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]) == 2
     assert "no <allocation>/report.json" in capsys.readouterr().err
+
+
+def _set_value(run, alloc, query, gallery, metric, value, raw=False):
+    """Replace one record's value in a run's report (``raw``: write the JSON text as given)."""
+    file = run / alloc / "report.json"
+    rep = json.loads(file.read_text())
+    for r in rep["results"]:
+        if (r["query_model"], r["gallery_model"], r["metric"]) == (query, gallery, metric):
+            r["value"] = "@@" if raw else value
+    text = json.dumps(rep)
+    file.write_text(text.replace('"@@"', value) if raw else text)
+
+
+def _strict(text):
+    def refuse(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "null"])
+def test_not_measurable_values_are_not_measurable_in_the_aggregate(runs, tmp_path, literal):
+    """An n/m value (NaN in older reports, null in strict ones) in any run makes that mean, its sd and
+    the criterion not measurable, and leaves every other cell alone."""
+    _set_value(runs[1], "open-data", "a", "old", "tar@far=1e-4", literal, raw=True)
+    _set_value(runs[2], "open-data", "old", "old", "top1", literal, raw=True)
+    res = aggregate([load_run(r) for r in runs], [str(r) for r in runs])
+    rows = {(r["allocation"], r["model"]): r for r in res["rows"]}
+    cross = rows[("open-data", "a")]["tar@far=1e-4 cross"]
+    assert math.isnan(cross["mean"]) and cross["sd"] is None and cross["n"] == 3
+    assert rows[("open-data", "a")]["tar@far=1e-4 criterion runs"] is None
+    assert rows[("open-data", "a")]["tar@far=1e-4 criterion on means"] is None
+    cross3 = rows[("open-data", "a")]["tar@far=1e-3 cross"]
+    assert cross3["mean"] == pytest.approx(np.mean([0.52, 0.49, 0.54]))
+    old_self = rows[("open-data", "old")]["top1 self"]
+    assert math.isnan(old_self["mean"]) and old_self["sd"] is None
+    for model in ("a", "b"):  # no old self test to compare with
+        assert rows[("open-data", model)]["top1 criterion on means"] is None
+        assert rows[("open-data", model)]["top1 criterion runs"] is None
+    assert rows[("identical-data", "a")]["top1 criterion runs"] == 2
+    over = res["over_allocations"]["a"]["tar@far=1e-4 cross"]
+    assert math.isnan(over["mean"]) and over["sd"] is None
+    write_aggregate(tmp_path / "agg", res)
+    md = (tmp_path / "agg" / "aggregate.md").read_text()
+    old_line = next(line for line in md.splitlines() if line.startswith("| open-data | old |"))
+    assert old_line.endswith("| — | n/m |")  # top1: cross (none for old), self n/m
+    back = _strict((tmp_path / "agg" / "aggregate.json").read_text())
+    row = next(r for r in back["rows"] if (r["allocation"], r["model"]) == ("open-data", "a"))
+    assert row["tar@far=1e-4 cross"]["mean"] is None
+
+
+def _with_config(run, config, where="report"):
+    """Store ``config`` (with each allocation's scenario) in the run's reports or beside them."""
+    for alloc in ("open-data", "identical-data"):
+        file = run / alloc / "report.json"
+        cfg = {**config, "allocation": {**config["allocation"], "scenario": alloc}}
+        if where == "report":
+            file.write_text(json.dumps({**json.loads(file.read_text()), "config": cfg}))
+        else:
+            (run / alloc / "config.json").write_text(json.dumps(cfg))
+
+
+CONFIG = {"allocation": {"scenario": "x", "ratio": 0.3, "seed": 1},
+          "new": {"train": {"seed": 1, "optimizer": {"lr": 0.1}}},
+          "data": {"synthetic": {"seed": 0}, "split_seed": 0}, "methods": [{"method": "l2", "params": {}}]}
+
+
+def test_runs_that_differ_only_in_seeds_aggregate(runs):
+    for i, run in enumerate(runs):
+        seeds = {"allocation": {**CONFIG["allocation"], "seed": i},
+                 "new": {"train": {"seed": 10 + i, "optimizer": {"lr": 0.1}}},
+                 "data": {"synthetic": {"seed": i}, "split_seed": i}}
+        _with_config(run, {**CONFIG, **seeds}, where="report" if i else "config.json")
+    assert aggregate([load_run(r) for r in runs], ["r0", "r1", "r2"])["n_runs"] == 3
+
+
+@pytest.mark.parametrize("where", ["report", "config.json"])
+def test_runs_of_different_configs_are_refused(runs, where):
+    _with_config(runs[0], CONFIG, where)
+    _with_config(runs[1], {**CONFIG, "new": {"train": {"seed": 2, "optimizer": {"lr": 0.2}}},
+                           "methods": [{"method": "l2", "params": {"threshold": 0.1}}]}, where)
+    _with_config(runs[2], CONFIG, where)
+    with pytest.raises(ConfigError, match=r"^r1: open-data: config differs from r0's in ") as exc:
+        aggregate([load_run(r) for r in runs], ["r0", "r1", "r2"])
+    msg = str(exc.value)
+    assert "new.train.optimizer.lr" in msg and "methods.0.params.threshold" in msg
+    assert "seed" not in msg.split(";")[0] and "\n" not in msg
+
+
+def test_options_that_do_not_change_results_may_differ(runs):
+    """train.device and train.checkpoint_every are not part of a run's key; neither are seeds."""
+    from bctkit.config import load_config
+
+    sets = [[], ["new.train.device=cpu", "old.train.checkpoint_every=5", "allocation.seed=1"],
+            ["old.train.seed=3", "data.synthetic.seed=4"]]
+    for run, overrides in zip(runs, sets, strict=True):
+        _with_config(run, load_config(None, overrides).model_dump(mode="json"))
+    assert aggregate([load_run(r) for r in runs], ["r0", "r1", "r2"])["n_runs"] == 3
+    _with_config(runs[2], load_config(None, ["old.train.epochs=3"]).model_dump(mode="json"))
+    with pytest.raises(ConfigError, match=r"r2: open-data: config differs from r0's in old\.train\.epochs;"):
+        aggregate([load_run(r) for r in runs], ["r0", "r1", "r2"])
+    # a config this version cannot read (another bctkit version) is compared as it is
+    _with_config(runs[2], {**load_config(None).model_dump(mode="json"), "retired_section": {}})
+    with pytest.raises(ConfigError, match=r"config differs from r0's in retired_section;"):
+        aggregate([load_run(r) for r in runs], ["r0", "r1", "r2"])

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from numbers import Integral, Real
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bctkit.data.sources.array import ArraySource
+from bctkit.errors import ConfigError
 
 GENERATOR_VERSION = 1
 """Bump when a code change alters the generated pixels (it is part of the dataset's identity)."""
@@ -41,6 +43,33 @@ class SyntheticSpec:
     occlusion_prob: float = 0.5
     occlusion_max: float = 0.45
     first_class: int = 0
+
+    def __post_init__(self) -> None:
+        """Refuse values the generator cannot use, naming the field and its allowed range (they
+        would otherwise fail deep inside torch or numpy, or give meaningless images)."""
+        for name, low in _INT_MINIMUM.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, Integral) or (low is not None and v < low):
+                rule = "an integer" if low is None else f"an integer >= {low}"
+                raise ConfigError(f"SyntheticSpec.{name}={v!r}: must be {rule}")
+        for name, rule in _NUMBER_RANGE.items():
+            v = getattr(self, name)
+            ok = isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            if not ok or (rule == "in [0, 1]" and v > 1) or (rule == "in [0, 1)" and v >= 1):
+                raise ConfigError(f"SyntheticSpec.{name}={v!r}: must be a number {rule}")
+
+
+_INT_MINIMUM: dict[str, int | None] = {
+    "num_classes": 1, "images_per_class": 1, "size": 4, "channels": 1, "basis": 1, "strokes": 0,
+    "first_class": 0, "seed": None,
+}
+"""Integer fields of :class:`SyntheticSpec` and their smallest allowed value (None: any)."""
+_NUMBER_RANGE = {
+    "class_detail": ">= 0", "rotation_deg": ">= 0", "shift": ">= 0", "noise": ">= 0", "scale": "in [0, 1)",
+    "contrast": "in [0, 1]", "occlusion_prob": "in [0, 1]", "occlusion_max": "in [0, 1]",
+}
+"""Float fields of :class:`SyntheticSpec` and their allowed range (``scale`` < 1 keeps the zoom
+positive, ``contrast`` <= 1 keeps it non-negative)."""
 
 
 def _smooth_field(gen: torch.Generator, n: int, channels: int, size: int, cutoff: int) -> torch.Tensor:

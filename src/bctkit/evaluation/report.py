@@ -31,9 +31,11 @@ def report_dir(out: Path, split: str) -> Path:
 
 
 def lookup(records: list[dict[str, Any]], query: str, gallery: str, metric: str) -> float | None:
+    """A record's value: None when there is no such record, NaN when it is not measurable (NaN in
+    memory; report.json, which is strict JSON, holds null)."""
     for r in records:
         if r["query_model"] == query and r["gallery_model"] == gallery and r["metric"] == metric:
-            return float(r["value"])
+            return math.nan if r["value"] is None else float(r["value"])
     return None
 
 

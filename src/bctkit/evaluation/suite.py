@@ -46,7 +46,7 @@ def evaluate_suite(
     if do_backfill:
         say("[metrics] partial-backfill curves")
     curves = backfill_curves(features, protocol) if do_backfill else {}
-    say("[report] plots, report.json and report.md")
+    say("[plots] roc, cmc, matrices, backfill")
     report = {
         **(extra or {}),
         "models": models_info,
