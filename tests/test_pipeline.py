@@ -88,6 +88,10 @@ def test_report_schema(tiny_run):
     assert {"roc.png", "cmc.png", "backfill.png"} <= set(on_disk["plots"])
     md = (out / "r" / "report.md").read_text()
     assert "| l2 |" in md and ("✓" in md or "✗" in md)
+    # the Models table shows every option a method ran with, defaults included (the config gave none)
+    assert "| l2 | l2 | weight=10.0, threshold=0.0, normalize=True, squared=False |" in md
+    assert on_disk["models"]["l2-weak"]["params"] == {"weight": 10.0, "threshold": 0.2, "normalize": True,
+                                                      "squared": False}
 
 
 def test_feature_files(tiny_run):
@@ -382,7 +386,8 @@ def test_chain_report_matrix_and_cross_dims(chain_run):
     mark = "✓" if ch["criterion"][3][0] else "✗"
     assert f"| v4 | {100 * m[3][0]:.2f} {mark} |" in md
     assert "Chain of upgrades: old <- v2 <- v3 <- v4" in md
-    assert "| v4 | bt2 | {'k': 4} | 72 | 12 | 16 = bct [0:12] + added [12:16]; self tests all" in md
+    assert ("| v4 | bt2 | k=4, C=2.0, influence_weight=10.0, old_weight=5.0, paragon_weight=1.0, scale=1.0 "
+            "| 72 | 12 | 16 = bct [0:12] + added [12:16]; self tests all") in md
 
 
 def test_chain_cross_test_slice_equals_bct_block(chain_run):

@@ -169,13 +169,8 @@ class Run:
         stored = checkpoint_run_id(path)
         if stored is None or stored == key:
             return
-        config = report_dir(self.out, self.cfg.evaluation.split) / "config.json"
-        diff: list[str] = []
-        if config.is_file():
-            try:
-                diff = config_differences(json.loads(config.read_text(encoding="utf-8")), self.cfg)
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-                diff = []
+        previous = getattr(self, "previous_config", None)
+        diff = config_differences(previous, self.cfg) if previous else []
         more = " ..." if len(diff) > 5 else ""
         what = f" (the run's config differs in {', '.join(diff[:5])}{more})" if diff else ""
         raise ConfigError(
@@ -288,6 +283,7 @@ class Run:
     def execute(self) -> dict[str, Any]:
         cfg, out = self.cfg, self.out
         reports = report_dir(out, cfg.evaluation.split)
+        self.previous_config = _read_config(reports / "config.json")  # before this run replaces it
         if is_main():
             reports.mkdir(parents=True, exist_ok=True)
             write_json(reports / "config.json", cfg.model_dump(mode="json"))
@@ -376,6 +372,15 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
             out.update(_flat(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: tree}
+
+
+def _read_config(path: Path) -> dict[str, Any] | None:
+    """A run directory's config.json, or None when absent or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:

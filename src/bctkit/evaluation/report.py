@@ -172,12 +172,21 @@ def markdown(report: dict[str, Any]) -> str:
         if layout:
             dims = (f"{info['embedding_dim']} = bct [0:{layout['bct'][1]}] + added [{layout['added'][0]}:"
                     f"{layout['added'][1]}]; self tests all, cross tests bct")
-        rows.append([name, info.get("method") or "—", str(info.get("params") or "—"),
+        rows.append([name, info.get("method") or "—", _options(info.get("params")),
                      str(info["train_images"]), str(info["num_classes"]), dims, f"`{info['fingerprint']}`"])
     header = ["model", "method", "options", "train images", "classes", "dims", "fingerprint"]
     lines += markdown_table(header, rows)
     lines += [f"bctkit {__version__}. Full numbers: report.json.", ""]
     return "\n".join(lines)
+
+
+def _options(params: Any) -> str:
+    """A model's method options as `k=v, ...` (every option it ran with; "—" when it has none)."""
+    if not params:
+        return "—"
+    if isinstance(params, dict):
+        return ", ".join(f"{k}={v}" for k, v in params.items())
+    return str(params)
 
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> None:
