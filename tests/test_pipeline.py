@@ -122,7 +122,7 @@ def test_resume_keys_ignore_eval_set_and_paragon_ignores_old(tiny_run, tmp_path)
     logs.clear()
     weaker_old = load_config(cfg_path, ["old.train.epochs=1"])
     with pytest.raises(ConfigError, match=r"finished old model of another configuration \(the run's config "
-                                          r"differs in old.train.epochs\).*--overwrite"):
+                                          r"differs in data.eval_classes, old.train.epochs\).*--overwrite"):
         run_pipeline(weaker_old, run_dir, resume=True, progress=False, log=logs.append)
     run_pipeline(weaker_old, run_dir, resume=True, progress=False, log=logs.append, overwrite=True)
     reused = [line for line in logs if "reusing finished model" in line]
