@@ -282,7 +282,7 @@ def test_cli_evaluate_feature_files(tiny_run, tmp_path, capsys):
 
 
 def test_cli_scenarios_summary(tmp_path, capsys):
-    cfg = {**TINY, "methods": [{"method": "l2"}], "evaluation": {"fars": [0.1], "topk": [1, 5],
+    cfg = {**TINY, "methods": [{"method": "l2"}], "evaluation": {"fars": [0.1], "topk": [1, 2],
                                                                "backfill": False, "retrieval": False}}
     same = {**cfg, "new": {**cfg["new"], "backbone": cfg["old"]["backbone"]}}
     path = tmp_path / "c.yaml"

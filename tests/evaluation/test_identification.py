@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 from bctkit.errors import DataError
 from bctkit.evaluation.identification import cmc, tpir_at_fpir
+from bctkit.evaluation.retrieval import recall_at_k
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -32,6 +35,15 @@ def brute_cmc(q, qid, g, gid, ks, exclude_self=False):
     return {k: hits[k] / n for k in ks}
 
 
+def meant(rate: float) -> Fraction:
+    """The simplest fraction that rounds to the float ``rate`` (0.57 -> 57/100), by search."""
+    for q in itertools.count(1):
+        p = round(rate * q)
+        if float(Fraction(p, q)) == rate:
+            return Fraction(p, q)
+    raise AssertionError("unreachable")
+
+
 def brute_tpir(q, qid, g, gid, fpirs):
     q, g = unit(q), unit(g)
     enrolled = set(gid.tolist())
@@ -40,13 +52,15 @@ def brute_tpir(q, qid, g, gid, fpirs):
         scores = [float(q[i] @ g[j]) for j in range(len(g))]
         if qid[i] in enrolled:
             mated_score = max(s for s, j in zip(scores, gid, strict=True) if j == qid[i])
-            mated.append((mated_score, mated_score >= max(scores)))
+            others = [s for s, j in zip(scores, gid, strict=True) if j != qid[i]]
+            # strictly above every non-mated gallery score: a tie is a miss
+            mated.append((mated_score, all(mated_score > s for s in others)))
         else:
             nm_max.append(max(scores))
     nm_max.sort(reverse=True)
     out = {}
     for f in fpirs:
-        k = max(math.floor(f * len(nm_max)), 1)
+        k = max(math.floor(meant(f) * len(nm_max)), 1)
         thr = nm_max[k - 1]
         out[f] = sum(1 for s, top in mated if top and s > thr) / len(mated)
     return out
@@ -65,12 +79,12 @@ def data(seed: int, n_q: int = 60, n_g: int = 90, d: int = 12, n_id: int = 25):
 @pytest.mark.parametrize("seed", range(4))
 def test_cmc_matches_brute_force(seed: int) -> None:
     q, qid, g, gid = data(seed)
-    ks = (1, 2, 5, 10, 200)
+    ks = (1, 2, 5, 10, 90)
     got = cmc(torch.from_numpy(q), qid, g, gid, ks=ks, block_queries=7, block_gallery=13)
     want = brute_cmc(q.astype(np.float64), qid, g.astype(np.float64), gid, ks)
     for k in ks:
         assert got[k] == pytest.approx(want[k], abs=1e-12)
-    assert got[200] == 1.0
+    assert got[90] == 1.0  # the whole gallery
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -143,15 +157,67 @@ def test_errors() -> None:
         tpir_at_fpir(q, qid, g[:, :3], gid, [0.1])
 
 
-def test_tpir_ties_threshold_is_strict_rank1_tie_counts() -> None:
+def test_tpir_ties_are_misses() -> None:
     g = np.array([[1.0, 0.0], [0.0, 1.0]])
     gid = np.array([0, 1])
     # mated probe equal to a non-mated probe: its score equals the threshold -> not a hit
     q = np.array([[1.0, 0.0], [1.0, 0.0]])
     assert tpir_at_fpir(q, np.array([0, 9]), g, gid, [1.0]) == {1.0: 0.0}
-    # a mated score tied with a non-mated item's score is the rank-1 score -> a hit
+    # a mated score tied with a non-mated gallery item's score is not strictly greater -> a miss
     q = np.array([[1.0, 1.0], [-1.0, -1.0]])
+    assert brute_tpir(q, np.array([0, 9]), g, gid, [1.0]) == {1.0: 0.0}
+    assert tpir_at_fpir(q, np.array([0, 9]), g, gid, [1.0]) == {1.0: 0.0}
+    # two gallery items of the probe's own identity tied at the top are no tie with a non-mated item
+    g = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    gid = np.array([0, 0, 1])
+    q = np.array([[1.0, 0.0], [-1.0, -1.0]])
     assert tpir_at_fpir(q, np.array([0, 9]), g, gid, [1.0]) == {1.0: 1.0}
+
+
+@pytest.mark.parametrize(("fpir", "n_nm"), [(0.57, 100), (0.29, 100), (0.58, 100), (0.7, 90)])
+def test_tpir_exact_floor_of_fpir_times_non_mated(fpir: float, n_nm: int) -> None:
+    # float fpir * n_nm lands just below the integer (0.57 * 100 = 56.99999...); the rule is exact
+    k = math.floor(meant(fpir) * n_nm)
+    assert math.floor(fpir * n_nm) == k - 1
+    ang = lambda a: np.array([[np.cos(x), np.sin(x)] for x in a])  # noqa: E731
+    g = ang([0.0])
+    # non-mated maxima cos(0.01 i), i = 1..n_nm: the k-th largest is cos(0.01 k); the mated probe
+    # scores between the k-th and the (k-1)-th largest, so it passes the threshold only at k
+    q = ang([0.01 * (k - 0.5)] + [0.01 * i for i in range(1, n_nm + 1)])
+    qid = np.r_[0, np.full(n_nm, 9)]
+    assert brute_tpir(q, qid, g, np.array([0]), [fpir]) == {fpir: 1.0}
+    assert tpir_at_fpir(q, qid, g, np.array([0]), [fpir]) == {fpir: 1.0}
+
+
+def tie_data() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One-hot gallery with many duplicates: scores are exact, so equal scores are true ties."""
+    rng = np.random.default_rng(3)
+    basis = rng.integers(0, 3, 150)
+    g = np.eye(3)[basis]
+    gid = rng.integers(0, 30, 150)
+    q = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0], [3.0, 2.0, 1.0], [0.0, 0.0, 1.0]] * 6)
+    qid = rng.integers(0, 30, q.shape[0])
+    return q, qid, g, gid
+
+
+@pytest.mark.parametrize(("bq", "bg"), [(1024, 32768), (4, 7), (3, 64)])
+def test_cmc_ties_lower_gallery_index_first(bq: int, bg: int) -> None:
+    q, qid, g, gid = tie_data()
+    ks = (1, 2, 3, 5, 10, 40)
+    want = brute_cmc(q, qid, g, gid, ks)  # sorted() is stable: equal scores keep gallery order
+    got = cmc(q, qid, g, gid, ks=ks, block_queries=bq, block_gallery=bg)
+    assert got == pytest.approx(want, abs=1e-12)
+    assert got == pytest.approx(recall_at_k(q, qid, g, gid, ks=ks), abs=1e-12)
+
+
+def test_cmc_k_larger_than_gallery_raises() -> None:
+    q, qid, g, gid = data(0, n_g=20)
+    assert cmc(q, qid, g, gid, ks=(1, 20))[20] == 1.0
+    with pytest.raises(DataError, match="k=21.*gallery size 20"):
+        cmc(q, qid, g, gid, ks=(1, 21))
+    with pytest.raises(DataError, match="k=20.*gallery size 20"):
+        cmc(g, gid, g, gid, ks=(20,), exclude_self=True)  # 19 items left to each probe
+    assert cmc(g, gid, g, gid, ks=(19,), exclude_self=True)[19] == 1.0
 
 
 def test_cmc_without_queries_is_nan() -> None:

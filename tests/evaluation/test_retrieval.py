@@ -141,6 +141,27 @@ def test_no_relevant_query_is_nan_with_warning() -> None:
         assert math.isnan(mean_average_precision(q, qid + 100, g, gid))
 
 
+def test_ties_rank_lower_gallery_index_first() -> None:
+    # three gallery items tie with the query; the relevant one has the highest index -> rank 3
+    g = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    gid = np.array([1, 2, 0, 3])
+    q = np.array([[1.0, 0.0]])
+    assert recall_at_k(q, [0], g, gid, ks=(1, 2, 3)) == {1: 0.0, 2: 0.0, 3: 1.0}
+    assert mean_average_precision(q, [0], g, gid) == pytest.approx(1 / 3)
+
+
+def test_recall_k_larger_than_gallery_raises() -> None:
+    q, qid, g, gid, _, _ = data(2, n_g=20)
+    assert recall_at_k(q, qid, g, gid, ks=(1, 20))[20] == 1.0
+    with pytest.raises(DataError, match="k=21.*gallery size 20"):
+        recall_at_k(q, qid, g, gid, ks=(1, 21))
+    with pytest.raises(DataError, match="k=21.*gallery size 20"):
+        retrieval_metrics(q, qid, g, gid, ks=(21,))
+    with pytest.raises(DataError, match="k=20.*gallery size 20"):
+        recall_at_k(g, gid, g, gid, ks=(20,), exclude_self=True)  # 19 items left to each query
+    assert recall_at_k(g, gid, g, gid, ks=(19,), exclude_self=True)[19] == 1.0
+
+
 def test_errors() -> None:
     q, qid, g, gid, qcam, gcam = data(1)
     with pytest.raises(DataError, match="empty"):

@@ -42,6 +42,42 @@ def test_topk_exclude_self_and_clamping() -> None:
     assert torch.equal(torch.sort(i, dim=1).values, torch.arange(23).expand(3, 23))
 
 
+def tied(seed: int, n_q: int, n_g: int, d: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Small-integer queries against a one-hot gallery: scores are exact, duplicates are true ties."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 3, (n_q, d), generator=gen).float()
+    g = torch.eye(d)[torch.randint(0, d, (n_g,), generator=gen)]
+    return q, g
+
+
+def stable_ranking(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The rule: descending score, equal scores in increasing gallery index (a stable sort)."""
+    return torch.from_numpy(np.argsort(-scores.numpy(), axis=1, kind="stable")[:, :k].copy())
+
+
+@pytest.mark.parametrize(
+    ("k", "bq", "bg"), [(1, 64, 32768), (3, 5, 7), (12, 4, 5), (40, 3, 64), (150, 7, 33), (150, 2048, 32768)]
+)
+def test_topk_ties_lower_index_first(k: int, bq: int, bg: int) -> None:
+    q, g = tied(0, 25, 150)
+    s, i = topk_search(q, g, k, block_queries=bq, block_gallery=bg)
+    full = q @ g.T
+    want = stable_ranking(full, k)
+    assert torch.equal(i, want)
+    assert torch.equal(s, full.gather(1, want))
+
+
+@pytest.mark.parametrize(("k", "bq", "bg"), [(1, 8, 9), (6, 5, 7), (59, 64, 13)])
+def test_topk_ties_exclude_self(k: int, bq: int, bg: int) -> None:
+    _, g = tied(1, 0, 60)
+    s, i = topk_search(g, g, k, block_queries=bq, block_gallery=bg, exclude_self=True)
+    full = g @ g.T
+    full.fill_diagonal_(-torch.inf)
+    want = stable_ranking(full, k)
+    assert torch.equal(i, want)
+    assert torch.equal(s, full.gather(1, want))
+
+
 def test_topk_numpy_input() -> None:
     q, g = feats(3, 6).numpy(), feats(4, 40).numpy()
     s, i = topk_search(q, g, 3, block_gallery=7)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -16,11 +19,26 @@ from bctkit.evaluation.verification import roc_auc, roc_curve, tar_at_far
 FARS = [1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5]
 
 
+@functools.cache
+def meant(rate: float) -> Fraction:
+    """The simplest fraction that rounds to the float ``rate``, by search over denominators."""
+    for q in itertools.count(1):
+        p = round(rate * q)
+        if float(Fraction(p, q)) == rate:
+            return Fraction(p, q)
+    raise AssertionError("unreachable")
+
+
+def allowed_impostors(far: float, n_imp: int) -> int:
+    """floor(f N_imp) in exact arithmetic on the rate meant: 0.57 * 100 = 57, (1 / 7) * 7 = 1."""
+    return math.floor(meant(far) * n_imp)
+
+
 def brute_exact(scores: np.ndarray, labels: np.ndarray, far: float) -> float:
     """Definition scan: smallest score t with #(imp > t) <= floor(f N_imp); TAR = #(gen > t)/N_gen."""
     gen = scores[labels == 1]
     imp = scores[labels == 0]
-    allowed = math.floor(far * imp.size)
+    allowed = allowed_impostors(far, imp.size)
     if allowed < 1:
         return math.nan
     for t in np.unique(scores):  # ascending: the first hit is the smallest such score
@@ -33,10 +51,11 @@ def sklearn_exact(scores: np.ndarray, labels: np.ndarray, far: float) -> float:
     """Same rule read off sklearn's full ROC: best TPR among points with fps <= floor(f N_imp)."""
     fpr, tpr, _ = sk_roc_curve(labels, scores, drop_intermediate=False)
     n_imp = int(np.sum(labels == 0))
-    if math.floor(far * n_imp) < 1:
+    allowed = allowed_impostors(far, n_imp)
+    if allowed < 1:
         return math.nan
     fps = np.rint(fpr * n_imp)
-    return float(tpr[fps <= math.floor(far * n_imp)].max())
+    return float(tpr[fps <= allowed].max())
 
 
 def same(a: float, b: float) -> bool:
@@ -45,7 +64,9 @@ def same(a: float, b: float) -> bool:
 
 
 def sklearn_insightface(scores: np.ndarray, labels: np.ndarray, far: float) -> float:
+    """insightface's ijb rule: sklearn ROC, both arrays reversed, then the first nearest-FPR point."""
     fpr, tpr, _ = sk_roc_curve(labels, scores)
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)  # select largest tpr at same fpr
     return float(tpr[np.argmin(np.abs(fpr - far))])
 
 
@@ -78,6 +99,81 @@ def test_insightface_matches_sklearn(seed: int, decimals: int | None) -> None:
     got = tar_at_far(scores, labels, FARS, mode="insightface")
     for far in FARS:
         assert got[far] == sklearn_insightface(scores, labels, far)
+
+
+def scores_of(genuine: list[float], impostor: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array(genuine + impostor), np.r_[np.ones(len(genuine), int), np.zeros(len(impostor), int)]
+
+
+@pytest.mark.parametrize(
+    ("genuine", "impostor", "far", "want"),
+    [
+        # ROC (0,0) (.5,0) (.5,1) (1,1): two points share FPR 0.5, the higher TPR is taken
+        ([0.8, 0.7, 0.2], [0.9, 0.1], 0.5, 1.0),
+        ([0.8, 0.7, 0.2], [0.9, 0.1], 0.4, 1.0),
+        # ROC (0,0) (0,1/3) (.25,1/3) (.25,2/3) (.75,2/3) (.75,1) (1,1)
+        ([0.95, 0.7, 0.3], [0.9, 0.5, 0.5, 0.1], 0.25, 2 / 3),
+        ([0.95, 0.7, 0.3], [0.9, 0.5, 0.5, 0.1], 0.75, 1.0),
+        # 0.5 is exactly halfway between FPR 0.25 and 0.75: the larger FPR wins, then the higher TPR
+        ([0.95, 0.7, 0.3], [0.9, 0.5, 0.5, 0.1], 0.5, 1.0),
+    ],
+)
+def test_insightface_adversarial_ties(
+    genuine: list[float], impostor: list[float], far: float, want: float
+) -> None:
+    scores, labels = scores_of(genuine, impostor)
+    assert sklearn_insightface(scores, labels, far) == want  # the reference states the rule
+    assert tar_at_far(scores, labels, [far], mode="insightface")[far] == want
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_insightface_at_exact_roc_midpoints(seed: int) -> None:
+    # 1024 impostors: every FPR is k/1024 and every midpoint of two FPRs is exactly halfway
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(300, int), np.zeros(1024, int)]
+    scores = np.round(rng.normal(size=labels.size) + 1.2 * labels, 1)
+    fpr = np.unique(sk_roc_curve(labels, scores)[0])
+    targets = [float(x) for x in (fpr[1:] + fpr[:-1]) / 2] + [float(x) for x in fpr[1:]]
+    got = tar_at_far(scores, labels, targets, mode="insightface")
+    for far in targets:
+        assert got[far] == sklearn_insightface(scores, labels, far)
+
+
+@pytest.mark.parametrize(("far", "n_imp"), [(0.57, 100), (0.29, 100), (0.58, 100), (0.7, 90), (0.009, 3000)])
+def test_exact_floor_of_far_times_impostors(far: float, n_imp: int) -> None:
+    # float far * n_imp lands just below the integer (0.57 * 100 = 56.99999...); the rule is exact
+    assert math.floor(far * n_imp) != allowed_impostors(far, n_imp)
+    allowed = allowed_impostors(far, n_imp)
+    impostor = [float(v) for v in range(n_imp)]
+    threshold = float(n_imp - 1 - allowed)  # #(impostor > t) == allowed
+    scores, labels = scores_of([threshold + 0.5, threshold - 0.5], impostor)
+    assert brute_exact(scores, labels, far) == 0.5
+    assert tar_at_far(scores, labels, [far])[far] == 0.5
+
+
+@pytest.mark.parametrize("n_imp", [3, 49, 812, 997])
+def test_exact_far_k_over_n_imp_allows_k(n_imp: int) -> None:
+    # a rate computed as k / N_imp allows exactly k impostors: in floating point (1 / 49) * 49 is
+    # 0.9999999999999999, and the shortest decimal of 1 / 3 times 3 is also below 1
+    impostor = [float(v) for v in range(n_imp)]
+    for k in sorted({1, 2, n_imp // 2, n_imp - 1}):
+        far = k / n_imp
+        assert allowed_impostors(far, n_imp) == k
+        threshold = float(n_imp - 1 - k)
+        scores, labels = scores_of([threshold + 0.5, threshold - 0.5], impostor)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert tar_at_far(scores, labels, [far])[far] == 0.5
+
+
+@pytest.mark.parametrize("mode", ["exact", "insightface"])
+@pytest.mark.parametrize("far", [0.0, -0.1, 1.5, 1.0000001, math.nan, math.inf, -math.inf])
+def test_far_outside_unit_interval_raises(mode: str, far: float) -> None:
+    scores, labels = make_scores(0, n=500)
+    with pytest.raises(DataError, match=r"outside \(0, 1\]") as err:
+        tar_at_far(scores, labels, [0.1, far], mode=mode)
+    assert str(far) in str(err.value) and "\n" not in str(err.value)
+    assert tar_at_far(scores, labels, [1.0], mode=mode)[1.0] == 1.0
 
 
 def test_exact_never_exceeds_far_with_ties() -> None:

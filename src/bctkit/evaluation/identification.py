@@ -4,12 +4,16 @@ Features are compared by cosine similarity (rows are L2-normalised here). Identi
 labels (ints or strings). All searches run blockwise, so memory stays bounded for large galleries.
 
 - Closed set (CMC): top-k = fraction of probes whose identity appears among the k best-scored
-  gallery items; probes whose identity is absent from the gallery are excluded.
+  gallery items; probes whose identity is absent from the gallery are excluded. Equal scores rank
+  the lower gallery index first (a stable sort by decreasing score, the rule of topk_search and of
+  the retrieval metrics). k larger than the gallery is a DataError, not a trivial 100 %.
 - Open set (TPIR@FPIR, NIST style): a probe whose identity is not enrolled is a non-mated search.
   The threshold at FPIR f is the k-th largest of the non-mated searches' maximum scores, with
-  k = max(floor(f N_nm), 1). A mated search is a true positive identification iff its mated score
-  (best score over gallery items of its identity) equals the rank-1 score and exceeds (>) the
-  threshold. TPIR = true positives / N_mated. One gallery per call: average G1 and G2 yourself.
+  k = max(floor(f N_nm), 1), floor taken exactly (see verification.floor_rate_count). A mated search
+  is a true positive identification iff its mated score (best score over gallery items of its
+  identity) is strictly greater than every non-mated gallery score (a tie is a miss) and strictly
+  greater than the threshold. TPIR = true positives / N_mated. One gallery per call: average G1 and
+  G2 yourself.
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ from collections.abc import Sequence
 import torch
 
 from bctkit.errors import DataError
-from bctkit.evaluation.search import ArrayLike, check_pair, encode_ids, normalized, topk_search
+from bctkit.evaluation.search import (
+    ArrayLike,
+    check_k_within_gallery,
+    check_pair,
+    encode_ids,
+    normalized,
+    topk_search,
+)
+from bctkit.evaluation.verification import floor_rate_count
 
 
 def _check_ids(feats: torch.Tensor, ids: torch.Tensor, f_name: str, i_name: str) -> None:
@@ -46,7 +58,8 @@ def cmc(
 
     Probes whose identity is absent from the gallery (after removing the probe itself when
     ``exclude_self``: query i and gallery i are the same item) are excluded; NaN with a warning when
-    no probe remains. Ties in score are broken by torch.topk's order.
+    no probe remains. Equal scores rank the lower gallery index first. DataError when a k exceeds
+    the number of gallery items a probe searches.
     """
     q = normalized(query_feats, "query_feats")
     g = normalized(gallery_feats, "gallery_feats")
@@ -59,6 +72,7 @@ def cmc(
         raise DataError(f"ks must be a non-empty list of integers >= 1, got {ks}")
     if exclude_self and q.shape[0] != g.shape[0]:
         raise DataError("exclude_self needs query and gallery sets of equal length")
+    check_k_within_gallery(max(ks), g.shape[0], exclude_self)
     if qid.numel():
         counts = torch.bincount(gid, minlength=int(max(qid.max(), gid.max())) + 1)
         keep = counts[qid] - (1 if exclude_self else 0) > 0
@@ -90,24 +104,25 @@ def _max_scores(
     block_queries: int,
     block_gallery: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per probe: (best score over the gallery, best score over gallery items of its identity).
+    """Per probe: (best score over the whole gallery, best over gallery items of other identities).
 
-    The mated maximum is -inf for probes without an enrolled identity.
+    The mated score beats every non-mated gallery score strictly iff best > other, and is then
+    equal to best; so these two maxima decide the NIST rule without a third pass over the scores.
     """
     n_q = q.shape[0]
     best = torch.full((n_q,), -torch.inf)
-    mated = torch.full((n_q,), -torch.inf)
+    other = torch.full((n_q,), -torch.inf)
     for qs in range(0, n_q, block_queries):
         qb = q[qs : qs + block_queries]
         qi = qid[qs : qs + block_queries, None]
+        b = best[qs : qs + block_queries]
+        o = other[qs : qs + block_queries]
         for gs in range(0, g.shape[0], block_gallery):
             sc = qb @ g[gs : gs + block_gallery].T
-            b = best[qs : qs + block_queries]
             torch.maximum(b, sc.max(1).values, out=b)
-            sc.masked_fill_(gid[None, gs : gs + block_gallery] != qi, -torch.inf)
-            m = mated[qs : qs + block_queries]
-            torch.maximum(m, sc.max(1).values, out=m)
-    return best, mated
+            sc.masked_fill_(gid[None, gs : gs + block_gallery] == qi, -torch.inf)
+            torch.maximum(o, sc.max(1).values, out=o)
+    return best, other
 
 
 def tpir_at_fpir(
@@ -136,15 +151,18 @@ def tpir_at_fpir(
         raise DataError("tpir_at_fpir: no probe identity is enrolled (no mated search)")
     if n_nm == 0:
         raise DataError("tpir_at_fpir: every probe identity is enrolled (no non-mated search)")
-    best, mated = _max_scores(q, g, qid, gid, block_queries, block_gallery)
-    nm_max = torch.sort(best[~is_mated], descending=True).values
-    rank1_mated = mated[is_mated] >= best[is_mated]
-    mated_scores = mated[is_mated]
-    out: dict[float, float] = {}
     for f in fpirs:
         if not (f >= 0 and math.isfinite(f)):
             raise DataError(f"FPIR {f!r} is invalid; expected a finite number >= 0")
-        k = min(max(math.floor(f * n_nm), 1), n_nm)
+    best, other = _max_scores(q, g, qid, gid, block_queries, block_gallery)
+    nm_max = torch.sort(best[~is_mated], descending=True).values
+    # strict: a mated score tied with a non-mated gallery score is a miss; when it passes, the
+    # mated score is the probe's best score
+    mated_scores = best[is_mated]
+    above_others = mated_scores > other[is_mated]
+    out: dict[float, float] = {}
+    for f in fpirs:
+        k = min(max(floor_rate_count(f, n_nm), 1), n_nm)
         thr = nm_max[k - 1]
-        out[f] = float((rank1_mated & (mated_scores > thr)).double().sum()) / n_mated
+        out[f] = float((above_others & (mated_scores > thr)).double().sum()) / n_mated
     return out

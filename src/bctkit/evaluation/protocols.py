@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from bctkit.errors import DataError
 from bctkit.evaluation.identification import cmc, tpir_at_fpir
 from bctkit.evaluation.retrieval import retrieval_metrics
 from bctkit.evaluation.verification import roc_auc, roc_curve, tar_at_far
@@ -96,7 +97,8 @@ def _open_set(query: torch.Tensor, gallery: torch.Tensor, protocol: EvalProtocol
         enrolled = g_idx[torch.isin(labels[g_idx], half)]
         results.append(tpir_at_fpir(query[p_idx], labels[p_idx], gallery[enrolled], labels[enrolled],
                                     protocol.fpirs))
-    desc = (f"1:N open-set TPIR@FPIR (NIST, rank-1), {protocol.dataset}: galleries G1/G2 = gallery "
+    desc = (f"1:N open-set TPIR@FPIR (NIST: mated score strictly above every other identity's and the "
+            f"threshold), {protocol.dataset}: galleries G1/G2 = gallery "
             f"images of {len(halves[0])} / {len(halves[1])} ids, {len(p_idx)} probes each, averaged; {dims}")
     return [{"metric": rate_name("tpir@fpir", f), "value": float(np.mean([r[f] for r in results])),
              "n": len(p_idx), "protocol": desc} for f in protocol.fpirs]
@@ -107,7 +109,12 @@ def _identification(query: torch.Tensor, gallery: torch.Tensor, protocol: EvalPr
     labels = protocol.labels
     g_idx, p_idx = protocol.split()
     ids = len(torch.unique(labels))
-    ranks = sorted(set(protocol.topk) | set(CMC_CURVE_RANKS))
+    too_far = [k for k in protocol.topk if k > len(g_idx)]
+    if too_far:
+        raise DataError(f"top-k {too_far[0]} (evaluation.topk / --topk) exceeds the gallery of "
+                        f"{len(g_idx)} images ({protocol.gallery_per_class}/id, {ids} ids): "
+                        f"top-{too_far[0]} would be 100 %")
+    ranks = sorted(set(protocol.topk) | {k for k in CMC_CURVE_RANKS if k <= len(g_idx)})
     curve = cmc(query[p_idx], labels[p_idx], gallery[g_idx], labels[g_idx], ks=ranks)
     ident = (f"1:N closed-set CMC, {protocol.dataset}: gallery {len(g_idx)} images "
              f"({protocol.gallery_per_class}/id, {ids} ids), {len(p_idx)} probes; {dims}")

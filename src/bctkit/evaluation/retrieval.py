@@ -1,7 +1,7 @@
 """Retrieval metrics over the full ranking (evaluation.md, "Retrieval").
 
-Definitions (cosine similarity; each query ranks the whole gallery by decreasing score, ties broken
-by gallery index):
+Definitions (cosine similarity; each query ranks the whole gallery by decreasing score, equal scores
+with the lower gallery index first: a stable sort, the rule CMC and topk_search follow too):
 
 - relevant: gallery items with the query's identity. Junk items are removed from the ranking before
   anything is counted: the query's own item when ``exclude_self`` (query i is gallery i), and,
@@ -12,7 +12,8 @@ by gallery index):
 - mAP@R (Musgrave et al. 2020): R = number of relevant items; (1/R) sum_{i<=R} rel(i) P(i).
 - R-precision: (number of relevant items in the top R) / R.
 - Recall@K: fraction of queries with at least one relevant item in the top K (the metric-learning
-  convention, not the fraction of relevant items retrieved).
+  convention, not the fraction of relevant items retrieved). K larger than the gallery (less the
+  query's own item with ``exclude_self``) is a DataError, not a trivial 100 %.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from bctkit.errors import DataError
-from bctkit.evaluation.search import ArrayLike, check_pair, encode_ids, normalized
+from bctkit.evaluation.search import ArrayLike, check_k_within_gallery, check_pair, encode_ids, normalized
 
 MAX_TILE = 1 << 22
 
@@ -38,10 +39,12 @@ def _ranked_relevance(
     query_cams: ArrayLike | None,
     gallery_cams: ArrayLike | None,
     block_queries: int | None,
+    max_k: int = 0,
 ):
     """Yield (rel, valid) boolean blocks in ranked order, for queries with >= 1 relevant item.
 
-    rel[i, r]: the item ranked r for query i is relevant; valid[i, r]: it is not junk.
+    rel[i, r]: the item ranked r for query i is relevant; valid[i, r]: it is not junk. ``max_k``:
+    the largest K of Recall@K, checked against the gallery size.
     """
     q = normalized(query_feats, "query_feats")
     g = normalized(gallery_feats, "gallery_feats")
@@ -52,6 +55,8 @@ def _ranked_relevance(
             raise DataError(f"{name} has {ids.shape[0]} labels for {feats.shape[0]} feature rows")
     if exclude_self and q.shape[0] != g.shape[0]:
         raise DataError("exclude_self needs query and gallery sets of equal length")
+    if max_k:
+        check_k_within_gallery(max_k, g.shape[0], exclude_self)
     if (query_cams is None) != (gallery_cams is None):
         raise DataError("give both query_cams and gallery_cams, or neither")
     qcam = gcam = None
@@ -189,6 +194,9 @@ def retrieval_metrics(
     block_queries: int | None = None,
 ) -> dict[str, float]:
     """All retrieval metrics from one ranking pass: mAP, mAP@R, R-precision, recall@k, n_queries."""
+    ks = [int(k) for k in ks]
+    if ks and min(ks) < 1:
+        raise DataError(f"ks must be integers >= 1, got {ks}")
     per = _collect(
         (query_feats, query_ids, gallery_feats, gallery_ids),
         dict(
@@ -196,6 +204,7 @@ def retrieval_metrics(
             query_cams=query_cams,
             gallery_cams=gallery_cams,
             block_queries=block_queries,
+            max_k=max(ks, default=0),
         ),
     )
     out = {
@@ -205,5 +214,5 @@ def retrieval_metrics(
         "n_queries": 0.0 if per is None else float(per["ap"].shape[0]),
     }
     for k in ks:
-        out[f"recall@{int(k)}"] = math.nan if per is None else float((per["first"] <= k).double().mean())
+        out[f"recall@{k}"] = math.nan if per is None else float((per["first"] <= k).double().mean())
     return out

@@ -4,6 +4,10 @@
 inside each, gallery blocks, keeping a running top-k that is merged with each block's top-k. Peak
 extra memory is one block_queries x block_gallery score tile plus O(block_queries * k).
 Scores are raw inner products: normalise the features first for cosine similarity.
+
+Ranking rule (shared by CMC, top-k and the retrieval metrics): decreasing score, and among equal
+scores the lower gallery index first, i.e. the order of a stable sort by decreasing score. torch.topk
+alone leaves the order of ties unspecified, so the results are made to follow the rule.
 """
 
 from __future__ import annotations
@@ -42,6 +46,83 @@ def check_pair(queries: torch.Tensor, gallery: torch.Tensor, q_name: str, g_name
         )
 
 
+def check_k_within_gallery(k: int, n_gallery: int, exclude_self: bool) -> None:
+    """DataError when a top-k metric asks for more items than a query searches (100 % by construction)."""
+    if exclude_self and k > n_gallery - 1:
+        raise DataError(
+            f"k={k} exceeds the gallery size {n_gallery} less the query's own item; "
+            f"expected k <= {n_gallery - 1}"
+        )
+    if k > n_gallery:
+        raise DataError(f"k={k} exceeds the gallery size {n_gallery}; expected k <= {n_gallery}")
+
+
+def _order_ties(vals: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reorder each row's (score, index) pairs: decreasing score, equal scores by increasing index."""
+    idx, pos = idx.sort(dim=1)
+    vals, pos = vals.gather(1, pos).sort(dim=1, descending=True, stable=True)
+    return vals, idx.gather(1, pos)
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the first k of a stable sort by decreasing score (ties: lower column first).
+
+    At torch.topk's cost: topk of k + 1 finds the set, which is ambiguous only in rows where the
+    k-th and (k+1)-th scores are equal. There, the scores above the k-th are the leading entries
+    of topk's answer whatever it did with ties, and the rest are the lowest-indexed columns equal
+    to the k-th score.
+    """
+    n = scores.shape[1]
+    vals, idx = scores.topk(min(k + 1, n), dim=1)
+    if k < n:
+        tied = torch.nonzero(vals[:, k] == vals[:, k - 1]).flatten()
+        vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+        if tied.numel():
+            kth = vals[tied, k - 1 :]
+            n_above = (vals[tied] > kth).sum(1, keepdim=True)
+            first_equal = _first_equal_columns(scores, tied, kth, k - n_above, k)
+            slot = torch.arange(k)
+            from_equal = slot >= n_above
+            pick = first_equal.gather(1, (slot - n_above).clamp(min=0))
+            idx[tied] = torch.where(from_equal, pick, idx[tied])
+            vals[tied] = torch.where(from_equal, kth, vals[tied])
+    return _order_ties(vals, idx)
+
+
+def _equal_columns(matches: torch.Tensor, k: int) -> torch.Tensor:
+    """(rows, k): each row's first k True columns of ``matches``, increasing; filler 0 past the last."""
+    r, c = torch.nonzero(matches, as_tuple=True)  # row-major: columns increase within a row
+    counts = torch.bincount(r, minlength=matches.shape[0])
+    pos = torch.arange(r.numel()) - (torch.cumsum(counts, 0) - counts)[r]
+    keep = pos < k
+    out = torch.zeros((matches.shape[0], k), dtype=torch.int64)
+    out[r[keep], pos[keep]] = c[keep]
+    return out
+
+
+def _first_equal_columns(
+    scores: torch.Tensor, tied: torch.Tensor, value: torch.Tensor, need: torch.Tensor, k: int
+) -> torch.Tensor:
+    """For rows ``tied`` of ``scores``: the first k columns equal to ``value`` (``need`` exist).
+
+    Dense ties are found in a short prefix of the row; rows with too few matches there are
+    searched in full: a few rows on their own, many by comparing the whole tile against a per-row
+    target (NaN matches nothing), which avoids copying most of the tile.
+    """
+    n = scores.shape[1]
+    prefix = scores[tied, : min(n, max(1024, 8 * k))] == value
+    cols = _equal_columns(prefix, k)
+    short = torch.nonzero(prefix.sum(1, keepdim=True) < need)[:, 0]
+    if 4 * short.numel() <= scores.shape[0]:
+        if short.numel():
+            cols[short] = _equal_columns(scores[tied[short]] == value[short], k)
+    else:
+        target = torch.full((scores.shape[0], 1), torch.nan, dtype=scores.dtype)
+        target[tied[short]] = value[short]
+        cols[short] = _equal_columns(scores == target, k)[tied[short]]
+    return cols
+
+
 def topk_search(
     queries: ArrayLike,
     gallery: ArrayLike,
@@ -52,8 +133,9 @@ def topk_search(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k by inner product: (scores (Nq, k) float32, indices (Nq, k) int64), best first.
 
-    k is clamped to the gallery size. ``exclude_self`` drops gallery item i from query i's results
-    (query and gallery are the same set; needs equal lengths). Memory stays bounded by the blocks.
+    Equal scores rank the lower gallery index first. k is clamped to the gallery size.
+    ``exclude_self`` drops gallery item i from query i's results (query and gallery are the same
+    set; needs equal lengths). Memory stays bounded by the blocks.
     """
     q = as_feature_matrix(queries, "queries")
     g = as_feature_matrix(gallery, "gallery")
@@ -87,16 +169,17 @@ def topk_search(
                 cols = rows + qs - gs
                 ok = (cols >= 0) & (cols < gb.shape[0])
                 sc[rows[ok], cols[ok]] = -torch.inf
-            kb = min(k_eff, gb.shape[0])
-            bs, bi = sc.topk(kb, dim=1)
+            bs, bi = stable_topk(sc, min(k_eff, gb.shape[0]))
             bi += gs
             if best_s is None:
                 best_s, best_i = bs, bi
             else:
+                # earlier blocks hold lower indices and each part is in rule order, so a stable
+                # sort of the concatenation keeps equal scores in increasing gallery index
                 cat_s = torch.cat([best_s, bs], dim=1)
                 cat_i = torch.cat([best_i, bi], dim=1)
-                best_s, pos = cat_s.topk(min(k_eff, cat_s.shape[1]), dim=1)
-                best_i = cat_i.gather(1, pos)
+                cat_s, pos = cat_s.sort(dim=1, descending=True, stable=True)
+                best_s, best_i = cat_s[:, :k_eff], cat_i.gather(1, pos[:, :k_eff])
         out_s[qs : qs + qb.shape[0]] = best_s
         out_i[qs : qs + qb.shape[0]] = best_i
     return out_s, out_i

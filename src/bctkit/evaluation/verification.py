@@ -7,7 +7,13 @@ Two TAR@FAR definitions are offered, and the one used must be named in every rep
   let the FAR exceed f. When f N_imp < 1 the FAR cannot be measured: the value is NaN and a warning
   is issued.
 - ``insightface``: ROC as sklearn's ``roc_curve(drop_intermediate=True)`` builds it; TAR is the TPR
-  of the first ROC point whose FPR is nearest to f (no interpolation; that FPR may exceed f).
+  of the ROC point whose FPR is nearest to f (no interpolation; that FPR may exceed f). insightface
+  scans the ROC from its end, so among points sharing that FPR the highest TPR wins, and of two
+  points equally near f the one with the larger FPR.
+
+f must lie in (0, 1] (DataError otherwise). floor(f N_imp) is computed in exact rational arithmetic
+on the simplest fraction that rounds to the given float: 57/100 for 0.57 (100 impostors allow 57,
+where 0.57 * 100 in floating point gives 56.99...), 1/812 for 1 / 812 (812 impostors allow one).
 
 Everything is plain numpy: sklearn is only used by the tests, as the independent reference.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from fractions import Fraction
 
 import numpy as np
 
@@ -59,19 +66,63 @@ def _split(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return genuine, impostor
 
 
+def check_rate(rate: float, name: str) -> None:
+    """Raise DataError unless ``rate`` (a FAR or FPIR) lies in (0, 1]."""
+    try:
+        inside = bool(0 < rate <= 1)
+    except TypeError:
+        inside = False
+    if not inside:
+        raise DataError(f"{name} {rate!r} is outside (0, 1]; expected a rate with 0 < {name} <= 1")
+
+
+def _simplest_in(lo: Fraction, hi: Fraction) -> Fraction:
+    """The fraction with the smallest denominator in [lo, hi], 0 <= lo <= hi (continued fractions)."""
+    whole = math.floor(lo)
+    if whole == lo:
+        return Fraction(whole)
+    if whole + 1 <= hi:
+        return Fraction(whole + 1)
+    return whole + 1 / _simplest_in(1 / (hi - whole), 1 / (lo - whole))
+
+
+def rate_fraction(rate: float) -> Fraction:
+    """The simplest fraction that rounds to ``rate``: the rate the caller meant, exactly.
+
+    A typed decimal comes back as itself (0.57 -> 57/100) and a computed ratio as the ratio
+    (1 / 812 -> 1/812); the float's own binary value (0.5699999...) or its shortest decimal
+    (0.0012315270935960591 for 1/812, slightly below it) would each lose one count on some inputs.
+    """
+    if not isinstance(rate, (float, np.floating)):
+        return Fraction(rate)  # int, Fraction, Decimal: already exact
+    if isinstance(rate, np.floating) and not isinstance(rate, float):
+        x = np.asarray(rate)
+        down, up = np.nextafter(x, x.dtype.type(0)), np.nextafter(x, x.dtype.type(np.inf))
+        value, below, above = Fraction(float(x)), Fraction(float(down)), Fraction(float(up))
+    else:
+        value = Fraction(rate)
+        below, above = Fraction(math.nextafter(rate, 0.0)), Fraction(math.nextafter(rate, math.inf))
+    return _simplest_in((value + below) / 2, (value + above) / 2)
+
+
+def floor_rate_count(rate: float, n: int) -> int:
+    """floor(rate * n), exactly: floating point makes 0.57 * 100 = 56.99999... and allows one too few."""
+    return math.floor(rate_fraction(rate) * n)
+
+
 def exact_thresholds(impostor: np.ndarray, fars: Sequence[float]) -> dict[float, float]:
     """Exact-rule threshold per FAR: the (floor(f N_imp) + 1)-th largest impostor score.
 
     NaN (with a warning) where f N_imp < 1; -inf where floor(f N_imp) >= N_imp (accept everything).
-    One np.partition isolates the top impostors, then only that tail is sorted.
+    DataError for a FAR outside (0, 1]. One np.partition isolates the top impostors, then only that
+    tail is sorted.
     """
     imp = np.asarray(impostor).ravel()
     n = imp.size
     ks = {}
     for far in fars:
-        if not (far >= 0 and math.isfinite(far)):
-            raise DataError(f"FAR {far!r} is invalid; expected a finite number >= 0")
-        ks[far] = math.floor(far * n)
+        check_rate(far, "FAR")
+        ks[far] = floor_rate_count(far, n)
     needed = [k for k in ks.values() if 1 <= k < n]
     tail = np.empty(0, dtype=imp.dtype)
     if needed:
@@ -134,15 +185,20 @@ def tar_at_far(
     """TAR at each FAR, keyed by the FAR as given; ``mode`` is "exact" or "insightface".
 
     exact: t = smallest score with #(impostor > t) <= floor(f N_imp); TAR = #(genuine > t) / N_gen;
-    NaN plus a warning when f N_imp < 1. insightface: TPR at the first point of the sklearn-style
-    ROC (drop_intermediate) whose FPR is nearest to f.
+    NaN plus a warning when f N_imp < 1. insightface: TPR at the point of the sklearn-style ROC
+    (drop_intermediate) whose FPR is nearest to f, the LAST such point (insightface reverses the
+    arrays before its argmin): highest TPR at equal FPR, larger FPR at equal distance.
+    Every FAR must lie in (0, 1] (DataError otherwise).
     """
     if mode not in TAR_MODES:
         raise DataError(f"unknown tar_at_far mode {mode!r}; expected one of {TAR_MODES}")
     fars = list(fars)
+    for far in fars:
+        check_rate(far, "FAR")
     if mode == "insightface":
         fpr, tpr, _ = roc_curve(scores, labels, drop_intermediate=True)
-        return {far: float(tpr[int(np.argmin(np.abs(fpr - far)))]) for far in fars}
+        last = fpr.size - 1
+        return {far: float(tpr[last - int(np.argmin(np.abs(fpr - far)[::-1]))]) for far in fars}
     genuine, impostor = _split(scores, labels)
     thresholds = exact_thresholds(impostor, fars)
     gen_sorted = np.sort(genuine)
