@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -11,7 +13,6 @@ import torch
 from bctkit.errors import DataError
 from bctkit.evaluation.identification import cmc, tpir_at_fpir
 from bctkit.evaluation.retrieval import recall_at_k
-from tests.evaluation.rates import meant
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -34,6 +35,13 @@ def brute_cmc(q, qid, g, gid, ks, exclude_self=False):
     return {k: hits[k] / n for k in ks}
 
 
+def meant(rate: float) -> Fraction:
+    """The simplest fraction that rounds to the float ``rate`` (0.57 -> 57/100), by search."""
+    for q in itertools.count(1):
+        p = round(rate * q)
+        if float(Fraction(p, q)) == rate:
+            return Fraction(p, q)
+    raise AssertionError("unreachable")
 
 
 def brute_tpir(q, qid, g, gid, fpirs):

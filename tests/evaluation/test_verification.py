@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -12,11 +15,18 @@ from sklearn.metrics import roc_curve as sk_roc_curve
 
 from bctkit.errors import DataError
 from bctkit.evaluation.verification import roc_auc, roc_curve, tar_at_far
-from tests.evaluation.rates import meant
 
 FARS = [1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5]
 
 
+@functools.cache
+def meant(rate: float) -> Fraction:
+    """The simplest fraction that rounds to the float ``rate``, by search over denominators."""
+    for q in itertools.count(1):
+        p = round(rate * q)
+        if float(Fraction(p, q)) == rate:
+            return Fraction(p, q)
+    raise AssertionError("unreachable")
 
 
 def allowed_impostors(far: float, n_imp: int) -> int:
