@@ -49,24 +49,22 @@ def _global_forward(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> tor
     return y.to(x.dtype)
 
 
-class GlobalBatchNorm1d(nn.BatchNorm1d):
+class _GlobalStatistics:
+    """Training forward over the global batch under several processes, BatchNorm's own otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and is_distributed():  # type: ignore[attr-defined]
+            self._check_input_dim(x)  # type: ignore[attr-defined]
+            return _global_forward(self, x)  # type: ignore[arg-type]
+        return super().forward(x)  # type: ignore[misc]
+
+
+class GlobalBatchNorm1d(_GlobalStatistics, nn.BatchNorm1d):
     """BatchNorm1d over the global batch (see module docstring)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and is_distributed():
-            self._check_input_dim(x)
-            return _global_forward(self, x)
-        return super().forward(x)
 
-
-class GlobalBatchNorm2d(nn.BatchNorm2d):
+class GlobalBatchNorm2d(_GlobalStatistics, nn.BatchNorm2d):
     """BatchNorm2d over the global batch (see module docstring)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training and is_distributed():
-            self._check_input_dim(x)
-            return _global_forward(self, x)
-        return super().forward(x)
 
 
 _GLOBAL: dict[type[nn.Module], type[nn.Module]] = {

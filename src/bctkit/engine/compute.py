@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -36,12 +35,6 @@ class Engine:
         D.init_from_env(dev)
         return cls(dev, Precision(precision, dev))
 
-    @classmethod
-    def cpu(cls) -> Engine:
-        """One process's CPU engine in float32 (the library default)."""
-        dev = torch.device("cpu")
-        return cls(dev, Precision("fp32", dev))
-
     def with_precision(self, name: PrecisionName) -> Engine:
         return Engine(self.device, Precision(name, self.device))
 
@@ -68,10 +61,6 @@ class Engine:
                 f"make train.batch_size (and the training set, if smaller) a multiple of {self.world}")
         per = n // self.world
         return batch.share(self.rank * per, (self.rank + 1) * per)
-
-    def local_rows(self, n: int) -> np.ndarray:
-        """This rank's contiguous share of rows 0..n-1 (extraction, caching)."""
-        return D.local_rows(n)
 
     def wrap(self, module: nn.Module) -> nn.Module:
         """``module`` (the trainable modules only) wrapped for data parallelism under several

@@ -19,7 +19,6 @@ from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -236,9 +235,3 @@ def gather_with_grad(x: torch.Tensor, grad_scale: float = 1.0) -> torch.Tensor:
     if not is_distributed():
         return x
     return _GatherWithGrad.apply(x, float(grad_scale))
-
-
-def local_rows(n: int) -> np.ndarray:
-    """Indices of this rank's share of n rows."""
-    start, end = share(n)
-    return np.arange(start, end, dtype=np.int64)

@@ -23,11 +23,6 @@ from bctkit.models.heads import ArcFaceHead, CosFaceHead, Head, HeadConfig, Norm
 _MARGIN_HEADS = {"normface": NormFaceHead, "cosface": CosFaceHead, "arcface": ArcFaceHead}
 
 
-def _world_rank() -> tuple[int, int]:
-    """(world size, rank) of the default process group; (1, 0) without one."""
-    return world_size(), rank()
-
-
 def shard_bounds(num_classes: int, world: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) row blocks in rank order, sizes differing by at most 1: each rank's
     :func:`bctkit.engine.distributed.share` of the classes."""
@@ -51,7 +46,7 @@ def shard_rows(full: torch.Tensor) -> torch.Tensor:
 
 def _all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType) -> torch.Tensor:
     """In-place all_reduce when a process group with more than one rank exists."""
-    if _world_rank()[0] > 1:
+    if world_size() > 1:
         dist.all_reduce(t, op=op)
     return t
 
@@ -107,12 +102,12 @@ class ShardedHead(nn.Module):
             raise ConfigError(f"sharding needs a cosine-margin head (normface, cosface, arcface): {cfg.type}")
         if not 0.0 < sample_rate <= 1.0:
             raise ConfigError(f"ShardedHead sample_rate must be in (0, 1], got {sample_rate}")
-        world, rank = _world_rank()
+        world, me = world_size(), rank()
         self.type = cfg.type
         self.s, self.m = (float(v) for v in cfg.resolved())
         self.num_classes, self.embedding_dim = num_classes, embedding_dim
-        self.sample_rate, self.seed, self.rank = float(sample_rate), seed, rank
-        self.start, self.end = shard_bounds(num_classes, world)[rank]
+        self.sample_rate, self.seed, self.rank = float(sample_rate), seed, me
+        self.start, self.end = shard_bounds(num_classes, world)[me]
         full = torch.empty(num_classes, embedding_dim)
         nn.init.normal_(full, std=0.01)
         self.weight = nn.Parameter(full[self.start : self.end].clone())
@@ -143,7 +138,7 @@ class ShardedHead(nn.Module):
 
     def forward(self, feats: torch.Tensor, labels: torch.Tensor, step: int = 0) -> torch.Tensor:
         """Cross entropy of the global batch (all ranks' local batches in rank order), equal on every rank."""
-        if _world_rank()[0] > 1:
+        if world_size() > 1:
             # Every rank's loss is the whole global batch's and each holds only its class shard's part of
             # d L / d feats: the gather sums the parts over ranks and scales by W, so that DDP's average
             # of the backbone gradients equals d L / d backbone.
