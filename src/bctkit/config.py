@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from bctkit.data.allocation import Scenario
 from bctkit.data.datasets import DataConfig
@@ -19,8 +27,8 @@ from bctkit.errors import ConfigError
 from bctkit.losses import validate_params
 from bctkit.losses.base import method_class
 from bctkit.models.backbones import BackboneConfig
-from bctkit.models.heads import HeadConfig
-from bctkit.training.config import TrainConfig
+from bctkit.oldside.config import OldConfig, check_old_classifier, check_upgrade
+from bctkit.training.config import ModelConfig, TrainConfig
 
 RESERVED_NAMES = ("old", "paragon")
 
@@ -33,12 +41,6 @@ class AllocationConfig(_Strict):
     scenario: Scenario = "extended-data"
     ratio: float = Field(0.3, gt=0, lt=1)
     seed: int = 666
-
-
-class ModelConfig(_Strict):
-    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
-    head: HeadConfig = Field(default_factory=HeadConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 class MethodConfig(_Strict):
@@ -98,7 +100,7 @@ class CacheConfig(_Strict):
 class RunConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     allocation: AllocationConfig = Field(default_factory=AllocationConfig)
-    old: ModelConfig = Field(default_factory=ModelConfig)
+    old: OldConfig = Field(default_factory=OldConfig)
     new: ModelConfig = Field(default_factory=ModelConfig)
     methods: list[MethodConfig] = Field(default_factory=list)
     chain: list[ChainVersion] = Field(default_factory=list)
@@ -107,10 +109,23 @@ class RunConfig(_Strict):
     # Per-allocation changes, merged into the config when that scenario runs: a mapping of sections
     # as at the top level, e.g. identical-data's upgraded architecture (see for_scenario).
     scenario_overrides: dict[Scenario, dict[str, Any]] = Field(default_factory=dict)
+    # Train the paragon (the new architecture trained alone on the new data: the upper reference of
+    # the update gain, and BT^2's targets); optional in upgrade mode, where training it costs much.
+    paragon: bool = True
+
+    @model_serializer(mode="wrap")
+    def _omit_default_paragon(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.paragon:
+            data.pop("paragon", None)
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        sides = [("old", self.old.backbone), ("new", self.new.backbone)]
+        check_upgrade(self)
+        # An external old model reads images through its own transform (checked when it is loaded).
+        sides = [] if self.old.external else [("old", self.old.backbone)]
+        sides.append(("new", self.new.backbone))
         sides += [(f"chain.{i}", v.backbone) for i, v in enumerate(self.chain) if v.backbone is not None]
         for side, bb in sides:
             # File datasets without a transform are checked when the first image is read.
@@ -119,10 +134,12 @@ class RunConfig(_Strict):
                     f"{side}.backbone.in_channels={bb.in_channels} conflicts with the data's "
                     f"{self.data.channels} channel(s)"
                 )
-            if self.data.image_size is not None and bb.image_size != self.data.image_size:
+            hw = self.data.image_size
+            if hw is not None and bb.input_shape[1:] != hw:
+                size = hw[0] if hw[0] == hw[1] else list(hw)
                 raise ValueError(
                     f"{side}.backbone.image_size={bb.image_size} conflicts with the data's image "
-                    f"size {self.data.image_size}"
+                    f"size {size}"
                 )
         if self.data.eval_images_per_class <= self.evaluation.gallery_per_class:
             raise ValueError(
@@ -243,6 +260,7 @@ def _validate(tree: dict[str, Any], source: str) -> RunConfig:
     for i, m in enumerate(cfg.methods):
         try:
             _check_method(m, cfg.old.backbone, cfg.new.backbone, cfg.new.train)
+            check_old_classifier(m, cfg.old)
         except ConfigError as exc:
             raise ConfigError(f"{source}: methods.{i}: {exc}") from None
     prev = cfg.old.backbone
@@ -273,6 +291,9 @@ def for_scenario(cfg: RunConfig, scenario: Scenario, source: str = "config") -> 
     if "scenario_overrides" in patch or (isinstance(alloc_patch, dict) and "scenario" in alloc_patch):
         raise ConfigError(f"{where}: may not set scenario_overrides or allocation.scenario")
     tree = _merge(cfg.model_dump(mode="json", exclude={"scenario_overrides"}), patch)
+    if cfg.old.external:  # upgrade mode: no allocation (check_upgrade refuses one)
+        tree.pop("allocation")
+        return _validate(tree, where)
     tree["allocation"] = {**tree["allocation"], "scenario": scenario}
     eff = _validate(tree, where)
     if scenario == "identical-data" and eff.new.backbone == eff.old.backbone:

@@ -19,8 +19,9 @@ from bctkit.cache import OldFeatureCache, as_tensor
 from bctkit.config import MethodConfig, ModelConfig, RunConfig, for_scenario
 from bctkit.data import allocate
 from bctkit.data.allocation import Allocation, Scenario, label_map
-from bctkit.data.datasets import load_data
+from bctkit.data.datasets import LoadedData, load_data
 from bctkit.data.screening import check_identities, describe_notes
+from bctkit.data.sources.base import DataSource
 from bctkit.data.transforms import Preprocess
 from bctkit.engine.compute import Engine
 from bctkit.engine.device import resolve_device
@@ -36,6 +37,7 @@ from bctkit.losses.base import method_class
 from bctkit.models.backbones import BackboneConfig
 from bctkit.models.heads import HeadConfig
 from bctkit.models.store import LoadedModel, load_model, save_model
+from bctkit.oldside.external import preprocess_of
 from bctkit.storage import write_json
 from bctkit.training import TrainConfig, train_model
 from bctkit.training.checkpoint import checkpoint_run_id
@@ -135,7 +137,7 @@ class Run:
         )
         compat_dims, prefixes, compatible_with = None, None, None
         if term is not None and prev is not None and method is not None and method.method != "independent":
-            d_o = prev.backbone.config.output_dim
+            d_o = prev.output_dim
             compat_dims = term.compatible_dims(d_o, model_cfg.backbone.embedding_dim)
             prev_prefixes = prev.meta.get("compat_prefixes") or []
             prefixes = sorted({d_o, *prev_prefixes} - {model_cfg.backbone.output_dim}, reverse=True)
@@ -183,12 +185,12 @@ class Run:
             "method": m.get("method"),
             "params": m.get("params"),
             "fingerprint": m["fingerprint"],
-            "train_images": m["train_images"],
+            "train_images": m.get("train_images"),
             "num_classes": m["num_classes"],
-            "embedding_dim": model.backbone.config.output_dim,
+            "embedding_dim": model.output_dim,
             "compat_dims": m.get("compat_dims"),
             "layout": m.get("layout"),
-            "config": {"backbone": m["backbone"], "head": m["head"], "train": m["train"]},
+            "config": {"backbone": m.get("backbone"), "head": m.get("head"), "train": m.get("train")},
             "final_loss": m["history"][-1]["loss"] if m.get("history") else None,
             "train_seconds": m.get("train_seconds"),
         }
@@ -196,10 +198,12 @@ class Run:
     def cached_features(self, model: LoadedModel, images: Feed) -> torch.Tensor:
         """A frozen model's features of training images (un-augmented), from the shared
         memory-mapped cache: computed once per (model, images, preprocessing, dtype)."""
+        if model.given is not None:  # an old model known only by its features
+            return model.given[images.source.fingerprint()]
         c = self.cfg.cache
-        root = Path(c.dir) if c.dir else self.out / "cache"
-        cache = OldFeatureCache(root, log=self.log)
-        feats = cache.get(model.backbone.to(self.engine.device), model.fingerprint, images, flip=c.flip,
+        cache = OldFeatureCache(Path(c.dir) if c.dir else self.out / "cache", log=self.log)
+        net = model.backbone.to(self.engine.device)
+        feats = cache.get(net, model.fingerprint, self.feed_for(model, images), flip=c.flip,
                           batch_size=self.cfg.evaluation.batch_size, progress=self.progress, dtype=c.dtype,
                           engine=self.engine)
         return as_tensor(feats)
@@ -213,8 +217,7 @@ class Run:
         (architecture ``backbone``, default the run's new backbone)."""
         cfg = self.cfg
         term = build_term(method.method, method.params)
-        prev_cfg = prev.backbone.config
-        d_o = prev_cfg.output_dim
+        d_o = prev.output_dim
         backbone = backbone or cfg.new.backbone
         model_cfg = cfg.new.model_copy(update={"backbone": term.backbone_config(backbone, d_o)})
         if term.needs_paragon_features and paragon is None:
@@ -228,7 +231,7 @@ class Run:
             old_train_feats=self.cached_features(prev, train_set) if term.needs_old_features else None,
             old_model=prev.backbone,
             # A BT^2 model's classifier scores f, not the stored embedding: it has none to offer.
-            old_head=None if prev_cfg.bt2 is not None else prev.head,
+            old_head=None if prev.bt2 else prev.head,
             train_images=train_set,
             paragon_train_feats=(self.cached_features(paragon, train_set)
                                  if paragon is not None and term.needs_paragon_features else None),
@@ -243,7 +246,7 @@ class Run:
         return self.train_or_load(name, train_set, model_cfg, train_cfg, key, term, ctx, method, prev)
 
     def train_chain(
-        self, pool: Feed, alloc: Allocation, paragon: LoadedModel, data_key: dict[str, Any],
+        self, pool: Feed, alloc: Allocation, paragon: LoadedModel | None, data_key: dict[str, Any],
         models: dict[str, LoadedModel],
     ) -> list[str]:
         """Train the chain's versions in order, each against the previous one (v1 = the old model);
@@ -251,7 +254,9 @@ class Run:
         trained model of its own data (BT^2) gets one (the paragon when its data is the new set)."""
         cfg = self.cfg
         prev, prev_classes = models["old"], alloc.old_classes
-        independents: dict[str, LoadedModel] = {_key([None, cfg.new.backbone.model_dump()]): paragon}
+        independents: dict[str, LoadedModel] = {}
+        if paragon is not None:
+            independents[_key([None, cfg.new.backbone.model_dump()])] = paragon
         names = ["old"]
         for v in cfg.chain:
             if v.ratio is None:
@@ -295,6 +300,14 @@ class Run:
         self.log(f"[data] {pool.name}: {len(pool)} images, {pool.num_classes} classes; "
                  f"{cfg.evaluation.split} {len(eval_set)} images, {eval_set.num_classes} held-out classes"
                  + (f"; {data.notes}" if data.notes else ""))
+        models, chain, how = self.train_models(feed, eval_set)
+        return self.evaluate(models, chain, how, feed.with_source(eval_set), data, reports)
+
+    def train_models(self, feed: Feed, eval_set: DataSource
+                     ) -> tuple[dict[str, LoadedModel], list[str] | None, dict[str, Any]]:
+        """The benchmark: allocate the pool, train the old model on its old part, then the paragon,
+        every method and the chain on its new part. Returns (models by name, chain, allocation)."""
+        cfg, pool = self.cfg, feed.source
         check_inputs(cfg, feed.input_shape)
         check_identities(pool, cfg.allocation.scenario, eval_set, cfg.evaluation.gallery_per_class)
         alloc = allocate(pool.labels, cfg.allocation.scenario, cfg.allocation.ratio, cfg.allocation.seed)
@@ -311,24 +324,39 @@ class Run:
             _key({**data_key, "model": cfg.old.model_dump(context=KEY)}),
         )
         models: dict[str, LoadedModel] = {"old": old}
-        paragon = self.compat_model("paragon", MethodConfig(method="independent"), new_set, alloc.new_to_old,
-                                    old, None, data_key)
-        models["paragon"] = paragon
+        paragon = None
+        if cfg.paragon:
+            paragon = self.compat_model("paragon", MethodConfig(method="independent"), new_set,
+                                        alloc.new_to_old, old, None, data_key)
+            models["paragon"] = paragon
         for method in cfg.methods:
             models[method.display_name] = self.compat_model(
                 method.display_name, method, new_set, alloc.new_to_old, old, paragon, data_key
             )
         chain = self.train_chain(feed, alloc, paragon, data_key, models) if cfg.chain else None
+        return models, chain, alloc.summary()
 
+    def feed_for(self, model: LoadedModel, feed: Feed) -> Feed:
+        """``feed`` as ``model`` reads it: an imported model through its own preprocessing."""
+        own = preprocess_of(model)
+        return feed if own is None else feed.with_preprocess(own)
+
+    def evaluate(self, models: dict[str, LoadedModel], chain: list[str] | None, how: dict[str, Any],
+                 eval_feed: Feed,
+                 data: LoadedData, reports: Path) -> dict[str, Any]:
+        """Every model's features of the evaluation set (gathered to rank 0), then the report."""
+        cfg, eval_set = self.cfg, eval_feed.source
         features = {}
         eval_labels = torch.from_numpy(eval_set.labels)
         eval_fp = eval_set.fingerprint()
-        eval_feed = feed.with_source(eval_set)
         for name, model in models.items():
-            share = extract_share(model.backbone.to(self.engine.device), eval_feed, cfg.evaluation.batch_size,
-                                  flip=cfg.evaluation.flip, progress=self.progress, desc=f"eval {name}",
-                                  engine=self.engine)
-            feats = gather_rows(share)
+            if model.given is not None:
+                feats = model.given[eval_fp] if is_main() else None
+            else:
+                share = extract_share(model.backbone.to(self.engine.device), self.feed_for(model, eval_feed),
+                                      cfg.evaluation.batch_size, flip=cfg.evaluation.flip,
+                                      progress=self.progress, desc=f"eval {name}", engine=self.engine)
+                feats = gather_rows(share)
             if feats is None:  # another rank than 0: rank 0 evaluates and reports
                 continue
             fs = FeatureSet(feats, eval_labels, {
@@ -353,7 +381,7 @@ class Run:
                            "" if cfg.evaluation.split == "test" else
                            " (validation split: for choosing settings, not the test identities)")
                        + describe_notes(data.notes),
-            "allocation": alloc.summary(),
+            "allocation": how,
             "config": cfg.model_dump(mode="json"),
         }
         if data.notes:
@@ -403,15 +431,17 @@ def check_devices(cfg: RunConfig) -> None:
         resolve_device(train.device, local_rank(), launched_world(), field=f"{side}.device")
 
 
-def check_inputs(cfg: RunConfig, shape: tuple[int, int, int]) -> None:
-    """Every backbone of the run takes images of the data's [C, H, W], checked before training."""
-    c, h, w = shape
-    sides = [("old", cfg.old.backbone), ("new", cfg.new.backbone)]
-    sides += [(f"chain.{i}", v.backbone) for i, v in enumerate(cfg.chain) if v.backbone is not None]
-    for side, bb in sides:
-        if (bb.in_channels, bb.image_size, bb.image_size) != (c, h, w):
+def check_inputs(cfg: RunConfig, shape: tuple[int, int, int], sides: tuple[str, ...] = ("old", "new")
+                 ) -> None:
+    """Every backbone of the run (of ``sides``, and the chain's) takes images of the data's
+    [C, H, W], checked before training."""
+    named = [(side, getattr(cfg, side).backbone) for side in sides]
+    named += [(f"chain.{i}", v.backbone) for i, v in enumerate(cfg.chain) if v.backbone is not None]
+    for side, bb in named:
+        if tuple(bb.input_shape) != tuple(shape):
+            c, h, w = shape
             raise ConfigError(
-                f"{side}.backbone takes {bb.in_channels}x{bb.image_size}x{bb.image_size} images (C x H x W) "
+                f"{side}.backbone takes {'x'.join(map(str, bb.input_shape))} images (C x H x W) "
                 f"but the data gives {c}x{h}x{w}; set data.transform (resize, crop, color) or "
                 f"{side}.backbone.in_channels / image_size"
             )
@@ -425,6 +455,13 @@ def run_pipeline(
     report dictionary. ``reuse_old_from``: a finished run of the same data, allocation and old
     model whose old model is copied in instead of training one (e.g. runs that differ only in
     ``new.train.seed``)."""
+    if cfg.old.external:
+        if reuse_old_from is not None:
+            raise ConfigError(f"--reuse-old-from: old.source={cfg.old.source} already gives the old model")
+        from bctkit.upgrade import UpgradeRun  # upgrade builds on this module's Run
+
+        return UpgradeRun(for_scenario(cfg, "extended-data"), Path(out), resume, progress, log, None,
+                          overwrite).execute()
     reuse = None if reuse_old_from is None else _old_model_file(Path(reuse_old_from))
     return Run(for_scenario(cfg, cfg.allocation.scenario), Path(out), resume, progress, log, reuse,
                overwrite).execute()
@@ -446,6 +483,9 @@ def run_scenarios(
     table (UniBCT Table 2 layout) to ``out/summary.md`` and ``out/summary.json``.
     ``reuse_old_from``: an all-allocation run whose ``<scenario>/models/old`` are copied in."""
     out = Path(out)
+    if cfg.old.external:
+        raise ConfigError(f"--scenarios: old.source={cfg.old.source} trains on the given data as it is; "
+                          "there are no allocations to run")
     # Every scenario's config (and old model to reuse) is checked before anything trains.
     subs = {scenario: for_scenario(cfg, scenario) for scenario in scenarios}
     reuse = {scenario: None if reuse_old_from is None else _old_model_file(Path(reuse_old_from) / scenario)

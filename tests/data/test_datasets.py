@@ -34,7 +34,9 @@ def test_config_sections():
     assert not {"synthetic", "glyphs", "imagefolder", "list", "validation"} & set(dump)
     assert cfg.channels is None and cfg.image_size is None
     sized = DataConfig(dataset="list", list={"file": "f"}, transform={"resize": 112, "color": "rgb"})
-    assert (sized.channels, sized.image_size) == (3, 112)
+    assert (sized.channels, sized.image_size) == (3, (112, 112))
+    crop = DataConfig(dataset="list", list={"file": "f"}, transform={"resize": [256, 128], "color": "rgb"})
+    assert crop.image_size == (256, 128)
 
 
 def test_identity_split():

@@ -111,7 +111,7 @@ def test_data_config_loads_glyphs_from_the_cache(warm, monkeypatch):
     _forbid_rendering(monkeypatch)
     cfg = DataConfig(dataset="glyphs", glyphs=small(cache), eval_classes=EVAL_CLASSES,
                      eval_images_per_class=EVAL_IMAGES)
-    assert (cfg.channels, cfg.image_size) == (1, 16)
+    assert (cfg.channels, cfg.image_size) == (1, (16, 16))
     got_pool, got_held = load_datasets(cfg)
     assert got_pool.fingerprint() == pool.fingerprint() and got_held.fingerprint() == held.fingerprint()
     assert "synthetic" not in cfg.model_dump() and "glyphs" not in DataConfig().model_dump()

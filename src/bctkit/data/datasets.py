@@ -185,14 +185,15 @@ class DataConfig(BaseModel):
         return self.synthetic.channels if self.dataset == "synthetic" else 1
 
     @property
-    def image_size(self) -> int | None:
-        """Side of the (square) images models see, when the config decides it."""
+    def image_size(self) -> tuple[int, int] | None:
+        """(height, width) of the images models see, when the config decides it."""
         size = self.transform.output_size
         if size is not None:
-            return size[0] if size[0] == size[1] else None
+            return (int(size[0]), int(size[1]))
         if self.is_file:
             return None
-        return self.synthetic.size if self.dataset == "synthetic" else self.glyphs.size
+        side = self.synthetic.size if self.dataset == "synthetic" else self.glyphs.size
+        return (side, side)
 
     def workers(self) -> int:
         """DataLoader workers for this dataset (``num_workers`` resolved)."""

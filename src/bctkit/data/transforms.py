@@ -45,7 +45,8 @@ class TransformConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    color: Literal["stored", "rgb", "grey"] = Field("stored", description="stored: as the files are")
+    color: Literal["stored", "rgb", "bgr", "grey"] = Field(
+        "stored", description="stored: as the files are; bgr: RGB with the channels reversed (OpenCV order)")
     resize: Size | None = None
     crop: Size | None = Field(None, description="centred crop after resize")
     mean: list[float] = Field(default_factory=lambda: [0.5], min_length=1, max_length=3,
@@ -76,7 +77,7 @@ class TransformConfig(BaseModel):
     @property
     def channels(self) -> int | None:
         """Channels of the output, when the config fixes them."""
-        return {"rgb": 3, "grey": 1}.get(self.color)
+        return {"rgb": 3, "bgr": 3, "grey": 1}.get(self.color)
 
     @property
     def output_size(self) -> Size | None:
@@ -91,7 +92,7 @@ class Preprocess:
         self.cfg = cfg or TransformConfig()
         c = self.cfg
         self.identity = c.color == "stored" and c.resize is None and c.crop is None
-        self._mode = {"rgb": "RGB", "grey": "L"}.get(c.color)
+        self._mode = {"rgb": "RGB", "bgr": "RGB", "grey": "L"}.get(c.color)
 
     def __call__(self, img: Image.Image | np.ndarray) -> np.ndarray:
         if self.identity:
@@ -110,7 +111,8 @@ class Preprocess:
                 raise DataError(f"crop {ch}x{cw} is larger than the {h}x{w} image; set data.transform.resize")
             top, left = (h - ch) // 2, (w - cw) // 2
             img = img.crop((left, top, left + cw, top + ch))
-        return to_chw(img)
+        chw = to_chw(img)
+        return np.ascontiguousarray(chw[::-1]) if c.color == "bgr" else chw
 
     def spec(self, input_shape: tuple[int, int, int]) -> dict[str, Any]:
         """The preprocessing as saved with a model: the config plus the [C, H, W] input it yields."""

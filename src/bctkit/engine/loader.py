@@ -169,6 +169,11 @@ class Feed:
         """The same preprocessing and loader settings over another source (a subset, say)."""
         return Feed(source, self.preprocess, self.workers, self.pin_memory)
 
+    def with_preprocess(self, preprocess: Preprocess) -> Feed:
+        """The same source and loader settings read through another preprocessing (a model given
+        from outside reads images its own way)."""
+        return Feed(self.source, preprocess, self.workers, self.pin_memory)
+
     def __len__(self) -> int:
         return len(self.source)
 

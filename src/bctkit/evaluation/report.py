@@ -86,7 +86,14 @@ def markdown(report: dict[str, Any]) -> str:
     metrics = list(dict.fromkeys(r["metric"] for r in records))
     lines = ["# bctkit report", ""]
     alloc = report.get("allocation", {})
-    if alloc:
+    if alloc.get("scenario") == "upgrade":
+        lines += [
+            f"Dataset: {report.get('dataset', '')}. **Upgrade** of a given old model ({alloc['old']}): "
+            f"new models trained on all {alloc['new_images']} training images / {alloc['new_classes']} "
+            f"classes ({alloc['shared_classes']} classes in the old classifier).",
+            "",
+        ]
+    elif alloc:
         lines += [
             f"Dataset: {report.get('dataset', '')}. Allocation **{alloc['scenario']}** "
             f"(ratio {alloc['ratio']}, seed {alloc['seed']}): old model trained on "

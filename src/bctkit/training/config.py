@@ -16,6 +16,9 @@ from pydantic import (
     model_validator,
 )
 
+from bctkit.models.backbones import BackboneConfig
+from bctkit.models.heads import HeadConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -142,3 +145,11 @@ class TrainConfig(_Strict):
         elif sch.milestones:
             raise ValueError(f"schedule.milestones given but schedule is {sch.name!r}")
         return self
+
+
+class ModelConfig(_Strict):
+    """What a trained model is: its backbone, its classification head and how it is trained."""
+
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
