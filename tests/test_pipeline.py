@@ -453,7 +453,7 @@ def test_cli_evaluate_refuses_features_with_no_common_coordinates(tmp_path, caps
 
 def test_config_differences_ignore_options_that_do_not_change_results():
     from bctkit.config import load_config, packaged_config
-    from bctkit.pipeline import config_differences
+    from bctkit.runkeys import config_differences
 
     cfg = load_config(packaged_config("synthetic-quick"))
     stored = cfg.model_dump(mode="json")

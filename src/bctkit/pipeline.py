@@ -4,8 +4,6 @@ evaluate -> report. Every stage writes its output atomically under the run direc
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -24,8 +22,7 @@ from bctkit.data.screening import check_identities, describe_notes
 from bctkit.data.sources.base import DataSource
 from bctkit.data.transforms import Preprocess
 from bctkit.engine.compute import Engine
-from bctkit.engine.device import resolve_device
-from bctkit.engine.distributed import barrier, gather_rows, is_main, launched_world, local_rank, rank0_first
+from bctkit.engine.distributed import barrier, gather_rows, is_main, rank0_first
 from bctkit.engine.loader import Feed
 from bctkit.errors import ConfigError
 from bctkit.evaluation.protocols import EvalProtocol
@@ -38,24 +35,11 @@ from bctkit.models.backbones import BackboneConfig
 from bctkit.models.heads import HeadConfig
 from bctkit.models.store import LoadedModel, load_model, save_model
 from bctkit.oldside.external import preprocess_of
+from bctkit.prechecks import check_devices, check_inputs
+from bctkit.runkeys import KEY, config_differences, model_seed, read_config, run_key
 from bctkit.storage import write_json
 from bctkit.training import TrainConfig, train_model
 from bctkit.training.checkpoint import checkpoint_run_id
-
-KEY = {"key": True}
-"""Serialisation context of configs that go into run keys (drops options that do not change a
-result, such as train.checkpoint_every)."""
-
-
-def _key(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def model_seed(seed: int, name: str) -> int:
-    """Initialisation seed of model ``name``: derived from the configured seed and the name, so
-    old and new models never share initial weights (a shared initialisation makes an independently
-    trained new model look partly compatible with the old one)."""
-    return int(hashlib.sha256(f"{seed}:{name}".encode()).hexdigest()[:8], 16)
 
 
 def embedding_layout(cfg: BackboneConfig) -> dict[str, Any] | None:
@@ -240,7 +224,7 @@ class Run:
         deps: dict[str, Any] = {"old": None if method.method == "independent" else prev.fingerprint}
         if term.needs_paragon_features and paragon is not None:
             deps["paragon"] = paragon.fingerprint
-        key = _key({**set_key, "model": model_cfg.model_dump(context=KEY),
+        key = run_key({**set_key, "model": model_cfg.model_dump(context=KEY),
                     "train": train_cfg.model_dump(context=KEY), "method": method.model_dump(context=KEY),
                     **deps})
         return self.train_or_load(name, train_set, model_cfg, train_cfg, key, term, ctx, method, prev)
@@ -256,7 +240,7 @@ class Run:
         prev, prev_classes = models["old"], alloc.old_classes
         independents: dict[str, LoadedModel] = {}
         if paragon is not None:
-            independents[_key([None, cfg.new.backbone.model_dump()])] = paragon
+            independents[run_key([None, cfg.new.backbone.model_dump()])] = paragon
         names = ["old"]
         for v in cfg.chain:
             if v.ratio is None:
@@ -270,7 +254,7 @@ class Run:
             backbone = v.backbone or cfg.new.backbone
             independent = None
             if method_class(v.method).needs_paragon_features:
-                ind_key = _key([v.ratio, backbone.model_dump()])
+                ind_key = run_key([v.ratio, backbone.model_dump()])
                 independent = independents.get(ind_key)
                 if independent is None:
                     ind_name = f"{v.display_name}-independent"
@@ -288,7 +272,7 @@ class Run:
     def execute(self) -> dict[str, Any]:
         cfg, out = self.cfg, self.out
         reports = report_dir(out, cfg.evaluation.split)
-        self.previous_config = _read_config(reports / "config.json")  # before this run replaces it
+        self.previous_config = read_config(reports / "config.json")  # before this run replaces it
         if is_main():
             reports.mkdir(parents=True, exist_ok=True)
             write_json(reports / "config.json", cfg.model_dump(mode="json"))
@@ -321,7 +305,7 @@ class Run:
                     "allocation": cfg.allocation.model_dump()}
         old = self.train_or_load(
             "old", old_set, cfg.old, cfg.old.train,
-            _key({**data_key, "model": cfg.old.model_dump(context=KEY)}),
+            run_key({**data_key, "model": cfg.old.model_dump(context=KEY)}),
         )
         models: dict[str, LoadedModel] = {"old": old}
         paragon = None
@@ -391,60 +375,6 @@ class Run:
         self.log(f"[report] {reports / 'report.md'}")
         barrier()
         return report
-
-
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def _read_config(path: Path) -> dict[str, Any] | None:
-    """A run directory's config.json, or None when absent or unreadable."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def config_differences(stored: dict[str, Any], cfg: RunConfig) -> list[str]:
-    """Dotted keys whose values differ between a run directory's config.json and ``cfg``, counting
-    only what changes results (not train.checkpoint_every, train.device)."""
-    try:
-        old = RunConfig.model_validate(stored).model_dump(mode="json", context=KEY)
-    except ValueError:
-        old = stored
-    a, b = _flat(old), _flat(cfg.model_dump(mode="json", context=KEY))
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-
-
-def check_devices(cfg: RunConfig) -> None:
-    """Every model's ``train.device`` exists on this machine, checked before anything runs."""
-    sides = [("old.train", cfg.old.train), ("new.train", cfg.new.train)]
-    sides += [(f"methods.{i}.train", m.train) for i, m in enumerate(cfg.methods) if m.train is not None]
-    sides += [(f"chain.{i}.train", v.train) for i, v in enumerate(cfg.chain) if v.train is not None]
-    for side, train in sides:
-        resolve_device(train.device, local_rank(), launched_world(), field=f"{side}.device")
-
-
-def check_inputs(cfg: RunConfig, shape: tuple[int, int, int], sides: tuple[str, ...] = ("old", "new")
-                 ) -> None:
-    """Every backbone of the run (of ``sides``, and the chain's) takes images of the data's
-    [C, H, W], checked before training."""
-    named = [(side, getattr(cfg, side).backbone) for side in sides]
-    named += [(f"chain.{i}", v.backbone) for i, v in enumerate(cfg.chain) if v.backbone is not None]
-    for side, bb in named:
-        if tuple(bb.input_shape) != tuple(shape):
-            c, h, w = shape
-            raise ConfigError(
-                f"{side}.backbone takes {'x'.join(map(str, bb.input_shape))} images (C x H x W) "
-                f"but the data gives {c}x{h}x{w}; set data.transform (resize, crop, color) or "
-                f"{side}.backbone.in_channels / image_size"
-            )
 
 
 def run_pipeline(

@@ -25,7 +25,8 @@ from bctkit.oldside.external import (
     new_to_old_rows,
     old_transform,
 )
-from bctkit.pipeline import Run, check_inputs
+from bctkit.pipeline import Run
+from bctkit.prechecks import check_inputs
 
 
 class UpgradeRun(Run):

@@ -96,7 +96,7 @@ def test_cuda_bf16_training_matches_cpu_start(tiny):
 
 def test_run_checks_every_models_device_before_work():
     from bctkit.config import load_config, packaged_config
-    from bctkit.pipeline import check_devices
+    from bctkit.prechecks import check_devices
 
     with pytest.raises(ConfigError, match="new.train.device: 'gpu'"):
         load_config(packaged_config("synthetic-quick"), ["new.train.device=gpu"])
