@@ -57,8 +57,8 @@ def tree(files, old: dict, methods: list[dict], **extra) -> dict:
         "new": {"backbone": {"arch": "r8", "width": 4, "embedding_dim": DIM, "image_size": 16},
                 "train": {"epochs": 2, "batch_size": 16, "schedule": {"name": "constant"}}},
         "methods": methods,
-        "paragon": False,
         "evaluation": {"fars": [0.1], "topk": [1], "backfill": False},
+        "paragon": False,
         **extra,
     }
 
@@ -137,10 +137,11 @@ def given_files(files, tmp_path) -> dict:
 def test_features_only_upgrade_trains_the_methods_that_need_only_features(files, tmp_path):
     old, ev_feats = given_files(files, tmp_path)
     methods = [{"method": "l2"}, {"method": "bct", "params": {"new_classes": "synthesize_all"}},
-               {"method": "unibct", "params": {"warmup_epochs": 1}}, {"method": "mixbct"}]
-    cfg = load_config_tree(tree(files, old, methods), tmp_path)
+               {"method": "unibct", "params": {"warmup_epochs": 1}}, {"method": "mixbct"},
+               {"method": "contrastive"}, {"method": "bt2"}]
+    cfg = load_config_tree(tree(files, old, methods, paragon=True), tmp_path)
     report = run_pipeline(cfg, tmp_path / "run", progress=False)
-    assert set(report["models"]) == {"old", "l2", "bct", "unibct", "mixbct"}
+    assert set(report["models"]) == {"old", "paragon", "l2", "bct", "unibct", "mixbct", "contrastive", "bt2"}
     assert report["models"]["old"]["fingerprint"].startswith("features:")
     got = load_features(tmp_path / "run" / "features" / "old.safetensors").feats.numpy()
     assert np.array_equal(got, ev_feats)
