@@ -469,12 +469,14 @@ def test_cli_demo_is_one_allocation_with_every_method_and_full_is_five(monkeypat
 
     seen: dict = {}
     monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, out, **kw: seen.update(
-        one=(cfg.allocation.scenario, [m.display_name for m in cfg.methods])) or {"results": []})
+        one=(cfg.allocation.scenario, [m.display_name for m in cfg.methods], cfg.data.glyphs.num_classes)
+    ) or {"results": []})
     monkeypatch.setattr(pipeline, "run_scenarios", lambda cfg, out, scenarios, **kw: seen.update(
-        full=list(scenarios)) or {})
+        full=(list(scenarios), cfg.data.glyphs.num_classes)) or {})
     assert main(["demo", "--out", str(tmp_path / "d"), "--quiet"]) == 0
-    assert seen["one"] == ("extended-data", ["l2", "bct", "unibct-avg", "unibct", "mixbct", "bt2"])
+    assert seen["one"] == ("extended-data", ["l2", "bct", "unibct-avg", "unibct", "mixbct", "bt2"], 500)
     assert main(["demo", "--full", "--out", str(tmp_path / "f"), "--quiet"]) == 0
-    assert seen["full"] == ["extended-data", "open-data", "extended-class", "open-class", "identical-data"]
+    assert seen["full"] == (["extended-data", "open-data", "extended-class", "open-class", "identical-data"],
+                            1000)
     assert main(["demo", "--full", "--quick", "--out", str(tmp_path / "x")]) == 2
     assert "--full and --quick conflict" in capsys.readouterr().err
