@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bctkit.data import SCENARIOS, allocate
 from bctkit.data import glyphs as g
 from bctkit.data.datasets import DataConfig, load_datasets
 from bctkit.data.glyphs import GlyphsConfig, load_glyphs
 from bctkit.data.sources import ArraySource
+from bctkit.engine.loader import Batch, Feed
 from bctkit.errors import ConfigError, DataError
 
 EVAL_CLASSES, EVAL_IMAGES = 8, 3
@@ -104,6 +106,38 @@ def test_second_load_reads_the_cache(warm, monkeypatch):
     pool2, held2 = load_glyphs(small(cache), EVAL_CLASSES, EVAL_IMAGES, progress=False)
     assert np.array_equal(pool.images, pool2.images) and np.array_equal(held.images, held2.images)
     assert np.array_equal(pool.labels, pool2.labels) and pool.name == pool2.name
+
+
+def test_cold_and_warm_loads_give_the_same_arrays_and_batches(warm, monkeypatch):
+    """The first load renders (cold), later ones read the cache (warm): they must give the same
+    pixels in the same memory layout. The cold load once returned the rendered stack with a
+    zero-stride channel axis (``stack[:, None]``); a batch gathered from it had channels-last
+    strides, so torch ran other convolution and BatchNorm kernels than on the warm array (standard
+    strides from the file), and the first run of a config trained other weights than every later
+    one. Now both loads read the file, and batches are copied into contiguous NCHW tensors."""
+    cache, pool, held = warm  # the fixture's load was the cold one
+    _forbid_rendering(monkeypatch)
+    pool2, held2 = _load(small(cache))
+    batches = [Batch(0, 0, np.array([5, 0, 17, 3, 9], dtype=np.int64))]
+    for cold, again in ((pool, pool2), (held, held2)):
+        assert np.array_equal(cold.images, again.images) and cold.images.strides == again.images.strides
+        assert cold.images.flags.c_contiguous and min(cold.images.strides) > 0
+        (x_cold, _, _), = Feed(cold).read(batches)
+        (x_warm, _, _), = Feed(again).read(batches)
+        assert torch.equal(x_cold, x_warm) and x_cold.stride() == x_warm.stride() and x_cold.is_contiguous()
+
+
+def test_a_batch_from_a_zero_stride_channel_axis_is_plain_nchw():
+    """Whatever strides a source array has, the batch a model sees is contiguous NCHW (the layout
+    decides which kernels torch runs, hence the rounding of every training step)."""
+    stack = np.random.default_rng(0).integers(0, 256, (20, 16, 16), dtype=np.uint8)
+    odd = ArraySource(stack[:, None], np.arange(20) // 2)
+    plain = ArraySource(np.ascontiguousarray(stack[:, None]).copy(), np.arange(20) // 2)
+    assert odd.images.strides[1] == 0
+    batches = [Batch(0, 0, np.array([7, 1, 12], dtype=np.int64))]
+    (a, _, _), = Feed(odd).read(batches)
+    (b, _, _), = Feed(plain).read(batches)
+    assert torch.equal(a, b) and a.stride() == b.stride() == (256, 256, 16, 1)
 
 
 def test_data_config_loads_glyphs_from_the_cache(warm, monkeypatch):

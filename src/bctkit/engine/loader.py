@@ -110,7 +110,11 @@ class _BatchReader(torch.utils.data.Dataset):
             raw = self.source.read_many(idx)
             if raw.shape[1:] != self.shape:
                 self._wrong_shape(int(idx[0]), raw.shape[1:])
-            out = torch.from_numpy(raw)
+            if raw.strides == _c_strides(raw.shape, raw.itemsize):
+                out = torch.from_numpy(raw)
+            else:  # e.g. gathered from stack[:, None]: channels-last strides would change torch's kernels
+                out = _batch_buffer(raw.shape)
+                out.numpy()[...] = raw
         else:
             out = _batch_buffer((len(idx), *self.shape))
             images = out.numpy()
@@ -131,6 +135,17 @@ class _BatchReader(torch.utils.data.Dataset):
             f"{self.source.describe(i)}: image is {'x'.join(map(str, shape))} (C x H x W) but the first "
             f"image is {'x'.join(map(str, self.shape))}; images of different sizes or colours need "
             "data.transform (e.g. resize: [112, 112], color: rgb)")
+
+
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """The strides of a C-ordered array of ``shape``, size-1 axes included: a batch with other
+    strides (a zero or unit stride on a 1-channel axis, say) has the same values, but torch picks its
+    memory format from the strides, hence other convolution kernels and other rounding."""
+    out, step = [], itemsize
+    for n in reversed(shape):
+        out.append(step)
+        step *= n
+    return tuple(reversed(out))
 
 
 def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
