@@ -1,5 +1,5 @@
 """Command line: ``bctkit run``, ``bctkit demo``, ``bctkit evaluate``, ``bctkit aggregate``,
-``bctkit methods``. Errors: one line, exit 2."""
+``bctkit export``, ``bctkit methods``. Errors: one line, exit 2."""
 
 from __future__ import annotations
 
@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     agg.add_argument("--split", choices=["test", "validation"], default="test",
                      help="which reports to combine: the test identities' (default) or those of runs "
                           "made with --set evaluation.split=validation (RUN_DIR/<scenario>/validation)")
+    exp = sub.add_parser("export", help="export a model's embedding network (no classifier head) for "
+                                        "serving, checked against the model, with a JSON card")
+    exp.add_argument("model", help="bctkit model file (RUN/models/<name>/model.safetensors) or its folder")
+    exp.add_argument("--format", required=True, metavar="FORMAT",
+                     help="onnx (needs pip install bctkit[onnx]), torchscript or safetensors (weights only)")
+    exp.add_argument("--out", required=True, help="folder for the exported file and card.json")
     sub.add_parser("methods", help="list the compatibility methods and their options")
     return p
 
@@ -93,6 +99,15 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "export":
+        from bctkit.export import export_model
+        from bctkit.storage import read_json
+
+        files = export_model(args.model, args.format, args.out)
+        check = read_json(files.card)["exports"][args.format]["check"]
+        print(f"export: {files.file} (max abs difference from the model {check['max_abs_diff']:.2g}); "
+              f"card: {files.card}")
+        return 0
     if args.command == "aggregate":
         from bctkit.evaluation.aggregate import aggregate, load_run, write_aggregate
 

@@ -86,6 +86,8 @@ class ResNet(nn.Module):
     The final BatchNorm1d has its scale fixed to 1 (arcface_torch's ``features`` layer).
     """
 
+    __jit_unused_properties__ = ["embedding_dim"]  # reads the pydantic config: not TorchScript
+
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.config = cfg

@@ -31,7 +31,11 @@ from bctkit.models.backbones import BackboneConfig, ResNet
 
 
 class BT2Net(nn.Module):
-    """A :class:`ResNet` with BT^2's basis transformation; ``forward`` returns z."""
+    """A :class:`ResNet` with BT^2's basis transformation; ``forward`` returns z. The sizes and C
+    are kept as plain attributes (not read from the pydantic config) so that the forward pass can be
+    scripted with TorchScript once the orthogonal parametrisations are removed (``bctkit export``)."""
+
+    __jit_unused_properties__ = ["embedding_dim"]
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
@@ -40,6 +44,7 @@ class BT2Net(nn.Module):
         self.config = cfg
         d, d_o, k = cfg.embedding_dim, cfg.bt2.old_dim, cfg.bt2.k
         self.k_a = d_o + k - d
+        self.f_dim, self.old_dim, self.C = d, d_o, float(cfg.bt2.C)
         if self.k_a < 1:
             raise ValueError(
                 f"bt2: old_dim + k - embedding_dim = {self.k_a}; the model needs at least one added "
@@ -56,13 +61,11 @@ class BT2Net(nn.Module):
 
     def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(f, z): f for the base head and the paragon target, z the stored embedding."""
-        cfg = self.config
-        assert cfg.bt2 is not None
-        d, d_o = cfg.embedding_dim, cfg.bt2.old_dim
+        d_o = self.old_dim
         h = self.net(x)
-        f = h[:, :d]
+        f = h[:, : self.f_dim]
         a = F.normalize(self.head(F.relu(h)), dim=1)
-        b = self.O_p(cfg.bt2.C * F.normalize(f, dim=1))
+        b = self.O_p(self.C * F.normalize(f, dim=1))
         v = torch.cat([a, b], dim=1)
         z = torch.cat([self.O_2(v[:, :d_o]), v[:, d_o:]], dim=1)
         return f, z
