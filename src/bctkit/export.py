@@ -36,7 +36,7 @@ CARD_NAME = "card.json"
 CARD_FORMAT, CARD_VERSION = "bctkit-export-card", 1
 TOLERANCE = 1e-4
 EXAMPLE_BATCH = 2
-CHECK_BATCHES = (1, 3, 5)  # other sizes than the example's: the batch axis must really be dynamic
+CHECK_BATCHES = (1, 3)  # other sizes than the example's: the batch axis must really be dynamic
 ONNX_OPSET = 17
 
 

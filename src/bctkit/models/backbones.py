@@ -1,12 +1,24 @@
-"""Small ResNet-style embedding backbones (IResNet layout of arcface_torch, sized for small images)."""
+"""Backbone configuration (:class:`BackboneConfig`, every architecture) and bctkit's small
+ResNet-style backbones r8/r14/r20/r18 (IResNet layout of arcface_torch, sized for small images).
+The other architectures are listed in :mod:`bctkit.models.registry`."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from torch import nn
+
+from bctkit.models.base import EmbeddingNet
 
 # Blocks per stage for each named depth; every stage halves the resolution.
 DEPTHS: dict[str, tuple[int, ...]] = {
@@ -15,6 +27,11 @@ DEPTHS: dict[str, tuple[int, ...]] = {
     "r20": (3, 3, 3),
     "r18": (2, 2, 2, 2),
 }
+# Keys left out of a config's dump while unset, so that configs written before they existed keep
+# their fingerprints and run keys.
+OPTIONAL_KEYS = ("width", "bt2", "patch_size")
+
+ImageSide = Annotated[int, Field(ge=8, le=1024)]
 
 
 class BT2Layout(BaseModel):
@@ -30,31 +47,73 @@ class BT2Layout(BaseModel):
 
 
 class BackboneConfig(BaseModel):
-    """Architecture of an embedding backbone; part of every model fingerprint."""
+    """Architecture of an embedding backbone; part of every model fingerprint. Keys left out take the
+    family's defaults (r*: the field defaults below; iresnet*: 3 channels, 112, 512; resnet*, vit_*,
+    timm:, python:: 3 channels, 224, 512; vit_*: patch 16)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    arch: Literal["r8", "r14", "r20", "r18"] = "r14"
-    width: int = Field(16, ge=4, le=256, description="channels of the first stage (doubles per stage)")
+    arch: str = Field("r14", description="a name from bctkit.models.registry.known_archs(), "
+                      "timm:<model> or python:<module>:<factory>")
+    width: int | None = Field(None, ge=4, le=256, description="r8/r14/r20/r18 only: channels of the first "
+                              "stage (default 16, doubles per stage)")
     in_channels: int = Field(1, ge=1, le=4)
-    image_size: int = Field(32, ge=8, le=512)
+    image_size: ImageSide | tuple[ImageSide, ImageSide] = Field(
+        32, description="side of a square image, or [height, width]")
     embedding_dim: int = Field(128, ge=2, le=4096)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bt2: BT2Layout | None = Field(None, description="wrap the backbone in BT^2's basis transformation")
+    patch_size: int | None = Field(None, ge=1, le=64, description="vit_* only: patch side (default 16)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_defaults(cls, data: Any) -> Any:
+        from bctkit.models.registry import with_defaults
+
+        return with_defaults(data) if isinstance(data, dict) else data
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        from bctkit.models.registry import family_of
+
+        family_of(arch)
+        return arch
+
+    @field_validator("image_size")
+    @classmethod
+    def _square_as_int(cls, size: int | tuple[int, int]) -> int | tuple[int, int]:
+        """[s, s] is stored as s: one architecture, one fingerprint."""
+        return size[0] if isinstance(size, tuple) and size[0] == size[1] else size
+
+    @model_validator(mode="after")
+    def _applies_to_arch(self) -> BackboneConfig:
+        from bctkit.models.registry import check_config
+
+        check_config(self)
+        return self
 
     @model_serializer(mode="wrap")
-    def _omit_unset_bt2(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        """Plain backbones serialise without the ``bt2`` key, so their fingerprints and run keys
-        are those of files written before BT^2 existed."""
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Unset optional keys are left out (:data:`OPTIONAL_KEYS`), so that the configs of plain r*
+        backbones serialise as they did before BT^2 and the other architectures existed."""
         data = handler(self)
-        if data.get("bt2", 0) is None:
-            del data["bt2"]
+        for key in OPTIONAL_KEYS:
+            if data.get(key, 0) is None:
+                del data[key]
         return data
 
     @property
     def output_dim(self) -> int:
         """Size of the stored embedding (``embedding_dim`` unless BT^2 widens it)."""
         return self.embedding_dim if self.bt2 is None else self.bt2.old_dim + self.bt2.k
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the images the backbone takes."""
+        if isinstance(self.image_size, int):
+            return self.in_channels, self.image_size, self.image_size
+        return self.in_channels, *self.image_size
 
 
 class IBasicBlock(nn.Module):
@@ -80,7 +139,7 @@ class IBasicBlock(nn.Module):
         return self.body(x) + self.shortcut(x)
 
 
-class ResNet(nn.Module):
+class ResNet(EmbeddingNet):
     """Embedding network: stem, strided residual stages, then BN - dropout - flatten - FC - BN1d.
 
     The final BatchNorm1d has its scale fixed to 1 (arcface_torch's ``features`` layer).
@@ -89,11 +148,11 @@ class ResNet(nn.Module):
     __jit_unused_properties__ = ["embedding_dim"]  # reads the pydantic config: not TorchScript
 
     def __init__(self, cfg: BackboneConfig) -> None:
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         blocks = DEPTHS[cfg.arch]
-        widths = [cfg.width * 2**i for i in range(len(blocks))]
-        final = cfg.image_size // 2 ** len(blocks)
+        width = 16 if cfg.width is None else cfg.width
+        widths = [width * 2**i for i in range(len(blocks))]
+        final = cfg.input_shape[1] // 2 ** len(blocks)
         if final < 1:
             raise ValueError(f"image_size {cfg.image_size} too small for {cfg.arch}")
         self.stem = nn.Sequential(
@@ -118,26 +177,14 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    @property
-    def embedding_dim(self) -> int:
-        return self.config.embedding_dim
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem(x))
         x = self.dropout(self.bn(x)).flatten(1)
         return self.features(self.fc(x))
 
-    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features for the base classification head, stored embedding): the same tensor here;
-        models that widen their embedding (BT^2) return two."""
-        e = self(x)
-        return e, e
 
+def build_backbone(cfg: BackboneConfig) -> EmbeddingNet:
+    """Instantiate the backbone described by ``cfg``: :func:`bctkit.models.registry.build_backbone`."""
+    from bctkit.models.registry import build_backbone as build
 
-def build_backbone(cfg: BackboneConfig) -> nn.Module:
-    """Instantiate the backbone described by ``cfg`` (a :class:`ResNet`, or BT^2's wrapper of one)."""
-    if cfg.bt2 is not None:
-        from bctkit.models.bt2 import BT2Net
-
-        return BT2Net(cfg)
-    return ResNet(cfg)
+    return build(cfg)

@@ -27,21 +27,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from bctkit.models.backbones import BackboneConfig, ResNet
+from bctkit.models.backbones import BackboneConfig
+from bctkit.models.base import EmbeddingNet
+from bctkit.models.registry import build_backbone
 
 
-class BT2Net(nn.Module):
-    """A :class:`ResNet` with BT^2's basis transformation; ``forward`` returns z. The sizes and C
-    are kept as plain attributes (not read from the pydantic config) so that the forward pass can be
-    scripted with TorchScript once the orthogonal parametrisations are removed (``bctkit export``)."""
+class BT2Net(EmbeddingNet):
+    """Any registered backbone (``net``: the config without ``bt2``, its embedding widened to
+    d + d_o) with BT^2's basis transformation, so an upgrade may change the family (CNN -> ViT);
+    ``forward`` returns z. The sizes and C are kept as plain attributes (not read from the pydantic
+    config) so that the forward pass can be scripted with TorchScript once the orthogonal
+    parametrisations are removed (``bctkit export``)."""
 
     __jit_unused_properties__ = ["embedding_dim"]
 
     def __init__(self, cfg: BackboneConfig) -> None:
-        super().__init__()
+        super().__init__(cfg)
         if cfg.bt2 is None:
             raise ValueError("BT2Net needs a backbone config with a bt2 layout")
-        self.config = cfg
         d, d_o, k = cfg.embedding_dim, cfg.bt2.old_dim, cfg.bt2.k
         self.k_a = d_o + k - d
         self.f_dim, self.old_dim, self.C = d, d_o, float(cfg.bt2.C)
@@ -50,14 +53,10 @@ class BT2Net(nn.Module):
                 f"bt2: old_dim + k - embedding_dim = {self.k_a}; the model needs at least one added "
                 "coordinate (raise k or lower embedding_dim)"
             )
-        self.net = ResNet(cfg.model_copy(update={"embedding_dim": d + d_o, "bt2": None}))
+        self.net = build_backbone(cfg.model_copy(update={"embedding_dim": d + d_o, "bt2": None}))
         self.head = nn.Linear(d + d_o, self.k_a)
         self.O_p = orthogonal(nn.Linear(d, d, bias=False))
         self.O_2 = orthogonal(nn.Linear(d_o, d_o, bias=False))
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.config.output_dim
 
     def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(f, z): f for the base head and the paragon target, z the stored embedding."""
