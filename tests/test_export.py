@@ -275,3 +275,33 @@ def test_export_that_does_not_reproduce_the_model_is_refused(
     with pytest.raises(FileFormatError, match="differ from PyTorch's"):
         export_model(model, fmt, tmp_path / "o")
     assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_iresnet18_exports(tmp_path: Path) -> None:
+    """arcface_torch's IResNet-18 (112 x 112, BatchNorm statistics of one random batch, so that its
+    embeddings have the scale of a trained model's) scripts and exports to ONNX within 1e-4."""
+    torch.manual_seed(0)
+    net = build_backbone(BackboneConfig(arch="iresnet18", embedding_dim=32))
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # the running statistics become exactly this batch's
+    with torch.no_grad():
+        net.train()(torch.rand(4, 3, 112, 112) * 2 - 1)
+    path = tmp_path / "iresnet" / "model.safetensors"
+    save_model(path, net.eval(), None, HeadConfig(), {"name": "iresnet"})
+    x = torch.rand(3, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        ref = load_model(path).backbone(x)
+    bound = 1e-4 * max(1.0, float(ref.abs().max()))
+    assert ref.abs().max() < 100
+    files = export_model(path, "torchscript", tmp_path / "out")
+    assert json.loads(files.card.read_text())["exports"]["torchscript"]["how"].startswith("scripted")
+    with torch.no_grad():
+        assert (torch.jit.load(str(files.file))(x) - ref).abs().max() < bound
+    if HAS_ORT:
+        import onnxruntime
+
+        files = export_model(path, "onnx", tmp_path / "out")
+        session = onnxruntime.InferenceSession(str(files.file), providers=["CPUExecutionProvider"])
+        got = session.run(["embedding"], {"input": x.numpy()})[0]
+        assert np.abs(got - ref.numpy()).max() < bound
