@@ -88,6 +88,12 @@ def test_image_size_forms():
     assert BackboneConfig(image_size=[24, 24]).model_dump() == BackboneConfig(image_size=24).model_dump()
     with pytest.raises(ValidationError, match="r14 takes square images"):
         BackboneConfig(image_size=[32, 16])
+    for bad, message in [([112], "give one int"), ([64, 32, 3], "give one int"), ("big", "give one int"),
+                         (True, "give one int"), (4, "between 8 and 1024"),
+                         ([64, 2048], "between 8 and 1024")]:
+        with pytest.raises(ValidationError, match=message) as err:
+            BackboneConfig(arch="resnet18", image_size=bad)
+        assert len(err.value.errors()) == 1 and err.value.errors()[0]["loc"] == ("image_size",)
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [

@@ -4,7 +4,8 @@ The other architectures are listed in :mod:`bctkit.models.registry`."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from numbers import Integral
+from typing import Any
 
 import torch
 from pydantic import (
@@ -31,7 +32,7 @@ DEPTHS: dict[str, tuple[int, ...]] = {
 # their fingerprints and run keys.
 OPTIONAL_KEYS = ("width", "bt2", "patch_size")
 
-ImageSide = Annotated[int, Field(ge=8, le=1024)]
+IMAGE_SIDES = (8, 1024)  # smallest and largest image side a config may give
 
 
 class BT2Layout(BaseModel):
@@ -58,8 +59,7 @@ class BackboneConfig(BaseModel):
     width: int | None = Field(None, ge=4, le=256, description="r8/r14/r20/r18 only: channels of the first "
                               "stage (default 16, doubles per stage)")
     in_channels: int = Field(1, ge=1, le=4)
-    image_size: ImageSide | tuple[ImageSide, ImageSide] = Field(
-        32, description="side of a square image, or [height, width]")
+    image_size: int | tuple[int, int] = Field(32, description="side of a square image, or [height, width]")
     embedding_dim: int = Field(128, ge=2, le=4096)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bt2: BT2Layout | None = Field(None, description="wrap the backbone in BT^2's basis transformation")
@@ -80,11 +80,22 @@ class BackboneConfig(BaseModel):
         family_of(arch)
         return arch
 
-    @field_validator("image_size")
+    @field_validator("image_size", mode="before")
     @classmethod
-    def _square_as_int(cls, size: int | tuple[int, int]) -> int | tuple[int, int]:
-        """[s, s] is stored as s: one architecture, one fingerprint."""
-        return size[0] if isinstance(size, tuple) and size[0] == size[1] else size
+    def _image_size(cls, size: Any) -> Any:
+        """One int or [height, width], sides within :data:`IMAGE_SIDES`; [s, s] is stored as s (one
+        architecture, one fingerprint)."""
+        pair = isinstance(size, list | tuple)
+        sides = list(size) if pair else [size]
+        lo, hi = IMAGE_SIDES
+        whole = all((isinstance(v, Integral) and not isinstance(v, bool))
+                    or (isinstance(v, str) and v.isdigit()) for v in sides)
+        if len(sides) != (2 if pair else 1) or not whole:
+            raise ValueError(f"image_size={size!r}: give one int (a square image) or [height, width]")
+        h, w = int(sides[0]), int(sides[-1])
+        if not (lo <= h <= hi and lo <= w <= hi):
+            raise ValueError(f"image_size={size!r}: each side must be between {lo} and {hi}")
+        return h if h == w else (h, w)
 
     @model_validator(mode="after")
     def _applies_to_arch(self) -> BackboneConfig:
