@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
                                        "by installed fonts): old, independent and every seed method on the "
                                        "extended-data allocation; --full: the five allocations")
     demo.add_argument("--full", action="store_true",
-                      help="the five-allocation study (about 5x as long) with OUT/summary.md")
+                      help="the five-allocation study on twice the characters (demo-full), OUT/summary.md")
     demo.add_argument("--quick", action="store_true", help="reduced demo: l2 and bct only, fewer identities")
     demo.add_argument("--out", default="bctkit-demo", help="run directory (default: ./bctkit-demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -120,7 +120,7 @@ def _run(args: argparse.Namespace) -> int:
         if not path.exists() and path.suffix == "" and len(path.parts) == 1:
             path = packaged_config(args.config)  # e.g. `bctkit run demo-chain`
     else:
-        path = packaged_config("demo-quick" if args.quick else "demo")
+        path = packaged_config("demo-quick" if args.quick else "demo-full" if args.full else "demo")
     cfg = load_config(path, args.overrides)
     scenarios = args.scenarios
     if args.command == "demo" and args.full:
