@@ -1,8 +1,10 @@
 """IResNet: the parameter names and shapes of arcface_torch's iresnet50, written out by hand from its
-published architecture; a state dict in that layout loads and reproduces the outputs."""
+published architecture; the forward pass against a functional re-statement of arcface_torch's; a
+state dict in that layout loads and reproduces the outputs."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 
 from bctkit.models import BackboneConfig, build_backbone
@@ -117,3 +119,41 @@ def test_fixed_input_size():
 def test_iresnet200_depth_without_building_it():
     """arcface_torch's iresnet200: 6, 26, 60, 6 blocks (too large to build in a unit test)."""
     assert IRESNET_LAYERS["iresnet200"] == (6, 26, 60, 6)
+
+
+def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, layers: tuple[int, ...]) -> torch.Tensor:
+    """arcface_torch's IResNet forward in eval mode, restated with torch.nn.functional from its
+    description: stem conv - bn1 - prelu; per block bn1 - conv1 - bn2 - prelu - conv2 (strided) - bn3
+    plus the (downsampled) input; bn2 - flatten - fc - features."""
+
+    def bn(t: torch.Tensor, p: str) -> torch.Tensor:
+        return F.batch_norm(t, sd[f"{p}.running_mean"], sd[f"{p}.running_var"], sd[f"{p}.weight"],
+                            sd[f"{p}.bias"], False, 0.0, 1e-5)
+
+    x = F.prelu(bn(F.conv2d(x, sd["conv1.weight"], padding=1), "bn1"), sd["prelu.weight"])
+    for s, n in enumerate(layers, 1):
+        for b in range(n):
+            p, stride = f"layer{s}.{b}", 2 if b == 0 else 1
+            out = F.conv2d(bn(x, f"{p}.bn1"), sd[f"{p}.conv1.weight"], padding=1)
+            out = F.prelu(bn(out, f"{p}.bn2"), sd[f"{p}.prelu.weight"])
+            out = bn(F.conv2d(out, sd[f"{p}.conv2.weight"], stride=stride, padding=1), f"{p}.bn3")
+            if b == 0:
+                x = bn(F.conv2d(x, sd[f"{p}.downsample.0.weight"], stride=stride), f"{p}.downsample.1")
+            x = out + x
+    x = F.linear(bn(x, "bn2").flatten(1), sd["fc.weight"], sd["fc.bias"])
+    return bn(x, "features")
+
+
+def test_forward_matches_arcface_torch_description():
+    torch.manual_seed(0)
+    net = build_backbone(BackboneConfig(arch="iresnet18", embedding_dim=32, dropout=0.3))
+    x = torch.randn(2, 3, 112, 112)
+    for m in net.modules():  # BN statistics of this batch, so that eval-mode activations stay O(1)
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.momentum = None
+    with torch.no_grad():
+        net.train()(x)
+        got = net.eval()(x)
+        ref = reference_forward(net.state_dict(), x, (2, 2, 2, 2))
+    assert got.shape == (2, 32)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), (got - ref).abs().max()

@@ -1,9 +1,11 @@
 """torchvision-layout ResNets: resnet50's parameter names and shapes written out by hand from the
-published architecture, parameter totals against torchvision's published counts, a torchvision
-resnet18 state dict (1000-class fc skipped) loading, any input size."""
+published architecture, parameter totals against torchvision's published counts, the forward pass
+against a functional re-statement of torchvision's, a torchvision resnet18 state dict (1000-class fc
+skipped) loading, any input size."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bctkit.errors import FileFormatError
 from bctkit.models import BackboneConfig, build_backbone
@@ -143,3 +145,50 @@ def test_round_trip_reproduces_outputs(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, layers: tuple[int, ...],
+                      bottleneck: bool) -> torch.Tensor:
+    """torchvision's ResNet forward in eval mode, restated with torch.nn.functional from its
+    description (the stride on the first block of layers 2-4: on conv1 of a BasicBlock, on the 3x3
+    conv2 of a Bottleneck), with global average pooling and fc."""
+
+    def bn(t: torch.Tensor, p: str) -> torch.Tensor:
+        return F.batch_norm(t, sd[f"{p}.running_mean"], sd[f"{p}.running_var"], sd[f"{p}.weight"],
+                            sd[f"{p}.bias"], False, 0.0, 1e-5)
+
+    x = F.max_pool2d(F.relu(bn(F.conv2d(x, sd["conv1.weight"], stride=2, padding=3), "bn1")), 3, 2, 1)
+    for s, n in enumerate(layers, 1):
+        for b in range(n):
+            p, stride = f"layer{s}.{b}", 2 if b == 0 and s > 1 else 1
+            if bottleneck:
+                out = F.relu(bn(F.conv2d(x, sd[f"{p}.conv1.weight"]), f"{p}.bn1"))
+                out = F.relu(bn(F.conv2d(out, sd[f"{p}.conv2.weight"], stride=stride, padding=1), f"{p}.bn2"))
+                out = bn(F.conv2d(out, sd[f"{p}.conv3.weight"]), f"{p}.bn3")
+            else:
+                out = F.relu(bn(F.conv2d(x, sd[f"{p}.conv1.weight"], stride=stride, padding=1), f"{p}.bn1"))
+                out = bn(F.conv2d(out, sd[f"{p}.conv2.weight"], padding=1), f"{p}.bn2")
+            if f"{p}.downsample.0.weight" in sd:
+                x = bn(F.conv2d(x, sd[f"{p}.downsample.0.weight"], stride=stride), f"{p}.downsample.1")
+            x = F.relu(out + x)
+    return F.linear(x.mean((2, 3)), sd["fc.weight"], sd["fc.bias"])
+
+
+@pytest.mark.parametrize(("arch", "layers", "bottleneck"), [("resnet18", (2, 2, 2, 2), False),
+                                                             ("resnet50", (3, 4, 6, 3), True)])
+def test_forward_matches_torchvision_description(arch, layers, bottleneck):
+    torch.manual_seed(0)
+    net = build_backbone(BackboneConfig(arch=arch, image_size=[96, 64], embedding_dim=24, dropout=0.3))
+    for m in net.modules():  # random BN statistics, so that every BN's parameters matter
+        if isinstance(m, torch.nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        got = net.eval()(x)
+        ref = reference_forward(net.state_dict(), x, layers, bottleneck)
+    assert got.shape == (2, 24)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), (got - ref).abs().max()
