@@ -1,8 +1,10 @@
 """Small ViTs: timm's parameter names, timm's published parameter counts, forward shapes for any
-patch-divisible size, attention against torch's own multi-head attention, BT^2 around a ViT."""
+patch-divisible size, attention against torch's own multi-head attention, the forward pass against
+a functional re-statement of timm's, BT^2 around a ViT."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 
 from bctkit.models import BackboneConfig, build_backbone
@@ -75,18 +77,46 @@ def test_attention_matches_torch_multihead():
         assert torch.allclose(attn(x), ref, atol=1e-5)
 
 
-def test_output_is_the_class_token():
-    """Changing one patch changes the embedding only through attention: the class token reads all."""
+def reference_forward(sd: dict[str, torch.Tensor], x: torch.Tensor, heads: int, patch: int) -> torch.Tensor:
+    """timm's VisionTransformer forward (eval mode, class-token pooling), restated with explicit
+    attention arithmetic: patches + class token + positions; pre-norm blocks of multi-head
+    attention and a GELU MLP, each residual; LayerNorm of the class token; head."""
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
+    t = t.flatten(2).transpose(1, 2)
+    t = torch.cat([sd["cls_token"].expand(len(t), -1, -1), t], dim=1) + sd["pos_embed"]
+    b, n, d = t.shape
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    for i in range(depth):
+        p = f"blocks.{i}"
+        h = F.layer_norm(t, (d,), sd[f"{p}.norm1.weight"], sd[f"{p}.norm1.bias"], 1e-6)
+        qkv = F.linear(h, sd[f"{p}.attn.qkv.weight"], sd[f"{p}.attn.qkv.bias"]).chunk(3, dim=-1)
+        q, k, v = (z.reshape(b, n, heads, d // heads).transpose(1, 2) for z in qkv)
+        weights = torch.softmax(q @ k.transpose(-1, -2) / (d // heads) ** 0.5, dim=-1)
+        a = (weights @ v).transpose(1, 2).reshape(b, n, d)
+        t = t + F.linear(a, sd[f"{p}.attn.proj.weight"], sd[f"{p}.attn.proj.bias"])
+        h = F.layer_norm(t, (d,), sd[f"{p}.norm2.weight"], sd[f"{p}.norm2.bias"], 1e-6)
+        h = F.gelu(F.linear(h, sd[f"{p}.mlp.fc1.weight"], sd[f"{p}.mlp.fc1.bias"]))
+        t = t + F.linear(h, sd[f"{p}.mlp.fc2.weight"], sd[f"{p}.mlp.fc2.bias"])
+    cls = F.layer_norm(t[:, 0], (d,), sd["norm.weight"], sd["norm.bias"], 1e-6)
+    return F.linear(cls, sd["head.weight"], sd["head.bias"])
+
+
+@pytest.mark.parametrize(("arch", "heads"), [("vit_tiny", 3), ("vit_small", 6)])
+def test_forward_matches_timm_description(arch, heads):
     torch.manual_seed(0)
-    net = build_backbone(BackboneConfig(arch="vit_tiny", image_size=32, embedding_dim=8)).eval()
-    x = torch.randn(1, 3, 32, 32)
-    y = x.clone()
-    y[..., :16, :16] += 1.0
-    with torch.no_grad():
-        assert not torch.allclose(net(x), net(y))
-        tokens = torch.cat([net.cls_token, net.patch_embed(x)], dim=1) + net.pos_embed
-        cls = net.norm(net.blocks(tokens)[:, 0])
-        assert torch.allclose(net(x), net.head(cls), atol=1e-6)
+    net = build_backbone(BackboneConfig(arch=arch, image_size=[32, 16], patch_size=8, embedding_dim=12,
+                                        dropout=0.3))
+    with torch.no_grad():  # non-trivial LayerNorm parameters, class token and biases
+        for name, prm in net.named_parameters():
+            if name.endswith(("norm1.weight", "norm2.weight", "norm.weight")):
+                prm.uniform_(0.5, 1.5)
+            elif name.endswith("bias") or name == "cls_token":
+                prm.normal_(0.0, 0.1)
+        x = torch.randn(2, 3, 32, 16)
+        got = net.eval()(x)
+        ref = reference_forward(net.state_dict(), x, heads, 8)
+    assert got.shape == (2, 12)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), (got - ref).abs().max()
 
 
 def test_patch_must_divide_the_image():
