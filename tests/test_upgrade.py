@@ -225,3 +225,34 @@ def test_cli_upgrade_error_is_one_line(files, tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("bctkit: error: ")
     assert "old_train.npy: 3 rows, but the training data has 50 images" in last
+
+
+def production_net(embedding_dim: int, in_channels: int) -> torch.nn.Module:
+    """A user's own embedding network (``python:tests.test_upgrade:production_net``)."""
+    nn = torch.nn
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                         nn.Linear(32, embedding_dim))
+
+
+def test_a_users_own_network_as_the_old_model(files, tmp_path):
+    """``python:<module>:<factory>`` old model: its plain state dict (no bctkit prefix) loads."""
+    torch.manual_seed(1)
+    net = production_net(DIM, 3)
+    torch.save(net.state_dict(), tmp_path / "mine.pth")
+    arch = "python:tests.test_upgrade:production_net"
+    old = {"source": "checkpoint", "weights": str(tmp_path / "mine.pth"),
+           "transform": {"color": "rgb", "resize": 48},
+           "backbone": {"arch": arch, "embedding_dim": DIM, "image_size": 48}}
+    data = tree(files, {}, [{"method": "l2"}])
+    data["old"] = old
+    report = run_pipeline(load_config_tree(data, tmp_path), tmp_path / "run", progress=False)
+    got = load_features(tmp_path / "run" / "features" / "old.safetensors").feats
+    src = ImageFolderSource(files / "eval")
+    imgs = [Image.open(files / "eval" / src.key(i)).convert("RGB").resize((48, 48), Image.Resampling.BILINEAR)
+            for i in range(len(src))]
+    x = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im in imgs])
+    x = x / 127.5 - 1.0
+    with torch.no_grad():
+        assert torch.allclose(got, net.eval()(x), atol=1e-5)
+    assert set(report["models"]) == {"old", "l2"}
+

@@ -13,6 +13,7 @@ from torch import nn
 from bctkit.data.sources.base import DataSource
 from bctkit.data.transforms import Preprocess, TransformConfig
 from bctkit.errors import ConfigError
+from bctkit.models.adapters import AdaptedBackbone
 from bctkit.models.backbones import build_backbone
 from bctkit.models.heads import Head, build_head
 from bctkit.models.store import LoadedModel, freeze
@@ -56,7 +57,9 @@ def checkpoint_backbone(old: OldConfig, input_shape: tuple[int, int, int]) -> nn
             f"old.backbone takes {'x'.join(map(str, want))} images (C x H x W) but old.transform gives "
             f"{c}x{h}x{w}; set old.transform (resize, crop, color) to the old model's preprocessing")
     backbone = build_backbone(bb)
-    load_backbone_weights(backbone, Path(str(old.weights)))
+    # A timm: / python: network sits at ``.model``; its own state dict has no such prefix.
+    target = backbone.model if isinstance(backbone, AdaptedBackbone) else backbone
+    load_backbone_weights(target, Path(str(old.weights)))
     return freeze(backbone)
 
 
