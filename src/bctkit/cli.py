@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="onnx (needs pip install bctkit[onnx]), torchscript or safetensors (weights only)")
     exp.add_argument("--out", required=True, help="folder for the exported file and card.json")
     sub.add_parser("methods", help="list the compatibility methods and their options")
+    from bctkit.gallery.cli import add_parser as add_gallery
+
+    add_gallery(sub)
     return p
 
 
@@ -99,6 +102,10 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "gallery":
+        from bctkit.gallery.cli import run as run_gallery
+
+        return run_gallery(args)
     if args.command == "export":
         from bctkit.export import export_model
         from bctkit.storage import read_json

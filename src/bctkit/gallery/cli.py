@@ -1,0 +1,174 @@
+"""``bctkit gallery create | add | certify | search | backfill | status``: the command-line face of
+the gallery store (argument parsing and printing only; the work is in the library)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bctkit.data.sources.base import DataSource
+from bctkit.errors import ConfigError
+from bctkit.storage import read_json, write_json
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``gallery`` and its subcommands on the CLI's subparsers."""
+    g = sub.add_parser("gallery", help="a versioned gallery: add, search across model versions, backfill")
+    gs = g.add_subparsers(dest="gallery_command", required=True)
+    c = gs.add_parser("create", help="create an empty gallery store (a new folder)")
+    c.add_argument("store")
+    c.add_argument("--index", default="Flat",
+                   help="FAISS index factory string per version (default Flat: exact)")
+    a = gs.add_parser("add", help="embed images with a model and add them (id: the image path in the source)")
+    a.add_argument("store")
+    _model_and_images(a)
+    ce = gs.add_parser("certify", help="allow mixing two versions: add verified compatibility certificates")
+    ce.add_argument("store")
+    ce.add_argument("certificates", nargs="+", help="certificate files (RUN/certificates/*.json)")
+    s = gs.add_parser("search", help="embed query images with a model and search every version's items")
+    s.add_argument("store")
+    _model_and_images(s)
+    s.add_argument("-k", type=int, default=5, help="results per query (default 5)")
+    s.add_argument("--out", help="write the results as JSON here")
+    b = gs.add_parser("backfill", help="re-embed the items with a new model, batch by batch (resumable)")
+    b.add_argument("store")
+    _model_and_images(b)
+    b.add_argument("--order", choices=["random", "benefit"], default="random",
+                   help="random (seeded) or benefit: smallest old-embedding norm first (default random)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--limit", type=int, help="stop after this many items (a partial backfill)")
+    st = gs.add_parser("status", help="items per model version, and the expected accuracy now")
+    st.add_argument("store")
+    st.add_argument("--report", help="a run's report.json: the expected top-1 from its backfill curve")
+
+
+def _model_and_images(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="bctkit model file (RUN/models/<name>/model.safetensors)")
+    p.add_argument("--images", required=True,
+                   help="an image folder (root/<identity>/<image>) or a list file (path label per line)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _images(path: str) -> DataSource:
+    from bctkit.data.sources import ImageFolderSource, ListSource
+
+    p = Path(path)
+    if p.is_dir():
+        return ImageFolderSource(p)
+    if p.is_file():
+        return ListSource(p)
+    raise ConfigError(f"--images {path}: no such folder or list file")
+
+
+def _model(path: str) -> Any:
+    from bctkit.models.store import load_model
+
+    p = Path(path)
+    return load_model(p / "model.safetensors" if p.is_dir() else p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Carry out one ``bctkit gallery`` subcommand; returns the exit code."""
+    from bctkit.gallery.store import GalleryStore
+
+    cmd = args.gallery_command
+    if cmd == "create":
+        GalleryStore.create(args.store, index=args.index).close()
+        print(f"gallery: created {args.store} (index {args.index})")
+        return 0
+    with GalleryStore.open(args.store) as store:
+        if cmd == "add":
+            return _add(store, args)
+        if cmd == "certify":
+            from bctkit.certificate import verify_certificate
+
+            for path in args.certificates:
+                cert = verify_certificate(path)
+                store.add_certificate(cert)
+                print(f"gallery: {cert['query']['name']} queries may search {cert['gallery']['name']} items "
+                      f"({path})")
+            return 0
+        if cmd == "search":
+            return _search(store, args)
+        if cmd == "backfill":
+            from bctkit.gallery.backfill import backfill
+
+            res = backfill(store, _model(args.model), _images(args.images), order=args.order, seed=args.seed,
+                           batch_size=args.batch_size, progress=not args.quiet, limit=args.limit)
+            print(f"gallery: backfilled {res.embedded} items in {res.batches} batches ({res.already} done "
+                  f"before); {_shares(store)}")
+            return 0
+        return _status(store, args.report)
+
+
+def _add(store: Any, args: argparse.Namespace) -> int:
+    from bctkit.gallery.embed import embed_batches
+
+    model, images = _model(args.model), _images(args.images)
+    store.add_version(model.fingerprint, model.output_dim, name=model.meta.get("name"),
+                      layout=model.meta.get("layout"))
+    for rows, feats in embed_batches(model, images, args.batch_size, progress=not args.quiet, desc="add"):
+        keys = [images.key(int(i)) for i in rows]
+        meta = [{"label": images.label_name(int(images.labels[i]))} for i in rows]
+        store.add(keys, feats, model.fingerprint, meta)
+    print(f"gallery: added {len(images)} items of {model.meta.get('name')} ({model.fingerprint}); "
+          f"{_shares(store)}")
+    return 0
+
+
+def _search(store: Any, args: argparse.Namespace) -> int:
+    from bctkit.gallery.embed import embed_all
+
+    model, images = _model(args.model), _images(args.images)
+    if args.k < 1:
+        raise ConfigError(f"-k {args.k}: must be >= 1")
+    feats = embed_all(model, images, args.batch_size, progress=not args.quiet, desc="queries")
+    res = store.search(feats, model.fingerprint, args.k)
+    rows = [{"query": images.key(i), "results": [
+        {"id": item, "score": float(score), "version": ver}
+        for item, score, ver in zip(res.ids[i], res.scores[i], res.versions[i], strict=True)]}
+        for i in range(len(images))]
+    if args.out:
+        write_json(args.out, {"model": model.fingerprint, "k": args.k, "queries": rows})
+    for row in rows[:5]:
+        best = row["results"][0] if row["results"] else None
+        print(f"{row['query']}: " + (f"{best['id']} ({best['score']:.3f})" if best else "no result"))
+    print(f"gallery: {len(rows)} queries searched" + (f"; results in {args.out}" if args.out else ""))
+    return 0
+
+
+def _shares(store: Any) -> str:
+    total = max(store.count(), 1)
+    return ", ".join(f"{info.get('name') or fp} {info['count']} ({100 * info['count'] / total:.1f} %)"
+                     for fp, info in store.versions().items())
+
+
+def _status(store: Any, report: str | None) -> int:
+    print(f"gallery: {store.count()} items; {_shares(store)}")
+    if report:
+        for line in expected_accuracy(store, read_json(report)):
+            print(line)
+    return 0
+
+
+def expected_accuracy(store: Any, report: dict[str, Any]) -> list[str]:
+    """For each version the report evaluated as a new model: its share of the gallery and the top-1
+    the report's random-order partial-backfill curve gives at that share (linear interpolation)."""
+    by_fp = {info["fingerprint"]: name for name, info in report.get("models", {}).items()}
+    total = store.count()
+    lines = []
+    for fp, info in store.versions().items():
+        name = by_fp.get(fp)
+        curve = report.get("backfill", {}).get(name or "", {}).get("random")
+        if not curve or not total:
+            continue
+        share = info["count"] / total
+        top1 = float(np.interp(share, curve["fractions"], curve["values"]))
+        lines.append(f"{name}: {100 * share:.1f} % of items backfilled; expected top-1 of {name} queries "
+                     f"{100 * top1:.2f} % (the report's random-order backfill curve at that share)")
+    return lines
+
