@@ -1,5 +1,5 @@
 """Command line: ``bctkit run``, ``bctkit demo``, ``bctkit evaluate``, ``bctkit aggregate``,
-``bctkit export``, ``bctkit methods``. Errors: one line, exit 2."""
+``bctkit export``, ``bctkit methods``, ``bctkit certificate verify``. Errors: one line, exit 2."""
 
 from __future__ import annotations
 
@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="onnx (needs pip install bctkit[onnx]), torchscript or safetensors (weights only)")
     exp.add_argument("--out", required=True, help="folder for the exported file and card.json")
     sub.add_parser("methods", help="list the compatibility methods and their options")
+    cert = sub.add_parser("certificate", help="check compatibility certificates (RUN/certificates/*.json)")
+    cert_sub = cert.add_subparsers(dest="certificate_command", required=True)
+    verify = cert_sub.add_parser("verify", help="verify certificate files: exit 0 if all verify, 2 otherwise")
+    verify.add_argument("files", nargs="+", metavar="FILE")
     from bctkit.gallery.cli import add_parser as add_gallery
 
     add_gallery(sub)
@@ -102,6 +106,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "certificate":
+        return _verify_certificates(args.files)
     if args.command == "gallery":
         from bctkit.gallery.cli import run as run_gallery
 
@@ -197,6 +203,20 @@ def _evaluate(args: argparse.Namespace) -> int:
                             backfill=not args.no_backfill, chain=chain)
     print(f"report: {out}/report.md ({len(report['results'])} results)")
     return 0
+
+
+def _verify_certificates(files: list[str]) -> int:
+    """One line per certificate file: OK with what it certifies, or the error; 0 if all verify, else 2."""
+    from bctkit.certificate import CertificateError, describe, verify_certificate
+
+    failed = 0
+    for path in files:
+        try:
+            print(f"OK {path}: {describe(verify_certificate(path))}")
+        except CertificateError as exc:
+            failed += 1
+            print(f"FAILED {exc}")
+    return 2 if failed else 0
 
 
 def _check_comparable(features: dict, paths: dict[str, Path], chain: bool) -> None:

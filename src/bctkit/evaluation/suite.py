@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from bctkit.certificate import certificates_for_report, write_certificates
 from bctkit.errors import DataError
 from bctkit.evaluation.analysis import (
     backfill_curves,
@@ -30,7 +31,8 @@ def evaluate_suite(
     chain: list[str] | None = None, log: Callable[[str], None] | None = None, progress: bool = False,
 ) -> dict[str, Any]:
     """All metrics for every comparable (query, gallery) pair, the compatibility analysis, plots,
-    report.json and report.md in ``out_dir``. ``features`` must contain "old". ``chain``: model
+    compatibility certificates (``out_dir``/certificates, listed in report["certificates"] relative to
+    ``out_dir``), report.json and report.md in ``out_dir``. ``features`` must contain "old". ``chain``: model
     names of a sequence of upgrades, oldest first, for the multi-model metrics. ``log`` receives a
     line per stage and ``progress`` shows a bar over the model pairs (metrics can take a while)."""
     if "old" not in features:
@@ -58,6 +60,10 @@ def evaluate_suite(
     }
     if chain:
         report["chain"] = chain_summary(records, chain, [m for m in MATRIX_METRICS if m in present])
+    say("[certificates] one per (new model, model it claims compatibility with) cross test")
+    certs = certificates_for_report(report, features, protocol)
+    written = write_certificates(out_dir / "certificates", certs)
+    report["certificates"] = [str(p.relative_to(out_dir)) for p in written]
     write_report(out_dir, report)
     return report
 
