@@ -84,6 +84,11 @@ def test_hash_round_trip(suite, tmp_path):
     assert verify_certificate(cert) == cert
     assert cert["format"] == "bctkit-compatibility-certificate" and cert["version"] == 1
     assert cert["issued_by"].startswith("bctkit ")
+    feats = _features()
+    named = make_certificate("новая", feats["new"], "old", feats["old"], cert["metrics"], {"dataset": "é"})
+    assert named["sha256"] == _rehash(named)["sha256"]  # canonical JSON keeps non-ASCII as UTF-8
+    write_certificate(tmp_path / "named.json", named)
+    assert verify_certificate(tmp_path / "named.json")["query"]["name"] == "новая"
 
 
 def _edit_metric(c: dict) -> None:
@@ -224,6 +229,11 @@ def test_first_identification_metric_when_no_top1(tmp_path):
     report = evaluate_suite(feats, protocol, tmp_path, models_info_from_features(feats), backfill=False)
     cert = verify_certificate(tmp_path / report["certificates"][0])
     assert cert["criterion"]["metric"] == "top2"
+    protocol = EvalProtocol("syn", labels, 1, (0.1,), (2, 1))
+    report = evaluate_suite(feats, protocol, tmp_path / "t", models_info_from_features(feats), backfill=False)
+    assert list(report["compatibility"]["new"])[0] == "top2"
+    cert = verify_certificate(tmp_path / "t" / report["certificates"][0])
+    assert cert["criterion"]["metric"] == "top1"
     protocol = EvalProtocol("syn", labels, 1, (0.1,), (1,), identification=False)
     report = evaluate_suite(feats, protocol, tmp_path / "v", models_info_from_features(feats), backfill=False)
     cert = verify_certificate(tmp_path / "v" / report["certificates"][0])
