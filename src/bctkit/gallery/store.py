@@ -1,0 +1,649 @@
+"""A versioned gallery store on disk: items embedded by several model versions, searched together.
+
+Storage design: one SQLite database (standard library), ``<store>/gallery.sqlite``, is the truth.
+Table ``items`` holds per item its id (unique text), an int64 key (never reused; assigned in insertion
+order, so a lower key is an earlier insertion), its version, its metadata as JSON and its vector as a
+float32 little-endian BLOB; ``versions`` the declared model versions with their item counts;
+``certificates`` the compatibility certificates; ``meta`` the format version, the FAISS factory string,
+the next key and a commit counter. SQLite's rollback journal with ``synchronous=FULL`` makes every
+mutating call one atomic, durable transaction (the counter is bumped inside it): a crash (SIGKILL,
+power loss) at any point leaves the last committed state, restored by SQLite on the next open.
+
+The FAISS indexes are derived data (:mod:`bctkit.gallery.search`): built in memory on the first
+search that needs them, kept in sync after each of this process's commits, and dropped and rebuilt
+when the file's commit counter shows another process committed. Nothing but SQLite is persisted.
+
+Every error is one line: bad input, unknown ids or versions and refused searches raise
+:class:`GalleryError`; a missing, corrupt or newer-format store raises
+:class:`~bctkit.errors.FileFormatError`. A call that raises writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from itertools import repeat
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from bctkit.errors import BctkitError, FileFormatError
+from bctkit.gallery.search import (
+    Block,
+    IndexSet,
+    SearchResult,
+    factory_is_valid,
+    first_line,
+    merge,
+    normalize_rows,
+)
+
+__all__ = ["CERTIFICATE_FORMAT", "FORMAT_VERSION", "GalleryError", "GalleryStore", "SearchResult"]
+
+DB_NAME = "gallery.sqlite"
+STORE_FORMAT = "bctkit-gallery"
+FORMAT_VERSION = 1
+CERTIFICATE_FORMAT = "bctkit-compatibility-certificate"
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE versions (vid INTEGER PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE, name TEXT,
+                       dim INTEGER NOT NULL, layout TEXT, count INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE items (key INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, vid INTEGER NOT NULL,
+                    meta TEXT, vec BLOB NOT NULL);
+CREATE TABLE certificates (seq INTEGER PRIMARY KEY, query_vid INTEGER NOT NULL,
+                           gallery_vid INTEGER NOT NULL, sha256 TEXT NOT NULL, body TEXT NOT NULL,
+                           UNIQUE (query_vid, gallery_vid));
+"""
+_FETCH = 65536
+
+
+class GalleryError(BctkitError, ValueError):
+    """A gallery call was refused: bad vectors or ids, unknown version, search without certificate."""
+
+
+class _Version(NamedTuple):
+    vid: int
+    fingerprint: str
+    name: str | None
+    dim: int
+    layout: dict | None
+    count: int
+
+
+class _Collision(Exception):
+    """Raised inside an add transaction so that it rolls back before the collisions are named."""
+
+
+def _few(items: Sequence[Any], n: int = 3) -> str:
+    """The first few of ``items`` for an error message, with the total when there are more."""
+    head = ", ".join(repr(x) for x in items[:n])
+    return head + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def _label(v: _Version) -> str:
+    return f"{v.name} ({v.fingerprint})" if v.name else v.fingerprint
+
+
+def _check_ids(ids: Sequence[str], what: str) -> list[str]:
+    """``ids`` as a list of non-empty strings without duplicates."""
+    if isinstance(ids, str | bytes):
+        raise GalleryError(f"{what}: ids must be a sequence of strings, got a single {type(ids).__name__}")
+    out = list(ids)
+    bad = [i for i in out if not isinstance(i, str) or not i]
+    if bad:
+        raise GalleryError(f"{what}: ids must be non-empty strings, got {_few(bad)}")
+    if len(set(out)) != len(out):
+        seen: set[str] = set()
+        dup = [i for i in out if i in seen or seen.add(i)]
+        raise GalleryError(f"{what}: duplicate ids within one call: {_few(list(dict.fromkeys(dup)))}")
+    return out
+
+
+def _check_vectors(vectors: Any, n: int, dim: int, label: str, what: str) -> np.ndarray:
+    """``vectors`` as finite float32 C-ordered rows [n, dim]."""
+    arr = np.asarray(vectors)
+    if arr.dtype.kind not in "fiu":
+        raise GalleryError(f"{what}: vectors must be numeric, got dtype {arr.dtype}")
+    if arr.ndim != 2 or arr.shape != (n, dim):
+        raise GalleryError(f"{what}: vectors of version {label} must have shape ({n}, {dim}), "
+                           f"got {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype="<f4")
+    step = max(1, (1 << 22) // max(1, dim))
+    for s in range(0, n, step):
+        finite = np.isfinite(arr[s : s + step]).all(axis=1)
+        if not finite.all():
+            raise GalleryError(f"{what}: vector {s + int(np.argmin(finite))} contains NaN or Inf")
+    return arr
+
+
+def _to_json(obj: Any, what: str) -> str:
+    try:
+        return json.dumps(obj, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise GalleryError(f"{what}: not JSON serialisable ({exc})") from None
+
+
+def _header_truncated(db: Path) -> bool:
+    """Whether the SQLite header states more pages than the file holds (a truncated copy)."""
+    with open(db, "rb") as fh:
+        head = fh.read(100)
+    if len(head) < 100 or not head.startswith(b"SQLite format 3\x00"):
+        return False  # SQLite itself reports it
+    page = struct.unpack(">H", head[16:18])[0]
+    page = 65536 if page == 1 else page
+    change, pages, valid_for = (struct.unpack(">I", head[o : o + 4])[0] for o in (24, 28, 92))
+    return pages > 0 and change == valid_for and pages * page > db.stat().st_size
+
+
+class GalleryStore:
+    """A directory holding one gallery: ids, metadata and vectors of any number of model versions."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, factory: str) -> None:
+        """Use :meth:`create` or :meth:`open`."""
+        self.path = path
+        self.index = factory
+        self._db = path / DB_NAME
+        self._conn: sqlite3.Connection | None = conn
+        self._indexes = IndexSet(factory)
+
+    # ---- opening ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _connect(db: Path, mode: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, isolation_level=None, timeout=60.0)
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA cache_size=-262144")
+        conn.execute("PRAGMA temp_store=MEMORY")
+        return conn
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], *, index: str = "Flat") -> GalleryStore:
+        """Create an empty store in the new directory ``path`` (an existing empty one is taken);
+        ``index``: the FAISS factory string of every version's index. The directory appears whole or
+        not at all (it is built beside ``path`` and renamed)."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise GalleryError(f"{path}: exists and is not an empty directory; a new store needs a new one")
+        if not isinstance(index, str) or not factory_is_valid(index):
+            raise GalleryError(f"index {index!r}: not a FAISS index factory string "
+                               "(e.g. 'Flat', 'IVF1024,Flat')")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{secrets.token_hex(4)}"
+            tmp.mkdir()
+            conn = cls._connect(tmp / DB_NAME, "rwc")
+            try:
+                conn.execute("BEGIN")
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.executemany("INSERT INTO meta VALUES (?, ?)", [
+                    ("format", STORE_FORMAT), ("format_version", str(FORMAT_VERSION)), ("index", index),
+                    ("commit", "0"), ("next_key", "0")])
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+            if path.exists():
+                path.rmdir()
+            os.rename(tmp, path)
+            fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise FileFormatError(f"{path}: could not create the store ({exc.strerror or exc})") from None
+        return cls.open(path)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> GalleryStore:
+        """Open an existing store; a missing, corrupt or newer-format one is refused (nothing written)."""
+        path = Path(path)
+        db = path / DB_NAME
+        if not db.is_file():
+            raise FileFormatError(f"{path}: not a gallery store (no {DB_NAME})")
+        try:
+            if _header_truncated(db):
+                raise FileFormatError(f"{db}: corrupt gallery store (the file is truncated)")
+            conn = cls._connect(db, "rw")
+        except (OSError, sqlite3.Error) as exc:
+            if isinstance(exc, FileFormatError):
+                raise
+            raise FileFormatError(f"{db}: cannot open the gallery store ({first_line(exc)})") from None
+        try:
+            factory = cls._check_format(conn, db)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(path, conn, factory)
+
+    @staticmethod
+    def _check_format(conn: sqlite3.Connection, db: Path) -> str:
+        """The store's factory string after checking its format, version and item counts."""
+        try:
+            conn.execute("BEGIN")
+            try:
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+                if not {"meta", "versions", "items", "certificates"} <= tables:
+                    raise FileFormatError(f"{db}: not a bctkit gallery store (tables missing)")
+                meta = dict(conn.execute("SELECT key, value FROM meta"))
+                if meta.get("format") != STORE_FORMAT:
+                    raise FileFormatError(f"{db}: not a bctkit gallery store (format {meta.get('format')!r})")
+                try:
+                    fv = int(meta.get("format_version", ""))
+                except ValueError:
+                    raise FileFormatError(f"{db}: corrupt gallery store (format version "
+                                          f"{meta.get('format_version')!r})") from None
+                if fv > FORMAT_VERSION:
+                    raise FileFormatError(f"{db}: written by a newer bctkit (store format {fv}; this bctkit "
+                                          f"reads up to {FORMAT_VERSION}); upgrade bctkit to open it")
+                n_items = conn.execute("SELECT count(*) FROM items").fetchone()[0]
+                n_counted = conn.execute("SELECT coalesce(sum(count), 0) FROM versions").fetchone()[0]
+                if n_items != n_counted:
+                    raise FileFormatError(f"{db}: corrupt gallery store ({n_items} items, versions count "
+                                          f"{n_counted})")
+                return str(meta["index"])
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise FileFormatError(f"{db}: corrupt gallery store ({first_line(exc)})") from None
+
+    def close(self) -> None:
+        """Close the database and drop the in-memory indexes (idempotent)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._indexes.clear()
+
+    def __enter__(self) -> GalleryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- transactions ----------------------------------------------------------------------------
+
+    @property
+    def _c(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise GalleryError(f"{self.path}: the store is closed")
+        return self._conn
+
+    @contextmanager
+    def _sql(self) -> Iterator[None]:
+        """SQLite errors as one-line errors naming the store."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise GalleryError(f"{self._db}: the store is locked by another writer ({exc})") from None
+            raise FileFormatError(f"{self._db}: {first_line(exc)}") from None
+        except sqlite3.Error as exc:
+            msg = f"{self._db}: corrupt or unreadable gallery store ({first_line(exc)})"
+            raise FileFormatError(msg) from None
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction (one consistent snapshot)."""
+        conn = self._c
+        with self._sql():
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write transaction that bumps the commit counter; rolled back on any error.
+        After the commit the in-memory indexes either follow (see :meth:`_synced`) or are dropped."""
+        conn = self._c
+        with self._sql():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                before = int(conn.execute("SELECT value FROM meta WHERE key='commit'").fetchone()[0])
+                self._in_sync = before == self._indexes.commit
+                yield conn
+                conn.execute("UPDATE meta SET value=? WHERE key='commit'", (str(before + 1),))
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        self._indexes.commit = before + 1 if self._in_sync else -1
+        if not self._in_sync:
+            self._indexes.clear()
+
+    def _synced(self, update: Any) -> None:
+        """Apply an in-memory index update after a commit; on any failure drop the indexes instead."""
+        if self._indexes.commit < 0:
+            return
+        try:
+            update()
+        except Exception:
+            self._indexes.clear()
+
+    # ---- versions and certificates ---------------------------------------------------------------
+
+    def _versions(self, conn: sqlite3.Connection) -> list[_Version]:
+        rows = conn.execute("SELECT vid, fingerprint, name, dim, layout, count FROM versions ORDER BY vid")
+        return [_Version(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5]) for r in rows]
+
+    def _version(self, conn: sqlite3.Connection, fingerprint: Any, what: str) -> _Version:
+        for v in self._versions(conn):
+            if v.fingerprint == fingerprint:
+                return v
+        raise GalleryError(f"{what}: unknown version {fingerprint!r}; declare it with add_version first")
+
+    def add_version(self, fingerprint: str, dim: int, name: str | None = None, layout: dict | None = None
+                    ) -> None:
+        """Declare a model version (its fingerprint) and its embedding dimension. Declaring it again
+        is a no-op; a missing name or layout is filled in; a different dim, name or layout is refused."""
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise GalleryError(f"add_version: fingerprint must be a non-empty string, got {fingerprint!r}")
+        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
+            raise GalleryError(f"add_version {fingerprint}: dim must be a positive integer, got {dim!r}")
+        if name is not None and not isinstance(name, str):
+            raise GalleryError(f"add_version {fingerprint}: name must be a string, got {name!r}")
+        if layout is not None and not isinstance(layout, dict):
+            raise GalleryError(f"add_version {fingerprint}: layout must be a dict, "
+                               f"got {type(layout).__name__}")
+        layout_json = _to_json(layout, f"add_version {fingerprint}: layout") if layout is not None else None
+        with self._read() as conn:
+            known = {v.fingerprint: v for v in self._versions(conn)}
+        old = known.get(fingerprint)
+        if old is not None:
+            if old.dim != int(dim):
+                raise GalleryError(f"add_version {fingerprint}: declared with dim {old.dim}, now {int(dim)}; "
+                                   "a fingerprint has one dimension")
+            for field, new, cur in (("name", name, old.name), ("layout", layout, old.layout)):
+                if new is not None and cur is not None and new != cur:
+                    raise GalleryError(f"add_version {fingerprint}: declared with {field} {cur!r}, "
+                                       f"now {new!r}")
+            if (name is None or old.name is not None) and (layout is None or old.layout is not None):
+                return
+        with self._write() as conn:
+            if old is None:
+                conn.execute("INSERT INTO versions (fingerprint, name, dim, layout) VALUES (?, ?, ?, ?)",
+                             (fingerprint, name, int(dim), layout_json))
+            else:
+                conn.execute("UPDATE versions SET name=coalesce(name, ?), layout=coalesce(layout, ?) "
+                             "WHERE fingerprint=?", (name, layout_json, fingerprint))
+
+    def versions(self) -> dict[str, dict]:
+        """fingerprint -> {"name", "dim", "count", "layout"}, in declaration order."""
+        with self._read() as conn:
+            return {v.fingerprint: {"name": v.name, "dim": v.dim, "count": v.count, "layout": v.layout}
+                    for v in self._versions(conn)}
+
+    def add_certificate(self, cert: dict) -> None:
+        """Store a verified compatibility certificate (query version -> gallery version). Only a passed
+        one is taken; one certificate per ordered pair (a new one replaces the pair's old one)."""
+        what = "add_certificate"
+        if not isinstance(cert, dict) or cert.get("format") != CERTIFICATE_FORMAT:
+            raise GalleryError(f"{what}: not a {CERTIFICATE_FORMAT} dict")
+        sha = cert.get("sha256")
+        if not isinstance(sha, str) or not sha:
+            raise GalleryError(f"{what}: the certificate has no sha256")
+        what = f"certificate {sha[:12]}"
+        if cert.get("passed") is not True:
+            raise GalleryError(f"{what}: the compatibility criterion failed "
+                               f"(passed: {cert.get('passed')!r}); only a passed certificate allows "
+                               "mixed-version search")
+        body = _to_json(cert, what)
+        with self._read() as conn:
+            sides = {}
+            for side in ("query", "gallery"):
+                info = cert.get(side)
+                if not isinstance(info, dict):
+                    raise GalleryError(f"{what}: no {side} model")
+                v = self._version(conn, info.get("fingerprint"), f"{what} {side}")
+                if info.get("embedding_dim") != v.dim:
+                    raise GalleryError(f"{what}: {side} embedding_dim {info.get('embedding_dim')!r} "
+                                       f"but version {_label(v)} has dim {v.dim}")
+                dims = cert.get(f"{side}_dims")
+                if (not isinstance(dims, list | tuple) or len(dims) != 2
+                        or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
+                        or not 0 <= dims[0] < dims[1] <= v.dim):
+                    raise GalleryError(f"{what}: {side}_dims {dims!r} is not a [start, end) range within "
+                                       f"0..{v.dim}")
+                sides[side] = (v, dims)
+        (q, qd), (g, gd) = sides["query"], sides["gallery"]
+        if qd[1] - qd[0] != gd[1] - gd[0]:
+            raise GalleryError(f"{what}: query_dims {list(qd)} and gallery_dims {list(gd)} differ in length")
+        with self._write() as conn:
+            conn.execute("DELETE FROM certificates WHERE query_vid=? AND gallery_vid=?", (q.vid, g.vid))
+            conn.execute("INSERT INTO certificates (query_vid, gallery_vid, sha256, body) "
+                         "VALUES (?, ?, ?, ?)", (q.vid, g.vid, sha, body))
+        self._indexes.clear()
+
+    def certificates(self) -> list[dict]:
+        """The stored certificates, in the order they were added."""
+        with self._read() as conn:
+            return [json.loads(r[0]) for r in conn.execute("SELECT body FROM certificates ORDER BY seq")]
+
+    # ---- items ------------------------------------------------------------------------------------
+
+    def _lookup(self, conn: sqlite3.Connection, ids: list[str], what: str) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, version ids) of ``ids``; unknown ids are named."""
+        rows = conn.execute("SELECT i.key, i.vid FROM json_each(?) j LEFT JOIN items i ON i.id = j.value "
+                            "ORDER BY j.key", (json.dumps(ids),)).fetchall()
+        missing = [ids[n] for n, r in enumerate(rows) if r[0] is None]
+        if missing:
+            raise GalleryError(f"{what}: {len(missing)} unknown id(s): {_few(missing)}")
+        arr = np.array(rows, dtype=np.int64).reshape(-1, 2)
+        return arr[:, 0], arr[:, 1]
+
+    def add(self, ids: Sequence[str], vectors: np.ndarray, version: str,
+            metadata: Sequence[dict] | None = None) -> None:
+        """Add new items embedded by ``version`` (float32 [n, its dim]) in one atomic commit; an id
+        already in the store is refused (the first few are named)."""
+        ids = _check_ids(ids, "add")
+        with self._read() as conn:
+            v = self._version(conn, version, "add")
+        vec = _check_vectors(vectors, len(ids), v.dim, _label(v), "add")
+        if metadata is not None:
+            metadata = list(metadata)
+            if len(metadata) != len(ids):
+                raise GalleryError(f"add: {len(metadata)} metadata entries for {len(ids)} ids")
+            if not all(isinstance(m, dict) for m in metadata):
+                raise GalleryError("add: each metadata entry must be a dict")
+            metas: Any = [_to_json(m, "add: metadata") for m in metadata]
+        else:
+            metas = repeat(None)
+        if not ids:
+            return
+        try:
+            with self._write() as conn:
+                first = int(conn.execute("SELECT value FROM meta WHERE key='next_key'").fetchone()[0])
+                keys = np.arange(first, first + len(ids), dtype=np.int64)
+                try:
+                    conn.executemany("INSERT INTO items (key, id, vid, meta, vec) VALUES (?, ?, ?, ?, ?)",
+                                     zip(keys.tolist(), ids, repeat(v.vid), metas, vec, strict=False))
+                except sqlite3.IntegrityError:
+                    raise _Collision() from None
+                conn.execute("UPDATE meta SET value=? WHERE key='next_key'", (str(first + len(ids)),))
+                conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
+        except _Collision:
+            with self._read() as conn:
+                taken = [r[0] for r in conn.execute(
+                    "SELECT j.value FROM json_each(?) j JOIN items i ON i.id = j.value "
+                    "ORDER BY j.key LIMIT 4",
+                    (json.dumps(ids),))]
+            raise GalleryError(f"add: id(s) already in the store: {_few(taken)}") from None
+        self._synced(lambda: self._indexes.add(v.vid, keys, vec))
+
+    def replace(self, ids: Sequence[str], vectors: np.ndarray, version: str) -> None:
+        """Re-embed existing items with ``version`` in one atomic commit; keys and metadata are kept."""
+        ids = _check_ids(ids, "replace")
+        with self._read() as conn:
+            v = self._version(conn, version, "replace")
+        vec = _check_vectors(vectors, len(ids), v.dim, _label(v), "replace")
+        if not ids:
+            return
+        with self._write() as conn:
+            keys, vids = self._lookup(conn, ids, "replace")
+            conn.executemany("UPDATE items SET vid=?, vec=? WHERE key=?",
+                             zip(repeat(v.vid), vec, keys.tolist(), strict=False))
+            old = np.unique(vids, return_counts=True)
+            conn.executemany("UPDATE versions SET count = count - ? WHERE vid=?",
+                             [(int(c), int(u)) for u, c in zip(*old, strict=True)])
+            conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
+
+        def update() -> None:
+            for u in np.unique(vids):
+                self._indexes.remove(int(u), keys[vids == u])
+            self._indexes.add(v.vid, keys, vec)
+
+        self._synced(update)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Remove items (all must exist) in one atomic commit."""
+        ids = _check_ids(ids, "delete")
+        if not ids:
+            return
+        with self._write() as conn:
+            keys, vids = self._lookup(conn, ids, "delete")
+            conn.executemany("DELETE FROM items WHERE key=?", ((k,) for k in keys.tolist()))
+            old = np.unique(vids, return_counts=True)
+            conn.executemany("UPDATE versions SET count = count - ? WHERE vid=?",
+                             [(int(c), int(u)) for u, c in zip(*old, strict=True)])
+
+        def update() -> None:
+            for u in np.unique(vids):
+                self._indexes.remove(int(u), keys[vids == u])
+
+        self._synced(update)
+
+    def get(self, ids: Sequence[str]) -> tuple[np.ndarray | list[np.ndarray], list[str]]:
+        """(vectors, versions) of ``ids``: one float32 [n, d] array when all share a dimension, else a
+        list of 1-D arrays; unknown ids are refused."""
+        ids = list(ids)
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT i.vec, v.fingerprint, v.dim FROM json_each(?) j LEFT JOIN items i ON i.id = j.value "
+                "LEFT JOIN versions v ON v.vid = i.vid ORDER BY j.key", (json.dumps(ids),)).fetchall()
+        missing = [ids[n] for n, r in enumerate(rows) if r[0] is None]
+        if missing:
+            raise GalleryError(f"get: {len(missing)} unknown id(s): {_few(missing)}")
+        versions = [r[1] for r in rows]
+        dims = {r[2] for r in rows}
+        if len(dims) == 1:
+            d = dims.pop()
+            flat = np.frombuffer(b"".join(r[0] for r in rows), dtype="<f4")
+            return flat.reshape(len(rows), d).copy(), versions
+        if not rows:
+            return np.zeros((0, 0), np.float32), versions
+        return [np.frombuffer(r[0], dtype="<f4").copy() for r in rows], versions
+
+    def metadata(self, ids: Sequence[str]) -> list[dict]:
+        """The metadata dict of each id ({} when none was given)."""
+        ids = list(ids)
+        with self._read() as conn:
+            rows = conn.execute("SELECT i.key, i.meta FROM json_each(?) j "
+                                "LEFT JOIN items i ON i.id = j.value ORDER BY j.key",
+                                (json.dumps(ids),)).fetchall()
+        missing = [ids[n] for n, r in enumerate(rows) if r[0] is None]
+        if missing:
+            raise GalleryError(f"metadata: {len(missing)} unknown id(s): {_few(missing)}")
+        return [json.loads(r[1]) if r[1] else {} for r in rows]
+
+    def count(self, version: str | None = None) -> int:
+        """Number of items, of one version or of all."""
+        with self._read() as conn:
+            if version is None:
+                return int(conn.execute("SELECT coalesce(sum(count), 0) FROM versions").fetchone()[0])
+            return self._version(conn, version, "count").count
+
+    def ids(self, version: str | None = None) -> list[str]:
+        """The ids, of one version or of all, in insertion order."""
+        with self._read() as conn:
+            if version is None:
+                return [r[0] for r in conn.execute("SELECT id FROM items ORDER BY key")]
+            v = self._version(conn, version, "ids")
+            return [r[0] for r in conn.execute("SELECT id FROM items WHERE vid=? ORDER BY key", (v.vid,))]
+
+    # ---- search -----------------------------------------------------------------------------------
+
+    def search(self, queries: np.ndarray, version: str, k: int) -> SearchResult:
+        """Top-k items for queries embedded by ``version``, over every version's items: the same
+        version on all coordinates, another one only through a stored passed certificate (query
+        ``version`` -> gallery that version) on its dims; cosine scores, ties to the earlier item."""
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise GalleryError(f"search: k must be a positive integer, got {k!r}")
+        with self._read() as conn:
+            v = self._version(conn, version, "search")
+            q = _check_vectors(queries, len(np.asarray(queries)), v.dim, _label(v), "search: queries")
+            plan = self._plan(conn, v)
+            self._ensure(conn, [blk for blk, _ in plan])
+            parts = []
+            for blk, (qa, qb) in plan:
+                try:
+                    s, keys = self._indexes.search(blk, normalize_rows(q[:, qa:qb]), int(k))
+                except RuntimeError as exc:
+                    raise GalleryError(f"search: FAISS failed ({first_line(exc)})") from None
+                parts.append((s, keys, blk[0]))
+            scores, keys, vids = merge(parts, len(q), int(k))
+            found = np.unique(keys[keys != np.iinfo(np.int64).max])
+            names = dict(conn.execute("SELECT key, id FROM items "
+                                      "WHERE key IN (SELECT value FROM json_each(?))",
+                                      (json.dumps(found.tolist()),)))
+            fps = {x.vid: x.fingerprint for x in self._versions(conn)}
+        ids = [[names.get(int(c), "") for c in row] for row in keys]
+        vers = [[fps.get(int(u), "") if names.get(int(c)) else "" for c, u in zip(kr, ur, strict=True)]
+                for kr, ur in zip(keys, vids, strict=True)]
+        return SearchResult(ids, scores, vers)
+
+    def _plan(self, conn: sqlite3.Connection, v: _Version) -> list[tuple[Block, tuple[int, int]]]:
+        """(index block, query coordinates) for every version with items; refused without a certificate."""
+        certs = {r[0]: json.loads(r[1]) for r in conn.execute(
+            "SELECT gallery_vid, body FROM certificates WHERE query_vid=?", (v.vid,))}
+        plan = []
+        for u in self._versions(conn):
+            if u.count == 0:
+                continue
+            if u.vid == v.vid:
+                plan.append(((u.vid, 0, u.dim), (0, v.dim)))
+                continue
+            cert = certs.get(u.vid)
+            if cert is None:
+                raise GalleryError(f"search: {_label(v)} queries cannot search the {u.count} items of "
+                                   f"{_label(u)}: a compatibility certificate for this pair is needed "
+                                   "(add_certificate) or those items must be backfilled")
+            (qa, qb), (ga, gb) = cert["query_dims"], cert["gallery_dims"]
+            plan.append(((u.vid, int(ga), int(gb)), (int(qa), int(qb))))
+        return plan
+
+    def _ensure(self, conn: sqlite3.Connection, blocks: list[Block]) -> None:
+        """Build the missing indexes of ``blocks`` from the items (all of them when stale)."""
+        commit = int(conn.execute("SELECT value FROM meta WHERE key='commit'").fetchone()[0])
+        if commit != self._indexes.commit:
+            self._indexes.clear()
+            self._indexes.commit = commit
+        missing = [b for b in blocks if b not in self._indexes.indexes]
+        if not missing:
+            return
+        vids = sorted({b[0] for b in missing})
+        keys: dict[int, list[int]] = {u: [] for u in vids}
+        blobs: dict[int, list[bytes]] = {u: [] for u in vids}
+        cur = conn.execute(f"SELECT key, vid, vec FROM items WHERE vid IN ({','.join('?' * len(vids))}) "
+                           "ORDER BY key", vids)
+        while rows := cur.fetchmany(_FETCH):
+            for key, u, blob in rows:
+                keys[u].append(key)
+                blobs[u].append(blob)
+        dims = {x.vid: x.dim for x in self._versions(conn)}
+        for u in vids:
+            vec = np.frombuffer(b"".join(blobs.pop(u)), dtype="<f4").reshape(-1, dims[u])
+            for blk in (b for b in missing if b[0] == u):
+                try:
+                    self._indexes.build(blk, np.array(keys[u], dtype=np.int64), vec)
+                except RuntimeError as exc:
+                    msg = f"search: cannot build the {self.index!r} index ({first_line(exc)})"
+                    raise GalleryError(msg) from None
