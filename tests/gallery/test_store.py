@@ -1,0 +1,226 @@
+"""GalleryStore storage: round trips through reopen, one-line refusals that write nothing, refused
+newer-format and corrupt stores, and SIGKILL during a large add leaving the old or the new state."""
+
+import hashlib
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bctkit.errors import BctkitError, FileFormatError
+from bctkit.gallery import GalleryError, GalleryStore
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def vecs(n: int, dim: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256((path / "gallery.sqlite").read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    """A store with versions old (8-d, 5 items) and new (12-d, 0 items)."""
+    path = tmp_path / "g"
+    with GalleryStore.create(path) as store:
+        store.add_version("old-fp", 8, name="old")
+        store.add_version("new-fp", 12, name="new", layout={"compatible": [0, 8]})
+        store.add([f"i{n}" for n in range(5)], vecs(5, 8, 0), "old-fp", [{"n": n} for n in range(5)])
+    return path
+
+
+def test_add_replace_delete_round_trip_after_reopen(store_path: Path) -> None:
+    old, new = vecs(5, 8, 0), vecs(2, 12, 1)
+    with GalleryStore.open(store_path) as store:
+        store.replace(["i3", "i1"], new, "new-fp")
+        store.delete(["i0"])
+        store.add(["x"], vecs(1, 8, 2), "old-fp")
+    with GalleryStore.open(store_path) as store:
+        assert store.ids() == ["i1", "i2", "i3", "i4", "x"]
+        assert store.ids("new-fp") == ["i1", "i3"] and store.ids("old-fp") == ["i2", "i4", "x"]
+        assert store.count() == 5 and store.count("new-fp") == 2 and store.count("old-fp") == 3
+        assert store.versions() == {
+            "old-fp": {"name": "old", "dim": 8, "count": 3, "layout": None},
+            "new-fp": {"name": "new", "dim": 12, "count": 2, "layout": {"compatible": [0, 8]}}}
+        got, versions = store.get(["i1", "i2", "i3"])
+        assert versions == ["new-fp", "old-fp", "new-fp"]
+        assert isinstance(got, list) and [g.dtype for g in got] == [np.float32] * 3
+        assert np.array_equal(got[0], new[1]) and np.array_equal(got[1], old[2])
+        assert np.array_equal(got[2], new[0])
+        same, _ = store.get(["i4", "i2"])
+        assert isinstance(same, np.ndarray) and np.array_equal(same, old[[4, 2]])
+        assert store.metadata(["i3", "x", "i1"]) == [{"n": 3}, {}, {"n": 1}]
+
+
+def test_add_version_is_idempotent_and_fills_missing_fields(store_path: Path) -> None:
+    with GalleryStore.open(store_path) as store:
+        before = digest(store_path)
+        store.add_version("old-fp", 8, name="old")
+        store.add_version("old-fp", 8)
+        assert digest(store_path) == before
+        store.add_version("old-fp", 8, layout={"kind": "plain"})
+        assert store.versions()["old-fp"]["layout"] == {"kind": "plain"}
+        with pytest.raises(GalleryError, match="declared with dim 8, now 9"):
+            store.add_version("old-fp", 9)
+        with pytest.raises(GalleryError, match="declared with name 'old'"):
+            store.add_version("old-fp", 8, name="other")
+
+
+def one_line_refusal(path: Path, call, match: str, error: type[BaseException] = GalleryError) -> None:
+    """``call`` raises a one-line ``error`` matching ``match`` and the store file is unchanged."""
+    before = digest(path)
+    with GalleryStore.open(path) as store, pytest.raises(error, match=match) as info:
+        call(store)
+    assert "\n" not in str(info.value) and isinstance(info.value, BctkitError)
+    assert digest(path) == before
+
+
+BAD_INPUTS = [
+    ("add wrong dim", lambda s: s.add(["a"], vecs(1, 12, 0), "old-fp"), r"shape \(1, 8\), got \(1, 12\)"),
+    ("add wrong rows", lambda s: s.add(["a", "b"], vecs(1, 8, 0), "old-fp"), r"shape \(2, 8\)"),
+    ("add nan", lambda s: s.add(["a", "b"], np.array([[0] * 8, [np.nan] * 8], np.float32), "old-fp"),
+     "vector 1 contains NaN or Inf"),
+    ("add inf", lambda s: s.add(["a"], np.full((1, 8), np.inf, np.float32), "old-fp"), "NaN or Inf"),
+    ("add unknown version", lambda s: s.add(["a"], vecs(1, 8, 0), "nope"), "unknown version 'nope'"),
+    ("add collision", lambda s: s.add(["a", "i3", "b", "i0"], vecs(4, 8, 0), "old-fp"),
+     r"already in the store: 'i3', 'i0'"),
+    ("add duplicate", lambda s: s.add(["a", "b", "a"], vecs(3, 8, 0), "old-fp"), "duplicate ids.*'a'"),
+    ("add bad id", lambda s: s.add(["a", 3], vecs(2, 8, 0), "old-fp"), "non-empty strings"),
+    ("add metadata count", lambda s: s.add(["a"], vecs(1, 8, 0), "old-fp", [{}, {}]), "2 metadata entries"),
+    ("add metadata nan", lambda s: s.add(["a"], vecs(1, 8, 0), "old-fp", [{"x": float("nan")}]),
+     "not JSON serialisable"),
+    ("replace unknown ids", lambda s: s.replace(["i1", "zz", "yy"], vecs(3, 12, 0), "new-fp"),
+     r"2 unknown id\(s\): 'zz', 'yy'"),
+    ("replace duplicate", lambda s: s.replace(["i1", "i1"], vecs(2, 12, 0), "new-fp"), "duplicate ids"),
+    ("replace wrong dim", lambda s: s.replace(["i1"], vecs(1, 8, 0), "new-fp"), r"shape \(1, 12\)"),
+    ("replace nan", lambda s: s.replace(["i1"], np.full((1, 12), np.nan, np.float32), "new-fp"), "NaN"),
+    ("replace unknown version", lambda s: s.replace(["i1"], vecs(1, 8, 0), "nope"), "unknown version"),
+    ("delete unknown", lambda s: s.delete(["i1", "zz"]), r"1 unknown id\(s\): 'zz'"),
+    ("delete duplicate", lambda s: s.delete(["i1", "i2", "i1"]), "duplicate ids"),
+    ("get unknown", lambda s: s.get(["i1", "zz"]), "unknown id"),
+    ("metadata unknown", lambda s: s.metadata(["zz"]), "unknown id"),
+    ("count unknown version", lambda s: s.count("nope"), "unknown version"),
+    ("version without dim", lambda s: s.add_version("v", 0), "positive integer"),
+    ("certificate failed", lambda s: s.add_certificate(
+        {"format": "bctkit-compatibility-certificate", "passed": False, "sha256": "ab" * 32}),
+     "criterion failed"),
+]
+
+
+@pytest.mark.parametrize(("call", "match"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_is_a_one_line_error_and_writes_nothing(store_path: Path, call, match: str) -> None:
+    one_line_refusal(store_path, call, match)
+    with GalleryStore.open(store_path) as store:
+        assert store.ids() == [f"i{n}" for n in range(5)] and store.count("new-fp") == 0
+
+
+def test_create_refuses_a_used_folder_and_a_bad_factory(tmp_path: Path, store_path: Path) -> None:
+    with pytest.raises(GalleryError, match="not an empty directory"):
+        GalleryStore.create(store_path)
+    with pytest.raises(GalleryError, match="not a FAISS index factory"):
+        GalleryStore.create(tmp_path / "bad", index="NoSuchIndex")
+    assert not (tmp_path / "bad").exists()
+    (tmp_path / "empty").mkdir()
+    GalleryStore.create(tmp_path / "empty", index="IVF4,Flat").close()
+    with GalleryStore.open(tmp_path / "empty") as store:
+        assert store.index == "IVF4,Flat"
+
+
+def test_newer_format_is_refused_and_left_untouched(store_path: Path) -> None:
+    conn = sqlite3.connect(store_path / "gallery.sqlite")
+    conn.execute("UPDATE meta SET value='7' WHERE key='format_version'")
+    conn.commit()
+    conn.close()
+    before = digest(store_path)
+    with pytest.raises(FileFormatError, match=r"written by a newer bctkit \(store format 7") as info:
+        GalleryStore.open(store_path)
+    assert "\n" not in str(info.value) and digest(store_path) == before
+
+
+@pytest.mark.parametrize("damage", ["header", "truncate", "text", "counts", "missing"])
+def test_corrupt_store_is_refused_with_one_line(store_path: Path, damage: str) -> None:
+    db = store_path / "gallery.sqlite"
+    data = db.read_bytes()
+    if damage == "header":
+        db.write_bytes(b"\x13" * 100 + data[100:])
+    elif damage == "truncate":
+        db.write_bytes(data[: len(data) // 2])
+    elif damage == "text":
+        db.write_text("not a database at all\n" * 50)
+    elif damage == "counts":
+        conn = sqlite3.connect(db)
+        conn.execute("UPDATE versions SET count = 4 WHERE fingerprint='old-fp'")
+        conn.commit()
+        conn.close()
+    else:
+        db.unlink()
+    before = db.read_bytes() if db.exists() else None
+    with pytest.raises(FileFormatError) as info:
+        GalleryStore.open(store_path)
+    assert "\n" not in str(info.value) and str(store_path) in str(info.value)
+    assert (db.read_bytes() if db.exists() else None) == before
+
+
+WORKER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from bctkit.gallery import GalleryStore
+    path, round_, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    vectors = np.random.default_rng(round_).standard_normal((n, 16)).astype(np.float32)
+    ids = [f"r{round_}-{i}" for i in range(n)]
+    meta = [{"i": i} for i in range(n)]
+    with GalleryStore.open(path) as store:
+        print("ready", flush=True)
+        store.add(ids, vectors, "v", meta)
+    print("done", flush=True)
+""")
+
+
+def test_sigkill_during_a_large_add_leaves_the_old_or_the_new_state(tmp_path: Path) -> None:
+    n = 150_000
+    path = tmp_path / "killed"
+    with GalleryStore.create(path) as store:
+        store.add_version("v", 16)
+        store.add(["base"], np.ones((1, 16), np.float32), "v")
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    t0 = time.perf_counter()
+    timing = tmp_path / "timing"
+    shutil.copytree(path, timing)
+    subprocess.run([sys.executable, str(script), str(timing), "99", str(n)], check=True, cwd=ROOT)
+    took = time.perf_counter() - t0
+    expected = ["base"]
+    rnd = random.Random(11)
+    outcomes = []
+    for round_ in range(4):
+        proc = subprocess.Popen([sys.executable, str(script), str(path), str(round_), str(n)],
+                                stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(rnd.uniform(0.0, 0.9 * took))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        with GalleryStore.open(path) as store:
+            ids = store.ids()
+            if len(ids) == len(expected):
+                outcomes.append("old")
+            else:
+                outcomes.append("new")
+                expected += [f"r{round_}-{i}" for i in range(n)]
+                got, _ = store.get(expected[-n:])
+                want = np.random.default_rng(round_).standard_normal((n, 16)).astype(np.float32)
+                assert np.array_equal(got, want)
+                assert store.metadata([expected[-1]]) == [{"i": n - 1}]
+            assert ids == expected and store.count() == store.count("v") == len(expected)
+            assert store.search(np.ones((1, 16), np.float32), "v", 1).ids == [["base"]]
+    assert "old" in outcomes  # most kills land inside the add
