@@ -1,0 +1,245 @@
+"""Mixed-version search against an independent brute-force reference (full score matrix in float64,
+stable sort: ties to the earlier insertion), a BT^2 layout through certificate dims, exact ties
+across versions and across the k-th place, refusals, and indexes following later commits."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bctkit.gallery import GalleryError, GalleryStore
+
+D_OLD, D_NEW = 16, 20  # BT^2: the new model's first 16 dims are compatible with the old model
+
+
+def cert(query: str, q_dim: int, gallery: str, g_dim: int, q_dims: list[int], g_dims: list[int],
+         passed: bool = True) -> dict:
+    return {"format": "bctkit-compatibility-certificate",
+            "query": {"fingerprint": query, "embedding_dim": q_dim, "name": query},
+            "gallery": {"fingerprint": gallery, "embedding_dim": g_dim, "name": gallery},
+            "query_dims": q_dims, "gallery_dims": g_dims, "passed": passed,
+            "sha256": f"{query}-{gallery}" * 4}
+
+
+class Mirror:
+    """The test's own record of the store: (id, version, vector) in insertion order."""
+
+    def __init__(self) -> None:
+        self.items: list[list] = []
+
+    def add(self, ids: list[str], vectors: np.ndarray, version: str) -> None:
+        self.items += [[i, version, v.copy()] for i, v in zip(ids, vectors, strict=True)]
+
+    def replace(self, ids: list[str], vectors: np.ndarray, version: str) -> None:
+        where = {item[0]: item for item in self.items}
+        for i, v in zip(ids, vectors, strict=True):
+            where[i][1], where[i][2] = version, v.copy()
+
+    def delete(self, ids: list[str]) -> None:
+        gone = set(ids)
+        self.items = [item for item in self.items if item[0] not in gone]
+
+
+def reference(mirror: Mirror, queries: np.ndarray, version: str, k: int,
+              dims: dict[tuple[str, str], tuple[list[int], list[int]]]) -> tuple[list, np.ndarray, list]:
+    """Top-k by brute force: every compared block normalised in float64, the full score matrix, a
+    stable sort by decreasing score (equal scores: earlier insertion first)."""
+    cols = []
+    for _, ver, vec in mirror.items:
+        if ver == version:
+            (qa, qb), (ga, gb) = (0, queries.shape[1]), (0, len(vec))
+        else:
+            (qa, qb), (ga, gb) = dims[(version, ver)]
+        q = queries[:, qa:qb].astype(np.float64)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        g = vec[ga:gb].astype(np.float64)
+        cols.append(q @ (g / np.linalg.norm(g)))
+    scores = np.stack(cols, axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    ids = [[mirror.items[j][0] for j in row] for row in order]
+    vers = [[mirror.items[j][1] for j in row] for row in order]
+    return ids, np.take_along_axis(scores, order, 1), vers
+
+
+DIMS = {("new", "old"): ([0, D_OLD], [0, D_OLD]), ("old", "new"): ([0, D_OLD], [0, D_OLD])}
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[Path, Mirror, np.ndarray]:
+    """Old items, some replaced by BT^2 new embeddings (keys kept), new items, and exact duplicates:
+    ``tie`` (16 values) appears 14 times across both versions, keys interleaved."""
+    rng = np.random.default_rng(0)
+    path, mirror = tmp_path / "g", Mirror()
+    tie = rng.standard_normal(D_OLD).astype(np.float32)
+    with GalleryStore.create(path) as store:
+        store.add_version("old", D_OLD, name="old")
+        store.add_version("new", D_NEW, name="new", layout={"bt2": {"compatible_dims": D_OLD}})
+        store.add_certificate(cert("new", D_NEW, "old", D_OLD, *DIMS[("new", "old")]))
+        store.add_certificate(cert("old", D_OLD, "new", D_NEW, *DIMS[("old", "new")]))
+        for step in range(3):
+            ids = [f"o{step}-{i}" for i in range(600)]
+            old = rng.standard_normal((600, D_OLD)).astype(np.float32)
+            old[[5, 77, 300]] = tie * np.float32(2**step)  # same direction, exact other scales: equal cosines
+            store.add(ids, old, "old")
+            mirror.add(ids, old, "old")
+            ids = [f"n{step}-{i}" for i in range(300)]
+            new = rng.standard_normal((300, D_NEW)).astype(np.float32)
+            new[[10, 200], :D_OLD] = tie
+            store.add(ids, new, "new")
+            mirror.add(ids, new, "new")
+        moved = [f"o{s}-{i}" for s in range(3) for i in range(0, 600, 7)]  # includes o*-77
+        vec = rng.standard_normal((len(moved), D_NEW)).astype(np.float32)
+        vec[[m.endswith("-77") for m in moved], :D_OLD] = tie
+        store.replace(moved, vec, "new")
+        mirror.replace(moved, vec, "new")
+        store.delete(["o1-5", "n2-3"])
+        mirror.delete(["o1-5", "n2-3"])
+    return path, mirror, tie
+
+
+def check(result, want: tuple[list, np.ndarray, list]) -> None:
+    ids, scores, versions = want
+    assert result.scores.dtype == np.float32 and result.scores.shape == scores.shape
+    assert result.ids == ids
+    assert result.versions == versions
+    np.testing.assert_allclose(result.scores, scores, atol=2e-6)
+
+
+@pytest.mark.parametrize("n_queries", [3, 30])  # below and above FAISS's BLAS threshold
+@pytest.mark.parametrize("k", [1, 10, 50])
+def test_mixed_search_equals_brute_force(world, n_queries: int, k: int) -> None:
+    path, mirror, tie = world
+    rng = np.random.default_rng(k + n_queries)
+    q_old = rng.standard_normal((n_queries, D_OLD)).astype(np.float32)
+    q_old[0] = tie * 4  # ties at the top places, across versions
+    q_new = rng.standard_normal((n_queries, D_NEW)).astype(np.float32)
+    q_new[1, :D_OLD] = tie
+    with GalleryStore.open(path) as store:
+        for version, q in (("old", q_old), ("new", q_new)):
+            check(store.search(q, version, k), reference(mirror, q, version, k, DIMS))
+
+
+def test_ties_across_the_kth_place_take_the_earliest_items(world) -> None:
+    path, mirror, tie = world
+    q = np.stack([tie, -tie, tie * 0.5]).astype(np.float32)
+    want = reference(mirror, q, "old", 6, DIMS)
+    n_tied = sum(1 for _, ver, v in mirror.items if np.array_equal(v[:D_OLD] / np.linalg.norm(v[:D_OLD]),
+                                                                   tie / np.linalg.norm(tie)))
+    assert n_tied > 6 and len(set(want[1][0])) == 1  # the tie spans the 6th place
+    with GalleryStore.open(path) as store:
+        check(store.search(q, "old", 6), want)
+
+
+def test_k_beyond_the_gallery_returns_every_item(world) -> None:
+    path, mirror, _ = world
+    q = np.random.default_rng(1).standard_normal((4, D_NEW)).astype(np.float32)
+    with GalleryStore.open(path) as store:
+        res = store.search(q, "new", 10_000)
+    ids, scores, versions = reference(mirror, q, "new", 10_000, DIMS)
+    assert res.scores.shape == scores.shape == (4, len(mirror.items))
+    np.testing.assert_allclose(res.scores, scores, atol=2e-6)  # near-equal scores may swap (float32)
+    for got, want, got_v, want_v, s in zip(res.ids, ids, res.versions, versions, scores, strict=True):
+        assert sorted(got) == sorted(want)
+        assert dict(zip(got, got_v, strict=True)) == dict(zip(want, want_v, strict=True))
+        assert got[:5] == want[:5] and np.diff(s).max() <= 0
+
+
+def test_indexes_follow_later_commits_of_this_and_other_processes(world) -> None:
+    path, mirror, _ = world
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((8, D_OLD)).astype(np.float32)
+    with GalleryStore.open(path) as store, GalleryStore.open(path) as other:
+        check(store.search(q, "old", 20), reference(mirror, q, "old", 20, DIMS))  # indexes built
+        near = (q[:3] + 0.01 * rng.standard_normal((3, D_OLD))).astype(np.float32)
+        store.add(["a", "b", "c"], near, "old")
+        mirror.add(["a", "b", "c"], near, "old")
+        store.replace(["a"], np.concatenate([near[:1], np.zeros((1, 4), np.float32)], 1), "new")
+        mirror.replace(["a"], np.concatenate([near[:1], np.zeros((1, 4), np.float32)], 1), "new")
+        check(store.search(q, "old", 20), reference(mirror, q, "old", 20, DIMS))
+        other.search(q, "old", 5)
+        store.delete(["b"])  # another connection's commit: other's indexes are stale
+        mirror.delete(["b"])
+        check(other.search(q, "old", 20), reference(mirror, q, "old", 20, DIMS))
+
+
+def test_a_version_without_certificate_is_refused(world) -> None:
+    path, mirror, _ = world
+    q = np.random.default_rng(3).standard_normal((2, D_OLD)).astype(np.float32)
+    with GalleryStore.open(path) as store:
+        store.add_version("other", D_OLD, name="third")
+        store.search(q, "old", 5)  # a version without items needs no certificate
+        store.add(["t"], q[:1], "other")
+        with pytest.raises(GalleryError, match=r"old \(old\) queries cannot search the 1 items of third "
+                                               r"\(other\): a compatibility certificate") as info:
+            store.search(q, "old", 5)
+        assert "\n" not in str(info.value)
+        with pytest.raises(GalleryError, match="cannot search the 1 items of third"):
+            store.search(np.zeros((1, D_NEW), np.float32) + 1, "new", 5)
+        store.add_certificate(cert("old", D_OLD, "other", D_OLD, [0, D_OLD], [0, D_OLD]))
+        mirror.add(["t"], q[:1], "other")
+        dims = {**DIMS, ("old", "other"): ([0, D_OLD], [0, D_OLD])}
+        res = store.search(q, "old", 5)
+        check(res, reference(mirror, q, "old", 5, dims))
+        assert res.ids[0][0] == "t" and res.versions[0][0] == "other"
+
+
+@pytest.mark.parametrize(("call", "match"), [
+    (lambda s: s.search(np.ones((2, D_OLD), np.float32), "nope", 5), "unknown version 'nope'"),
+    (lambda s: s.search(np.ones((2, D_NEW), np.float32), "old", 5), r"shape \(2, 16\), got \(2, 20\)"),
+    (lambda s: s.search(np.ones(D_OLD, np.float32), "old", 5), r"shape"),
+    (lambda s: s.search(np.full((1, D_OLD), np.nan, np.float32), "old", 5), "NaN or Inf"),
+    (lambda s: s.search(np.ones((1, D_OLD), np.float32), "old", 0), "k must be a positive integer"),
+])
+def test_bad_queries_are_one_line_errors(world, call, match: str) -> None:
+    path, _, _ = world
+    with GalleryStore.open(path) as store, pytest.raises(GalleryError, match=match) as info:
+        call(store)
+    assert "\n" not in str(info.value)
+
+
+def test_certificates_are_checked_stored_and_replaced(tmp_path: Path) -> None:
+    with GalleryStore.create(tmp_path / "g") as store:
+        store.add_version("a", 8)
+        store.add_version("b", 10)
+        for bad, match in [
+            (cert("a", 8, "b", 10, [0, 8], [0, 8], passed=False), "compatibility criterion failed"),
+            (cert("a", 8, "zz", 10, [0, 8], [0, 8]), "unknown version 'zz'"),
+            (cert("a", 9, "b", 10, [0, 8], [0, 8]), "query embedding_dim 9 but version a has dim 8"),
+            (cert("a", 8, "b", 10, [0, 8], [0, 11]), r"gallery_dims \[0, 11\] is not a \[start, end\)"),
+            (cert("a", 8, "b", 10, [0, 8], [2, 9]), "differ in length"),
+            ({"format": "something else"}, "not a bctkit-compatibility-certificate"),
+        ]:
+            with pytest.raises(GalleryError, match=match) as info:
+                store.add_certificate(bad)
+            assert "\n" not in str(info.value)
+        assert store.certificates() == []
+        first = cert("a", 8, "b", 10, [0, 8], [0, 8])
+        store.add_certificate(first)
+        second = {**cert("a", 8, "b", 10, [0, 8], [2, 10]), "sha256": "f" * 64}
+        store.add_certificate(second)
+        store.add_certificate(cert("b", 10, "a", 8, [0, 8], [0, 8]))
+    with GalleryStore.open(tmp_path / "g") as store:
+        certs = store.certificates()
+        assert [c["sha256"] for c in certs] == ["f" * 64, "b-a" * 4]
+        rng = np.random.default_rng(4)
+        items = rng.standard_normal((50, 10)).astype(np.float32)
+        store.add([f"b{i}" for i in range(50)], items, "b")
+        q = rng.standard_normal((5, 8)).astype(np.float32)
+        mirror = Mirror()
+        mirror.add([f"b{i}" for i in range(50)], items, "b")
+        check(store.search(q, "a", 7), reference(mirror, q, "a", 7, {("a", "b"): ([0, 8], [2, 10])}))
+
+
+def test_empty_store_and_approximate_factory(tmp_path: Path) -> None:
+    with GalleryStore.create(tmp_path / "e") as store:
+        store.add_version("v", 8)
+        res = store.search(np.ones((3, 8), np.float32), "v", 5)
+        assert res.ids == [[], [], []] and res.scores.shape == (3, 0)
+    rng = np.random.default_rng(5)
+    with GalleryStore.create(tmp_path / "ivf", index="IVF4,Flat") as store:
+        store.add_version("v", 8)
+        items = rng.standard_normal((400, 8)).astype(np.float32)
+        store.add([f"x{i}" for i in range(400)], items, "v")
+        res = store.search(items[:10], "v", 3)
+        assert [row[0] for row in res.ids] == [f"x{i}" for i in range(10)]  # each item finds itself
+        assert res.scores.shape == (10, 3) and np.allclose(res.scores[:, 0], 1.0, atol=1e-5)
