@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from bctkit.gallery.store import GalleryStore
 from tqdm.auto import tqdm
 
 from bctkit.data.sources.base import DataSource
 from bctkit.errors import ConfigError, DataError
 from bctkit.gallery.embed import embed_batches
+from bctkit.gallery.store import GalleryStore
 from bctkit.models.store import LoadedModel
 
 Order = Literal["random", "benefit"]
@@ -51,7 +51,7 @@ def backfill_order(store: GalleryStore, new_version: str, order: Order, seed: in
         ranked = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
     elif order == "benefit":
         vectors, _ = store.get(ids)
-        norms = np.array([float(np.linalg.norm(v)) for v in vectors])
+        norms = np.array([np.linalg.norm(np.asarray(v, dtype=np.float64)) for v in vectors])
         ranked = [ids[i] for i in np.argsort(norms, kind="stable")]
     else:
         raise ConfigError(f"backfill order {order!r}: expected 'random' or 'benefit'")

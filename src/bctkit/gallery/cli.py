@@ -88,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
 
             for path in args.certificates:
                 cert = verify_certificate(path)
+                for side in ("query", "gallery"):  # the new model may have no items yet
+                    m = cert[side]
+                    _declare(store, m["fingerprint"], m["embedding_dim"], m["name"], None)
                 store.add_certificate(cert)
                 print(f"gallery: {cert['query']['name']} queries may search {cert['gallery']['name']} items "
                       f"({path})")
@@ -126,6 +129,7 @@ def _search(store: Any, args: argparse.Namespace) -> int:
     model, images = _model(args.model), _images(args.images)
     if args.k < 1:
         raise ConfigError(f"-k {args.k}: must be >= 1")
+    _declare(store, model.fingerprint, model.output_dim, model.meta.get("name"), model.meta.get("layout"))
     feats = embed_all(model, images, args.batch_size, progress=not args.quiet, desc="queries")
     res = store.search(feats, model.fingerprint, args.k)
     rows = [{"query": images.key(i), "results": [
@@ -139,6 +143,12 @@ def _search(store: Any, args: argparse.Namespace) -> int:
         print(f"{row['query']}: " + (f"{best['id']} ({best['score']:.3f})" if best else "no result"))
     print(f"gallery: {len(rows)} queries searched" + (f"; results in {args.out}" if args.out else ""))
     return 0
+
+
+def _declare(store: Any, fingerprint: str, dim: int, name: str | None, layout: dict | None) -> None:
+    """Declare a model version the store does not know yet (a known one keeps its name)."""
+    if fingerprint not in store.versions():
+        store.add_version(fingerprint, dim, name=name, layout=layout)
 
 
 def _shares(store: Any) -> str:

@@ -1,0 +1,155 @@
+"""Backfill: the order rules, partial runs, and a run SIGKILLed at random moments and restarted
+ending exactly where an uninterrupted run ends (ids, versions, vectors bit for bit)."""
+
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bctkit.data.sources import ArraySource
+from bctkit.errors import DataError
+from bctkit.gallery.backfill import backfill, backfill_order
+from bctkit.gallery.cli import expected_accuracy
+from bctkit.gallery.store import GalleryStore
+from bctkit.models.backbones import BackboneConfig, build_backbone
+from bctkit.models.heads import HeadConfig
+from bctkit.models.store import load_model, save_model
+
+N, DIM_OLD, DIM_NEW = 20_000, 8, 12
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_model(path: Path, dim: int, seed: int) -> Path:
+    torch.manual_seed(seed)
+    net = build_backbone(BackboneConfig(arch="r8", width=4, embedding_dim=dim, image_size=8, in_channels=1))
+    with torch.no_grad():  # eval-mode BN statistics that keep the outputs of order 1
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
+                m.running_var.fill_(4.0)
+    meta = {"name": f"m{seed}", "preprocessing": {"color": "stored", "resize": None, "crop": None,
+                                                   "mean": [0.5], "std": [0.5], "input": [1, 8, 8]}}
+    save_model(path, net, None, HeadConfig(), meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A store of N items embedded by an 'old' version (random vectors), the images they came from,
+    and a new model file."""
+    root = tmp_path_factory.mktemp("backfill")
+    rng = np.random.default_rng(0)
+    np.save(root / "images.npy", rng.integers(0, 256, (N, 1, 8, 8), dtype=np.uint8))
+    new = tiny_model(root / "new.safetensors", DIM_NEW, 1)
+    with GalleryStore.create(root / "base") as store:
+        store.add_version("old-fp", DIM_OLD, name="old")
+        scale = rng.uniform(0.5, 2.0, (N, 1)).astype(np.float32)
+        old = rng.standard_normal((N, DIM_OLD)).astype(np.float32) * scale
+        store.add([str(i) for i in range(N)], old, "old-fp")
+    return root, new
+
+
+def images(root: Path) -> ArraySource:
+    arr = np.load(root / "images.npy")
+    return ArraySource(arr, np.zeros(len(arr), np.int64))
+
+
+def copy_store(root: Path, name: str) -> Path:
+    dest = root / name
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(root / "base", dest)
+    return dest
+
+
+def state(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    with GalleryStore.open(path) as store:
+        ids = store.ids()
+        vectors, versions = store.get(ids)
+    return ids, versions, np.stack([np.asarray(v) for v in vectors])
+
+
+def worker(store: Path, model: Path, root: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "tests" / "gallery" / "backfill_worker.py"), str(store), str(model),
+            str(root / "images.npy")]
+
+
+def test_killed_and_restarted_backfill_ends_as_an_uninterrupted_one(world):
+    root, new_path = world
+    ref = copy_store(root, "ref")
+    t0 = time.perf_counter()
+    with GalleryStore.open(ref) as store:
+        res = backfill(store, load_model(new_path), images(root), order="random", seed=3, batch_size=500,
+                       progress=False)
+    took = time.perf_counter() - t0
+    assert (res.embedded, res.already, res.batches) == (N, 0, N // 500)
+    killed = copy_store(root, "killed")
+    rnd = random.Random(7)
+    kills, partial = 0, []
+    new_fp = load_model(new_path).fingerprint
+    for _ in range(5):
+        proc = subprocess.Popen(worker(killed, new_path, root), stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        time.sleep(rnd.uniform(0.02, max(0.05, 0.25 * took)))
+        proc.send_signal(signal.SIGKILL)
+        kills += proc.wait() == -signal.SIGKILL
+        with GalleryStore.open(killed) as store:  # opens after the kill, holding whole batches only
+            partial.append(store.count(new_fp))
+    done = subprocess.run(worker(killed, new_path, root), capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and "finished" in done.stdout, done.stderr[-2000:]
+    assert kills >= 3  # most kills landed while the backfill ran
+    assert all(c % 500 == 0 for c in partial) and any(0 < c < N for c in partial), partial
+    ids_a, ver_a, vec_a = state(ref)
+    ids_b, ver_b, vec_b = state(killed)
+    assert ids_a == ids_b == [str(i) for i in range(N)]
+    assert ver_a == ver_b == [new_fp] * N
+    assert vec_a.dtype == vec_b.dtype == np.float32 and np.array_equal(vec_a, vec_b)
+
+
+def test_orders_and_partial_runs(world):
+    root, new_path = world
+    path = copy_store(root, "orders")
+    model = load_model(new_path)
+    with GalleryStore.open(path) as store:
+        store.add_version(model.fingerprint, DIM_NEW)
+        ids = store.ids()
+        perm = np.random.default_rng(5).permutation(N)
+        assert backfill_order(store, model.fingerprint, "random", seed=5) == [ids[i] for i in perm]
+        vecs, _ = store.get(ids)
+        norms = np.sqrt((np.stack(vecs).astype(np.float64) ** 2).sum(axis=1))
+        by_norm = [ids[i] for i in np.argsort(norms, kind="stable")]
+        assert backfill_order(store, model.fingerprint, "benefit") == by_norm
+        res = backfill(store, model, images(root), order="benefit", batch_size=1000, progress=False,
+                       limit=2500)
+        assert (res.embedded, res.batches) == (2500, 3)
+        assert store.count(model.fingerprint) == 2500 and store.count("old-fp") == N - 2500
+        assert set(store.ids(model.fingerprint)) == set(by_norm[:2500])
+        assert backfill_order(store, model.fingerprint, "benefit") == by_norm[2500:]
+        res = backfill(store, model, images(root), order="benefit", batch_size=1000, progress=False,
+                       limit=100)
+        assert (res.embedded, res.already) == (100, 2500)
+
+
+def test_an_item_without_its_image_is_named(world):
+    root, new_path = world
+    path = copy_store(root, "missing")
+    few = ArraySource(np.load(root / "images.npy")[:10], np.zeros(10, np.int64), "few")
+    with GalleryStore.open(path) as store, pytest.raises(DataError, match=r"few: no image for 19990 gallery"):
+        backfill(store, load_model(new_path), few, progress=False)
+
+
+def test_expected_accuracy_reads_the_report_curve(world):
+    root, new_path = world
+    path = copy_store(root, "status")
+    model = load_model(new_path)
+    with GalleryStore.open(path) as store:
+        backfill(store, model, images(root), batch_size=5000, progress=False, limit=5000)
+        report = {"models": {"bct": {"fingerprint": model.fingerprint}, "old": {"fingerprint": "old-fp"}},
+                  "backfill": {"bct": {"random": {"fractions": [0.0, 0.5, 1.0], "values": [0.2, 0.6, 0.7]}}}}
+        (line,) = expected_accuracy(store, report)
+    assert "25.0 % of items backfilled" in line and "40.00 %" in line  # 0.2 + (0.25 / 0.5) * 0.4

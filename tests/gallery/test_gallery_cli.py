@@ -1,0 +1,76 @@
+"""``bctkit gallery`` end to end on an image folder: add with the old model, new queries refused
+until a certificate allows them, then searching old items, a partial backfill, status."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bctkit.certificate import make_certificate, write_certificate
+from bctkit.cli import main
+from bctkit.features import FeatureSet
+from bctkit.gallery.store import GalleryStore
+from bctkit.models.store import load_model
+from tests.gallery.test_backfill import tiny_model
+
+
+@pytest.fixture
+def setup(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, ids in (("gallery", 6), ("queries", 2)):
+        for k in range(ids):
+            folder = tmp_path / split / f"p{k}"
+            folder.mkdir(parents=True)
+            for j in range(3):
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), "L").save(folder / f"{j}.png")
+    old = tiny_model(tmp_path / "old.safetensors", 8, 1)
+    new = tiny_model(tmp_path / "new.safetensors", 12, 2)
+    fp_old, fp_new = load_model(old).fingerprint, load_model(new).fingerprint
+    labels = torch.arange(4)
+    q = FeatureSet(torch.randn(4, 12), labels, {"model_fingerprint": fp_new, "compat_dims": 8})
+    g = FeatureSet(torch.randn(4, 8), labels, {"model_fingerprint": fp_old})
+    metrics = {"top1": {"cross": 0.6, "old_self": 0.5, "self": 0.7, "criterion": True, "update_gain": 0.5}}
+    cert = make_certificate("new", q, "old", g, metrics, {"dataset": "t"})
+    write_certificate(tmp_path / "new__old.json", cert)
+    return tmp_path, old, new, fp_old, fp_new
+
+
+def test_gallery_commands_end_to_end(setup, capsys):
+    root, old, new, fp_old, fp_new = setup
+    store = str(root / "store")
+    assert main(["gallery", "create", store]) == 0
+    images = ["--images", str(root / "gallery"), "--quiet"]
+    assert main(["gallery", "add", store, "--model", str(old), *images]) == 0
+    search = ["gallery", "search", store, "--model", str(new), "--images", str(root / "queries"), "-k", "4",
+              "--quiet", "--out", str(root / "hits.json")]
+    capsys.readouterr()
+    assert main(search) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "certificate" in err and fp_new in err and fp_old in err
+    assert main(["gallery", "certify", store, str(root / "new__old.json")]) == 0
+    assert main(search) == 0
+    hits = json.loads((root / "hits.json").read_text())["queries"]
+    assert len(hits) == 6 and all(len(h["results"]) == 4 for h in hits)
+    assert {r["version"] for h in hits for r in h["results"]} == {fp_old}
+    assert main(["gallery", "backfill", store, "--model", str(new), "--images", str(root / "gallery"),
+                 "--limit", "9", "--seed", "1", "--quiet"]) == 0
+    with GalleryStore.open(store) as s:
+        assert s.count(fp_new) == 9 and s.count(fp_old) == 9
+        assert sorted(s.ids()) == sorted(f"p{k}/{j}.png" for k in range(6) for j in range(3))
+    assert main(search) == 0
+    hits = json.loads((root / "hits.json").read_text())["queries"]
+    assert {r["version"] for h in hits for r in h["results"]} <= {fp_old, fp_new}
+    capsys.readouterr()
+    assert main(["gallery", "status", store]) == 0
+    assert "18 items" in capsys.readouterr().out
+
+
+def test_gallery_bad_input_is_one_line(setup, capsys):
+    root, old, _, _, _ = setup
+    assert main(["gallery", "add", str(root / "nowhere"), "--model", str(old), "--images", str(root)]) == 2
+    assert main(["gallery", "create", str(root / "s")]) == 0
+    capsys.readouterr()
+    assert main(["gallery", "add", str(root / "s"), "--model", str(old), "--images", str(root / "none")]) == 2
+    assert "--images" in capsys.readouterr().err
