@@ -1,4 +1,6 @@
-"""FAISS indexes derived from a gallery store's items, and mixed-version top-k with the tie rule.
+"""Mixed-version search of a gallery store: which versions may be compared (certificates), the FAISS
+indexes derived from the store's items, and top-k under the tie rule. Also the checks of the vectors
+and ids that the store and its search take, and :class:`GalleryError`.
 
 One index per (version, compared block): the block is all of a version's coordinates for queries of
 the same version, or a certificate's ``gallery_dims`` for queries of another version. Every index is
@@ -15,16 +17,137 @@ resolved or the index is exhausted; the per-index lists then merge by (score, ke
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import NamedTuple
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
+
+from bctkit.errors import BctkitError
 
 NO_KEY = np.iinfo(np.int64).max
 """Key of an empty result place (an approximate index found fewer than k items)."""
 
 Block = tuple[int, int, int]
 """(version id, first coordinate, end coordinate) of an index."""
+CERTIFICATE_FORMAT = "bctkit-compatibility-certificate"
+_FETCH = 65536
+
+
+class GalleryError(BctkitError, ValueError):
+    """A gallery call was refused: bad vectors or ids, unknown version, search without certificate."""
+
+
+class Version(NamedTuple):
+    """A declared model version as stored (``vid`` is its row in the store)."""
+
+    vid: int
+    fingerprint: str
+    name: str | None
+    dim: int
+    layout: dict | None
+    count: int
+
+    @property
+    def label(self) -> str:
+        """"name (fingerprint)" for messages."""
+        return f"{self.name} ({self.fingerprint})" if self.name else self.fingerprint
+
+
+def read_versions(conn: sqlite3.Connection) -> list[Version]:
+    """The declared versions, in declaration order."""
+    rows = conn.execute("SELECT vid, fingerprint, name, dim, layout, count FROM versions ORDER BY vid")
+    return [Version(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5]) for r in rows]
+
+
+def find_version(conn: sqlite3.Connection, fingerprint: Any, what: str) -> Version:
+    """The version ``fingerprint``; an unknown one is refused."""
+    for v in read_versions(conn):
+        if v.fingerprint == fingerprint:
+            return v
+    raise GalleryError(f"{what}: unknown version {fingerprint!r}; declare it with add_version first")
+
+
+def few(items: Sequence[Any], n: int = 3) -> str:
+    """The first few of ``items`` for an error message, with the total when there are more."""
+    head = ", ".join(repr(x) for x in items[:n])
+    return head + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def check_ids(ids: Sequence[str], what: str) -> list[str]:
+    """``ids`` as a list of non-empty strings without duplicates."""
+    if isinstance(ids, str | bytes):
+        raise GalleryError(f"{what}: ids must be a sequence of strings, got a single {type(ids).__name__}")
+    out = list(ids)
+    bad = [i for i in out if not isinstance(i, str) or not i]
+    if bad:
+        raise GalleryError(f"{what}: ids must be non-empty strings, got {few(bad)}")
+    if len(set(out)) != len(out):
+        seen: set[str] = set()
+        dup = [i for i in out if i in seen or seen.add(i)]
+        raise GalleryError(f"{what}: duplicate ids within one call: {few(list(dict.fromkeys(dup)))}")
+    return out
+
+
+def check_vectors(vectors: Any, n: int | None, v: Version, what: str) -> np.ndarray:
+    """``vectors`` as finite float32 C-ordered rows [n, v.dim] (n None: any number of rows)."""
+    arr = np.asarray(vectors)
+    if arr.dtype.kind not in "fiu":
+        raise GalleryError(f"{what}: vectors must be numeric, got dtype {arr.dtype}")
+    n = (arr.shape[0] if arr.ndim else 1) if n is None else n
+    if arr.shape != (n, v.dim):
+        raise GalleryError(f"{what}: vectors of version {v.label} must have shape ({n}, {v.dim}), "
+                           f"got {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype="<f4")
+    step = max(1, (1 << 22) // v.dim)
+    for s in range(0, n, step):
+        finite = np.isfinite(arr[s : s + step]).all(axis=1)
+        if not finite.all():
+            raise GalleryError(f"{what}: vector {s + int(np.argmin(finite))} contains NaN or Inf")
+    return arr
+
+
+def to_json(obj: Any, what: str) -> str:
+    """Compact strict JSON of ``obj``; refused when it is not serialisable (NaN included)."""
+    try:
+        return json.dumps(obj, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise GalleryError(f"{what}: not JSON serialisable ({exc})") from None
+
+
+def check_certificate(conn: sqlite3.Connection, cert: Any) -> tuple[Version, Version, str, str]:
+    """(query version, gallery version, sha256, JSON body) of a passed certificate whose versions are
+    declared with its dims; anything else is refused."""
+    if not isinstance(cert, dict) or cert.get("format") != CERTIFICATE_FORMAT:
+        raise GalleryError(f"add_certificate: not a {CERTIFICATE_FORMAT} dict")
+    sha = cert.get("sha256")
+    if not isinstance(sha, str) or not sha:
+        raise GalleryError("add_certificate: the certificate has no sha256")
+    what = f"certificate {sha[:12]}"
+    if cert.get("passed") is not True:
+        raise GalleryError(f"{what}: the compatibility criterion failed (passed: {cert.get('passed')!r}); "
+                           "only a passed certificate allows mixed-version search")
+    body = to_json(cert, what)
+    sides = []
+    for side in ("query", "gallery"):
+        info = cert.get(side)
+        if not isinstance(info, dict):
+            raise GalleryError(f"{what}: no {side} model")
+        v = find_version(conn, info.get("fingerprint"), f"{what} {side}")
+        if info.get("embedding_dim") != v.dim:
+            raise GalleryError(f"{what}: {side} embedding_dim {info.get('embedding_dim')!r} but version "
+                               f"{v.label} has dim {v.dim}")
+        dims = cert.get(f"{side}_dims")
+        if (not isinstance(dims, list | tuple) or len(dims) != 2
+                or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
+                or not 0 <= dims[0] < dims[1] <= v.dim):
+            raise GalleryError(f"{what}: {side}_dims {dims!r} is not a [start, end) range within 0..{v.dim}")
+        sides.append((v, dims))
+    (q, qd), (g, gd) = sides
+    if qd[1] - qd[0] != gd[1] - gd[0]:
+        raise GalleryError(f"{what}: query_dims {list(qd)} and gallery_dims {list(gd)} differ in length")
+    return q, g, sha, body
 
 
 class SearchResult(NamedTuple):
@@ -181,3 +304,80 @@ def merge(parts: Iterable[tuple[np.ndarray, np.ndarray, int]], n_queries: int, k
     order = np.lexsort((keys, -scores.astype(np.float64)), axis=-1)[:, :k]
     return (np.take_along_axis(scores, order, 1).astype(np.float32, copy=False),
             np.take_along_axis(keys, order, 1), np.take_along_axis(vids, order, 1))
+
+
+def search_items(conn: sqlite3.Connection, indexes: IndexSet, version: str, queries: Any, k: Any
+                 ) -> SearchResult:
+    """Top-k of the store behind ``conn`` (inside one read transaction) for ``version`` queries."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise GalleryError(f"search: k must be a positive integer, got {k!r}")
+    v = find_version(conn, version, "search")
+    q = check_vectors(queries, None, v, "search: queries")
+    plan = _plan(conn, v)
+    _ensure(conn, indexes, [blk for blk, _ in plan])
+    parts = []
+    for blk, (qa, qb) in plan:
+        try:
+            s, keys = indexes.search(blk, normalize_rows(q[:, qa:qb]), int(k))
+        except RuntimeError as exc:
+            raise GalleryError(f"search: FAISS failed ({first_line(exc)})") from None
+        parts.append((s, keys, blk[0]))
+    scores, keys, vids = merge(parts, len(q), int(k))
+    found = np.unique(keys[keys != NO_KEY])
+    names = dict(conn.execute("SELECT key, id FROM items WHERE key IN (SELECT value FROM json_each(?))",
+                              (json.dumps(found.tolist()),)))
+    fps = {x.vid: x.fingerprint for x in read_versions(conn)}
+    ids = [[names.get(int(c), "") for c in row] for row in keys]
+    vers = [[fps.get(int(u), "") if names.get(int(c)) else "" for c, u in zip(kr, ur, strict=True)]
+            for kr, ur in zip(keys, vids, strict=True)]
+    return SearchResult(ids, scores, vers)
+
+
+def _plan(conn: sqlite3.Connection, v: Version) -> list[tuple[Block, tuple[int, int]]]:
+    """(index block, query coordinates) for every version with items; refused without a certificate."""
+    certs = {r[0]: json.loads(r[1]) for r in conn.execute(
+        "SELECT gallery_vid, body FROM certificates WHERE query_vid=?", (v.vid,))}
+    plan = []
+    for u in read_versions(conn):
+        if u.count == 0:
+            continue
+        if u.vid == v.vid:
+            plan.append(((u.vid, 0, u.dim), (0, v.dim)))
+            continue
+        cert = certs.get(u.vid)
+        if cert is None:
+            raise GalleryError(f"search: {v.label} queries cannot search the {u.count} items of {u.label}: "
+                               "a compatibility certificate for this pair is needed (add_certificate) or "
+                               "those items must be backfilled")
+        (qa, qb), (ga, gb) = cert["query_dims"], cert["gallery_dims"]
+        plan.append(((u.vid, int(ga), int(gb)), (int(qa), int(qb))))
+    return plan
+
+
+def _ensure(conn: sqlite3.Connection, indexes: IndexSet, blocks: list[Block]) -> None:
+    """Build the missing indexes of ``blocks`` from the items (all of them when stale)."""
+    commit = int(conn.execute("SELECT value FROM meta WHERE key='commit'").fetchone()[0])
+    if commit != indexes.commit:
+        indexes.clear()
+        indexes.commit = commit
+    missing = [b for b in blocks if b not in indexes.indexes]
+    if not missing:
+        return
+    vids = sorted({b[0] for b in missing})
+    keys: dict[int, list[int]] = {u: [] for u in vids}
+    blobs: dict[int, list[bytes]] = {u: [] for u in vids}
+    cur = conn.execute(f"SELECT key, vid, vec FROM items WHERE vid IN ({','.join('?' * len(vids))}) "
+                       "ORDER BY key", vids)
+    while rows := cur.fetchmany(_FETCH):
+        for key, u, blob in rows:
+            keys[u].append(key)
+            blobs[u].append(blob)
+    dims = {x.vid: x.dim for x in read_versions(conn)}
+    for u in vids:
+        vec = np.frombuffer(b"".join(blobs.pop(u)), dtype="<f4").reshape(-1, dims[u])
+        for blk in (b for b in missing if b[0] == u):
+            try:
+                indexes.build(blk, np.array(keys[u], dtype=np.int64), vec)
+            except RuntimeError as exc:
+                msg = f"search: cannot build the {indexes.factory!r} index ({first_line(exc)})"
+                raise GalleryError(msg) from None

@@ -29,19 +29,26 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import repeat
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from bctkit.errors import BctkitError, FileFormatError
+from bctkit.errors import FileFormatError
 from bctkit.gallery.search import (
-    Block,
+    CERTIFICATE_FORMAT,
+    GalleryError,
     IndexSet,
     SearchResult,
+    check_certificate,
+    check_ids,
+    check_vectors,
     factory_is_valid,
+    few,
+    find_version,
     first_line,
-    merge,
-    normalize_rows,
+    read_versions,
+    search_items,
+    to_json,
 )
 
 __all__ = ["CERTIFICATE_FORMAT", "FORMAT_VERSION", "GalleryError", "GalleryStore", "SearchResult"]
@@ -49,7 +56,6 @@ __all__ = ["CERTIFICATE_FORMAT", "FORMAT_VERSION", "GalleryError", "GalleryStore
 DB_NAME = "gallery.sqlite"
 STORE_FORMAT = "bctkit-gallery"
 FORMAT_VERSION = 1
-CERTIFICATE_FORMAT = "bctkit-compatibility-certificate"
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE versions (vid INTEGER PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE, name TEXT,
@@ -60,73 +66,10 @@ CREATE TABLE certificates (seq INTEGER PRIMARY KEY, query_vid INTEGER NOT NULL,
                            gallery_vid INTEGER NOT NULL, sha256 TEXT NOT NULL, body TEXT NOT NULL,
                            UNIQUE (query_vid, gallery_vid));
 """
-_FETCH = 65536
-
-
-class GalleryError(BctkitError, ValueError):
-    """A gallery call was refused: bad vectors or ids, unknown version, search without certificate."""
-
-
-class _Version(NamedTuple):
-    vid: int
-    fingerprint: str
-    name: str | None
-    dim: int
-    layout: dict | None
-    count: int
 
 
 class _Collision(Exception):
     """Raised inside an add transaction so that it rolls back before the collisions are named."""
-
-
-def _few(items: Sequence[Any], n: int = 3) -> str:
-    """The first few of ``items`` for an error message, with the total when there are more."""
-    head = ", ".join(repr(x) for x in items[:n])
-    return head + (f" (and {len(items) - n} more)" if len(items) > n else "")
-
-
-def _label(v: _Version) -> str:
-    return f"{v.name} ({v.fingerprint})" if v.name else v.fingerprint
-
-
-def _check_ids(ids: Sequence[str], what: str) -> list[str]:
-    """``ids`` as a list of non-empty strings without duplicates."""
-    if isinstance(ids, str | bytes):
-        raise GalleryError(f"{what}: ids must be a sequence of strings, got a single {type(ids).__name__}")
-    out = list(ids)
-    bad = [i for i in out if not isinstance(i, str) or not i]
-    if bad:
-        raise GalleryError(f"{what}: ids must be non-empty strings, got {_few(bad)}")
-    if len(set(out)) != len(out):
-        seen: set[str] = set()
-        dup = [i for i in out if i in seen or seen.add(i)]
-        raise GalleryError(f"{what}: duplicate ids within one call: {_few(list(dict.fromkeys(dup)))}")
-    return out
-
-
-def _check_vectors(vectors: Any, n: int, dim: int, label: str, what: str) -> np.ndarray:
-    """``vectors`` as finite float32 C-ordered rows [n, dim]."""
-    arr = np.asarray(vectors)
-    if arr.dtype.kind not in "fiu":
-        raise GalleryError(f"{what}: vectors must be numeric, got dtype {arr.dtype}")
-    if arr.ndim != 2 or arr.shape != (n, dim):
-        raise GalleryError(f"{what}: vectors of version {label} must have shape ({n}, {dim}), "
-                           f"got {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype="<f4")
-    step = max(1, (1 << 22) // max(1, dim))
-    for s in range(0, n, step):
-        finite = np.isfinite(arr[s : s + step]).all(axis=1)
-        if not finite.all():
-            raise GalleryError(f"{what}: vector {s + int(np.argmin(finite))} contains NaN or Inf")
-    return arr
-
-
-def _to_json(obj: Any, what: str) -> str:
-    try:
-        return json.dumps(obj, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise GalleryError(f"{what}: not JSON serialisable ({exc})") from None
 
 
 def _header_truncated(db: Path) -> bool:
@@ -308,7 +251,7 @@ class GalleryStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 before = int(conn.execute("SELECT value FROM meta WHERE key='commit'").fetchone()[0])
-                self._in_sync = before == self._indexes.commit
+                in_sync = before == self._indexes.commit
                 yield conn
                 conn.execute("UPDATE meta SET value=? WHERE key='commit'", (str(before + 1),))
                 conn.execute("COMMIT")
@@ -316,8 +259,8 @@ class GalleryStore:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        self._indexes.commit = before + 1 if self._in_sync else -1
-        if not self._in_sync:
+        self._indexes.commit = before + 1 if in_sync else -1
+        if not in_sync:
             self._indexes.clear()
 
     def _synced(self, update: Any) -> None:
@@ -330,16 +273,6 @@ class GalleryStore:
             self._indexes.clear()
 
     # ---- versions and certificates ---------------------------------------------------------------
-
-    def _versions(self, conn: sqlite3.Connection) -> list[_Version]:
-        rows = conn.execute("SELECT vid, fingerprint, name, dim, layout, count FROM versions ORDER BY vid")
-        return [_Version(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5]) for r in rows]
-
-    def _version(self, conn: sqlite3.Connection, fingerprint: Any, what: str) -> _Version:
-        for v in self._versions(conn):
-            if v.fingerprint == fingerprint:
-                return v
-        raise GalleryError(f"{what}: unknown version {fingerprint!r}; declare it with add_version first")
 
     def add_version(self, fingerprint: str, dim: int, name: str | None = None, layout: dict | None = None
                     ) -> None:
@@ -354,9 +287,9 @@ class GalleryStore:
         if layout is not None and not isinstance(layout, dict):
             raise GalleryError(f"add_version {fingerprint}: layout must be a dict, "
                                f"got {type(layout).__name__}")
-        layout_json = _to_json(layout, f"add_version {fingerprint}: layout") if layout is not None else None
+        layout_json = to_json(layout, f"add_version {fingerprint}: layout") if layout is not None else None
         with self._read() as conn:
-            known = {v.fingerprint: v for v in self._versions(conn)}
+            known = {v.fingerprint: v for v in read_versions(conn)}
         old = known.get(fingerprint)
         if old is not None:
             if old.dim != int(dim):
@@ -380,48 +313,17 @@ class GalleryStore:
         """fingerprint -> {"name", "dim", "count", "layout"}, in declaration order."""
         with self._read() as conn:
             return {v.fingerprint: {"name": v.name, "dim": v.dim, "count": v.count, "layout": v.layout}
-                    for v in self._versions(conn)}
+                    for v in read_versions(conn)}
 
     def add_certificate(self, cert: dict) -> None:
         """Store a verified compatibility certificate (query version -> gallery version). Only a passed
         one is taken; one certificate per ordered pair (a new one replaces the pair's old one)."""
-        what = "add_certificate"
-        if not isinstance(cert, dict) or cert.get("format") != CERTIFICATE_FORMAT:
-            raise GalleryError(f"{what}: not a {CERTIFICATE_FORMAT} dict")
-        sha = cert.get("sha256")
-        if not isinstance(sha, str) or not sha:
-            raise GalleryError(f"{what}: the certificate has no sha256")
-        what = f"certificate {sha[:12]}"
-        if cert.get("passed") is not True:
-            raise GalleryError(f"{what}: the compatibility criterion failed "
-                               f"(passed: {cert.get('passed')!r}); only a passed certificate allows "
-                               "mixed-version search")
-        body = _to_json(cert, what)
         with self._read() as conn:
-            sides = {}
-            for side in ("query", "gallery"):
-                info = cert.get(side)
-                if not isinstance(info, dict):
-                    raise GalleryError(f"{what}: no {side} model")
-                v = self._version(conn, info.get("fingerprint"), f"{what} {side}")
-                if info.get("embedding_dim") != v.dim:
-                    raise GalleryError(f"{what}: {side} embedding_dim {info.get('embedding_dim')!r} "
-                                       f"but version {_label(v)} has dim {v.dim}")
-                dims = cert.get(f"{side}_dims")
-                if (not isinstance(dims, list | tuple) or len(dims) != 2
-                        or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
-                        or not 0 <= dims[0] < dims[1] <= v.dim):
-                    raise GalleryError(f"{what}: {side}_dims {dims!r} is not a [start, end) range within "
-                                       f"0..{v.dim}")
-                sides[side] = (v, dims)
-        (q, qd), (g, gd) = sides["query"], sides["gallery"]
-        if qd[1] - qd[0] != gd[1] - gd[0]:
-            raise GalleryError(f"{what}: query_dims {list(qd)} and gallery_dims {list(gd)} differ in length")
+            q, g, sha, body = check_certificate(conn, cert)
         with self._write() as conn:
             conn.execute("DELETE FROM certificates WHERE query_vid=? AND gallery_vid=?", (q.vid, g.vid))
             conn.execute("INSERT INTO certificates (query_vid, gallery_vid, sha256, body) "
                          "VALUES (?, ?, ?, ?)", (q.vid, g.vid, sha, body))
-        self._indexes.clear()
 
     def certificates(self) -> list[dict]:
         """The stored certificates, in the order they were added."""
@@ -436,7 +338,7 @@ class GalleryStore:
                             "ORDER BY j.key", (json.dumps(ids),)).fetchall()
         missing = [ids[n] for n, r in enumerate(rows) if r[0] is None]
         if missing:
-            raise GalleryError(f"{what}: {len(missing)} unknown id(s): {_few(missing)}")
+            raise GalleryError(f"{what}: {len(missing)} unknown id(s): {few(missing)}")
         arr = np.array(rows, dtype=np.int64).reshape(-1, 2)
         return arr[:, 0], arr[:, 1]
 
@@ -444,17 +346,17 @@ class GalleryStore:
             metadata: Sequence[dict] | None = None) -> None:
         """Add new items embedded by ``version`` (float32 [n, its dim]) in one atomic commit; an id
         already in the store is refused (the first few are named)."""
-        ids = _check_ids(ids, "add")
+        ids = check_ids(ids, "add")
         with self._read() as conn:
-            v = self._version(conn, version, "add")
-        vec = _check_vectors(vectors, len(ids), v.dim, _label(v), "add")
+            v = find_version(conn, version, "add")
+        vec = check_vectors(vectors, len(ids), v, "add")
         if metadata is not None:
             metadata = list(metadata)
             if len(metadata) != len(ids):
                 raise GalleryError(f"add: {len(metadata)} metadata entries for {len(ids)} ids")
             if not all(isinstance(m, dict) for m in metadata):
                 raise GalleryError("add: each metadata entry must be a dict")
-            metas: Any = [_to_json(m, "add: metadata") for m in metadata]
+            metas: Any = [to_json(m, "add: metadata") for m in metadata]
         else:
             metas = repeat(None)
         if not ids:
@@ -476,15 +378,15 @@ class GalleryStore:
                     "SELECT j.value FROM json_each(?) j JOIN items i ON i.id = j.value "
                     "ORDER BY j.key LIMIT 4",
                     (json.dumps(ids),))]
-            raise GalleryError(f"add: id(s) already in the store: {_few(taken)}") from None
+            raise GalleryError(f"add: id(s) already in the store: {few(taken)}") from None
         self._synced(lambda: self._indexes.add(v.vid, keys, vec))
 
     def replace(self, ids: Sequence[str], vectors: np.ndarray, version: str) -> None:
         """Re-embed existing items with ``version`` in one atomic commit; keys and metadata are kept."""
-        ids = _check_ids(ids, "replace")
+        ids = check_ids(ids, "replace")
         with self._read() as conn:
-            v = self._version(conn, version, "replace")
-        vec = _check_vectors(vectors, len(ids), v.dim, _label(v), "replace")
+            v = find_version(conn, version, "replace")
+        vec = check_vectors(vectors, len(ids), v, "replace")
         if not ids:
             return
         with self._write() as conn:
@@ -505,7 +407,7 @@ class GalleryStore:
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove items (all must exist) in one atomic commit."""
-        ids = _check_ids(ids, "delete")
+        ids = check_ids(ids, "delete")
         if not ids:
             return
         with self._write() as conn:
@@ -531,7 +433,7 @@ class GalleryStore:
                 "LEFT JOIN versions v ON v.vid = i.vid ORDER BY j.key", (json.dumps(ids),)).fetchall()
         missing = [ids[n] for n, r in enumerate(rows) if r[0] is None]
         if missing:
-            raise GalleryError(f"get: {len(missing)} unknown id(s): {_few(missing)}")
+            raise GalleryError(f"get: {len(missing)} unknown id(s): {few(missing)}")
         versions = [r[1] for r in rows]
         dims = {r[2] for r in rows}
         if len(dims) == 1:
@@ -551,7 +453,7 @@ class GalleryStore:
                                 (json.dumps(ids),)).fetchall()
         missing = [ids[n] for n, r in enumerate(rows) if r[0] is None]
         if missing:
-            raise GalleryError(f"metadata: {len(missing)} unknown id(s): {_few(missing)}")
+            raise GalleryError(f"metadata: {len(missing)} unknown id(s): {few(missing)}")
         return [json.loads(r[1]) if r[1] else {} for r in rows]
 
     def count(self, version: str | None = None) -> int:
@@ -559,14 +461,14 @@ class GalleryStore:
         with self._read() as conn:
             if version is None:
                 return int(conn.execute("SELECT coalesce(sum(count), 0) FROM versions").fetchone()[0])
-            return self._version(conn, version, "count").count
+            return find_version(conn, version, "count").count
 
     def ids(self, version: str | None = None) -> list[str]:
         """The ids, of one version or of all, in insertion order."""
         with self._read() as conn:
             if version is None:
                 return [r[0] for r in conn.execute("SELECT id FROM items ORDER BY key")]
-            v = self._version(conn, version, "ids")
+            v = find_version(conn, version, "ids")
             return [r[0] for r in conn.execute("SELECT id FROM items WHERE vid=? ORDER BY key", (v.vid,))]
 
     # ---- search -----------------------------------------------------------------------------------
@@ -575,75 +477,5 @@ class GalleryStore:
         """Top-k items for queries embedded by ``version``, over every version's items: the same
         version on all coordinates, another one only through a stored passed certificate (query
         ``version`` -> gallery that version) on its dims; cosine scores, ties to the earlier item."""
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise GalleryError(f"search: k must be a positive integer, got {k!r}")
         with self._read() as conn:
-            v = self._version(conn, version, "search")
-            q = _check_vectors(queries, len(np.asarray(queries)), v.dim, _label(v), "search: queries")
-            plan = self._plan(conn, v)
-            self._ensure(conn, [blk for blk, _ in plan])
-            parts = []
-            for blk, (qa, qb) in plan:
-                try:
-                    s, keys = self._indexes.search(blk, normalize_rows(q[:, qa:qb]), int(k))
-                except RuntimeError as exc:
-                    raise GalleryError(f"search: FAISS failed ({first_line(exc)})") from None
-                parts.append((s, keys, blk[0]))
-            scores, keys, vids = merge(parts, len(q), int(k))
-            found = np.unique(keys[keys != np.iinfo(np.int64).max])
-            names = dict(conn.execute("SELECT key, id FROM items "
-                                      "WHERE key IN (SELECT value FROM json_each(?))",
-                                      (json.dumps(found.tolist()),)))
-            fps = {x.vid: x.fingerprint for x in self._versions(conn)}
-        ids = [[names.get(int(c), "") for c in row] for row in keys]
-        vers = [[fps.get(int(u), "") if names.get(int(c)) else "" for c, u in zip(kr, ur, strict=True)]
-                for kr, ur in zip(keys, vids, strict=True)]
-        return SearchResult(ids, scores, vers)
-
-    def _plan(self, conn: sqlite3.Connection, v: _Version) -> list[tuple[Block, tuple[int, int]]]:
-        """(index block, query coordinates) for every version with items; refused without a certificate."""
-        certs = {r[0]: json.loads(r[1]) for r in conn.execute(
-            "SELECT gallery_vid, body FROM certificates WHERE query_vid=?", (v.vid,))}
-        plan = []
-        for u in self._versions(conn):
-            if u.count == 0:
-                continue
-            if u.vid == v.vid:
-                plan.append(((u.vid, 0, u.dim), (0, v.dim)))
-                continue
-            cert = certs.get(u.vid)
-            if cert is None:
-                raise GalleryError(f"search: {_label(v)} queries cannot search the {u.count} items of "
-                                   f"{_label(u)}: a compatibility certificate for this pair is needed "
-                                   "(add_certificate) or those items must be backfilled")
-            (qa, qb), (ga, gb) = cert["query_dims"], cert["gallery_dims"]
-            plan.append(((u.vid, int(ga), int(gb)), (int(qa), int(qb))))
-        return plan
-
-    def _ensure(self, conn: sqlite3.Connection, blocks: list[Block]) -> None:
-        """Build the missing indexes of ``blocks`` from the items (all of them when stale)."""
-        commit = int(conn.execute("SELECT value FROM meta WHERE key='commit'").fetchone()[0])
-        if commit != self._indexes.commit:
-            self._indexes.clear()
-            self._indexes.commit = commit
-        missing = [b for b in blocks if b not in self._indexes.indexes]
-        if not missing:
-            return
-        vids = sorted({b[0] for b in missing})
-        keys: dict[int, list[int]] = {u: [] for u in vids}
-        blobs: dict[int, list[bytes]] = {u: [] for u in vids}
-        cur = conn.execute(f"SELECT key, vid, vec FROM items WHERE vid IN ({','.join('?' * len(vids))}) "
-                           "ORDER BY key", vids)
-        while rows := cur.fetchmany(_FETCH):
-            for key, u, blob in rows:
-                keys[u].append(key)
-                blobs[u].append(blob)
-        dims = {x.vid: x.dim for x in self._versions(conn)}
-        for u in vids:
-            vec = np.frombuffer(b"".join(blobs.pop(u)), dtype="<f4").reshape(-1, dims[u])
-            for blk in (b for b in missing if b[0] == u):
-                try:
-                    self._indexes.build(blk, np.array(keys[u], dtype=np.int64), vec)
-                except RuntimeError as exc:
-                    msg = f"search: cannot build the {self.index!r} index ({first_line(exc)})"
-                    raise GalleryError(msg) from None
+            return search_items(conn, self._indexes, version, queries, k)
