@@ -50,6 +50,7 @@ from bctkit.gallery.search import (
     search_items,
     to_json,
 )
+from bctkit.storage import _fsync_dir
 
 __all__ = ["CERTIFICATE_FORMAT", "FORMAT_VERSION", "GalleryError", "GalleryStore", "SearchResult"]
 
@@ -134,12 +135,9 @@ class GalleryStore:
                 conn.close()
             if path.exists():
                 path.rmdir()
+            _fsync_dir(tmp)
             os.rename(tmp, path)
-            fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync_dir(path.parent)
         except OSError as exc:
             raise FileFormatError(f"{path}: could not create the store ({exc.strerror or exc})") from None
         return cls.open(path)
@@ -332,14 +330,23 @@ class GalleryStore:
 
     # ---- items ------------------------------------------------------------------------------------
 
-    def _lookup(self, conn: sqlite3.Connection, ids: list[str], what: str) -> tuple[np.ndarray, np.ndarray]:
-        """(keys, version ids) of ``ids``; unknown ids are named."""
-        rows = conn.execute("SELECT i.key, i.vid FROM json_each(?) j LEFT JOIN items i ON i.id = j.value "
+    @staticmethod
+    def _rows(conn: sqlite3.Connection, ids: list[str], columns: str, what: str) -> list[tuple]:
+        """(key, *columns) of each of ``ids`` (``i.``: items, ``v.``: versions); unknown ids are named."""
+        rows = conn.execute(f"SELECT i.key, {columns} FROM json_each(?) j "
+                            "LEFT JOIN items i ON i.id = j.value LEFT JOIN versions v ON v.vid = i.vid "
                             "ORDER BY j.key", (json.dumps(ids),)).fetchall()
         missing = [ids[n] for n, r in enumerate(rows) if r[0] is None]
         if missing:
             raise GalleryError(f"{what}: {len(missing)} unknown id(s): {few(missing)}")
-        arr = np.array(rows, dtype=np.int64).reshape(-1, 2)
+        return rows
+
+    def _remove(self, conn: sqlite3.Connection, ids: list[str], what: str) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, version ids) of ``ids``, already taken off their versions' counts."""
+        arr = np.array(self._rows(conn, ids, "i.vid", what), dtype=np.int64).reshape(-1, 2)
+        old = np.unique(arr[:, 1], return_counts=True)
+        conn.executemany("UPDATE versions SET count = count - ? WHERE vid=?",
+                         [(int(c), int(u)) for u, c in zip(*old, strict=True)])
         return arr[:, 0], arr[:, 1]
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, version: str,
@@ -390,12 +397,9 @@ class GalleryStore:
         if not ids:
             return
         with self._write() as conn:
-            keys, vids = self._lookup(conn, ids, "replace")
+            keys, vids = self._remove(conn, ids, "replace")
             conn.executemany("UPDATE items SET vid=?, vec=? WHERE key=?",
                              zip(repeat(v.vid), vec, keys.tolist(), strict=False))
-            old = np.unique(vids, return_counts=True)
-            conn.executemany("UPDATE versions SET count = count - ? WHERE vid=?",
-                             [(int(c), int(u)) for u, c in zip(*old, strict=True)])
             conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
 
         def update() -> None:
@@ -411,11 +415,8 @@ class GalleryStore:
         if not ids:
             return
         with self._write() as conn:
-            keys, vids = self._lookup(conn, ids, "delete")
+            keys, vids = self._remove(conn, ids, "delete")
             conn.executemany("DELETE FROM items WHERE key=?", ((k,) for k in keys.tolist()))
-            old = np.unique(vids, return_counts=True)
-            conn.executemany("UPDATE versions SET count = count - ? WHERE vid=?",
-                             [(int(c), int(u)) for u, c in zip(*old, strict=True)])
 
         def update() -> None:
             for u in np.unique(vids):
@@ -428,32 +429,21 @@ class GalleryStore:
         list of 1-D arrays; unknown ids are refused."""
         ids = list(ids)
         with self._read() as conn:
-            rows = conn.execute(
-                "SELECT i.vec, v.fingerprint, v.dim FROM json_each(?) j LEFT JOIN items i ON i.id = j.value "
-                "LEFT JOIN versions v ON v.vid = i.vid ORDER BY j.key", (json.dumps(ids),)).fetchall()
-        missing = [ids[n] for n, r in enumerate(rows) if r[0] is None]
-        if missing:
-            raise GalleryError(f"get: {len(missing)} unknown id(s): {few(missing)}")
-        versions = [r[1] for r in rows]
-        dims = {r[2] for r in rows}
+            rows = self._rows(conn, ids, "i.vec, v.fingerprint, v.dim", "get")
+        versions = [r[2] for r in rows]
+        dims = {r[3] for r in rows}
         if len(dims) == 1:
-            d = dims.pop()
-            flat = np.frombuffer(b"".join(r[0] for r in rows), dtype="<f4")
-            return flat.reshape(len(rows), d).copy(), versions
+            flat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
+            return flat.reshape(len(rows), dims.pop()).copy(), versions
         if not rows:
             return np.zeros((0, 0), np.float32), versions
-        return [np.frombuffer(r[0], dtype="<f4").copy() for r in rows], versions
+        return [np.frombuffer(r[1], dtype="<f4").copy() for r in rows], versions
 
     def metadata(self, ids: Sequence[str]) -> list[dict]:
         """The metadata dict of each id ({} when none was given)."""
         ids = list(ids)
         with self._read() as conn:
-            rows = conn.execute("SELECT i.key, i.meta FROM json_each(?) j "
-                                "LEFT JOIN items i ON i.id = j.value ORDER BY j.key",
-                                (json.dumps(ids),)).fetchall()
-        missing = [ids[n] for n, r in enumerate(rows) if r[0] is None]
-        if missing:
-            raise GalleryError(f"metadata: {len(missing)} unknown id(s): {few(missing)}")
+            rows = self._rows(conn, ids, "i.meta", "metadata")
         return [json.loads(r[1]) if r[1] else {} for r in rows]
 
     def count(self, version: str | None = None) -> int:
