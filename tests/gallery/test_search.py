@@ -160,6 +160,7 @@ def test_indexes_follow_later_commits_of_this_and_other_processes(world) -> None
         store.delete(["b"])  # another connection's commit: other's indexes are stale
         mirror.delete(["b"])
         check(other.search(q, "old", 20), reference(mirror, q, "old", 20, DIMS))
+        check(store.search(q, "old", 20), reference(mirror, q, "old", 20, DIMS))
 
 
 def test_a_version_without_certificate_is_refused(world) -> None:

@@ -286,24 +286,26 @@ class GalleryStore:
             raise GalleryError(f"add_version {fingerprint}: layout must be a dict, "
                                f"got {type(layout).__name__}")
         layout_json = to_json(layout, f"add_version {fingerprint}: layout") if layout is not None else None
-        with self._read() as conn:
-            known = {v.fingerprint: v for v in read_versions(conn)}
-        old = known.get(fingerprint)
-        if old is not None:
-            if old.dim != int(dim):
-                raise GalleryError(f"add_version {fingerprint}: declared with dim {old.dim}, now {int(dim)}; "
-                                   "a fingerprint has one dimension")
-            for field, new, cur in (("name", name, old.name), ("layout", layout, old.layout)):
-                if new is not None and cur is not None and new != cur:
-                    raise GalleryError(f"add_version {fingerprint}: declared with {field} {cur!r}, "
-                                       f"now {new!r}")
-            if (name is None or old.name is not None) and (layout is None or old.layout is not None):
-                return
-        with self._write() as conn:
+        wanted = {"dim": int(dim), "name": name, "layout": json.loads(layout_json) if layout_json else None}
+
+        def settled(conn: sqlite3.Connection) -> bool:
+            """Whether the stored declaration already says all of ``wanted``; a conflict is refused."""
+            old = {v.fingerprint: v for v in read_versions(conn)}.get(fingerprint)
             if old is None:
-                conn.execute("INSERT INTO versions (fingerprint, name, dim, layout) VALUES (?, ?, ?, ?)",
-                             (fingerprint, name, int(dim), layout_json))
-            else:
+                return False
+            for field, cur in (("dim", old.dim), ("name", old.name), ("layout", old.layout)):
+                if wanted[field] is not None and cur is not None and wanted[field] != cur:
+                    raise GalleryError(f"add_version {fingerprint}: declared with {field} {cur!r}, "
+                                       f"now {wanted[field]!r}")
+            return (name is None or old.name is not None) and (layout is None or old.layout is not None)
+
+        with self._read() as conn:
+            if settled(conn):
+                return
+        with self._write() as conn:  # checked again inside: another process may have declared it
+            if not settled(conn):
+                conn.execute("INSERT OR IGNORE INTO versions (fingerprint, name, dim, layout) "
+                             "VALUES (?, ?, ?, ?)", (fingerprint, name, int(dim), layout_json))
                 conn.execute("UPDATE versions SET name=coalesce(name, ?), layout=coalesce(layout, ?) "
                              "WHERE fingerprint=?", (name, layout_json, fingerprint))
 
