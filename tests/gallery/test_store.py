@@ -205,11 +205,11 @@ def test_sigkill_during_a_large_add_leaves_the_old_or_the_new_state(tmp_path: Pa
     expected = ["base"]
     rnd = random.Random(11)
     outcomes = []
-    for round_ in range(4):
+    for round_ in range(5):
         proc = subprocess.Popen([sys.executable, str(script), str(path), str(round_), str(n)],
                                 stdout=subprocess.PIPE, text=True, cwd=ROOT)
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        time.sleep(rnd.uniform(0.0, 1.1 * took))
+        time.sleep(rnd.uniform(0.0, 1.4 * took))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         with GalleryStore.open(path) as store:
@@ -225,4 +225,4 @@ def test_sigkill_during_a_large_add_leaves_the_old_or_the_new_state(tmp_path: Pa
                 assert store.metadata([expected[-1]]) == [{"i": n - 1}]
             assert ids == expected and store.count() == store.count("v") == len(expected)
             assert store.search(np.ones((1, 16), np.float32), "v", 1).ids == [["base"]]
-    assert "old" in outcomes  # most kills land inside the add
+    assert outcomes.count("old") >= 2  # most kills land inside the add (the rest after its commit)
