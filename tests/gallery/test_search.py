@@ -244,3 +244,37 @@ def test_empty_store_and_approximate_factory(tmp_path: Path) -> None:
         res = store.search(items[:10], "v", 3)
         assert [row[0] for row in res.ids] == [f"x{i}" for i in range(10)]  # each item finds itself
         assert res.scores.shape == (10, 3) and np.allclose(res.scores[:, 0], 1.0, atol=1e-5)
+
+
+def test_index_cache_is_read_at_its_commit_only(tmp_path: Path, monkeypatch) -> None:
+    from bctkit.gallery import search
+
+    monkeypatch.setattr(search, "CACHE_MIN_ITEMS", 0)
+    rng = np.random.default_rng(6)
+    items = rng.standard_normal((200, 8)).astype(np.float32)
+    q = rng.standard_normal((5, 8)).astype(np.float32)
+    mirror = Mirror()
+    mirror.add([f"x{i}" for i in range(200)], items, "v")
+    with GalleryStore.create(tmp_path / "g") as store:
+        store.add_version("v", 8)
+        store.add([f"x{i}" for i in range(200)], items, "v")
+        check(store.search(q, "v", 5), reference(mirror, q, "v", 5, {}))
+    cached = sorted(p.name for p in (tmp_path / "g" / "indexes").iterdir())
+    assert len(cached) == 1 and cached[0].endswith("-n200.faiss")
+    built = []
+    original = search.IndexSet.build
+    monkeypatch.setattr(search.IndexSet, "build", lambda self, *a: built.append(a[0]) or original(self, *a))
+    with GalleryStore.open(tmp_path / "g") as store:
+        check(store.search(q, "v", 5), reference(mirror, q, "v", 5, {}))  # read from the cache
+        assert built == []
+        store.add(["y"], q[:1], "v")
+        mirror.add(["y"], q[:1], "v")
+    with GalleryStore.open(tmp_path / "g") as store:
+        check(store.search(q, "v", 5), reference(mirror, q, "v", 5, {}))  # another commit: rebuilt
+        assert len(built) == 1
+    cached = sorted((tmp_path / "g" / "indexes").iterdir())
+    assert len(cached) == 1 and cached[0].name.endswith("-n201.faiss")
+    cached[0].write_bytes(b"garbage")
+    with GalleryStore.open(tmp_path / "g") as store:
+        check(store.search(q, "v", 5), reference(mirror, q, "v", 5, {}))  # unreadable: rebuilt
+        assert len(built) == 2

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -32,6 +33,8 @@ NO_KEY = np.iinfo(np.int64).max
 Block = tuple[int, int, int]
 """(version id, first coordinate, end coordinate) of an index."""
 CERTIFICATE_FORMAT = "bctkit-compatibility-certificate"
+CACHE_MIN_ITEMS = 20_000
+"""Indexes with fewer items are rebuilt on open rather than written to the store's index cache."""
 _FETCH = 65536
 
 
@@ -199,13 +202,58 @@ class IndexSet:
     """The in-memory indexes of one open store, keyed by :data:`Block`, built on first use.
 
     ``commit`` is the store's commit counter the indexes reflect; the store drops them all when the
-    file's counter differs (another process committed).
+    file's counter differs (another process committed). Indexes of at least :data:`CACHE_MIN_ITEMS`
+    items are also written to ``cache`` (a folder of the store), named by block, commit counter and
+    item count, so that a later open at the same commit reads them instead of rebuilding; a file of
+    another commit is never read (and is removed when its block is written again). The cache is
+    best effort: a file that cannot be written or read is rebuilt from the store.
     """
 
-    def __init__(self, factory: str) -> None:
+    def __init__(self, factory: str, cache: Path | None = None) -> None:
         self.factory = factory
+        self.cache = cache
         self.indexes: dict[Block, object] = {}
         self.commit = -1
+
+    def _file(self, block: Block, count: int) -> Path | None:
+        if self.cache is None:
+            return None
+        return self.cache / f"v{block[0]}-{block[1]}-{block[2]}-c{self.commit}-n{count}.faiss"
+
+    def load(self, block: Block, count: int) -> bool:
+        """Read ``block``'s index written at this commit with ``count`` items, if there is one."""
+        path = self._file(block, count)
+        if path is None or count < CACHE_MIN_ITEMS or not path.is_file():
+            return False
+        import faiss
+
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError:
+            return False
+        if index.ntotal != count or index.d != block[2] - block[1]:
+            return False
+        self.indexes[block] = index
+        return True
+
+    def save(self, block: Block) -> None:
+        """Write ``block``'s index to the cache (best effort) and remove its files of other commits."""
+        index = self.indexes[block]
+        path = self._file(block, int(index.ntotal))
+        if path is None or index.ntotal < CACHE_MIN_ITEMS:
+            return
+        import faiss
+
+        from bctkit.storage import atomic_path
+
+        try:
+            with atomic_path(path) as tmp:
+                faiss.write_index(index, str(tmp))
+            for old in path.parent.glob(f"v{block[0]}-{block[1]}-{block[2]}-c*.faiss"):
+                if old != path:
+                    old.unlink(missing_ok=True)
+        except (OSError, RuntimeError, BctkitError):
+            return
 
     def clear(self) -> None:
         """Forget every index (they are rebuilt from the store when needed)."""
@@ -360,7 +408,8 @@ def _ensure(conn: sqlite3.Connection, indexes: IndexSet, blocks: list[Block]) ->
     if commit != indexes.commit:
         indexes.clear()
         indexes.commit = commit
-    missing = [b for b in blocks if b not in indexes.indexes]
+    counts = {x.vid: x.count for x in read_versions(conn)}
+    missing = [b for b in blocks if b not in indexes.indexes and not indexes.load(b, counts[b[0]])]
     if not missing:
         return
     vids = sorted({b[0] for b in missing})
@@ -381,3 +430,4 @@ def _ensure(conn: sqlite3.Connection, indexes: IndexSet, blocks: list[Block]) ->
             except RuntimeError as exc:
                 msg = f"search: cannot build the {indexes.factory!r} index ({first_line(exc)})"
                 raise GalleryError(msg) from None
+            indexes.save(blk)

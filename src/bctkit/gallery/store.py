@@ -11,7 +11,9 @@ power loss) at any point leaves the last committed state, restored by SQLite on 
 
 The FAISS indexes are derived data (:mod:`bctkit.gallery.search`): built in memory on the first
 search that needs them, kept in sync after each of this process's commits, and dropped and rebuilt
-when the file's commit counter shows another process committed. Nothing but SQLite is persisted.
+when the file's commit counter shows another process committed. Large ones are also written to
+``<store>/indexes/``, tagged with the commit counter and item count, and read back by a later open
+at the same commit instead of being rebuilt; a stale or unreadable one is simply rebuilt.
 
 Every error is one line: bad input, unknown ids or versions and refused searches raise
 :class:`GalleryError`; a missing, corrupt or newer-format store raises
@@ -94,7 +96,7 @@ class GalleryStore:
         self.index = factory
         self._db = path / DB_NAME
         self._conn: sqlite3.Connection | None = conn
-        self._indexes = IndexSet(factory)
+        self._indexes = IndexSet(factory, path / "indexes")
 
     # ---- opening ---------------------------------------------------------------------------------
 
