@@ -88,7 +88,11 @@ def _header_truncated(db: Path) -> bool:
 
 
 class GalleryStore:
-    """A directory holding one gallery: ids, metadata and vectors of any number of model versions."""
+    """A directory holding one gallery: ids, metadata and vectors of any number of model versions.
+
+    Any number of processes may open one store (SQLite serialises their commits); one object belongs
+    to the thread that opened it.
+    """
 
     def __init__(self, path: Path, conn: sqlite3.Connection, factory: str) -> None:
         """Use :meth:`create` or :meth:`open`."""
@@ -193,7 +197,8 @@ class GalleryStore:
                                           f"{n_counted})")
                 return str(meta["index"])
             finally:
-                conn.execute("COMMIT")
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise FileFormatError(f"{db}: corrupt gallery store ({first_line(exc)})") from None
 
@@ -227,6 +232,8 @@ class GalleryStore:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise GalleryError(f"{self._db}: the store is locked by another writer ({exc})") from None
             raise FileFormatError(f"{self._db}: {first_line(exc)}") from None
+        except sqlite3.ProgrammingError as exc:  # e.g. used from another thread than its opener's
+            raise GalleryError(f"{self._db}: {first_line(exc)}") from None
         except sqlite3.Error as exc:
             msg = f"{self._db}: corrupt or unreadable gallery store ({first_line(exc)})"
             raise FileFormatError(msg) from None
@@ -240,7 +247,8 @@ class GalleryStore:
             try:
                 yield conn
             finally:
-                conn.execute("COMMIT")
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
