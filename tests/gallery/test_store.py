@@ -148,7 +148,7 @@ def test_newer_format_is_refused_and_left_untouched(store_path: Path) -> None:
     assert "\n" not in str(info.value) and digest(store_path) == before
 
 
-@pytest.mark.parametrize("damage", ["header", "truncate", "text", "counts", "missing"])
+@pytest.mark.parametrize("damage", ["header", "truncate", "text", "counts", "missing", "pages"])
 def test_corrupt_store_is_refused_with_one_line(store_path: Path, damage: str) -> None:
     db = store_path / "gallery.sqlite"
     data = db.read_bytes()
@@ -158,6 +158,9 @@ def test_corrupt_store_is_refused_with_one_line(store_path: Path, damage: str) -
         db.write_bytes(data[: len(data) // 2])
     elif damage == "text":
         db.write_text("not a database at all\n" * 50)
+    elif damage == "pages":  # random bytes over the middle and the end of the file
+        noise = np.random.default_rng(0).integers(0, 256, 600, dtype=np.uint8).tobytes()
+        db.write_bytes(data[:4096] + noise + data[4096 + 600 : -5000] + noise[:300] + data[-4700:])
     elif damage == "counts":
         conn = sqlite3.connect(db)
         conn.execute("UPDATE versions SET count = 4 WHERE fingerprint='old-fp'")
