@@ -15,9 +15,11 @@ when the file's commit counter shows another process committed. Large ones are a
 ``<store>/indexes/``, tagged with the commit counter and item count, and read back by a later open
 at the same commit instead of being rebuilt; a stale or unreadable one is simply rebuilt.
 
-Every error is one line: bad input, unknown ids or versions and refused searches raise
-:class:`GalleryError`; a missing, corrupt or newer-format store raises
-:class:`~bctkit.errors.FileFormatError`. A call that raises writes nothing.
+Opening checks the format version (a newer one is refused), the file's length against its header,
+SQLite's ``quick_check`` (page structure; SQLite keeps no checksums, so bytes flipped inside a vector
+go unnoticed) and the item counts, and writes nothing. Every error is one line: bad input, unknown
+ids or versions and refused searches raise :class:`GalleryError`; a missing, corrupt or
+newer-format store raises :class:`~bctkit.errors.FileFormatError`. A call that raises writes nothing.
 """
 
 from __future__ import annotations
