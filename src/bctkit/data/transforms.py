@@ -118,6 +118,11 @@ class Preprocess:
         """The preprocessing as saved with a model: the config plus the [C, H, W] input it yields."""
         return {**self.cfg.model_dump(mode="json"), "input": list(input_shape)}
 
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> Preprocess:
+        """The preprocessing a model was saved with (the inverse of :meth:`spec`)."""
+        return cls(TransformConfig(**{k: v for k, v in spec.items() if k != "input"}))
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] -> float32 model input (see the module docstring)."""
         mean, std = _expand(self.cfg.mean, x.shape[1]), _expand(self.cfg.std, x.shape[1])

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from bctkit.data.sources.base import DataSource
-from bctkit.data.transforms import Preprocess, TransformConfig
+from bctkit.data.transforms import Preprocess
 from bctkit.engine.loader import Feed
 from bctkit.errors import FileFormatError
 from bctkit.features import iter_features
@@ -22,8 +22,7 @@ def model_feed(model: LoadedModel, source: DataSource, workers: int = 0) -> Feed
     if not isinstance(spec, dict):
         raise FileFormatError(f"model {model.meta.get('name', '?')} ({model.fingerprint}) records no "
                               "preprocessing; it cannot embed images")
-    transform = TransformConfig(**{k: v for k, v in spec.items() if k != "input"})
-    return Feed(source, Preprocess(transform), workers)
+    return Feed(source, Preprocess.from_spec(spec), workers)
 
 
 def embed_batches(model: LoadedModel, source: DataSource, batch_size: int = 256, progress: bool = True,

@@ -96,5 +96,4 @@ def preprocess_of(model: LoadedModel) -> Preprocess | None:
     """The preprocessing an imported model was saved with (None: it reads images as the run does)."""
     if model.meta.get("source") != "checkpoint":
         return None
-    spec = {k: v for k, v in model.meta["preprocessing"].items() if k != "input"}
-    return Preprocess(TransformConfig(**spec))
+    return Preprocess.from_spec(model.meta["preprocessing"])
