@@ -28,7 +28,7 @@ import torch
 from bctkit import __version__
 from bctkit.errors import BctkitError, FileFormatError
 from bctkit.evaluation.analysis import compatibility_summary
-from bctkit.evaluation.protocols import EvalProtocol, comparable
+from bctkit.evaluation.protocols import Protocol, comparable
 from bctkit.features import FeatureSet
 from bctkit.storage import json_safe, read_json, write_json
 
@@ -227,21 +227,18 @@ def _metric_values(report: dict[str, Any], query: str, gallery: str) -> dict[str
 
 
 def _protocol(report: dict[str, Any], labels: torch.Tensor, records: list[dict[str, Any]],
-              protocol: EvalProtocol | None) -> dict[str, Any]:
+              protocol: Protocol | None) -> dict[str, Any]:
     names = list(dict.fromkeys(r["metric"] for r in records))
-    out: dict[str, Any] = {
-        "dataset": report.get("dataset") or (protocol.dataset if protocol else None),
-        "images": len(labels), "identities": len(torch.unique(labels)),
-    }
     if protocol is not None:
-        g_idx, p_idx = protocol.split()
-        out.update({"gallery_per_class": protocol.gallery_per_class, "gallery_images": len(g_idx),
-                    "probes": len(p_idx), "fars": list(protocol.fars), "fpirs": list(protocol.fpirs),
-                    "topk": list(protocol.topk)})
+        out = protocol.describe()
+        if report.get("dataset"):
+            out["dataset"] = report["dataset"]
     else:
-        out.update({"fars": [float(m.split("=")[1]) for m in names if m.startswith("tar@far=")],
-                    "fpirs": [float(m.split("=")[1]) for m in names if m.startswith("tpir@fpir=")],
-                    "topk": [int(m[3:]) for m in names if re.fullmatch(r"top\d+", m)]})
+        out = {"dataset": report.get("dataset"), "images": len(labels),
+               "identities": len(torch.unique(labels)),
+               "fars": [float(m.split("=")[1]) for m in names if m.startswith("tar@far=")],
+               "fpirs": [float(m.split("=")[1]) for m in names if m.startswith("tpir@fpir=")],
+               "topk": [int(m[3:]) for m in names if re.fullmatch(r"top\d+", m)]}
     out["tests"] = list(dict.fromkeys(r["protocol"] for r in records))
     return out
 
@@ -257,7 +254,7 @@ def certificate_pairs(report: dict[str, Any], old: str = "old") -> list[tuple[st
 
 
 def certificates_for_report(report: dict[str, Any], features: dict[str, FeatureSet],
-                            protocol: EvalProtocol | None = None) -> list[dict[str, Any]]:
+                            protocol: Protocol | None = None) -> list[dict[str, Any]]:
     """A certificate for every pair of :func:`certificate_pairs`, with the report's values.
     ``protocol``: the evaluation protocol, for the exact gallery / probe sizes (else from the report)."""
     fps = {n: info.get("fingerprint") for n, info in report.get("models", {}).items()

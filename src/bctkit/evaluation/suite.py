@@ -18,7 +18,7 @@ from bctkit.evaluation.analysis import (
     matrices,
     write_plots,
 )
-from bctkit.evaluation.protocols import EvalProtocol, evaluate_models
+from bctkit.evaluation.protocols import EvalProtocol, Protocol, evaluate_models
 from bctkit.evaluation.report import write_report
 from bctkit.features import FeatureSet, load_features
 
@@ -26,7 +26,7 @@ MATRIX_METRICS = ("top1", "tar@far=1e-3")
 
 
 def evaluate_suite(
-    features: dict[str, FeatureSet], protocol: EvalProtocol, out_dir: Path,
+    features: dict[str, FeatureSet], protocol: Protocol, out_dir: Path,
     models_info: dict[str, dict[str, Any]], extra: dict[str, Any] | None = None, backfill: bool = True,
     chain: list[str] | None = None, log: Callable[[str], None] | None = None, progress: bool = False,
 ) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def evaluate_suite(
     names = list(features)
     present = {r["metric"] for r in records}
     mats = matrices(records, names, [m for m in MATRIX_METRICS if m in present])
-    do_backfill = backfill and protocol.identification
+    do_backfill = backfill and protocol.backfill and isinstance(protocol, EvalProtocol)
     if do_backfill:
         say("[metrics] partial-backfill curves")
     curves = backfill_curves(features, protocol) if do_backfill else {}

@@ -14,30 +14,26 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from bctkit.errors import DataError
 from bctkit.evaluation.identification import cmc, tpir_at_fpir
+from bctkit.evaluation.protocols.base import PairResult, Protocol, rate_name
 from bctkit.evaluation.retrieval import retrieval_metrics
 from bctkit.evaluation.verification import roc_auc, roc_curve, tar_at_far
-from bctkit.features import FeatureSet
 
 CMC_CURVE_RANKS = (1, 2, 3, 5, 10, 20)
 
 
-def rate_name(kind: str, rate: float) -> str:
-    """Metric name such as ``tar@far=1e-4`` or ``tpir@fpir=1e-2``."""
-    return f"{kind}={rate:.0e}".replace("e-0", "e-")
-
-
 @dataclass(frozen=True)
-class EvalProtocol:
+class EvalProtocol(Protocol):
+    """The run's own split of one labelled image set (the module docstring says how)."""
+
     dataset: str
     labels: torch.Tensor
     gallery_per_class: int
@@ -47,6 +43,8 @@ class EvalProtocol:
     retrieval: bool = True
     identification: bool = True
     verification: bool = True
+
+    name: ClassVar[str] = "split"
 
     def split(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gallery indices, probe indices): the first images of each identity are the gallery."""
@@ -60,31 +58,19 @@ class EvalProtocol:
         in_gallery[order] = rank < self.gallery_per_class
         return torch.nonzero(in_gallery).flatten(), torch.nonzero(~in_gallery).flatten()
 
+    def describe(self) -> dict[str, Any]:
+        g_idx, p_idx = self.split()
+        return {"protocol": self.name, "dataset": self.dataset, "images": len(self.labels),
+                "identities": len(torch.unique(self.labels)), "gallery_per_class": self.gallery_per_class,
+                "gallery_images": len(g_idx), "probes": len(p_idx), "fars": list(self.fars),
+                "fpirs": list(self.fpirs), "topk": list(self.topk)}
 
-@dataclass
-class PairResult:
-    """Records of one (query, gallery) pair plus the curves behind them, for plots."""
+    @property
+    def backfill(self) -> bool:
+        return self.identification
 
-    records: list[dict[str, Any]]
-    roc: tuple[np.ndarray, np.ndarray] | None = None
-    cmc: dict[int, float] = field(default_factory=dict)
-
-
-def comparable(query: FeatureSet, gallery: FeatureSet) -> tuple[torch.Tensor, torch.Tensor, str] | None:
-    """The coordinates compared when ``query``'s model queries ``gallery``'s, or None if none are.
-
-    Equal sizes compare whole embeddings; otherwise the side that declares a compatible prefix
-    (``compat_prefixes``) of the other's size is cut to it: BCT's rule for d_n > d_o, BT^2's bct
-    block, and, through a chain of upgrades, the block compatible with an older ancestor.
-    """
-    q, g = query.feats, gallery.feats
-    if q.shape[1] == g.shape[1]:
-        return q, g, f"all {q.shape[1]} dims"
-    if g.shape[1] in query.compat_prefixes:
-        return q[:, : g.shape[1]], g, f"query dims [0:{g.shape[1]}]"
-    if q.shape[1] in gallery.compat_prefixes:
-        return q, g[:, : q.shape[1]], f"gallery dims [0:{q.shape[1]}]"
-    return None
+    def evaluate_pair(self, query: torch.Tensor, gallery: torch.Tensor, dims: str) -> PairResult:
+        return evaluate_pair(query, gallery, self, dims)
 
 
 def _open_set(query: torch.Tensor, gallery: torch.Tensor, protocol: EvalProtocol, dims: str,
@@ -171,21 +157,3 @@ def evaluate_pair(
     if protocol.retrieval:
         result.records += _retrieval(query, gallery, protocol, dims)
     return result
-
-
-def evaluate_models(
-    features: dict[str, FeatureSet], protocol: EvalProtocol, progress: bool = False
-) -> tuple[list[dict[str, Any]], dict[tuple[str, str], PairResult]]:
-    """Records for every ordered (query model, gallery model) pair whose embeddings are comparable,
-    and the per-pair results (with curves) keyed by (query, gallery)."""
-    records: list[dict[str, Any]] = []
-    pairs: dict[tuple[str, str], PairResult] = {}
-    todo = [(qn, gn, view) for qn, qf in features.items() for gn, gf in features.items()
-            if (view := comparable(qf, gf)) is not None]
-    bar = tqdm(todo, desc="metrics", unit="pair", disable=not progress, leave=False)
-    for qname, gname, (q, g, dims) in bar:
-        res = evaluate_pair(q, g, protocol, dims)
-        pairs[(qname, gname)] = res
-        for rec in res.records:
-            records.append({"query_model": qname, "gallery_model": gname, **rec})
-    return records, pairs

@@ -1,0 +1,16 @@
+"""Evaluation protocols: one module per test set layout, one interface (:class:`Protocol`).
+
+``split`` is the run's own split of a labelled image set (:class:`EvalProtocol`).
+"""
+
+from bctkit.evaluation.protocols.base import (
+    PairResult,
+    Protocol,
+    comparable,
+    evaluate_models,
+    rate_name,
+)
+from bctkit.evaluation.protocols.split import CMC_CURVE_RANKS, EvalProtocol, evaluate_pair
+
+__all__ = ["CMC_CURVE_RANKS", "EvalProtocol", "PairResult", "Protocol", "comparable", "evaluate_models",
+           "evaluate_pair", "rate_name"]
