@@ -176,7 +176,7 @@ class PairsProtocol(Protocol):
                 f"{self.impostor} impostor), first image by query model")
         acc_desc = (f"{base}; insightface {self.folds}-fold accuracy (unshuffled contiguous folds; squared "
                     "L2 distance of normalised embeddings < threshold, threshold from arange(0, 4, 0.01) "
-                    f"with most correct decisions on the other folds, first best)")
+                    "with most correct decisions on the other folds, first best)")
         n = self.pairs
         name = f"acc{self.folds}fold"
         records: list[dict[str, Any]] = [
