@@ -79,6 +79,21 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--format", required=True, metavar="FORMAT",
                      help="onnx (needs pip install bctkit[onnx]), torchscript or safetensors (weights only)")
     exp.add_argument("--out", required=True, help="folder for the exported file and card.json")
+    xt = sub.add_parser("extract", help="embed every image of a dataset with a saved model into a feature "
+                                        "file (row keys included; resumable; torchrun splits the work)")
+    xt.add_argument("model", help="bctkit model (RUN/models/<name>/ or its model.safetensors) or a bctkit "
+                                  "export (its folder, or model.pt / model.onnx / embedding.safetensors)")
+    xt.add_argument("data", help="image folder (root/<identity>/<image>), 'path label' list file, or "
+                                 "RecordIO folder (train.rec + train.idx)")
+    xt.add_argument("--out", required=True, help="feature file to write (.safetensors)")
+    xt.add_argument("--flip", action="store_true", help="add the features of the mirrored images (flip test)")
+    xt.add_argument("--batch-size", type=int, default=256)
+    xt.add_argument("--workers", type=int, help="DataLoader workers (default: the usable CPUs, at most 8)")
+    xt.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    xt.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    xt.add_argument("--chunk-batches", type=int, default=64,
+                    help="batches per resumable chunk (a rerun after a kill continues from the last one)")
+    xt.add_argument("--quiet", action="store_true", help="no progress bar")
     sub.add_parser("methods", help="list the compatibility methods and their options")
     cert = sub.add_parser("certificate", help="check compatibility certificates (RUN/certificates/*.json)")
     cert_sub = cert.add_subparsers(dest="certificate_command", required=True)
@@ -106,6 +121,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "evaluate":
         return _evaluate(args)
+    if args.command == "extract":
+        return _extract(args)
     if args.command == "certificate":
         return _verify_certificates(args.files)
     if args.command == "gallery":
@@ -202,6 +219,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = evaluate_suite(features, protocol, out, models_info_from_features(features), extra,
                             backfill=not args.no_backfill, chain=chain)
     print(f"report: {out}/report.md ({len(report['results'])} results)")
+    return 0
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from bctkit.engine.loader import auto_workers
+    from bctkit.extract import extract_to_file
+
+    workers = auto_workers() if args.workers is None else args.workers
+    out = extract_to_file(args.model, args.data, args.out, batch_size=args.batch_size, workers=workers,
+                          flip=args.flip, device=args.device, precision=args.precision,
+                          chunk_batches=args.chunk_batches, progress=not args.quiet)
+    if is_main():
+        print(f"extract: {out}")
     return 0
 
 

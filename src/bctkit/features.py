@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bctkit.data.sources.base import DataSource
+from bctkit.data.sources.base import DataSource, PathTable
 from bctkit.engine.distributed import all_gather_rows, is_main, share
 from bctkit.engine.loader import Batch, Feed, as_feed, sequential_batches
 from bctkit.errors import DataError, FileFormatError
@@ -112,15 +112,23 @@ def extract_share(
     return first[:0]  # a rank with no rows (fewer rows than ranks) still knows the feature size
 
 
+KEY_TENSORS = ("keys_blob", "keys_offsets")
+"""Tensor names of a feature file's row keys: UTF-8 bytes of every key, and N + 1 int64 offsets into
+them (tensors, not header JSON: millions of paths would pass safetensors' header limit)."""
+
+
 @dataclass
 class FeatureSet:
     """Features of one model on one image set. ``compat_dims``: leading coordinates that form the
     embedding compatible with the model's predecessor (None: all of them); ``compat_prefixes``
-    (meta) every leading block compatible with some ancestor, for chains of upgrades."""
+    (meta) every leading block compatible with some ancestor, for chains of upgrades. ``keys``
+    (optional): each row's image name in its source (a path relative to the source's root, a
+    RecordIO record id), so rows can be matched to images by name."""
 
     feats: torch.Tensor
     labels: torch.Tensor
     meta: dict[str, Any]
+    keys: PathTable | None = None
 
     @property
     def dim(self) -> int:
@@ -140,14 +148,42 @@ class FeatureSet:
         return [] if self.compat_dims is None else [self.compat_dims]
 
     def save(self, path: Path) -> None:
-        save_tensors(path, {"feats": self.feats, "labels": self.labels}, self.meta)
+        tensors = {"feats": self.feats, "labels": self.labels}
+        if self.keys is not None:
+            if len(self.keys) != len(self.feats):
+                raise DataError(f"{path}: {len(self.keys)} keys for {len(self.feats)} rows")
+            tensors[KEY_TENSORS[0]] = torch.from_numpy(np.asarray(self.keys.blob, dtype=np.uint8))
+            tensors[KEY_TENSORS[1]] = torch.from_numpy(np.asarray(self.keys.offsets, dtype=np.int64))
+        save_tensors(path, tensors, self.meta)
+
+
+def read_keys(tensors: dict[str, torch.Tensor], rows: int, path: Path) -> PathTable | None:
+    """The row keys stored in a feature file's ``tensors`` (None when it has none), checked: a uint8
+    blob and ``rows`` + 1 non-decreasing int64 offsets from 0 to the blob's length."""
+    have = [k for k in KEY_TENSORS if k in tensors]
+    if not have:
+        return None
+    if len(have) == 1:
+        missing = next(k for k in KEY_TENSORS if k not in have)
+        raise FileFormatError(f"{path}: has {have[0]!r} without {missing!r}")
+    blob, offsets = tensors[KEY_TENSORS[0]], tensors[KEY_TENSORS[1]]
+    if (blob.dtype != torch.uint8 or blob.ndim != 1 or offsets.dtype != torch.int64
+            or tuple(offsets.shape) != (rows + 1,)):
+        raise FileFormatError(f"{path}: keys are {str(blob.dtype).removeprefix('torch.')} "
+                              f"{list(blob.shape)} + offsets {str(offsets.dtype).removeprefix('torch.')} "
+                              f"{list(offsets.shape)}; expected uint8 [bytes] + int64 [{rows + 1}]")
+    off = offsets.numpy()
+    if off[0] != 0 or off[-1] != len(blob) or (np.diff(off) < 0).any():
+        raise FileFormatError(f"{path}: key offsets must rise from 0 to {len(blob)} (the key bytes)")
+    return PathTable(blob.numpy(), off)
 
 
 def load_features(path: Path) -> FeatureSet:
     """Read a feature file, checking it is complete and usable: feats [N, d] with N, d >= 1, finite,
-    and labels [N] of an integer dtype. Floating-point labels are refused whatever their values (a
-    float label may already be rounded: float32 holds integers exactly only up to 2**24), so that
-    identities are never silently truncated or merged; store them as int64."""
+    labels [N] of an integer dtype, and row keys when present (:func:`read_keys`). Floating-point
+    labels are refused whatever their values (a float label may already be rounded: float32 holds
+    integers exactly only up to 2**24), so that identities are never silently truncated or merged;
+    store them as int64."""
     tensors, meta = load_tensors(path)
     if "feats" not in tensors or "labels" not in tensors:
         raise FileFormatError(f"{path}: feature file needs tensors 'feats' and 'labels'")
@@ -166,4 +202,4 @@ def load_features(path: Path) -> FeatureSet:
     feats, labels = feats.float(), labels.long()
     if not torch.isfinite(feats).all():
         raise DataError(f"{path}: feats contain NaN or Inf")
-    return FeatureSet(feats, labels, meta)
+    return FeatureSet(feats, labels, meta, read_keys(tensors, len(feats), path))

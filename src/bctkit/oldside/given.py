@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,13 @@ import torch
 
 from bctkit.data.sources.base import DataSource, hash_array
 from bctkit.errors import DataError, FileFormatError
+from bctkit.features import read_keys
 from bctkit.storage import load_tensors
 
 
-def _read(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """(features, keys or None) of a .npy, .npz (``features`` [+ ``keys``]) or .safetensors file."""
+def _read(path: Path) -> tuple[np.ndarray, Sequence[str] | np.ndarray | None]:
+    """(features, keys or None) of a .npy, .npz (``features`` [+ ``keys``]) or .safetensors file
+    (``features``, or a bctkit feature file as ``bctkit extract`` writes it: ``feats`` + row keys)."""
     if not path.is_file():
         raise FileFormatError(f"{path}: file not found")
     keys = None
@@ -31,9 +34,14 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
                 keys = z["keys"] if "keys" in z.files else None
         elif path.suffix == ".safetensors":
             tensors, _ = load_tensors(path)
-            if "features" not in tensors:
-                raise FileFormatError(f"{path}: holds {sorted(tensors)[:5]}; expected a 'features' tensor")
-            feats = tensors["features"].float().numpy()
+            name = "features" if "features" in tensors else "feats" if "feats" in tensors else None
+            if name is None:
+                raise FileFormatError(f"{path}: holds {sorted(tensors)[:5]}; expected a 'features' tensor "
+                                      "(or a bctkit feature file's 'feats')")
+            feats = tensors[name].float().numpy()
+            if feats.ndim == 2:
+                table = read_keys(tensors, len(feats), path)
+                keys = None if table is None else [table[i] for i in range(len(table))]
         else:
             raise FileFormatError(f"{path}: unknown features format; expected .npy, .npz or .safetensors")
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
@@ -43,15 +51,16 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     if feats.ndim != 2 or feats.dtype.kind != "f":
         raise FileFormatError(f"{path}: features are {feats.dtype} {list(feats.shape)}; "
                               "expected float [N, d]")
-    if keys is not None and (keys.ndim != 1 or keys.dtype.kind not in "US" or len(keys) != len(feats)):
+    if isinstance(keys, np.ndarray) and (keys.ndim != 1 or keys.dtype.kind not in "US"
+                                         or len(keys) != len(feats)):
         raise FileFormatError(f"{path}: 'keys' is {keys.dtype} {list(keys.shape)}; expected {len(feats)} "
                               "strings, one image path per row")
     return feats, keys
 
 
-def _rows_by_key(path: Path, keys: np.ndarray, source: DataSource) -> np.ndarray:
+def _rows_by_key(path: Path, keys: Sequence[str] | np.ndarray, source: DataSource) -> np.ndarray:
     index: dict[str, int] = {}
-    for row, key in enumerate(keys.astype(str).tolist()):
+    for row, key in enumerate(keys.astype(str).tolist() if isinstance(keys, np.ndarray) else keys):
         if index.setdefault(key, row) != row:
             raise DataError(f"{path}: key {key!r} is given twice (rows {index[key]} and {row})")
     rows = np.empty(len(source), dtype=np.int64)
@@ -68,7 +77,8 @@ def _rows_by_key(path: Path, keys: np.ndarray, source: DataSource) -> np.ndarray
 
 def given_features(path: str | Path, source: DataSource, dim: int, what: str) -> torch.Tensor:
     """float32 [len(source), dim] features of ``source``'s images from ``path``: rows in the data's
-    order, or matched by ``keys`` (image paths as the source names them) when the file has them.
+    order, or matched by ``keys`` (image paths or RecordIO record ids, as the source names them)
+    when the file has them.
     ``what`` names the data in messages (e.g. "training")."""
     path = Path(path)
     feats, keys = _read(path)

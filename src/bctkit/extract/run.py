@@ -1,0 +1,226 @@
+"""``bctkit extract``: embed every image of a dataset with a saved model into a feature file.
+
+The rows are cut into chunks of ``chunk_batches`` batches of ``batch_size`` images, in source order.
+Each finished chunk is written (atomically) to a folder beside the output,
+``<out>.partial-<key>``, where ``key`` hashes what the rows depend on: the model (fingerprint, and an
+export's format and file hash), the source's fingerprint, the flip test, the precision, the batch
+size and the chunk size. A rerun with the same inputs skips the chunks already there, so a killed
+extraction continues where it stopped, and the final file is the same, byte for byte, as one
+uninterrupted run: every batch is the same batch, whatever was done before.
+
+Under torchrun each rank embeds a contiguous share of every chunk's batches (whole batches, so each
+image goes through the network in the same batch as in one process); rank 0 gathers the chunk,
+writes it, shows the progress bar, and at the end writes the feature file and removes the partial
+folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from bctkit.data.datasets import open_file_source
+from bctkit.data.sources.base import DataSource, PathSource, PathTable
+from bctkit.data.sources.imagefolder import ImageFolderConfig, image_extensions
+from bctkit.data.sources.listfile import ListConfig
+from bctkit.data.sources.recordio import RecordIOConfig, RecordIOSource
+from bctkit.engine.compute import Engine
+from bctkit.engine.distributed import barrier, broadcast_object, gather_rows, is_main, share
+from bctkit.engine.loader import Feed
+from bctkit.engine.precision import PrecisionName
+from bctkit.errors import ConfigError, DataError, FileFormatError
+from bctkit.extract.model import ExtractModel, open_model
+from bctkit.features import FeatureSet, iter_features
+from bctkit.storage import META_KEY, save_tensors, write_json
+
+__all__ = ["extract_to_file", "open_data", "partial_dir", "row_keys"]
+
+FORMAT_VERSION = 1
+
+
+def open_data(path: str | os.PathLike[str]) -> DataSource:
+    """The dataset at ``path``: a RecordIO folder (``train.rec`` + ``train.idx``, or the one
+    ``<prefix>.rec`` / ``.idx`` pair it holds; or the .rec / .idx file itself), an image folder
+    (``root/<identity>/<image>``) or a ``path label`` list file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        pairs = sorted(r.stem for r in p.glob("*.rec") if r.with_suffix(".idx").is_file())
+        if pairs:
+            prefix = "train" if "train" in pairs else pairs[0]
+            if len(pairs) > 1 and prefix != "train":
+                raise DataError(f"{p}: holds several RecordIO sets {pairs}; name one (DATA/<prefix>.rec)")
+            return open_file_source("recordio", RecordIOConfig(path=str(p), prefix=prefix))
+        if any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(p)):
+            return open_file_source("imagefolder", ImageFolderConfig(root=str(p)))
+        raise DataError(f"{p}: not a dataset folder: no identity subfolders (root/<identity>/<image>) and "
+                        "no RecordIO pair (train.rec + train.idx)")
+    if not p.is_file():
+        raise DataError(f"{p}: data not found (an image folder, a 'path label' list file or a RecordIO "
+                        "folder)")
+    if p.suffix in (".rec", ".idx"):
+        return open_file_source("recordio", RecordIOConfig(path=str(p.parent), prefix=p.stem))
+    if p.suffix.lower() in image_extensions():
+        raise DataError(f"{p}: one image; DATA is an image folder, a 'path label' list file or a RecordIO "
+                        "folder")
+    return open_file_source("list", ListConfig(file=str(p)))
+
+
+def row_keys(source: DataSource) -> PathTable:
+    """Every image's :meth:`~bctkit.data.sources.base.DataSource.key` in source order: the path
+    relative to the root for file sources (their table as is), the record id for RecordIO."""
+    if isinstance(source, PathSource):
+        return source.paths
+    if isinstance(source, RecordIOSource):
+        return PathTable.from_paths([str(int(r)) for r in source.record_ids])
+    return PathTable.from_paths([source.key(i) for i in range(len(source))])
+
+
+def partial_dir(out: Path, key: str) -> Path:
+    """The folder of finished chunks of the extraction ``key`` into ``out``."""
+    return out.parent / f"{out.name}.partial-{key}"
+
+
+def extract_to_file(model: str | os.PathLike[str], data: str | os.PathLike[str] | DataSource,
+                    out: str | os.PathLike[str], *, batch_size: int = 256, workers: int = 0,
+                    flip: bool = False, device: str = "auto", precision: PrecisionName = "fp32",
+                    chunk_batches: int = 64, progress: bool = True) -> Path:
+    """Embed every image of ``data`` (a path for :func:`open_data`, or a source) with the model at
+    ``model`` (see :func:`~bctkit.extract.model.open_model`) into the feature file ``out``
+    (``feats``, ``labels``, row keys and metadata; see the module docstring for chunks, resuming and
+    torchrun). ``workers``: DataLoader workers. Returns ``out``."""
+    out = Path(out).expanduser()
+    if batch_size < 1 or chunk_batches < 1:
+        raise ConfigError(f"--batch-size {batch_size} and --chunk-batches {chunk_batches} must be >= 1")
+    _check_out(out)
+    engine = Engine.create(device, precision)
+    net = open_model(model, engine.device)
+    source = data if isinstance(data, DataSource) else open_data(data)
+    feed = Feed(source, net.preprocess, workers, pin_memory=engine.device.type == "cuda")
+    _check_input(net, feed, model)
+    meta = _meta(net, source, data, flip, precision, batch_size)
+    key = _key(net, source, flip, precision, batch_size, chunk_batches)
+    parts = partial_dir(out, key)
+    n, rows_per_chunk = len(source), batch_size * chunk_batches
+    chunks = [(s, min(s + rows_per_chunk, n)) for s in range(0, n, rows_per_chunk)]
+    done = None
+    if is_main():
+        write_json(parts / "plan.json", {"key": key, "out": str(out), "rows": n, "chunk_rows": rows_per_chunk,
+                                         "chunks": len(chunks), "meta": meta})
+        done = [k for k, rows in enumerate(chunks) if _chunk_ok(parts, k, rows, key, net.dim)]
+    done = set(broadcast_object(done))
+    with tqdm(total=n, initial=sum(b - a for k, (a, b) in enumerate(chunks) if k in done), unit="img",
+              desc="extract", disable=not (progress and is_main())) as bar:
+        for k, rows in enumerate(chunks):
+            if k in done:
+                continue
+            feats = gather_rows(_chunk_share(net, feed, rows, batch_size, flip, engine))
+            if feats is not None:
+                save_tensors(_chunk_path(parts, k), {"feats": feats},
+                             {"key": key, "chunk": k, "rows": list(rows)})
+                bar.update(rows[1] - rows[0])
+    if is_main():
+        feats = torch.empty((n, net.dim), dtype=torch.float32)
+        for k, (a, b) in enumerate(chunks):
+            feats[a:b] = _read_chunk(parts, k)
+        FeatureSet(feats, torch.from_numpy(source.labels.astype(np.int64)), meta, row_keys(source)).save(out)
+        shutil.rmtree(parts, ignore_errors=True)
+    barrier()
+    return out
+
+
+def _check_out(out: Path) -> None:
+    """A file name ending in .safetensors whose folder exists (or can be made) and is writable."""
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"--out {out}: a feature file is safetensors; end its name with .safetensors")
+    if out.is_dir():
+        raise FileFormatError(f"--out {out}: is a folder; give a file name (e.g. {out}/features.safetensors)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileFormatError(f"--out {out}: cannot create its folder ({exc.strerror or exc})") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise FileFormatError(f"--out {out}: the folder {out.parent} is not writable")
+
+
+def _check_input(net: ExtractModel, feed: Feed, model: str | os.PathLike[str]) -> None:
+    """The data, read through the model's preprocessing, must give the model's input [C, H, W]."""
+    got = feed.input_shape
+    if tuple(got) != tuple(net.input_shape):
+        show = "x".join
+        raise ConfigError(
+            f"{model}: the model takes {show(map(str, net.input_shape))} (C x H x W) images but "
+            f"{feed.source.describe(0)} read through its preprocessing is {show(map(str, got))}; the "
+            "data does not fit this model (channels or size)")
+
+
+def _meta(net: ExtractModel, source: DataSource, data: Any, flip: bool, precision: str, batch_size: int
+          ) -> dict[str, Any]:
+    """What the feature file says about its rows (nothing about the machine or the processes, so one
+    process and torchrun write the same file)."""
+    kind = "record id in the RecordIO index" if isinstance(source, RecordIOSource) else (
+        "image path relative to the dataset root" if isinstance(source, PathSource) else "source key")
+    return {
+        **net.meta, "flip": flip, "precision": precision, "batch_size": batch_size,
+        "dataset": source.name, "images_fingerprint": source.fingerprint(), "images": len(source),
+        "data": str(Path(data).expanduser().resolve()) if not isinstance(data, DataSource) else source.name,
+        "preprocessing": net.preprocess.spec(net.input_shape), "keys": kind,
+        "written_by": f"bctkit extract (format {FORMAT_VERSION})",
+    }
+
+
+def _key(net: ExtractModel, source: DataSource, flip: bool, precision: str, batch_size: int,
+         chunk_batches: int) -> str:
+    spec = {"version": FORMAT_VERSION, "model": net.identity, "images": source.fingerprint(),
+            "n": len(source), "flip": flip, "precision": precision, "batch_size": batch_size,
+            "chunk_batches": chunk_batches, "preprocessing": net.preprocess.spec(net.input_shape)}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _chunk_share(net: ExtractModel, feed: Feed, rows: tuple[int, int], batch_size: int, flip: bool,
+                 engine: Engine) -> torch.Tensor:
+    """This rank's features of chunk ``rows``: a contiguous share of its whole batches."""
+    start, end = rows
+    b0, b1 = share(-(-(end - start) // batch_size))
+    mine = (start + b0 * batch_size, min(start + b1 * batch_size, end))
+    if mine[0] >= mine[1]:
+        return torch.zeros((0, net.dim), dtype=torch.float32)
+    parts = [f for _, f in iter_features(net.net, feed, batch_size, flip, False, "extract", engine, mine)]
+    feats = torch.cat(parts)
+    if feats.ndim != 2 or feats.shape[1] != net.dim:
+        raise FileFormatError(f"{net.meta['model_file']}: the model gives features of shape "
+                              f"{list(feats.shape)}; its metadata says {net.dim} dims")
+    return feats
+
+
+def _chunk_path(parts: Path, k: int) -> Path:
+    return parts / f"chunk-{k:06d}.safetensors"
+
+
+def _chunk_ok(parts: Path, k: int, rows: tuple[int, int], key: str, dim: int) -> bool:
+    """Whether chunk ``k`` was written by this extraction, whole (checked from its header)."""
+    path = _chunk_path(parts, k)
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get(META_KEY, "{}"))
+            names = list(fh.keys())
+            shape = list(fh.get_slice("feats").get_shape()) if "feats" in names else None
+    except (SafetensorError, OSError, ValueError):
+        return False
+    return (meta.get("key") == key and meta.get("chunk") == k and meta.get("rows") == list(rows)
+            and shape == [rows[1] - rows[0], dim])
+
+
+def _read_chunk(parts: Path, k: int) -> torch.Tensor:
+    with safe_open(str(_chunk_path(parts, k)), framework="pt") as fh:
+        return fh.get_tensor("feats")
