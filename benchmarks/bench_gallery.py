@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 
 from bctkit.gallery import GalleryStore
-from bctkit.gallery.search import normalize_rows
+from bctkit.gallery.indexes import normalize_rows
 
 
 def main() -> None:

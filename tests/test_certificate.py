@@ -259,3 +259,19 @@ def test_cli_verify_exit_codes(suite, tmp_path, capsys):
     assert lines[1] == f"FAILED {tmp_path / 'edited.json'}: {hash_error}"
     assert main(["certificate", "verify", str(tmp_path / "missing.json")]) == 2
     assert capsys.readouterr().out.strip() == f"FAILED {tmp_path / 'missing.json'}: file not found"
+
+
+def test_report_md_lists_every_certificate_with_its_result(suite):
+    out, _, report = suite
+    md = (out / "report.md").read_text()
+    section = md.split("## Compatibility certificates", 1)[1].split("\n## ", 1)[0]
+    rows = [ln for ln in section.splitlines() if ln.startswith("| [certificates/")]
+    assert len(rows) == len(report["certificates"]) == 4
+    for rel in report["certificates"]:
+        cert = verify_certificate(out / rel)
+        row = next(r for r in rows if r.startswith(f"| [{rel}]"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1] == f"{cert['query']['name']} → {cert['gallery']['name']}"
+        assert cells[3] == f"{100 * cert['criterion']['cross']:.2f}"
+        assert cells[5] == ("passed" if cert["passed"] else "failed")
+        assert cells[6] == f"`{cert['sha256'][:16]}`"

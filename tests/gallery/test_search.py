@@ -171,7 +171,8 @@ def test_a_version_without_certificate_is_refused(world) -> None:
         store.search(q, "old", 5)  # a version without items needs no certificate
         store.add(["t"], q[:1], "other")
         with pytest.raises(GalleryError, match=r"old \(old\) queries cannot search the 1 items of third "
-                                               r"\(other\): a compatibility certificate") as info:
+                                               r"\(other\): a passed compatibility certificate for this pair "
+                                               r"is needed \(bctkit gallery certify\)") as info:
             store.search(q, "old", 5)
         assert "\n" not in str(info.value)
         with pytest.raises(GalleryError, match="cannot search the 1 items of third"):
@@ -247,9 +248,9 @@ def test_empty_store_and_approximate_factory(tmp_path: Path) -> None:
 
 
 def test_index_cache_is_read_at_its_commit_only(tmp_path: Path, monkeypatch) -> None:
-    from bctkit.gallery import search
+    from bctkit.gallery import indexes
 
-    monkeypatch.setattr(search, "CACHE_MIN_ITEMS", 0)
+    monkeypatch.setattr(indexes, "CACHE_MIN_ITEMS", 0)
     rng = np.random.default_rng(6)
     items = rng.standard_normal((200, 8)).astype(np.float32)
     q = rng.standard_normal((5, 8)).astype(np.float32)
@@ -262,8 +263,8 @@ def test_index_cache_is_read_at_its_commit_only(tmp_path: Path, monkeypatch) -> 
     cached = sorted(p.name for p in (tmp_path / "g" / "indexes").iterdir())
     assert len(cached) == 1 and cached[0].endswith("-n200.faiss")
     built = []
-    original = search.IndexSet.build
-    monkeypatch.setattr(search.IndexSet, "build", lambda self, *a: built.append(a[0]) or original(self, *a))
+    original = indexes.IndexSet.build
+    monkeypatch.setattr(indexes.IndexSet, "build", lambda self, *a: built.append(a[0]) or original(self, *a))
     with GalleryStore.open(tmp_path / "g") as store:
         check(store.search(q, "v", 5), reference(mirror, q, "v", 5, {}))  # read from the cache
         assert built == []
@@ -278,3 +279,29 @@ def test_index_cache_is_read_at_its_commit_only(tmp_path: Path, monkeypatch) -> 
     with GalleryStore.open(tmp_path / "g") as store:
         check(store.search(q, "v", 5), reference(mirror, q, "v", 5, {}))  # unreadable: rebuilt
         assert len(built) == 2
+
+
+def test_index_cache_keeps_no_file_of_an_earlier_commit(tmp_path: Path, monkeypatch) -> None:
+    """Files of blocks that are never rebuilt (here the old version's, once only new queries come)
+    are pruned when any block is written at a later commit."""
+    from bctkit.gallery import indexes
+
+    monkeypatch.setattr(indexes, "CACHE_MIN_ITEMS", 0)
+    rng = np.random.default_rng(7)
+    cache = tmp_path / "g" / "indexes"
+    with GalleryStore.create(tmp_path / "g") as store:
+        store.add_version("old", D_OLD)
+        store.add_version("new", D_NEW)
+        store.add_certificate(cert("new", D_NEW, "old", D_OLD, *DIMS[("new", "old")]))
+        store.add_certificate(cert("old", D_OLD, "new", D_NEW, *DIMS[("old", "new")]))
+        store.add(["a", "b"], rng.standard_normal((2, D_OLD)).astype(np.float32), "old")
+        store.add(["c"], rng.standard_normal((1, D_NEW)).astype(np.float32), "new")
+        store.search(rng.standard_normal((1, D_OLD)).astype(np.float32), "old", 2)
+        first = sorted(p.name for p in cache.iterdir())
+        assert len(first) == 2 and len({n.split("-c")[1].split("-")[0] for n in first}) == 1
+        store.replace(["a"], rng.standard_normal((1, D_NEW)).astype(np.float32), "new")
+    with GalleryStore.open(tmp_path / "g") as store:
+        store.search(rng.standard_normal((1, D_NEW)).astype(np.float32), "new", 2)
+    later = sorted(p.name for p in cache.iterdir())
+    assert not set(later) & set(first) and len({n.split("-c")[1].split("-")[0] for n in later}) == 1
+    assert len(later) == 2  # the new version's own block and the old items' compatible block

@@ -229,3 +229,35 @@ def test_sigkill_during_a_large_add_leaves_the_old_or_the_new_state(tmp_path: Pa
             assert ids == expected and store.count() == store.count("v") == len(expected)
             assert store.search(np.ones((1, 16), np.float32), "v", 1).ids == [["base"]]
     assert outcomes.count("old") >= 2  # most kills land inside the add (the rest after its commit)
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from bctkit.gallery import GalleryStore
+    path, n = sys.argv[1], int(sys.argv[2])
+    with GalleryStore.open(path) as store:
+        print("ready", flush=True)
+        for r in range(10_000):
+            vec = np.random.default_rng(r).standard_normal((n, 8)).astype(np.float32)
+            store.add([f"w{r}-{i}" for i in range(n)], vec, "old-fp")
+""")
+
+
+def test_open_while_another_process_commits_never_sees_a_truncated_file(store_path: Path) -> None:
+    """The open's length check runs under SQLite's shared lock, so a commit growing the file in
+    another process is never mistaken for a truncated copy."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(store_path), "20000"], cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        counts = []
+        deadline = time.monotonic() + 4.0
+        while time.monotonic() < deadline and proc.poll() is None:
+            with GalleryStore.open(store_path) as store:
+                counts.append(store.count("old-fp"))
+    finally:
+        proc.kill()
+        proc.wait()
+    grown = sorted(set(counts))
+    assert len(grown) >= 3 and all((c - 5) % 20000 == 0 for c in grown)  # whole commits only

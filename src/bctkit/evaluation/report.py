@@ -168,6 +168,17 @@ def markdown(report: dict[str, Any]) -> str:
                 rows.append([name, order, fmt_percent(vals[0]), fmt_percent(vals[len(vals) // 2]),
                              fmt_percent(vals[-1]), f"{100 * b[order]['area']:.2f}"])
         lines += markdown_table(["model", "order", "p=0", "p=0.5", "p=1", "area"], rows)
+    certs = report.get("certificate_results", [])
+    if certs:
+        lines += ["## Compatibility certificates", "",
+                  "One signed claim per new model and the model it must stay compatible with; check one "
+                  "with `bctkit certificate verify FILE`, and give a passed one to a gallery with "
+                  "`bctkit gallery certify`.", ""]
+        rows = [[f"[{c['file']}]({c['file']})", f"{c['query']} → {c['gallery']}", c["metric"],
+                 fmt_percent(c["cross"]), fmt_percent(c["old_self"]), "passed" if c["passed"] else "failed",
+                 f"`{c['sha256'][:16]}`"] for c in certs]
+        lines += markdown_table(["file", "queries → gallery", "criterion metric", "cross", "old self",
+                                 "result", "sha256"], rows)
     plots = report.get("plots", [])
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]

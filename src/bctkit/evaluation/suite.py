@@ -64,6 +64,11 @@ def evaluate_suite(
     certs = certificates_for_report(report, features, protocol)
     written = write_certificates(out_dir / "certificates", certs)
     report["certificates"] = [str(p.relative_to(out_dir)) for p in written]
+    report["certificate_results"] = [
+        {"file": str(p.relative_to(out_dir)), "query": c["query"]["name"], "gallery": c["gallery"]["name"],
+         "metric": c["criterion"]["metric"], "cross": c["criterion"]["cross"],
+         "old_self": c["criterion"]["old_self"], "passed": c["passed"], "sha256": c["sha256"]}
+        for p, c in zip(written, certs, strict=True)]
     write_report(out_dir, report)
     return report
 

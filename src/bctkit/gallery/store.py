@@ -9,17 +9,16 @@ the next key and a commit counter. SQLite's rollback journal with ``synchronous=
 mutating call one atomic, durable transaction (the counter is bumped inside it): a crash (SIGKILL,
 power loss) at any point leaves the last committed state, restored by SQLite on the next open.
 
-The FAISS indexes are derived data (:mod:`bctkit.gallery.search`): built in memory on the first
+The FAISS indexes are derived data (:mod:`bctkit.gallery.indexes`): built in memory on the first
 search that needs them, kept in sync after each of this process's commits, and dropped and rebuilt
 when the file's commit counter shows another process committed. Large ones are also written to
 ``<store>/indexes/``, tagged with the commit counter and item count, and read back by a later open
 at the same commit instead of being rebuilt; a stale or unreadable one is simply rebuilt.
 
-Opening checks the format version (a newer one is refused), the file's length against its header,
-SQLite's ``quick_check`` (page structure; SQLite keeps no checksums, so bytes flipped inside a vector
-go unnoticed) and the item counts, and writes nothing. Every error is one line: bad input, unknown
-ids or versions and refused searches raise :class:`GalleryError`; a missing, corrupt or
-newer-format store raises :class:`~bctkit.errors.FileFormatError`. A call that raises writes nothing.
+Opening checks the file (:mod:`bctkit.gallery.schema`) and writes nothing. Every error is one line:
+bad input, unknown ids or versions and refused searches raise :class:`GalleryError`; a missing,
+corrupt or newer-format store raises :class:`~bctkit.errors.FileFormatError`. A call that raises
+writes nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import json
 import os
 import secrets
 import sqlite3
-import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from itertools import repeat
@@ -38,55 +36,28 @@ from typing import Any
 import numpy as np
 
 from bctkit.errors import FileFormatError
-from bctkit.gallery.search import (
+from bctkit.gallery.checks import (
     CERTIFICATE_FORMAT,
     GalleryError,
-    IndexSet,
-    SearchResult,
     check_certificate,
     check_ids,
     check_vectors,
-    factory_is_valid,
     few,
     find_version,
     first_line,
     read_versions,
-    search_items,
     to_json,
 )
+from bctkit.gallery.indexes import IndexSet, factory_is_valid
+from bctkit.gallery.schema import DB_NAME, FORMAT_VERSION, SCHEMA, STORE_FORMAT, check_format, connect
+from bctkit.gallery.search import SearchResult, search_items
 from bctkit.storage import _fsync_dir
 
 __all__ = ["CERTIFICATE_FORMAT", "FORMAT_VERSION", "GalleryError", "GalleryStore", "SearchResult"]
 
-DB_NAME = "gallery.sqlite"
-STORE_FORMAT = "bctkit-gallery"
-FORMAT_VERSION = 1
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE versions (vid INTEGER PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE, name TEXT,
-                       dim INTEGER NOT NULL, layout TEXT, count INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE items (key INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, vid INTEGER NOT NULL,
-                    meta TEXT, vec BLOB NOT NULL);
-CREATE TABLE certificates (seq INTEGER PRIMARY KEY, query_vid INTEGER NOT NULL,
-                           gallery_vid INTEGER NOT NULL, sha256 TEXT NOT NULL, body TEXT NOT NULL,
-                           UNIQUE (query_vid, gallery_vid));
-"""
-
 
 class _Collision(Exception):
     """Raised inside an add transaction so that it rolls back before the collisions are named."""
-
-
-def _header_truncated(db: Path) -> bool:
-    """Whether the SQLite header states more pages than the file holds (a truncated copy)."""
-    with open(db, "rb") as fh:
-        head = fh.read(100)
-    if len(head) < 100 or not head.startswith(b"SQLite format 3\x00"):
-        return False  # SQLite itself reports it
-    page = struct.unpack(">H", head[16:18])[0]
-    page = 65536 if page == 1 else page
-    change, pages, valid_for = (struct.unpack(">I", head[o : o + 4])[0] for o in (24, 28, 92))
-    return pages > 0 and change == valid_for and pages * page > db.stat().st_size
 
 
 class GalleryStore:
@@ -106,14 +77,6 @@ class GalleryStore:
 
     # ---- opening ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def _connect(db: Path, mode: str) -> sqlite3.Connection:
-        conn = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, isolation_level=None, timeout=60.0)
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA cache_size=-262144")
-        conn.execute("PRAGMA temp_store=MEMORY")
-        return conn
-
     @classmethod
     def create(cls, path: str | os.PathLike[str], *, index: str = "Flat") -> GalleryStore:
         """Create an empty store in the new directory ``path`` (an existing empty one is taken);
@@ -129,10 +92,10 @@ class GalleryStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{secrets.token_hex(4)}"
             tmp.mkdir()
-            conn = cls._connect(tmp / DB_NAME, "rwc")
+            conn = connect(tmp / DB_NAME, "rwc")
             try:
                 conn.execute("BEGIN")
-                for stmt in _SCHEMA.split(";"):
+                for stmt in SCHEMA.split(";"):
                     if stmt.strip():
                         conn.execute(stmt)
                 conn.executemany("INSERT INTO meta VALUES (?, ?)", [
@@ -158,56 +121,15 @@ class GalleryStore:
         if not db.is_file():
             raise FileFormatError(f"{path}: not a gallery store (no {DB_NAME})")
         try:
-            if _header_truncated(db):
-                raise FileFormatError(f"{db}: corrupt gallery store (the file is truncated)")
-            conn = cls._connect(db, "rw")
+            conn = connect(db, "rw")
         except (OSError, sqlite3.Error) as exc:
-            if isinstance(exc, FileFormatError):
-                raise
             raise FileFormatError(f"{db}: cannot open the gallery store ({first_line(exc)})") from None
         try:
-            factory = cls._check_format(conn, db)
+            factory = check_format(conn, db)
         except BaseException:
             conn.close()
             raise
         return cls(path, conn, factory)
-
-    @staticmethod
-    def _check_format(conn: sqlite3.Connection, db: Path) -> str:
-        """The store's factory string after checking its format, version, structure (SQLite's
-        quick_check: about 1 s per GB) and item counts."""
-        try:
-            conn.execute("BEGIN")
-            try:
-                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-                if not {"meta", "versions", "items", "certificates"} <= tables:
-                    raise FileFormatError(f"{db}: not a bctkit gallery store (tables missing)")
-                meta = dict(conn.execute("SELECT key, value FROM meta"))
-                if meta.get("format") != STORE_FORMAT:
-                    raise FileFormatError(f"{db}: not a bctkit gallery store (format {meta.get('format')!r})")
-                try:
-                    fv = int(meta.get("format_version", ""))
-                except ValueError:
-                    raise FileFormatError(f"{db}: corrupt gallery store (format version "
-                                          f"{meta.get('format_version')!r})") from None
-                if fv > FORMAT_VERSION:
-                    raise FileFormatError(f"{db}: written by a newer bctkit (store format {fv}; this bctkit "
-                                          f"reads up to {FORMAT_VERSION}); upgrade bctkit to open it")
-                problems = [r[0] for r in conn.execute("PRAGMA quick_check(3)")]
-                if problems != ["ok"]:
-                    lines = [ln.strip(" *") for p in problems for ln in str(p).splitlines() if ln.strip(" *")]
-                    raise FileFormatError(f"{db}: corrupt gallery store ({'; '.join(lines)[:300]})")
-                n_items = conn.execute("SELECT count(*) FROM items").fetchone()[0]
-                n_counted = conn.execute("SELECT coalesce(sum(count), 0) FROM versions").fetchone()[0]
-                if n_items != n_counted:
-                    raise FileFormatError(f"{db}: corrupt gallery store ({n_items} items, versions count "
-                                          f"{n_counted})")
-                return str(meta["index"])
-            finally:
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise FileFormatError(f"{db}: corrupt gallery store ({first_line(exc)})") from None
 
     def close(self) -> None:
         """Close the database and drop the in-memory indexes (idempotent)."""

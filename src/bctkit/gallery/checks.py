@@ -1,0 +1,135 @@
+"""Checks of what a gallery store takes (ids, vectors, JSON, certificates), its declared versions,
+and :class:`GalleryError`: the one-line errors every gallery call raises for refused input."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from bctkit.errors import BctkitError
+
+CERTIFICATE_FORMAT = "bctkit-compatibility-certificate"
+
+class GalleryError(BctkitError, ValueError):
+    """A gallery call was refused: bad vectors or ids, unknown version, search without certificate."""
+
+
+class Version(NamedTuple):
+    """A declared model version as stored (``vid`` is its row in the store)."""
+
+    vid: int
+    fingerprint: str
+    name: str | None
+    dim: int
+    layout: dict | None
+    count: int
+
+    @property
+    def label(self) -> str:
+        """"name (fingerprint)" for messages."""
+        return f"{self.name} ({self.fingerprint})" if self.name else self.fingerprint
+
+
+def read_versions(conn: sqlite3.Connection) -> list[Version]:
+    """The declared versions, in declaration order."""
+    rows = conn.execute("SELECT vid, fingerprint, name, dim, layout, count FROM versions ORDER BY vid")
+    return [Version(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5]) for r in rows]
+
+
+def find_version(conn: sqlite3.Connection, fingerprint: Any, what: str) -> Version:
+    """The version ``fingerprint``; an unknown one is refused."""
+    for v in read_versions(conn):
+        if v.fingerprint == fingerprint:
+            return v
+    raise GalleryError(f"{what}: unknown version {fingerprint!r}; declare it with add_version first")
+
+
+def few(items: Sequence[Any], n: int = 3) -> str:
+    """The first few of ``items`` for an error message, with the total when there are more."""
+    head = ", ".join(repr(x) for x in items[:n])
+    return head + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def check_ids(ids: Sequence[str], what: str) -> list[str]:
+    """``ids`` as a list of non-empty strings without duplicates."""
+    if isinstance(ids, str | bytes):
+        raise GalleryError(f"{what}: ids must be a sequence of strings, got a single {type(ids).__name__}")
+    out = list(ids)
+    bad = [i for i in out if not isinstance(i, str) or not i]
+    if bad:
+        raise GalleryError(f"{what}: ids must be non-empty strings, got {few(bad)}")
+    if len(set(out)) != len(out):
+        seen: set[str] = set()
+        dup = [i for i in out if i in seen or seen.add(i)]
+        raise GalleryError(f"{what}: duplicate ids within one call: {few(list(dict.fromkeys(dup)))}")
+    return out
+
+
+def check_vectors(vectors: Any, n: int | None, v: Version, what: str) -> np.ndarray:
+    """``vectors`` as finite float32 C-ordered rows [n, v.dim] (n None: any number of rows)."""
+    arr = np.asarray(vectors)
+    if arr.dtype.kind not in "fiu":
+        raise GalleryError(f"{what}: vectors must be numeric, got dtype {arr.dtype}")
+    n = (arr.shape[0] if arr.ndim else 1) if n is None else n
+    if arr.shape != (n, v.dim):
+        raise GalleryError(f"{what}: vectors of version {v.label} must have shape ({n}, {v.dim}), "
+                           f"got {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype="<f4")
+    step = max(1, (1 << 22) // v.dim)
+    for s in range(0, n, step):
+        finite = np.isfinite(arr[s : s + step]).all(axis=1)
+        if not finite.all():
+            raise GalleryError(f"{what}: vector {s + int(np.argmin(finite))} contains NaN or Inf")
+    return arr
+
+
+def to_json(obj: Any, what: str) -> str:
+    """Compact strict JSON of ``obj``; refused when it is not serialisable (NaN included)."""
+    try:
+        return json.dumps(obj, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise GalleryError(f"{what}: not JSON serialisable ({exc})") from None
+
+
+def check_certificate(conn: sqlite3.Connection, cert: Any) -> tuple[Version, Version, str, str]:
+    """(query version, gallery version, sha256, JSON body) of a passed certificate whose versions are
+    declared with its dims; anything else is refused."""
+    if not isinstance(cert, dict) or cert.get("format") != CERTIFICATE_FORMAT:
+        raise GalleryError(f"certificate: not a {CERTIFICATE_FORMAT} dict")
+    sha = cert.get("sha256")
+    if not isinstance(sha, str) or not sha:
+        raise GalleryError("certificate: the certificate has no sha256")
+    what = f"certificate {sha[:12]}"
+    if cert.get("passed") is not True:
+        raise GalleryError(f"{what}: the compatibility criterion failed (passed: {cert.get('passed')!r}); "
+                           "only a passed certificate allows mixed-version search")
+    body = to_json(cert, what)
+    sides = []
+    for side in ("query", "gallery"):
+        info = cert.get(side)
+        if not isinstance(info, dict):
+            raise GalleryError(f"{what}: no {side} model")
+        v = find_version(conn, info.get("fingerprint"), f"{what} {side}")
+        if info.get("embedding_dim") != v.dim:
+            raise GalleryError(f"{what}: {side} embedding_dim {info.get('embedding_dim')!r} but version "
+                               f"{v.label} has dim {v.dim}")
+        dims = cert.get(f"{side}_dims")
+        if (not isinstance(dims, list | tuple) or len(dims) != 2
+                or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims)
+                or not 0 <= dims[0] < dims[1] <= v.dim):
+            raise GalleryError(f"{what}: {side}_dims {dims!r} is not a [start, end) range within 0..{v.dim}")
+        sides.append((v, dims))
+    (q, qd), (g, gd) = sides
+    if qd[1] - qd[0] != gd[1] - gd[0]:
+        raise GalleryError(f"{what}: query_dims {list(qd)} and gallery_dims {list(gd)} differ in length")
+    return q, g, sha, body
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (FAISS errors span several lines)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__

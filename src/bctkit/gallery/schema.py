@@ -1,0 +1,89 @@
+"""The gallery store's file: its SQLite schema, connections, and the checks an open makes.
+
+Opening checks the format version (a newer one is refused), the file's length against its header,
+SQLite's ``quick_check`` (page structure; SQLite keeps no checksums, so bytes flipped inside a vector
+go unnoticed) and the item counts, and writes nothing. The length check runs inside the open's read
+transaction: under SQLite's shared lock no commit of another process is writing the file, and a hot
+journal left by a crash has already been rolled back.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from bctkit.errors import FileFormatError
+from bctkit.gallery.checks import first_line
+
+DB_NAME = "gallery.sqlite"
+STORE_FORMAT = "bctkit-gallery"
+FORMAT_VERSION = 1
+SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE versions (vid INTEGER PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE, name TEXT,
+                       dim INTEGER NOT NULL, layout TEXT, count INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE items (key INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, vid INTEGER NOT NULL,
+                    meta TEXT, vec BLOB NOT NULL);
+CREATE TABLE certificates (seq INTEGER PRIMARY KEY, query_vid INTEGER NOT NULL,
+                           gallery_vid INTEGER NOT NULL, sha256 TEXT NOT NULL, body TEXT NOT NULL,
+                           UNIQUE (query_vid, gallery_vid));
+"""
+
+
+
+def truncated(conn: sqlite3.Connection, db: Path) -> bool:
+    """Whether the database states more pages than the file holds (a truncated copy). Asked of
+    SQLite and ``os.stat``: opening the file here would drop this process's SQLite locks on it
+    (POSIX record locks belong to the process and die with any descriptor of the file closing)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    size = conn.execute("PRAGMA page_size").fetchone()[0]
+    return pages * size > db.stat().st_size
+
+
+def connect(db: Path, mode: str) -> sqlite3.Connection:
+    """A connection to ``db`` (URI ``mode``: rw or rwc) with durable commits."""
+    conn = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, isolation_level=None, timeout=60.0)
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA cache_size=-262144")
+    conn.execute("PRAGMA temp_store=MEMORY")
+    return conn
+
+
+
+def check_format(conn: sqlite3.Connection, db: Path) -> str:
+    """The store's factory string after checking its format, version, structure (SQLite's
+    quick_check: about 1 s per GB) and item counts."""
+    try:
+        conn.execute("BEGIN")
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if truncated(conn, db):  # under the shared lock: no commit is writing the file now
+                raise FileFormatError(f"{db}: corrupt gallery store (the file is truncated)")
+            if not {"meta", "versions", "items", "certificates"} <= tables:
+                raise FileFormatError(f"{db}: not a bctkit gallery store (tables missing)")
+            meta = dict(conn.execute("SELECT key, value FROM meta"))
+            if meta.get("format") != STORE_FORMAT:
+                raise FileFormatError(f"{db}: not a bctkit gallery store (format {meta.get('format')!r})")
+            try:
+                fv = int(meta.get("format_version", ""))
+            except ValueError:
+                raise FileFormatError(f"{db}: corrupt gallery store (format version "
+                                      f"{meta.get('format_version')!r})") from None
+            if fv > FORMAT_VERSION:
+                raise FileFormatError(f"{db}: written by a newer bctkit (store format {fv}; this bctkit "
+                                      f"reads up to {FORMAT_VERSION}); upgrade bctkit to open it")
+            problems = [r[0] for r in conn.execute("PRAGMA quick_check(3)")]
+            if problems != ["ok"]:
+                lines = [ln.strip(" *") for p in problems for ln in str(p).splitlines() if ln.strip(" *")]
+                raise FileFormatError(f"{db}: corrupt gallery store ({'; '.join(lines)[:300]})")
+            n_items = conn.execute("SELECT count(*) FROM items").fetchone()[0]
+            n_counted = conn.execute("SELECT coalesce(sum(count), 0) FROM versions").fetchone()[0]
+            if n_items != n_counted:
+                raise FileFormatError(f"{db}: corrupt gallery store ({n_items} items, versions count "
+                                      f"{n_counted})")
+            return str(meta["index"])
+        finally:
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise FileFormatError(f"{db}: corrupt gallery store ({first_line(exc)})") from None
