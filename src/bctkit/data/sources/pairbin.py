@@ -13,7 +13,8 @@ through those two hooks, so a file that would run code is refused before anythin
 value must then be exactly a list or tuple of bytes and a list or tuple of plain ``bool`` with twice
 as many images as flags. Numpy bools, which some third-party writers produce, are pickled through
 numpy's reconstruction globals and are refused like any other global: re-save such a file with
-``issame = [bool(x) for x in issame]``. insightface's own packing scripts write plain bools.
+``issame = [bool(x) for x in issame]`` (insightface's LFW and AgeDB packing scripts write plain
+bools).
 
 Row ``i`` of :class:`PairBinSource` is image ``i`` of the file, so pair ``p`` is rows ``2p`` (first
 image) and ``2p + 1`` (second image). Labels say what the file says and nothing more: row ``2p`` has
