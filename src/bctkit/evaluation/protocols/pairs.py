@@ -22,7 +22,8 @@ the gallery model). Reported:
 
 insightface's published accuracies use the flip test (each image's feature plus that of its mirror
 image, summed before normalisation). That is a property of the features, chosen where they are
-extracted, not of this protocol: to compare with published numbers, extract with flip on.
+extracted (``bctkit extract --flip``), not of this protocol: to compare with published numbers,
+extract with flip on.
 """
 
 from __future__ import annotations
