@@ -280,3 +280,65 @@ def test_unwritable_out_folder(setup, tmp_path, capsys):
         assert "is not writable" in err
     finally:
         ro.chmod(0o700)
+
+
+RESUME_WORKER = """
+import sys, time
+from pathlib import Path
+from bctkit.data.sources.imagefolder import ImageFolderSource
+from bctkit.extract import extract_to_file
+
+class Slow(ImageFolderSource):
+    reads = 0
+    def read(self, i):
+        Slow.reads += 1
+        time.sleep(float(sys.argv[4]))
+        return super().read(i)
+
+model, data, out = sys.argv[1:4]
+extract_to_file(model, Slow(data), out, batch_size=2, chunk_batches=1, device="cpu", progress=False)
+Path(out + ".reads").write_text(str(Slow.reads))
+"""
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(setup, tmp_path):
+    """A run killed (SIGKILL) after at least one finished chunk, rerun: it reads only the images of
+    the chunks not written, and the file is byte for byte the one an uninterrupted run writes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    model, _, _ = setup
+    data = tmp_path / "many"
+    make_folder(data, per_class=6)  # 18 images: 9 chunks of one batch of 2
+    worker = tmp_path / "worker.py"
+    worker.write_text(RESUME_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def run(out: Path, delay: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(worker), str(model), str(data), str(out), str(delay)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    out = tmp_path / "killed" / "f.safetensors"
+    proc = run(out, 0.15)
+    deadline = time.monotonic() + 120
+    chunks: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        chunks = list(out.parent.glob("f.safetensors.partial-*/chunk-*.safetensors"))
+        if chunks:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None and chunks, "the run ended before a chunk was written: " + str(proc.stderr)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    done = len(list(out.parent.glob("f.safetensors.partial-*/chunk-*.safetensors")))
+    assert 1 <= done < 9
+    resumed = run(out, 0.0)
+    assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
+    assert int(Path(str(out) + ".reads").read_text()) == 1 + 18 - 2 * done  # + the first image's shape
+    assert not list(out.parent.glob("*partial*"))
+    whole = run(tmp_path / "whole" / "f.safetensors", 0.0)
+    assert whole.wait(timeout=120) == 0, whole.stderr.read()
+    assert out.read_bytes() == (tmp_path / "whole" / "f.safetensors").read_bytes()
