@@ -110,6 +110,15 @@ def test_features_keys_labels_meta_against_hand_computation(setup, tmp_path):
     assert not list((tmp_path / "f").glob("*partial*"))  # the chunks are gone once the file is written
 
 
+def test_loader_workers_change_nothing(setup, tmp_path):
+    model, data, _ = setup
+    a = extract_to_file(model, data, tmp_path / "a.safetensors", batch_size=2, chunk_batches=2, workers=0,
+                        device="cpu", progress=False)
+    b = extract_to_file(model, data, tmp_path / "b.safetensors", batch_size=2, chunk_batches=2, workers=2,
+                        device="cpu", progress=False)
+    assert a.read_bytes() == b.read_bytes()
+
+
 def test_flip_adds_mirrored_features(setup, tmp_path):
     model, data, keys = setup
     out = extract_to_file(model, data, tmp_path / "flip.safetensors", batch_size=5, flip=True, device="cpu",
@@ -266,7 +275,15 @@ def test_bad_input_is_one_line_exit_2(setup, tmp_path, capsys):
     Image.new("L", (16, 16)).save(tmp_path / "grey" / "x" / "a.png")
     err = _cli_error(capsys, str(stored), str(tmp_path / "grey"), "--out", out)
     assert "takes 3x16x16" in err and "is 1x16x16" in err
-    assert not (tmp_path / "o.safetensors").exists()
+    export_model(model, "torchscript", tmp_path / "ts")
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "model.pt").write_bytes((tmp_path / "ts" / "model.pt").read_bytes())
+    assert "no card.json beside it" in _cli_error(capsys, str(tmp_path / "loose" / "model.pt"), str(data),
+                                                  "--out", out)
+    with open(tmp_path / "ts" / "model.pt", "ab") as fh:
+        fh.write(b"\0")
+    assert "sha256 differs" in _cli_error(capsys, str(tmp_path / "ts"), str(data), "--out", out)
+    assert not (tmp_path / "o.safetensors").exists() and not list(tmp_path.glob("*partial*"))
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
