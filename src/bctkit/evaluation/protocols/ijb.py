@@ -1,0 +1,181 @@
+"""The ``ijbb`` / ``ijbc`` protocols: IJB-B and IJB-C template tests over insightface's files
+(:class:`~bctkit.data.sources.ijb.IJBSource` reads them; its image i is row i of the features).
+
+Template features, separately for the query model's and the gallery model's image features:
+optionally each image feature times its face detector score (``score_weighting``, what
+insightface's IJB scripts do by default), then the images of one media are averaged, the media of a
+template summed and the sum L2-normalised (:func:`~bctkit.evaluation.templates.template_features`).
+
+- 1:1 verification over the listed template pairs only (15,658,489 for IJB-C, 8,010,270 for
+  IJB-B), scored pair by pair in blocks, never as a template x template matrix: the first template
+  of a pair by the query model, the second by the gallery model. Exact TAR@FAR, ROC AUC, ROC curve.
+- 1:N identification, when the 1:N files are present: probe templates (query model) search gallery
+  G1 and, separately, gallery G2 (gallery model; IJB-B's S1 / S2). Closed-set CMC top-k over the
+  probes whose subject is enrolled in that gallery, and open-set TPIR@FPIR (NIST rule: probes of
+  subjects not enrolled are the non-mated searches); each number is the mean of its G1 and G2 values.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from bctkit.data.sources.ijb import DATASETS, IJBSource, Pairs, read_pairs
+from bctkit.errors import DataError
+from bctkit.evaluation.identification import cmc, tpir_at_fpir
+from bctkit.evaluation.protocols.base import PairResult, Protocol, rate_name
+from bctkit.evaluation.protocols.split import CMC_CURVE_RANKS
+from bctkit.evaluation.templates import pair_scores, template_features
+from bctkit.evaluation.verification import check_rate, roc_auc, roc_curve, tar_at_far
+
+__all__ = ["DEFAULT_FARS", "DEFAULT_FPIRS", "DEFAULT_TOPK", "IJBProtocol"]
+
+DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+DEFAULT_FPIRS = (1e-2, 1e-1)
+DEFAULT_TOPK = (1, 5, 10)
+PAIR_BLOCK_BYTES = 64 << 20
+"""Bytes of gathered template features per block when scoring pairs (per side)."""
+
+
+class IJBProtocol(Protocol):
+    """IJB-B / IJB-C 1:1 and 1:N tests (module docstring). ``name`` is ``ijbb`` or ``ijbc``, set from
+    the source; ``source`` holds the images to embed, in the features' row order."""
+
+    name: ClassVar[str] = "ijb"
+
+    def __init__(self, source: IJBSource, pairs: Pairs | None = None, fars: Sequence[float] = DEFAULT_FARS,
+                 fpirs: Sequence[float] = DEFAULT_FPIRS, topk: Sequence[int] = DEFAULT_TOPK,
+                 score_weighting: bool = False) -> None:
+        self.source = source
+        self.name = source.dataset  # type: ignore[misc]
+        self.dataset = source.name
+        self.pairs = read_pairs(source) if pairs is None else pairs
+        for far in fars:
+            check_rate(far, "FAR")
+        for fpir in fpirs:
+            check_rate(fpir, "FPIR")
+        self.fars = tuple(float(f) for f in fars)
+        self.fpirs = tuple(float(f) for f in fpirs)
+        self.topk = tuple(int(k) for k in topk)
+        if any(k < 1 for k in self.topk):
+            raise DataError(f"top-k values must be >= 1, got {list(self.topk)}")
+        self.score_weighting = bool(score_weighting)
+        self._one_n = self._one_n_rows()
+
+    @classmethod
+    def from_root(cls, root: str | os.PathLike[str], name: str = "ijbc", fars: Sequence[float] = DEFAULT_FARS,
+                  fpirs: Sequence[float] = DEFAULT_FPIRS, topk: Sequence[int] = DEFAULT_TOPK,
+                  score_weighting: bool = False) -> IJBProtocol:
+        """The protocol of the IJB dataset ``name`` (``ijbb`` / ``ijbc``) under ``root`` (insightface's
+        layout): reads and checks the metadata, decodes no image."""
+        if name not in DATASETS:
+            raise DataError(f"IJB name {name!r} is unknown; expected one of {sorted(DATASETS)}")
+        return cls(IJBSource(root, name), fars=fars, fpirs=fpirs, topk=topk, score_weighting=score_weighting)
+
+    def _one_n_rows(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
+        """Per role (G1, G2, probe): (row in the sorted template ids, subject id) of its templates."""
+        lists = self.source.one_n
+        if lists is None:
+            return None
+        out = {role: (np.searchsorted(self.source.template_ids, t.templates), t.subjects)
+               for role, t in lists.items()}
+        for role in ("G1", "G2"):
+            size = len(out[role][0])
+            if self.topk and max(self.topk) > size:
+                raise DataError(f"top-k {max(self.topk)} exceeds gallery {role} of {size} templates "
+                                f"({lists[role].file.name}): top-{max(self.topk)} would be 100 %")
+        return out
+
+    def template_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """Unit template features [templates, d], row t = the source's ``template_ids[t]``."""
+        f = torch.as_tensor(feats)
+        if f.ndim != 2 or f.shape[0] != len(self.source):
+            raise DataError(f"{self.dataset}: features of shape {list(f.shape)}, expected "
+                            f"[{len(self.source)}, d] (one row per image of {self.source.tid_file.name})")
+        if self.score_weighting:
+            f = f.to(torch.float64) * torch.as_tensor(self.source.scores, dtype=torch.float64)[:, None]
+        _, tf = template_features(f, self.source.templates, self.source.medias)
+        return tf
+
+    def _pooling(self) -> str:
+        weights = "detector-score-weighted " if self.score_weighting else ""
+        return f"template = sum over media of the mean {weights}image feature, L2-normalised"
+
+    def _verification(self, tq: torch.Tensor, tg: torch.Tensor, dims: str
+                      ) -> tuple[list[dict[str, Any]], tuple[np.ndarray, np.ndarray]]:
+        p = self.pairs
+        block = max(1, PAIR_BLOCK_BYTES // (4 * tq.shape[1]))
+        scores = pair_scores(tq, tg, p.first, p.second, block=block)
+        n, n_gen = len(scores), int(p.genuine.sum())
+        desc = (f"1:1 verification, {self.dataset}: the {n} listed template pairs ({n_gen} genuine, "
+                f"{n - n_gen} impostor) of {p.file.name}, first template by query model; {self._pooling()}; "
+                f"exact TAR@FAR; {dims}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tars = tar_at_far(scores, p.genuine, self.fars)
+        records = [{"metric": rate_name("tar@far", far), "value": v, "n": n, "protocol": desc}
+                   for far, v in tars.items()]
+        records.append({"metric": "auc", "value": roc_auc(scores, p.genuine), "n": n,
+                        "protocol": desc.replace("exact TAR@FAR", "ROC AUC")})
+        fpr, tpr, _ = roc_curve(scores, p.genuine)
+        return records, (fpr, tpr)
+
+    def _identification(self, tq: torch.Tensor, tg: torch.Tensor, dims: str
+                        ) -> tuple[list[dict[str, Any]], dict[int, float]]:
+        assert self._one_n is not None
+        p_rows, p_ids = self._one_n["probe"]
+        probes = tq[torch.as_tensor(p_rows)]
+        sizes = {role: len(self._one_n[role][0]) for role in ("G1", "G2")}
+        ranks = sorted(set(self.topk) | {k for k in CMC_CURVE_RANKS if k <= min(sizes.values())})
+        curves, tpirs, mated = [], [], []
+        for role in ("G1", "G2"):
+            g_rows, g_ids = self._one_n[role]
+            gallery = tg[torch.as_tensor(g_rows)]
+            mated.append(int(np.isin(p_ids, g_ids).sum()))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                curves.append(cmc(probes, p_ids, gallery, g_ids, ks=ranks))
+            if self.fpirs:
+                tpirs.append(tpir_at_fpir(probes, p_ids, gallery, g_ids, self.fpirs))
+        curve = {k: float(np.mean([c[k] for c in curves])) for k in ranks}
+        counts = (f"{len(p_rows)} probe templates (query model) search G1 of {sizes['G1']} and G2 of "
+                  f"{sizes['G2']} gallery templates (gallery model), {mated[0]} / {mated[1]} of them mated")
+        ident = (f"1:N closed-set CMC, {self.dataset}: {counts}; top-k over the mated probes of each "
+                 f"gallery, mean of G1 and G2; {self._pooling()}; {dims}")
+        records = [{"metric": f"top{k}", "value": curve[k], "n": sum(mated), "protocol": ident}
+                   for k in self.topk]
+        open_desc = (f"1:N open-set TPIR@FPIR (NIST: mated score strictly above every other subject's and "
+                     f"the threshold), {self.dataset}: {counts}; mean of G1 and G2; {self._pooling()}; "
+                     f"{dims}")
+        records += [{"metric": rate_name("tpir@fpir", f), "value": float(np.mean([t[f] for t in tpirs])),
+                     "n": len(p_rows), "protocol": open_desc} for f in self.fpirs]
+        return records, curve
+
+    def evaluate_pair(self, query: torch.Tensor, gallery: torch.Tensor, dims: str) -> PairResult:
+        tq = self.template_features(query)
+        tg = tq if gallery is query else self.template_features(gallery)
+        result = PairResult([])
+        result.records, result.roc = self._verification(tq, tg, dims)
+        if self._one_n is not None:
+            records, result.cmc = self._identification(tq, tg, dims)
+            result.records += records
+        return result
+
+    def describe(self) -> dict[str, Any]:
+        src, p = self.source, self.pairs
+        out: dict[str, Any] = {
+            "protocol": self.name, "dataset": self.dataset, "images": len(src),
+            "templates": len(src.template_ids), "media": len(np.unique(src.medias)), "pairs": len(p.genuine),
+            "genuine_pairs": int(p.genuine.sum()), "impostor_pairs": int((~p.genuine).sum()),
+            "alignment": "5-point similarity to the ArcFace 112x112 template",
+            "score_weighting": self.score_weighting, "fars": list(self.fars)}
+        if self._one_n is not None:
+            out.update({f"{role.lower()}_templates": len(self._one_n[role][0]) for role in ("G1", "G2")})
+            out["probe_templates"] = len(self._one_n["probe"][0])
+            out.update({"fpirs": list(self.fpirs), "topk": list(self.topk)})
+        return out
