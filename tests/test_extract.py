@@ -156,6 +156,10 @@ def test_list_file_and_recordio_keys(setup, tmp_path):
     assert [fs.keys[i] for i in range(5)] == ["1", "2", "3", "4", "5"]  # record ids: images are 1..N
     assert fs.labels.tolist() == [0, 0, 0, 1, 1]
     assert np.abs(fs.feats.numpy() - by_hand(model, [data / k for k in keys[:5]])).max() < 1e-4
+    named = load_features(extract_to_file(model, tmp_path / "rec" / "train.rec", tmp_path / "r2.safetensors",
+                                          device="cpu", progress=False))
+    assert torch.equal(named.feats, fs.feats)
+    assert named.meta["images_fingerprint"] == fs.meta["images_fingerprint"]
 
 
 def test_exports_give_the_same_rows(setup, tmp_path):
@@ -255,6 +259,9 @@ def test_bad_input_is_one_line_exit_2(setup, tmp_path, capsys):
     model, data, _ = setup
     out = str(tmp_path / "o.safetensors")
     (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    assert "not a readable safetensors" in _cli_error(capsys, str(tmp_path / "junk.safetensors"), str(data),
+                                                      "--out", out)
     (tmp_path / "empty").mkdir()
     assert "not a model:" in _cli_error(capsys, str(tmp_path / "notes.txt"), str(data), "--out", out)
     assert "not a model folder" in _cli_error(capsys, str(tmp_path / "empty"), str(data), "--out", out)
