@@ -3,10 +3,11 @@
 The rows are cut into chunks of ``chunk_batches`` batches of ``batch_size`` images, in source order.
 Each finished chunk is written (atomically) to a folder beside the output,
 ``<out>.partial-<key>``, where ``key`` hashes what the rows depend on: the model (fingerprint, and an
-export's format and file hash), the source's fingerprint, the flip test, the precision, the batch
-size and the chunk size. A rerun with the same inputs skips the chunks already there, so a killed
-extraction continues where it stopped, and the final file is the same, byte for byte, as one
-uninterrupted run: every batch is the same batch, whatever was done before.
+export's format and file hash), the source's fingerprint, the flip test, the precision, the device
+type (a CPU rounds otherwise than a GPU), the batch size and the chunk size. A rerun with the same
+inputs skips the chunks already there, so a killed extraction continues where it stopped, and the
+final file is the same, byte for byte, as one uninterrupted run: every batch is the same batch,
+whatever was done before.
 
 Under torchrun each rank embeds a contiguous share of every chunk's batches (whole batches, so each
 image goes through the network in the same batch as in one process); rank 0 gathers the chunk,
@@ -107,7 +108,7 @@ def extract_to_file(model: str | os.PathLike[str], data: str | os.PathLike[str] 
     feed = Feed(source, net.preprocess, workers, pin_memory=engine.device.type == "cuda")
     _check_input(net, feed, model)
     meta = _meta(net, source, data, flip, precision, batch_size)
-    key = _key(net, source, flip, precision, batch_size, chunk_batches)
+    key = _key(net, source, flip, f"{precision} on {engine.device.type}", batch_size, chunk_batches)
     parts = partial_dir(out, key)
     n, rows_per_chunk = len(source), batch_size * chunk_batches
     chunks = [(s, min(s + rows_per_chunk, n)) for s in range(0, n, rows_per_chunk)]
