@@ -116,9 +116,13 @@ def _block_ranks(qb: torch.Tensor, g: torch.Tensor, qid_b: torch.Tensor, gid: to
     row_min = torch.full((qb.shape[0],), math.inf)
     row_min.scatter_reduce_(0, rows, scores, reduce="amin")
     diff = torch.zeros(n + 1, dtype=torch.int64)
+    buf = torch.empty(qb.shape[0] * min(block_gallery, g.shape[0]))  # one tile, reused
+    above = torch.empty(buf.shape, dtype=torch.bool)
     for gs in range(0, g.shape[0], block_gallery):
-        sc = qb @ g[gs : gs + block_gallery].T
-        r, c = torch.nonzero(sc >= row_min[:, None], as_tuple=True)
+        gb = g[gs : gs + block_gallery]
+        sc = torch.mm(qb, gb.T, out=buf[: qb.shape[0] * gb.shape[0]].view(qb.shape[0], gb.shape[0]))
+        mask = torch.ge(sc, row_min[:, None], out=above[: sc.numel()].view(sc.shape))
+        r, c = torch.nonzero(mask, as_tuple=True)
         gc = c + gs
         neg = (gid[gc] != qid_b[r]) & ~junk[gc]
         r, c, gc = r[neg], c[neg], gc[neg]
