@@ -267,7 +267,7 @@ def test_cli_evaluate_feature_files(tiny_run, tmp_path, capsys):
     bc = (m[("weak", "old")] - m[("old", "old")] + m[("weak", "l2")] - m[("l2", "l2")]) / 2
     assert ch["top1"]["BC"] == pytest.approx(bc)
     only = ["evaluate", "--old", str(feats / "old.safetensors"), "--new", str(feats / "l2.safetensors"),
-            "--fars", "0.1", "--protocol", "verification", "--out", str(tmp_path / "ev1")]
+            "--fars", "0.1", "--tests", "verification", "--out", str(tmp_path / "ev1")]
     assert main(only) == 0
     ev1 = json.loads((tmp_path / "ev1" / "report.json").read_text())
     assert {r["metric"] for r in ev1["results"]} == {"tar@far=1e-1", "auc"}

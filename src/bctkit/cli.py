@@ -47,25 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true")
     demo.add_argument("--overwrite", action="store_true", help="as for run")
     demo.add_argument("--reuse-old-from", metavar="RUN_DIR", help="as for run")
-    ev = sub.add_parser("evaluate", help="evaluate saved feature files (models trained anywhere)")
-    ev.add_argument("--old", required=True, help="feature file of the old model (the gallery side)")
-    ev.add_argument("--new", action="append", required=True, metavar="[NAME=]FILE",
-                    help="feature file of a new model (repeatable); NAME defaults to the file's model name")
-    ev.add_argument("--paragon", help="feature file of an independently trained new model (update gain)")
-    ev.add_argument("--out", required=True, help="directory for report.md, report.json and plots")
-    ev.add_argument("--fars", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3, 1e-2])
-    ev.add_argument("--fpirs", type=float, nargs="+", default=[1e-2, 1e-1])
-    ev.add_argument("--topk", type=int, nargs="+", default=[1, 5])
-    ev.add_argument("--gallery-per-class", type=int, default=1,
-                    help="1:N gallery = the first N images of each identity, in file order")
-    ev.add_argument("--protocol", nargs="+", default=["all"],
-                    choices=["all", "identification", "verification", "retrieval"],
-                    help="what to evaluate: 1:N identification (CMC, TPIR@FPIR), 1:1 verification "
-                         "(TAR@FAR, AUC), retrieval (mAP, mAP@R); default all")
-    ev.add_argument("--no-backfill", action="store_true", help="skip partial-backfill curves")
-    ev.add_argument("--chain", action="store_true",
-                    help="the models form a chain of upgrades: --old, then each --new in order "
-                         "(AC, AM, BC, FC in the report)")
+    from bctkit.evaluation.cli import add_parser as add_evaluate
+
+    add_evaluate(sub)
     agg = sub.add_parser("aggregate", help="combine repeated all-allocation runs (seeds): mean ± sd, "
                                            "criterion per run and on the means")
     agg.add_argument("runs", nargs="+", help="all-allocation run directories, e.g. one per seed")
@@ -120,7 +104,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{name}: {opts}")
         return 0
     if args.command == "evaluate":
-        return _evaluate(args)
+        from bctkit.evaluation.cli import run as run_evaluate
+
+        return run_evaluate(args)
     if args.command == "extract":
         return _extract(args)
     if args.command == "certificate":
@@ -177,51 +163,6 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    import torch
-
-    from bctkit.errors import ConfigError
-    from bctkit.evaluation.protocols import EvalProtocol
-    from bctkit.evaluation.suite import evaluate_suite, load_feature_files, models_info_from_features
-    from bctkit.features import load_features
-
-    paths: dict[str, Path] = {"old": Path(args.old)}
-    if args.paragon:
-        paths["paragon"] = Path(args.paragon)
-    for item in args.new:
-        name, sep, file = item.partition("=")
-        if not sep:
-            file = item
-            name = str(load_features(Path(file)).meta.get("model") or Path(file).stem)
-        if name in paths:
-            raise ConfigError(f"--new {item}: model name {name!r} used twice; write NAME=FILE")
-        paths[name] = Path(file)
-    if any(not 0 < f < 1 for f in args.fars + args.fpirs):
-        raise ConfigError("--fars and --fpirs must lie in (0, 1)")
-    features = load_feature_files(paths)
-    _check_comparable(features, paths, args.chain)
-    labels = features["old"].labels
-    per_class = int(torch.unique(labels, return_counts=True)[1].min())
-    if args.gallery_per_class < 1 or args.gallery_per_class >= per_class:
-        raise ConfigError(
-            f"--gallery-per-class {args.gallery_per_class}: must be >= 1 and leave probes "
-            f"(smallest identity has {per_class} images)"
-        )
-    dataset = str(features["old"].meta.get("dataset", Path(args.old).name))
-    parts = {"identification", "verification", "retrieval"} if "all" in args.protocol else set(args.protocol)
-    protocol = EvalProtocol(dataset, labels, args.gallery_per_class, tuple(args.fars), tuple(args.topk),
-                            tuple(args.fpirs), retrieval="retrieval" in parts,
-                            identification="identification" in parts, verification="verification" in parts)
-    files = {k: str(v) for k, v in paths.items()}
-    extra = {"dataset": f"{dataset}: {len(labels)} images", "feature_files": files}
-    out = Path(args.out)
-    chain = [name for name in paths if name != "paragon"] if args.chain else None
-    report = evaluate_suite(features, protocol, out, models_info_from_features(features), extra,
-                            backfill=not args.no_backfill, chain=chain)
-    print(f"report: {out}/report.md ({len(report['results'])} results)")
-    return 0
-
-
 def _extract(args: argparse.Namespace) -> int:
     from bctkit.engine.loader import auto_workers
     from bctkit.extract import extract_to_file
@@ -247,25 +188,6 @@ def _verify_certificates(files: list[str]) -> int:
             failed += 1
             print(f"FAILED {exc}")
     return 2 if failed else 0
-
-
-def _check_comparable(features: dict, paths: dict[str, Path], chain: bool) -> None:
-    """Every new model's features must be comparable with the model it claims compatibility with
-    (the old one; with --chain, the previous version): a cross test with no common coordinates would
-    leave the report silently without the numbers it exists for."""
-    from bctkit.errors import ConfigError
-    from bctkit.evaluation.protocols import comparable
-
-    names = [n for n in paths if n != "paragon"]
-    for i, name in enumerate(names[1:], start=1):
-        ref = names[i - 1] if chain else "old"
-        if comparable(features[name], features[ref]) is None:
-            q, g = features[name], features[ref]
-            raise ConfigError(
-                f"--new {paths[name]}: its {q.dim}-d features cannot be compared with the {g.dim}-d "
-                f"features of {ref!r} ({paths[ref]}): neither file declares a compatible leading block "
-                "of the other's size (metadata compat_prefixes); a compatible model has the same size "
-                "or declares one")
 
 
 def _where() -> str:

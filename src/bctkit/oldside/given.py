@@ -75,14 +75,14 @@ def _rows_by_key(path: Path, keys: Sequence[str] | np.ndarray, source: DataSourc
     return rows
 
 
-def given_features(path: str | Path, source: DataSource, dim: int, what: str) -> torch.Tensor:
+def given_features(path: str | Path, source: DataSource, dim: int | None, what: str) -> torch.Tensor:
     """float32 [len(source), dim] features of ``source``'s images from ``path``: rows in the data's
     order, or matched by ``keys`` (image paths or RecordIO record ids, as the source names them)
-    when the file has them.
+    when the file has them. ``dim`` None: any dimension.
     ``what`` names the data in messages (e.g. "training")."""
     path = Path(path)
     feats, keys = _read(path)
-    if feats.shape[1] != dim:
+    if dim is not None and feats.shape[1] != dim:
         raise DataError(f"{path}: features have {feats.shape[1]} dims; old.backbone.embedding_dim is {dim}")
     if keys is None:
         if len(feats) != len(source):

@@ -1,0 +1,179 @@
+"""``bctkit evaluate``: the command-line face of evaluation (argument parsing and printing only).
+
+Two forms. ``--protocol split`` (the default) evaluates saved feature files of one labelled image set
+with the run's own split. ``--protocol ijbb | ijbc | pairs | retrieval | market --data ...`` evaluates
+models or feature files on a test set read from disk (:mod:`bctkit.evaluation.testset`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from bctkit.engine.distributed import is_main
+from bctkit.errors import ConfigError
+from bctkit.evaluation.testset import PROTOCOLS
+
+SPLIT_TESTS = ("identification", "verification", "retrieval")
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``evaluate`` on the CLI's subparsers."""
+    ev = sub.add_parser("evaluate", help="evaluate models or feature files: the run's split of one image "
+                                         "set, or a test set (IJB-B/C, pair .bin, query/gallery, Market)")
+    ev.add_argument("--protocol", default="split", choices=["split", *PROTOCOLS],
+                    help="split (default): feature files of one labelled image set, the first images of "
+                         "each identity as the gallery; "
+                         + "; ".join(f"{k}: {v}" for k, v in PROTOCOLS.items()))
+    ev.add_argument("--data", nargs="+", metavar="PATH", help="the test set's files (see --protocol)")
+    ev.add_argument("--old", required=True,
+                    help="the old model (the gallery side): a feature file, or with a test-set protocol "
+                         "also a model (a run's model, an imported model, an export)")
+    ev.add_argument("--new", action="append", required=True, metavar="[NAME=]PATH",
+                    help="a new model or its feature file (repeatable); NAME defaults to the model's name")
+    ev.add_argument("--paragon", help="an independently trained new model or its features (update gain)")
+    ev.add_argument("--out", required=True, help="directory for report.md, report.json, plots, certificates")
+    ev.add_argument("--fars", type=float, nargs="+", help="TAR@FAR rates (default per protocol)")
+    ev.add_argument("--fpirs", type=float, nargs="+", help="TPIR@FPIR rates (default 1e-2 1e-1)")
+    ev.add_argument("--topk", type=int, nargs="+", help="CMC ranks (default 1 5, test sets 1 5 10)")
+    ev.add_argument("--chain", action="store_true",
+                    help="the models form a chain of upgrades: --old, then each --new in order "
+                         "(AC, AM, BC, FC in the report)")
+    split = ev.add_argument_group("--protocol split")
+    split.add_argument("--gallery-per-class", type=int, default=1,
+                       help="1:N gallery = the first N images of each identity, in file order")
+    split.add_argument("--tests", nargs="+", default=["all"], choices=["all", *SPLIT_TESTS],
+                       help="what to evaluate: 1:N identification (CMC, TPIR@FPIR), 1:1 verification "
+                            "(TAR@FAR, AUC), retrieval (mAP, mAP@R); default all")
+    split.add_argument("--no-backfill", action="store_true", help="skip partial-backfill curves")
+    tests = ev.add_argument_group("test-set protocols")
+    tests.add_argument("--flip", action="store_true", help="models: add the mirrored images' features")
+    tests.add_argument("--batch-size", type=int, default=256)
+    tests.add_argument("--workers", type=int, help="DataLoader workers (default: the usable CPUs, at most 8)")
+    tests.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    tests.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    tests.add_argument("--score-weighting", action="store_true",
+                       help="ijbb/ijbc: weight each image by its detector score before pooling")
+    tests.add_argument("--folds", type=int, default=10, help="pairs: folds of the k-fold accuracy")
+    tests.add_argument("--block", type=int, default=1024, help="retrieval/market: query rows per block")
+    tests.add_argument("--index", help="retrieval/market: a FAISS factory string (e.g. IVF1024,Flat, "
+                                       "HNSW32) for top-k, reported with its recall against exact search")
+    tests.add_argument("--nprobe", type=int, help="retrieval/market: nprobe of an IVF --index")
+    tests.add_argument("--query-folder", default="query", choices=["query", "gt_bbox"],
+                       help="market: the query folder")
+    tests.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _rates(args: argparse.Namespace) -> None:
+    for name in ("fars", "fpirs"):
+        values = getattr(args, name) or []
+        if any(not 0 < f < 1 for f in values):
+            raise ConfigError(f"--{name} must lie in (0, 1), got {values}")
+
+
+def _named(args: argparse.Namespace, default_name: Any) -> dict[str, str]:
+    """name -> path: old, paragon, then each --new (NAME= or ``default_name(path)``)."""
+    paths: dict[str, str] = {"old": args.old}
+    if args.paragon:
+        paths["paragon"] = args.paragon
+    for item in args.new:
+        name, sep, file = item.partition("=")
+        if not sep:
+            file, name = item, default_name(item)
+        if name in paths:
+            raise ConfigError(f"--new {item}: model name {name!r} used twice; write NAME=PATH")
+        paths[name] = file
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``bctkit evaluate`` (exit code 0; errors raise)."""
+    _rates(args)
+    if args.protocol == "split":
+        return _split(args)
+    from bctkit.engine.loader import auto_workers
+    from bctkit.evaluation.testset import ExtractOptions, TestSetOptions, build_protocol, evaluate_testset
+
+    if not args.data:
+        raise ConfigError(f"--protocol {args.protocol} needs --data ({PROTOCOLS[args.protocol]})")
+    given = {k: tuple(v) for k in ("fars", "fpirs", "topk") if (v := getattr(args, k))}
+    opts = TestSetOptions(**given, score_weighting=args.score_weighting, folds=args.folds, block=args.block,
+                          index=args.index, nprobe=args.nprobe, query_folder=args.query_folder)
+    protocol = build_protocol(args.protocol, args.data, opts)
+    models = _named(args, _model_name)
+    ex = ExtractOptions(args.flip, args.batch_size, auto_workers() if args.workers is None else args.workers,
+                        args.device, args.precision)
+    out = Path(args.out)
+    chain = [n for n in models if n != "paragon"] if args.chain else None
+    report = evaluate_testset(protocol, models, out, ex, chain=chain, progress=not args.quiet,
+                              log=None if args.quiet else print)
+    if is_main() and report is not None:
+        print(f"report: {out}/report.md ({len(report['results'])} results)")
+    return 0
+
+
+def _model_name(path: str) -> str:
+    """A model's default report name: its folder for a run's or an export's model, else the stem."""
+    p = Path(path)
+    if p.is_dir():
+        return p.resolve().name
+    if p.name in ("model.safetensors", "model.pt", "model.onnx", "embedding.safetensors"):
+        return p.resolve().parent.name
+    return p.stem
+
+
+def _split(args: argparse.Namespace) -> int:
+    """Feature files of one labelled image set, the run's own split."""
+    import torch
+
+    from bctkit.evaluation.protocols import EvalProtocol
+    from bctkit.evaluation.suite import evaluate_suite, load_feature_files, models_info_from_features
+    from bctkit.features import load_features
+
+    if args.data:
+        raise ConfigError("--data is for the test-set protocols; --protocol split reads only feature files")
+    paths = {k: Path(v) for k, v in _named(args, lambda f: str(load_features(Path(f)).meta.get("model")
+                                                               or Path(f).stem)).items()}
+    features = load_feature_files(paths)
+    _check_comparable(features, paths, args.chain)
+    labels = features["old"].labels
+    per_class = int(torch.unique(labels, return_counts=True)[1].min())
+    if args.gallery_per_class < 1 or args.gallery_per_class >= per_class:
+        raise ConfigError(
+            f"--gallery-per-class {args.gallery_per_class}: must be >= 1 and leave probes "
+            f"(smallest identity has {per_class} images)"
+        )
+    dataset = str(features["old"].meta.get("dataset", Path(args.old).name))
+    parts = set(SPLIT_TESTS) if "all" in args.tests else set(args.tests)
+    fars = tuple(args.fars or (1e-5, 1e-4, 1e-3, 1e-2))
+    protocol = EvalProtocol(dataset, labels, args.gallery_per_class, fars, tuple(args.topk or (1, 5)),
+                            tuple(args.fpirs or (1e-2, 1e-1)),
+                            retrieval="retrieval" in parts, identification="identification" in parts,
+                            verification="verification" in parts)
+    files = {k: str(v) for k, v in paths.items()}
+    extra = {"dataset": f"{dataset}: {len(labels)} images", "feature_files": files}
+    out = Path(args.out)
+    chain = [name for name in paths if name != "paragon"] if args.chain else None
+    report = evaluate_suite(features, protocol, out, models_info_from_features(features), extra,
+                            backfill=not args.no_backfill, chain=chain)
+    print(f"report: {out}/report.md ({len(report['results'])} results)")
+    return 0
+
+
+def _check_comparable(features: dict, paths: dict[str, Path], chain: bool) -> None:
+    """Every new model's features must be comparable with the model it claims compatibility with
+    (the old one; with --chain, the previous version): a cross test with no common coordinates would
+    leave the report silently without the numbers it exists for."""
+    from bctkit.evaluation.protocols import comparable
+
+    names = [n for n in paths if n != "paragon"]
+    for i, name in enumerate(names[1:], start=1):
+        ref = names[i - 1] if chain else "old"
+        if comparable(features[name], features[ref]) is None:
+            q, g = features[name], features[ref]
+            raise ConfigError(
+                f"--new {paths[name]}: its {q.dim}-d features cannot be compared with the {g.dim}-d "
+                f"features of {ref!r} ({paths[ref]}): neither file declares a compatible leading block "
+                "of the other's size (metadata compat_prefixes); a compatible model has the same size "
+                "or declares one")

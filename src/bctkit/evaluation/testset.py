@@ -1,0 +1,214 @@
+"""Evaluate models, or their feature files, on a test set read from disk (``bctkit evaluate
+--protocol``): IJB-B / IJB-C, an insightface pair set (.bin), query/gallery lists or folders, and
+Market-1501 / DukeMTMC-reID.
+
+Each model is given as a model (anything ``bctkit extract`` reads: a run's model, an imported old
+model, an export) or as a feature file of the test set's images. A model's features are extracted
+into ``OUT/features/<name>.safetensors`` (resumable, split over torchrun's processes) and reused by a
+later evaluation into the same folder when the model, the images, the flip test and the precision
+are the same. A feature file is matched to the test set's images by its row keys when it has them
+(``bctkit extract`` writes them; a .npz may give ``keys``), else taken in the images' order.
+Then every comparable (query model, gallery model) pair is evaluated, and the report, plots and
+compatibility certificates are written as ``bctkit run`` writes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from bctkit.data.sources.base import DataSource
+from bctkit.engine.distributed import is_main
+from bctkit.errors import ConfigError, DataError, FileFormatError
+from bctkit.evaluation.protocols.base import Protocol
+from bctkit.features import FeatureSet, load_features
+from bctkit.oldside.given import features_fingerprint, given_features
+from bctkit.storage import META_KEY
+
+PROTOCOLS = {
+    "ijbb": "IJB-B in insightface's layout: --data ROOT (meta/, loose_crop/)",
+    "ijbc": "IJB-C in insightface's layout: --data ROOT (meta/, loose_crop/)",
+    "pairs": "a verification pair set as insightface distributes it: --data FILE.bin",
+    "retrieval": "query and gallery images: --data QUERY GALLERY (each a 'path label' list or a folder "
+                 "root/<identity>/<image>)",
+    "market": "Market-1501 / DukeMTMC-reID: --data ROOT (query/, bounding_box_test/)",
+}
+
+
+@dataclass(frozen=True)
+class TestSetOptions:
+    """What the protocols take from the command line (each uses the ones that apply to it)."""
+
+    fars: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    fpirs: tuple[float, ...] = (1e-2, 1e-1)
+    topk: tuple[int, ...] = (1, 5, 10)
+    score_weighting: bool = False
+    folds: int = 10
+    block: int = 1024
+    index: str | None = None
+    nprobe: int | None = None
+    query_folder: str = "query"
+
+
+def build_protocol(name: str, data: Sequence[str], opts: TestSetOptions) -> Protocol:
+    """The protocol ``name`` over the files ``data`` (what each expects: :data:`PROTOCOLS`)."""
+    from bctkit.evaluation.protocols.retrieval import RankingOptions
+
+    if name not in PROTOCOLS:
+        raise ConfigError(f"--protocol {name!r}: expected one of {sorted(PROTOCOLS)} (or split)")
+    want = 2 if name == "retrieval" else 1
+    if len(data) != want:
+        raise ConfigError(f"--protocol {name} needs --data with {want} path(s) ({PROTOCOLS[name]}), "
+                          f"got {len(data)}")
+    for p in data:
+        if not Path(p).exists():
+            raise DataError(f"--data {p}: not found ({PROTOCOLS[name]})")
+    ranking = RankingOptions(ks=opts.topk, block=opts.block, index=opts.index, nprobe=opts.nprobe)
+    if name in ("ijbb", "ijbc"):
+        from bctkit.evaluation.protocols.ijb import IJBProtocol
+
+        return IJBProtocol.from_root(data[0], name=name, fars=opts.fars, fpirs=opts.fpirs, topk=opts.topk,
+                                     score_weighting=opts.score_weighting)
+    if name == "pairs":
+        from bctkit.evaluation.protocols.pairs import PairsProtocol
+
+        return PairsProtocol.from_file(data[0], fars=opts.fars, folds=opts.folds)
+    if name == "market":
+        from bctkit.evaluation.protocols.reid import ReIDProtocol
+
+        return ReIDProtocol.from_root(data[0], query=opts.query_folder, options=ranking)
+    from bctkit.evaluation.protocols.retrieval import QueryGalleryProtocol
+
+    query, gallery = (Path(p) for p in data)
+    if query.is_dir() != gallery.is_dir():
+        raise ConfigError(f"--data {query} {gallery}: give two list files or two folders")
+    make = QueryGalleryProtocol.from_folders if query.is_dir() else QueryGalleryProtocol.from_lists
+    return make(query, gallery, options=ranking)
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How models are run over the test set's images (as for ``bctkit extract``)."""
+
+    flip: bool = False
+    batch_size: int = 256
+    workers: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+
+
+def is_feature_file(path: Path) -> bool:
+    """Whether ``path`` holds features rather than a model: a .npy / .npz, or a safetensors file
+    with a ``feats`` or ``features`` tensor (read from its header alone)."""
+    if path.suffix in (".npy", ".npz"):
+        return True
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return bool({"feats", "features"} & set(fh.keys()))
+    except (SafetensorError, OSError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise FileFormatError(f"{path}: not a readable safetensors file ({first})") from None
+
+
+def _file_features(path: Path, source: DataSource) -> FeatureSet:
+    """A feature file's rows for ``source``'s images (matched by key when the file has keys)."""
+    meta: dict[str, Any] = {}
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(META_KEY)
+        if raw:
+            import json
+
+            meta = json.loads(raw)
+            meta = meta if isinstance(meta, dict) else {}
+    feats = given_features(path, source, None, "test-set")
+    labels = torch.from_numpy(source.labels.astype("int64"))
+    meta = {**meta, "dataset": source.name, "images_fingerprint": source.fingerprint()}
+    meta.setdefault("model_fingerprint", features_fingerprint(feats))
+    return FeatureSet(feats, labels, meta)
+
+
+def _reusable(out: Path, model: Path, source: DataSource, ex: ExtractOptions) -> bool:
+    """Whether ``out`` already holds ``model``'s features of ``source`` made the same way."""
+    if not out.is_file():
+        return False
+    from bctkit.extract import open_model
+
+    try:
+        have = load_features(out).meta
+    except (FileFormatError, DataError):
+        return False
+    now = open_model(model, torch.device("cpu")).meta
+    same = {"model_fingerprint": now.get("model_fingerprint"), "model_format": now.get("model_format"),
+            "images_fingerprint": source.fingerprint(), "flip": ex.flip, "precision": ex.precision}
+    return all(have.get(k) == v for k, v in same.items())
+
+
+def model_features(name: str, spec: str, protocol: Protocol, out: Path, ex: ExtractOptions,
+                   progress: bool = True) -> FeatureSet:
+    """Features of the test set's images by the model or feature file ``spec``, keyed to the
+    protocol's rows. A model's are extracted to ``out``/features/``name``.safetensors (or reused)."""
+    path = Path(spec).expanduser()
+    source: DataSource = protocol.source  # type: ignore[attr-defined]
+    if not path.exists():
+        raise DataError(f"{name}={spec}: not found (a model, or a feature file of the test set's images)")
+    if is_feature_file(path):
+        fs = _file_features(path, source)
+    else:
+        from bctkit.extract import extract_to_file
+
+        file = out / "features" / f"{name}.safetensors"
+        if not _reusable(file, path, source, ex):
+            extract_to_file(path, source, file, batch_size=ex.batch_size, workers=ex.workers, flip=ex.flip,
+                            device=ex.device, precision=ex.precision,  # type: ignore[arg-type]
+                            progress=progress)
+        fs = load_features(file)
+    if len(fs.feats) != len(source):
+        raise DataError(f"{name}={spec}: {len(fs.feats)} feature rows for {len(source)} test images")
+    fs.meta.setdefault("model", name)
+    return fs
+
+
+def evaluate_testset(protocol: Protocol, models: dict[str, str], out: Path, ex: ExtractOptions,
+                     chain: list[str] | None = None, log: Callable[[str], None] | None = None,
+                     progress: bool = True) -> dict[str, Any] | None:
+    """Features of every model in ``models`` (name -> model or feature file; "old" required, then
+    "paragon" and the new models), then the report in ``out`` (rank 0; None on other ranks)."""
+    from bctkit.evaluation.suite import evaluate_suite, models_info_from_features
+
+    if "old" not in models:
+        raise ConfigError("evaluation needs the old model (--old)")
+    say = log or (lambda _msg: None)
+    features: dict[str, FeatureSet] = {}
+    for name, spec in models.items():
+        say(f"[features] {name}: {spec}")
+        features[name] = model_features(name, spec, protocol, out, ex, progress)
+    _check_comparable(features, chain)
+    if not is_main():
+        return None
+    extra = {"dataset": f"{protocol.dataset}: {len(protocol.source)} images",  # type: ignore[attr-defined]
+             "test_set": protocol.describe(), "inputs": dict(models),
+             "extraction": {"flip": ex.flip, "precision": ex.precision}}
+    return evaluate_suite(features, protocol, out, models_info_from_features(features), extra,
+                          backfill=False, chain=chain, log=say, progress=progress)
+
+
+def _check_comparable(features: dict[str, FeatureSet], chain: list[str] | None) -> None:
+    """Each new model must share coordinates with the model it claims compatibility with (the old
+    one; in a chain, the previous version), or its cross test would be missing from the report."""
+    from bctkit.evaluation.protocols.base import comparable
+
+    names = chain or [n for n in features if n != "paragon"]
+    for i, name in enumerate(names[1:], start=1):
+        ref = names[i - 1] if chain else "old"
+        if comparable(features[name], features[ref]) is None:
+            raise ConfigError(f"model {name!r}: its {features[name].dim}-d features cannot be compared with "
+                              f"the {features[ref].dim}-d features of {ref!r}: neither declares a compatible "
+                              "leading block of the other's size (compat_prefixes)")

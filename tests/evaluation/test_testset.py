@@ -1,0 +1,180 @@
+"""``bctkit evaluate --protocol pairs | retrieval`` end to end: models are run over the test set's
+images (checked against a hand-written forward of the same pixels), feature files are matched by
+key, the cross test puts the query model on the first image / query side, extracted features are
+reused, and bad input is one line with exit 2."""
+
+import io
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bctkit.cli import main
+from bctkit.models.backbones import BackboneConfig, build_backbone
+from bctkit.models.heads import HeadConfig
+from bctkit.models.store import save_model
+
+SIZE, DIM = 16, 8
+
+
+def tiny_model(path: Path, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = BackboneConfig(arch="r8", width=4, embedding_dim=DIM, image_size=SIZE, in_channels=3)
+    net = build_backbone(cfg)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d):
+                m.running_var.fill_(4.0)
+    meta = {"name": path.parent.name, "preprocessing": {
+        "color": "rgb", "resize": None, "crop": None, "mean": [0.5] * 3, "std": [0.5] * 3,
+        "input": [3, SIZE, SIZE]}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_model(path, net, None, HeadConfig(), meta)
+    return net.eval()
+
+
+def by_hand(net: torch.nn.Module, images: list[np.ndarray]) -> np.ndarray:
+    """The model's features of HWC uint8 images: (x / 255 - 0.5) / 0.5, NCHW, forward."""
+    x = torch.from_numpy(np.stack(images).astype(np.float32)).permute(0, 3, 1, 2) / 255.0
+    with torch.no_grad():
+        return net((x - 0.5) / 0.5).numpy().astype(np.float64)
+
+
+def png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def auc(scores: np.ndarray, genuine: np.ndarray) -> float:
+    """Mann-Whitney: the share of (genuine, impostor) pairs ranked right, ties counting half."""
+    g, i = scores[genuine], scores[~genuine]
+    right = (g[:, None] > i[None, :]).sum() + 0.5 * (g[:, None] == i[None, :]).sum()
+    return float(right / (len(g) * len(i)))
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("testset")
+    rng = np.random.default_rng(0)
+    nets = {name: tiny_model(root / name / "model.safetensors", seed) for seed, name in
+            enumerate(["old", "new"])}
+    pairs = 30
+    images = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(2 * pairs)]
+    issame = [bool(b) for b in rng.integers(0, 2, pairs)]
+    (root / "toy.bin").write_bytes(pickle.dumps(([png(a) for a in images], issame), protocol=4))
+    return root, nets, images, np.array(issame)
+
+
+def run(*args: str) -> int:
+    return main(["evaluate", *args, "--quiet"])
+
+
+def records(out: Path, query: str, gallery: str) -> dict[str, float]:
+    rep = json.loads((out / "report.json").read_text())
+    return {r["metric"]: r["value"] for r in rep["results"]
+            if r["query_model"] == query and r["gallery_model"] == gallery}
+
+
+def test_pairs_with_models_equal_a_hand_computation(world):
+    root, nets, images, issame = world
+    out = root / "ev-pairs"
+    assert run("--protocol", "pairs", "--data", str(root / "toy.bin"), "--old", str(root / "old"),
+               "--new", str(root / "new" / "model.safetensors"), "--out", str(out), "--fars", "0.1") == 0
+    feats = {n: by_hand(net, images) for n, net in nets.items()}
+    for q, g in [("new", "old"), ("old", "old"), ("new", "new"), ("old", "new")]:
+        scores = cosine_rows(feats[q][0::2], feats[g][1::2])  # first image by the query model
+        assert records(out, q, g)["auc"] == pytest.approx(auc(scores, issame), abs=1e-12)
+    stored = json.loads((out / "report.json").read_text())
+    assert stored["test_set"]["pairs"] == 30 and (out / "certificates" / "new__old.json").is_file()
+    assert "## Compatibility certificates" in (out / "report.md").read_text()
+
+
+def test_feature_files_are_matched_by_key_and_features_are_reused(world, monkeypatch):
+    root, _, _, _ = world
+    out = root / "ev-files"
+    assert run("--protocol", "pairs", "--data", str(root / "toy.bin"), "--old", str(root / "old"),
+               "--new", f"up={root / 'new'}", "--out", str(out)) == 0
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "features" / "old.safetensors"))
+    keys = bytes(saved["keys_blob"].numpy()).decode()
+    off = saved["keys_offsets"].numpy()
+    names = np.array([keys[off[i]:off[i + 1]] for i in range(len(off) - 1)])
+    perm = np.random.default_rng(1).permutation(len(names))
+    np.savez(root / "old-shuffled.npz", features=saved["feats"].numpy()[perm], keys=names[perm])
+    import bctkit.extract
+
+    calls = []
+    original = bctkit.extract.extract_to_file
+    monkeypatch.setattr(bctkit.extract, "extract_to_file",
+                        lambda *a, **k: calls.append(a) or original(*a, **k))
+    again = root / "ev-files"  # the same folder: the new model's features are reused
+    assert run("--protocol", "pairs", "--data", str(root / "toy.bin"), "--old",
+               str(root / "old-shuffled.npz"), "--new", f"up={root / 'new'}", "--out", str(again)) == 0
+    assert calls == []
+    first = records(out, "up", "old")
+    assert first == records(again, "up", "old")
+
+
+def test_retrieval_lists_with_models(world, tmp_path):
+    _, nets, _, _ = world
+    rng = np.random.default_rng(3)
+    q_ids, g_ids = [0, 1, 2, 0], [0, 0, 1, 1, 2, 3, 3]  # identity 3: distractors
+    lines = {}
+    pix = {}
+    for side, ids in (("query", q_ids), ("gallery", g_ids)):
+        rows = []
+        for i, ident in enumerate(ids):
+            arr = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+            name = f"{side}{i}.png"
+            Image.fromarray(arr).save(tmp_path / name)
+            pix.setdefault(side, []).append(arr)
+            rows.append(f"{name} {ident}")
+        lines[side] = tmp_path / f"{side}.txt"
+        lines[side].write_text("\n".join(rows) + "\n")
+    out = tmp_path / "ev"
+    assert run("--protocol", "retrieval", "--data", str(lines["query"]), str(lines["gallery"]),
+               "--old", str(world[0] / "old"), "--new", f"new={world[0] / 'new'}", "--out", str(out),
+               "--topk", "1") == 0
+    q = by_hand(nets["new"], pix["query"])
+    g = by_hand(nets["old"], pix["gallery"])
+    s = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (g / np.linalg.norm(g, axis=1, keepdims=True)).T
+    aps = []
+    for i, ident in enumerate(q_ids):
+        order = np.argsort(-s[i], kind="stable")
+        rel = np.array(g_ids)[order] == ident
+        hits = np.flatnonzero(rel)
+        aps.append(np.mean([(k + 1) / (pos + 1) for k, pos in enumerate(hits)]))
+    assert records(out, "new", "old")["map"] == pytest.approx(np.mean(aps), abs=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--protocol", "ijbc"], "needs --data"),
+    (["--protocol", "pairs", "--data", "missing.bin"], "missing.bin: not found"),
+    (["--protocol", "retrieval", "--data", "a.txt"], "needs --data with 2 path(s)"),
+    (["--protocol", "split", "--data", "x"], "--data is for the test-set protocols"),
+])
+def test_bad_command_lines_are_one_line_errors(world, capsys, args, message):
+    root = world[0]
+    code = main(["evaluate", *args, "--old", str(root / "old"), "--new", str(root / "new"),
+                 "--out", str(root / "bad")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err
+
+
+def test_a_feature_file_of_other_images_is_refused(world, capsys):
+    root = world[0]
+    np.save(root / "short.npy", np.ones((7, DIM), np.float32))
+    code = main(["evaluate", "--protocol", "pairs", "--data", str(root / "toy.bin"), "--old",
+                 str(root / "short.npy"), "--new", str(root / "new"), "--out", str(root / "bad2"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "short.npy: 7 rows" in err and "\n" not in err
