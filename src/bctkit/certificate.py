@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,13 @@ def compared_dims(query: FeatureSet, gallery: FeatureSet) -> tuple[list[int], li
     return [0, int(q.shape[1])], [0, int(g.shape[1])]
 
 
-def criterion_metric(metrics: list[str]) -> str:
-    """The metric the criterion is judged on: top1 if measured, else the first identification metric,
-    else the first metric."""
+def criterion_metric(metrics: list[str], preferred: Sequence[str] = ()) -> str:
+    """The metric the criterion is judged on: the first of ``preferred`` (the protocol's headline
+    metrics) that was measured, else top1 if measured, else the first identification metric, else
+    the first metric."""
+    for m in preferred:
+        if m in metrics:
+            return m
     if "top1" in metrics:
         return "top1"
     return next((m for m in metrics if IDENTIFICATION.match(m)), metrics[0])
@@ -76,13 +81,14 @@ def _model(name: str, fs: FeatureSet, fingerprint: str | None = None) -> dict[st
 def make_certificate(
     query_name: str, query: FeatureSet, gallery_name: str, gallery: FeatureSet,
     metrics: dict[str, dict[str, Any]], protocol: dict[str, Any],
-    fingerprints: dict[str, str] | None = None,
+    fingerprints: dict[str, str] | None = None, preferred: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The certificate that ``query_name``'s queries may search ``gallery_name``'s gallery.
 
     ``metrics``: per metric the compatibility summary entry (cross, self, old_self, criterion,
     update_gain) of this pair; ``protocol``: what was measured. ``fingerprints``: model fingerprints by
-    name, used where a feature file does not carry one."""
+    name, used where a feature file does not carry one. ``preferred``: the metrics to judge the
+    criterion on, first measured first (see :func:`criterion_metric`)."""
     dims = compared_dims(query, gallery)
     if dims is None:
         raise CertificateError(f"{query_name} / {gallery_name}: the features have no coordinates in common; "
@@ -92,7 +98,8 @@ def make_certificate(
     fps = fingerprints or {}
     entries = {m: {k: v[k] for k in ("cross", "old_self", "self", "criterion", "update_gain")}
                for m, v in metrics.items()}
-    metric = criterion_metric(list(entries))
+    measured = [m for m, e in entries.items() if all(_finite(e[k]) for k in ("cross", "old_self"))]
+    metric = criterion_metric(list(entries), [m for m in preferred if m in measured])
     chosen = entries[metric]
     passed = bool(chosen["criterion"])
     body = json_safe({
@@ -114,6 +121,10 @@ def make_certificate(
 def write_certificate(path: str | os.PathLike[str], cert: dict[str, Any]) -> None:
     """Write ``cert`` as JSON, atomically."""
     write_json(path, cert)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _int(v: Any) -> bool:
@@ -267,7 +278,8 @@ def certificates_for_report(report: dict[str, Any], features: dict[str, FeatureS
         records = [r for r in report["results"] if (r["query_model"], r["gallery_model"]) == (query, gallery)]
         certs.append(make_certificate(
             query, features[query], gallery, features[gallery], _metric_values(report, query, gallery),
-            _protocol(report, features[gallery].labels, records, protocol), fps))
+            _protocol(report, features[gallery].labels, records, protocol), fps,
+            protocol.headline if protocol is not None else ()))
     return certs
 
 

@@ -94,7 +94,11 @@ def test_pairs_with_models_equal_a_hand_computation(world):
         scores = cosine_rows(feats[q][0::2], feats[g][1::2])  # first image by the query model
         assert records(out, q, g)["auc"] == pytest.approx(auc(scores, issame), abs=1e-12)
     stored = json.loads((out / "report.json").read_text())
-    assert stored["test_set"]["pairs"] == 30 and (out / "certificates" / "new__old.json").is_file()
+    assert stored["test_set"]["pairs"] == 30
+    cert = json.loads((out / "certificates" / "new__old.json").read_text())
+    assert cert["criterion"]["metric"] == "acc10fold"  # the pair set's headline metric
+    assert cert["criterion"]["cross"] == records(out, "new", "old")["acc10fold"]
+    assert "acc10fold" in stored["matrices"]
     assert "## Compatibility certificates" in (out / "report.md").read_text()
 
 

@@ -43,7 +43,8 @@ def evaluate_suite(
     records, pairs = evaluate_models(features, protocol, progress=progress)
     names = list(features)
     present = {r["metric"] for r in records}
-    mats = matrices(records, names, [m for m in MATRIX_METRICS if m in present])
+    headline = [m for m in dict.fromkeys((*protocol.headline, *MATRIX_METRICS)) if m in present]
+    mats = matrices(records, names, headline)
     do_backfill = backfill and protocol.backfill and isinstance(protocol, EvalProtocol)
     if do_backfill:
         say("[metrics] partial-backfill curves")
@@ -59,7 +60,7 @@ def evaluate_suite(
         "plots": write_plots(out_dir, pairs, names, mats, curves),
     }
     if chain:
-        report["chain"] = chain_summary(records, chain, [m for m in MATRIX_METRICS if m in present])
+        report["chain"] = chain_summary(records, chain, headline)
     say("[certificates] one per (new model, model it claims compatibility with) cross test")
     certs = certificates_for_report(report, features, protocol)
     written = write_certificates(out_dir / "certificates", certs)

@@ -56,6 +56,12 @@ class Protocol(ABC):
         """JSON-ready facts of the test (sizes, rates): what a certificate states was measured."""
 
     @property
+    def headline(self) -> tuple[str, ...]:
+        """The metrics that sum this test up, most telling first: the report's model x model
+        matrices, and the certificate's criterion (the first one measured)."""
+        return ("top1", "tar@far=1e-3")
+
+    @property
     def backfill(self) -> bool:
         """Whether the partial-backfill curves (which need the run's own split) apply."""
         return False

@@ -148,6 +148,11 @@ class PairsProtocol(Protocol):
     def pairs(self) -> int:
         return len(self.issame)
 
+    @property
+    def headline(self) -> tuple[str, ...]:
+        """The k-fold accuracy (what pair sets are reported by), then TAR@FAR=1e-3."""
+        return (f"acc{self.folds}fold", "tar@far=1e-3")
+
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "protocol": self.name, "dataset": self.dataset, "pairs": self.pairs, "images": 2 * self.pairs,
