@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from bctkit.data.sources.ijb import IJBSource
 from bctkit.errors import DataError
 from bctkit.evaluation.protocols.base import evaluate_models
-from bctkit.evaluation.protocols.ijb import IJBProtocol
+from bctkit.evaluation.protocols.ijb import IJBProtocol, plan_pairs
 from bctkit.features import FeatureSet
 from tests.data.sources.test_ijb import Tiny, make_ijb
 
@@ -209,3 +209,44 @@ def test_refusals(tiny: Tiny) -> None:
     proto = IJBProtocol.from_root(tiny.root, "ijbc", fars=FARS, fpirs=FPIRS, topk=TOPK)
     with pytest.raises(DataError, match=r"features of shape \[3, 6\]"):
         proto.evaluate_pair(torch.zeros(3, 6), torch.zeros(3, 6), "x")
+
+
+@pytest.mark.parametrize("method", ["matrix", "gather", "auto"])
+@pytest.mark.parametrize("n_pairs", [1, 57, 3000])
+def test_listed_pair_scores_against_loops(method: str, n_pairs: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # tiny score blocks force many row blocks; pairs repeat, and some templates are never listed
+    import bctkit.evaluation.protocols.ijb as ijb
+
+    monkeypatch.setattr(ijb, "PAIR_BLOCK_BYTES", 4 * 40 * 3)
+    rng = np.random.default_rng(n_pairs)
+    q = torch.nn.functional.normalize(torch.randn(90, 5, generator=torch.Generator().manual_seed(1)), dim=1)
+    g = torch.nn.functional.normalize(torch.randn(90, 5, generator=torch.Generator().manual_seed(2)), dim=1)
+    first = rng.integers(3, 80, n_pairs)
+    second = rng.integers(0, 60, n_pairs)
+    plan = ijb.plan_pairs(first, second)
+    got = ijb.listed_pair_scores(q, g, plan, method=method)
+    want = [float(sum(float(q[a, k]) * float(g[b, k]) for k in range(5))) for a, b in zip(first, second,
+                                                                                         strict=True)]
+    assert got.dtype == np.float32 and got.shape == (n_pairs,)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert plan.density == pytest.approx(n_pairs / (len(set(first)) * len(set(second))))
+    with pytest.raises(DataError, match="method 'fast' is unknown"):
+        ijb.listed_pair_scores(q, g, plan, method="fast")
+
+
+@pytest.mark.parametrize("n_rows", [50, 70_000])
+def test_plan_pairs_against_unique(n_rows: int) -> None:
+    # 70,000 distinct first templates take the int32 sort instead of the 16-bit radix sort
+    rng = np.random.default_rng(n_rows)
+    first = np.concatenate([np.arange(n_rows), rng.integers(0, n_rows, 5000)]) * 2 + 1
+    second = rng.integers(0, 300, len(first))
+    plan = plan_pairs(first, second)
+    rows, row_pos = np.unique(first, return_inverse=True)
+    cols, col_pos = np.unique(second, return_inverse=True)
+    np.testing.assert_array_equal(plan.rows, rows)
+    np.testing.assert_array_equal(plan.cols, cols)
+    np.testing.assert_array_equal(plan.col_pos, col_pos)
+    np.testing.assert_array_equal(plan.order, np.argsort(row_pos, kind="stable"))
+    np.testing.assert_array_equal(plan.row_pos, row_pos[plan.order])
+    with pytest.raises(DataError, match="non-negative integer row indices"):
+        plan_pairs(np.array([0, -1]), np.array([0, 1]))

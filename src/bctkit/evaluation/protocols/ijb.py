@@ -7,8 +7,9 @@ insightface's IJB scripts do by default), then the images of one media are avera
 template summed and the sum L2-normalised (:func:`~bctkit.evaluation.templates.template_features`).
 
 - 1:1 verification over the listed template pairs only (15,658,489 for IJB-C, 8,010,270 for
-  IJB-B), scored pair by pair in blocks, never as a template x template matrix: the first template
-  of a pair by the query model, the second by the gallery model. Exact TAR@FAR, ROC AUC, ROC curve.
+  IJB-B), never through a template x template matrix (:func:`listed_pair_scores`): the first
+  template of a pair by the query model, the second by the gallery model. Exact TAR@FAR, ROC AUC,
+  ROC curve.
 - 1:N identification, when the 1:N files are present: probe templates (query model) search gallery
   G1 and, separately, gallery G2 (gallery model; IJB-B's S1 / S2). Closed-set CMC top-k over the
   probes whose subject is enrolled in that gallery, and open-set TPIR@FPIR (NIST rule: probes of
@@ -20,6 +21,8 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
@@ -33,13 +36,95 @@ from bctkit.evaluation.protocols.split import CMC_CURVE_RANKS
 from bctkit.evaluation.templates import pair_scores, template_features
 from bctkit.evaluation.verification import check_rate, roc_auc, roc_curve, tar_at_far
 
-__all__ = ["DEFAULT_FARS", "DEFAULT_FPIRS", "DEFAULT_TOPK", "IJBProtocol"]
+__all__ = ["DEFAULT_FARS", "DEFAULT_FPIRS", "DEFAULT_TOPK", "IJBProtocol", "PairPlan", "listed_pair_scores",
+           "plan_pairs"]
 
 DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT_FPIRS = (1e-2, 1e-1)
 DEFAULT_TOPK = (1, 5, 10)
 PAIR_BLOCK_BYTES = 64 << 20
-"""Bytes of gathered template features per block when scoring pairs (per side)."""
+"""Bytes of one block of scores (or, on the gather path, of gathered features per side)."""
+GATHER_BELOW_DENSITY = 1 / 256
+"""Pair lists covering less of their rows x columns grid than this are scored by gathering."""
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """A pair list grouped for scoring: ``rows`` / ``cols`` are its distinct first / second template
+    indices; ``order`` lists the pairs by their first template, ``row_pos`` is each of them (in that
+    order) as a position in ``rows``; ``col_pos[p]`` is pair p's second template as a position in
+    ``cols``."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    order: np.ndarray
+    row_pos: np.ndarray
+    col_pos: np.ndarray
+
+    @property
+    def density(self) -> float:
+        """Listed pairs / (distinct first x distinct second templates)."""
+        return len(self.order) / max(1, len(self.rows) * len(self.cols))
+
+
+def _distinct(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct values, position of each entry among them) of non-negative indices, in O(n)."""
+    present = np.zeros(int(idx.max()) + 1 if idx.size else 0, dtype=bool)
+    present[idx] = True
+    values = np.flatnonzero(present)
+    position = np.cumsum(present, dtype=np.int64) - 1
+    return values, position[idx].astype(np.int32)
+
+
+def plan_pairs(first: np.ndarray, second: np.ndarray) -> PairPlan:
+    """Group the pairs (``first[p]``, ``second[p]``), row indices of the query / gallery template
+    features, for :func:`listed_pair_scores`: linear time (a radix sort for up to 65,535 distinct
+    first templates)."""
+    first, second = np.asarray(first).ravel(), np.asarray(second).ravel()
+    if first.shape != second.shape:
+        raise DataError(f"{first.size} first templates but {second.size} second; expected equal")
+    for name, x in (("first", first), ("second", second)):
+        if x.size and (not np.issubdtype(x.dtype, np.integer) or int(x.min()) < 0):
+            raise DataError(f"{name} must hold non-negative integer row indices")
+    rows, row_pos = _distinct(first)
+    cols, col_pos = _distinct(second)
+    key = row_pos.astype(np.uint16) if len(rows) <= np.iinfo(np.uint16).max else row_pos
+    order = np.argsort(key, kind="stable")
+    return PairPlan(rows, cols, order, row_pos[order], col_pos)
+
+
+def listed_pair_scores(query: torch.Tensor, gallery: torch.Tensor, plan: PairPlan, method: str = "auto"
+                       ) -> np.ndarray:
+    """Cosine score of each planned pair: row ``first[p]`` of ``query`` against row ``second[p]`` of
+    ``gallery`` (unit rows), float32, in the pair list's order.
+
+    ``matrix``: the distinct first templates, a block of rows at a time, against the distinct second
+    templates, one matrix product per block of at most :data:`PAIR_BLOCK_BYTES` of scores, and the
+    listed entries picked from it. ``gather``: :func:`~bctkit.evaluation.templates.pair_scores`, two
+    feature rows gathered per pair. ``auto`` gathers only when the list is sparser than
+    :data:`GATHER_BELOW_DENSITY` of its grid (a product costs a few ns per grid cell, a gathered pair
+    a few microseconds at 512-d). Neither ever holds a templates x templates matrix.
+    """
+    if method not in ("auto", "matrix", "gather"):
+        raise DataError(f"pair scoring method {method!r} is unknown; expected auto, matrix or gather")
+    n, d = len(plan.order), query.shape[1]
+    if method == "gather" or (method == "auto" and plan.density < GATHER_BELOW_DENSITY):
+        first = np.empty(n, dtype=np.int64)
+        first[plan.order] = plan.rows[plan.row_pos]
+        return pair_scores(query, gallery, first, plan.cols[plan.col_pos],
+                           block=max(1, PAIR_BLOCK_BYTES // (4 * d)))
+    out = np.empty(n, dtype=np.float32)
+    cols = gallery[torch.as_tensor(plan.cols)].T.contiguous()
+    step = max(1, PAIR_BLOCK_BYTES // (4 * len(plan.cols)))
+    bounds = np.searchsorted(plan.row_pos, np.arange(0, len(plan.rows) + step, step))
+    for k in range(len(bounds) - 1):
+        lo, hi = int(bounds[k]), int(bounds[k + 1])
+        if lo == hi:
+            continue
+        block = (query[torch.as_tensor(plan.rows[k * step : (k + 1) * step])] @ cols).numpy()
+        idx = plan.order[lo:hi]
+        out[idx] = block[plan.row_pos[lo:hi] - k * step, plan.col_pos[idx]]
+    return out
 
 
 class IJBProtocol(Protocol):
@@ -91,6 +176,11 @@ class IJBProtocol(Protocol):
                                 f"({lists[role].file.name}): top-{max(self.topk)} would be 100 %")
         return out
 
+    @cached_property
+    def pair_plan(self) -> PairPlan:
+        """The 1:1 pairs grouped for :func:`listed_pair_scores` (made once, on first use)."""
+        return plan_pairs(self.pairs.first, self.pairs.second)
+
     def template_features(self, feats: torch.Tensor) -> torch.Tensor:
         """Unit template features [templates, d], row t = the source's ``template_ids[t]``."""
         f = torch.as_tensor(feats)
@@ -109,8 +199,7 @@ class IJBProtocol(Protocol):
     def _verification(self, tq: torch.Tensor, tg: torch.Tensor, dims: str
                       ) -> tuple[list[dict[str, Any]], tuple[np.ndarray, np.ndarray]]:
         p = self.pairs
-        block = max(1, PAIR_BLOCK_BYTES // (4 * tq.shape[1]))
-        scores = pair_scores(tq, tg, p.first, p.second, block=block)
+        scores = listed_pair_scores(tq, tg, self.pair_plan)
         n, n_gen = len(scores), int(p.genuine.sum())
         desc = (f"1:1 verification, {self.dataset}: the {n} listed template pairs ({n_gen} genuine, "
                 f"{n - n_gen} impostor) of {p.file.name}, first template by query model; {self._pooling()}; "
