@@ -32,6 +32,7 @@ from bctkit.errors import DataError
 from bctkit.evaluation.search import (
     ArrayLike,
     FaissIndex,
+    as_feature_matrix,
     check_k_within_gallery,
     check_pair,
     encode_ids,
@@ -50,6 +51,12 @@ def _score_keys(scores: torch.Tensor) -> torch.Tensor:
     bits = (scores + 0.0).view(torch.int32)
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     return ordered.to(torch.int64) + (1 << 31)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length, row by row (a row's result does not depend on the other rows),
+    so the gallery is normalised one block at a time instead of copied whole."""
+    return torch.nn.functional.normalize(x, dim=1)
 
 
 def _check(q: torch.Tensor, g: torch.Tensor, qid: torch.Tensor, gid: torch.Tensor, exclude_self: bool,
@@ -91,7 +98,7 @@ def _pair_scores(qb: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, cols: to
     out = torch.empty(rows.numel(), dtype=torch.float32)
     step = max(1, tile // max(1, qb.shape[0]))
     for c0 in range(0, uniq.numel(), step):
-        sub = qb @ g[uniq[c0 : c0 + step]].T
+        sub = qb @ _unit(g[uniq[c0 : c0 + step]]).T
         sel = torch.nonzero((inv >= c0) & (inv < c0 + step)).flatten()
         out[sel] = sub[rows[sel], inv[sel] - c0]
     return out
@@ -119,7 +126,7 @@ def _block_ranks(qb: torch.Tensor, g: torch.Tensor, qid_b: torch.Tensor, gid: to
     buf = torch.empty(qb.shape[0] * min(block_gallery, g.shape[0]))  # one tile, reused
     above = torch.empty(buf.shape, dtype=torch.bool)
     for gs in range(0, g.shape[0], block_gallery):
-        gb = g[gs : gs + block_gallery]
+        gb = _unit(g[gs : gs + block_gallery])
         sc = torch.mm(qb, gb.T, out=buf[: qb.shape[0] * gb.shape[0]].view(qb.shape[0], gb.shape[0]))
         mask = torch.ge(sc, row_min[:, None], out=above[: sc.numel()].view(sc.shape))
         r, c = torch.nonzero(mask, as_tuple=True)
@@ -179,12 +186,13 @@ def full_ranking(
     :func:`summarize`); ``ap`` (mean precision at the relevant items' ranks), ``ap_trapezoid`` (the
     Market-1501 MATLAB code's average of the precisions just before and at each hit), ``ap_r``
     (AP@R), ``r_prec`` (R-precision), ``first`` (rank of the best relevant item, 1-based, junk
-    removed). Memory: one ``block x block_gallery`` tile (default ``block_gallery`` = 2^24 / block).
+    removed). Memory: one ``block x block_gallery`` tile (default ``block_gallery`` = 2^24 / block) and
+    the block's relevant pairs; features are normalised block by block, never copied whole.
     """
     if block < 1 or (block_gallery is not None and block_gallery < 1):
         raise DataError(f"block sizes must be >= 1, got block={block}, block_gallery={block_gallery}")
-    q = normalized(query_feats, "query_feats")
-    g = normalized(gallery_feats, "gallery_feats")
+    q = as_feature_matrix(query_feats, "query_feats")
+    g = as_feature_matrix(gallery_feats, "gallery_feats")
     qid, gid = encode_ids(query_ids, gallery_ids)
     junk = (torch.zeros(g.shape[0], dtype=torch.bool) if gallery_junk is None
             else torch.as_tensor(np.asarray(gallery_junk, dtype=bool)))
@@ -205,7 +213,7 @@ def full_ranking(
     out["n_rel"].zero_()
     for qs in range(0, q.shape[0], block):
         idx = q_order[qs : qs + block]
-        qb, qid_b = q[idx], qid[idx]
+        qb, qid_b = _unit(q[idx]), qid[idx]
         rows, cols = _relevant_pairs(qid_b, None if qcam is None else qcam[idx], idx, g_order, g_sorted,
                                      gcam, junk, exclude_self)
         if not rows.numel():
