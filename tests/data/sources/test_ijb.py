@@ -308,3 +308,40 @@ def test_pairs_slow_path_equals_fast(tmp_path: Path) -> None:
         np.testing.assert_array_equal(other.first, fast.first)
         np.testing.assert_array_equal(other.second, fast.second)
         np.testing.assert_array_equal(other.genuine, fast.genuine)
+
+
+def test_line_by_line_reader_equals_the_fast_one(tmp_path: Path) -> None:
+    # trailing spaces and CRLF send the metadata through the line-by-line reader; same result
+    t = make_ijb(tmp_path)
+    fast = IJBSource(tmp_path, "ijbc")
+    for suffix in ("face_tid_mid.txt", "name_5pts_score.txt"):
+        f = t.meta(suffix)
+        f.write_bytes(f.read_bytes().replace(b"\n", b" \r\n"))
+    slow = IJBSource(tmp_path, "ijbc")
+    for attr in ("templates", "medias", "landmarks", "scores", "tid_lines", "labels"):
+        np.testing.assert_array_equal(getattr(slow, attr), getattr(fast, attr))
+    assert [slow.key(i) for i in range(len(slow))] == [fast.key(i) for i in range(len(fast))]
+
+
+def test_template_ids_spanning_more_than_a_table(tmp_path: Path) -> None:
+    # a template id of 10^12 makes the pair lookup binary-search instead of a table
+    t = make_ijb(tmp_path)
+    big, old = 10**12, t.templates[0]
+    tid_mid = t.meta("face_tid_mid.txt")
+    tid_mid.write_text("".join(f"{n} {big if tid == old else tid} {m}\n"
+                               for n, tid, m in zip(t.names, t.templates, t.medias, strict=True)))
+    t.meta("template_pair_label.txt").write_text("".join(
+        f"{big if a == old else a} {big if b == old else b} {lab}\n" for a, b, lab in t.pairs))
+    for k in range(3):
+        f = t.one_n(k)
+        f.write_text(f.read_text().replace(f"\n{old},", f"\n{big},"))
+    src = IJBSource(tmp_path, "ijbc")
+    pairs = read_pairs(src)
+    ids = src.template_ids
+    renamed = [(big if a == old else a, big if b == old else b, lab) for a, b, lab in t.pairs]
+    assert [(int(ids[a]), int(ids[b]), int(g)) for a, b, g in zip(pairs.first, pairs.second, pairs.genuine,
+                                                                   strict=True)] == renamed
+    f = t.meta("template_pair_label.txt")
+    f.write_text(f.read_text().replace(f"{big} ", f"{big + 1} ", 1))
+    with pytest.raises(DataError, match=rf"template {big + 1} has no images"):
+        read_pairs(IJBSource(tmp_path, "ijbc"))

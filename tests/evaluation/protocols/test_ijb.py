@@ -15,7 +15,14 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from bctkit.data.sources.ijb import IJBSource
 from bctkit.errors import DataError
 from bctkit.evaluation.protocols.base import evaluate_models
-from bctkit.evaluation.protocols.ijb import IJBProtocol, plan_pairs
+from bctkit.evaluation.protocols.ijb import (
+    IJBProtocol,
+    plan_pairs,
+    pool_templates,
+    pooling_matrix,
+    thin_roc,
+)
+from bctkit.evaluation.templates import template_features
 from bctkit.features import FeatureSet
 from tests.data.sources.test_ijb import Tiny, make_ijb
 
@@ -93,6 +100,17 @@ def _expected(t: Tiny, q: np.ndarray, g: np.ndarray, weighted: bool) -> dict[str
     return out
 
 
+def _thinned(fpr: np.ndarray, levels: int = 2000) -> list[int]:
+    """Indices kept by the ROC thinning, by loops: first, last, and per log-spaced level the last
+    point whose FPR is at or below it."""
+    keep = {0, len(fpr) - 1}
+    for level in np.logspace(-7, 0, levels):
+        below = [i for i in range(len(fpr)) if fpr[i] <= level]
+        if below:
+            keep.add(below[-1])
+    return sorted(keep)
+
+
 @pytest.fixture
 def tiny(tmp_path: Path) -> Tiny:
     return make_ijb(tmp_path, seed=3)
@@ -132,8 +150,9 @@ def test_records_match_an_independent_computation(tiny: Tiny, weighted: bool) ->
     tq, tg = _pool(tiny, q, weighted), _pool(tiny, g, weighted)
     fpr, tpr, _ = roc_curve([lab for *_, lab in tiny.pairs], [float(tq[a] @ tg[b]) for a, b, _ in tiny.pairs])
     assert res.roc is not None
-    np.testing.assert_allclose(res.roc[0], fpr, atol=1e-12)
-    np.testing.assert_allclose(res.roc[1], tpr, atol=1e-12)
+    want_idx = _thinned(fpr)
+    np.testing.assert_allclose(res.roc[0], fpr[want_idx], atol=1e-12)
+    np.testing.assert_allclose(res.roc[1], tpr[want_idx], atol=1e-12)
     assert res.cmc[1] == pytest.approx(want["top1"]) and res.cmc[3] == pytest.approx(want["top3"])
 
 
@@ -250,3 +269,31 @@ def test_plan_pairs_against_unique(n_rows: int) -> None:
     np.testing.assert_array_equal(plan.row_pos, row_pos[plan.order])
     with pytest.raises(DataError, match="non-negative integer row indices"):
         plan_pairs(np.array([0, -1]), np.array([0, 1]))
+
+
+def test_thin_roc_keeps_curve_points() -> None:
+    # a long staircase: the thinned curve is a subset of its points, the loop rule's subset
+    rng = np.random.default_rng(0)
+    fpr = np.concatenate([[0.0], np.sort(rng.uniform(0, 1, 5000)), [1.0]])
+    tpr = np.concatenate([[0.0], np.sort(rng.uniform(0, 1, 5000)), [1.0]])
+    f, t = thin_roc(fpr, tpr, levels=300)
+    idx = _thinned(fpr, levels=300)
+    np.testing.assert_array_equal(f, fpr[idx])
+    np.testing.assert_array_equal(t, tpr[idx])
+    assert len(f) <= 302
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_pooling_matrix_equals_template_features(weighted: bool) -> None:
+    # the sparse pooling map against the library's template_features (index_add), media shared
+    # across templates, on random features; weights applied to the images first
+    rng = np.random.default_rng(1)
+    tids = rng.integers(0, 40, 500) * 7 + 3
+    mids = rng.integers(0, 60, 500)
+    feats = torch.from_numpy(rng.standard_normal((500, 9)).astype(np.float32))
+    w = rng.uniform(0.1, 1.0, 500)
+    keys, matrix = pooling_matrix(tids, mids, w if weighted else None)
+    ref_in = feats.double() * torch.from_numpy(w)[:, None] if weighted else feats
+    ref_keys, ref = template_features(ref_in, tids, mids)
+    np.testing.assert_array_equal(keys, ref_keys)
+    np.testing.assert_allclose(pool_templates(matrix, feats, chunk=4).numpy(), ref.numpy(), atol=1e-6)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import warnings
 from collections.abc import Iterator
@@ -103,6 +104,27 @@ def _records(path: Path, text: str, fields: int, what: str) -> list[tuple[int, l
     return out
 
 
+def _fast_table(text: str, fields: int, dtype: type) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """(first field of each record, the other fields as an array, line numbers) through numpy's C
+    parser; None when anything is off (the line-by-line reader then names the line)."""
+    names, lines = [], []
+    for lineno, raw in enumerate(text.split("\n"), 1):
+        line = raw.strip()
+        if line:
+            names.append(line.split(" ", 1)[0])
+            lines.append(lineno)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            table = np.loadtxt(io.StringIO(text), dtype=dtype, delimiter=" ", comments=None, ndmin=2,
+                               converters={0: lambda _: 0})
+    except ValueError:
+        return None
+    if table.shape != (len(names), fields) or not np.isfinite(table).all():
+        return None
+    return names, table[:, 1:], np.asarray(lines, dtype=np.int64)
+
+
 def _csv_rows(path: Path, reader: Any) -> Iterator[tuple[int, list[str]]]:
     """(line number, fields) of each CSV row; FileFormatError naming the line on broken quoting."""
     while True:
@@ -162,7 +184,13 @@ class IJBSource(DataSource):
         self._labels = self._subject_labels()
 
     def _read_tid_mid(self) -> tuple[list[str], np.ndarray]:
-        rows = _records(self.tid_file, _read_text(self.tid_file, self._digests), 3, "image template media")
+        text = _read_text(self.tid_file, self._digests)
+        fast = _fast_table(text, 3, np.int64)
+        if fast is not None:
+            names, table, lines = fast
+            self.templates, self.medias = table[:, 0].copy(), table[:, 1].copy()
+            return names, lines
+        rows = _records(self.tid_file, text, 3, "image template media")
         names, templates, medias, lines = [], [], [], []
         for lineno, (img, tid, mid) in rows:
             names.append(img)
@@ -174,8 +202,13 @@ class IJBSource(DataSource):
         return names, np.asarray(lines, dtype=np.int64)
 
     def _read_landmarks(self, names: list[str]) -> None:
-        rows = _records(self.pts_file, _read_text(self.pts_file, self._digests), 12,
-                        "image x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 score")
+        text = _read_text(self.pts_file, self._digests)
+        fast = _fast_table(text, 12, np.float64)
+        if fast is not None and fast[0] == names:
+            self.landmarks = np.ascontiguousarray(fast[1][:, :10]).reshape(-1, 5, 2)
+            self.scores = fast[1][:, 10].astype(np.float32)
+            return
+        rows = _records(self.pts_file, text, 12, "image x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 score")
         if len(rows) != len(names):
             raise FileFormatError(f"{self.pts_file}: {len(rows)} landmark rows but {self.tid_file.name} "
                                   f"lists {len(names)} images; expected one row per image, in the same order")
@@ -322,6 +355,22 @@ def _pairs_slow(path: Path, text: str, known: np.ndarray) -> np.ndarray:
     return out
 
 
+def _rows_of(known: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Position of each value in the sorted distinct ``known`` ids, -1 where absent: one table
+    lookup per value when the ids span under 2^26, else a binary search."""
+    out = np.full(values.shape, -1, dtype=np.int32)
+    lo, hi = int(known[0]), int(known[-1])
+    inside = (values >= lo) & (values <= hi)
+    if hi - lo < 1 << 26:
+        table = np.full(hi - lo + 1, -1, dtype=np.int32)
+        table[known - lo] = np.arange(len(known), dtype=np.int32)
+        out[inside] = table[values[inside] - lo]
+    else:
+        pos = np.searchsorted(known, values[inside])
+        out[inside] = np.where(known[np.minimum(pos, len(known) - 1)] == values[inside], pos, -1)
+    return out
+
+
 def read_pairs(source: IJBSource) -> Pairs:
     """The 1:1 pair list of ``source``'s dataset, checked against its templates.
 
@@ -340,15 +389,15 @@ def read_pairs(source: IJBSource) -> Pairs:
     except (ValueError, UnicodeDecodeError):
         ok = False
     if ok:
-        idx = np.searchsorted(known, data[:, :2])
-        idx_c = np.minimum(idx, len(known) - 1)
-        ok = bool((known[idx_c] == data[:, :2]).all() and np.isin(data[:, 2], (0, 1)).all())
+        first, second = _rows_of(known, data[:, 0]), _rows_of(known, data[:, 1])
+        genuine = data[:, 2] == 1
+        ok = bool((first >= 0).all() and (second >= 0).all() and (genuine | (data[:, 2] == 0)).all())
     if not ok:
         data = _pairs_slow(path, _read_text(path), known)
-        idx_c = np.searchsorted(known, data[:, :2])
-    genuine = data[:, 2] == 1
+        first, second = _rows_of(known, data[:, 0]), _rows_of(known, data[:, 1])
+        genuine = data[:, 2] == 1
+    del data
     if genuine.all() or not genuine.any():
         raise DataError(f"{path}: {int(genuine.sum())} genuine and {int((~genuine).sum())} impostor pairs; "
                         "1:1 verification needs both")
-    return Pairs(path, np.ascontiguousarray(idx_c[:, 0], dtype=np.int32),
-                 np.ascontiguousarray(idx_c[:, 1], dtype=np.int32), genuine)
+    return Pairs(path, first, second, genuine)

@@ -33,11 +33,11 @@ from bctkit.errors import DataError
 from bctkit.evaluation.identification import cmc, tpir_at_fpir
 from bctkit.evaluation.protocols.base import PairResult, Protocol, rate_name
 from bctkit.evaluation.protocols.split import CMC_CURVE_RANKS
-from bctkit.evaluation.templates import pair_scores, template_features
+from bctkit.evaluation.templates import pair_scores
 from bctkit.evaluation.verification import check_rate, roc_auc, roc_curve, tar_at_far
 
 __all__ = ["DEFAULT_FARS", "DEFAULT_FPIRS", "DEFAULT_TOPK", "IJBProtocol", "PairPlan", "listed_pair_scores",
-           "plan_pairs"]
+           "plan_pairs", "pool_templates", "pooling_matrix", "thin_roc"]
 
 DEFAULT_FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 DEFAULT_FPIRS = (1e-2, 1e-1)
@@ -46,6 +46,20 @@ PAIR_BLOCK_BYTES = 64 << 20
 """Bytes of one block of scores (or, on the gather path, of gathered features per side)."""
 GATHER_BELOW_DENSITY = 1 / 256
 """Pair lists covering less of their rows x columns grid than this are scored by gathering."""
+
+
+ROC_LEVELS = 2000
+"""Log-spaced FAR levels in [1e-7, 1] at which the ROC curve kept for plots is sampled."""
+
+
+def thin_roc(fpr: np.ndarray, tpr: np.ndarray, levels: int = ROC_LEVELS) -> tuple[np.ndarray, np.ndarray]:
+    """The ROC points to keep for a plot: for each of ``levels`` log-spaced FARs from 1e-7 to 1, the
+    curve's last point at or below it, plus the first and last points. Exact points of the curve
+    (IJB-C's 15.7M pairs give millions), at most levels + 2."""
+    grid = np.logspace(-7, 0, levels)
+    keep = np.unique(np.concatenate([[0, len(fpr) - 1], np.searchsorted(fpr, grid, side="right") - 1]))
+    keep = keep[keep >= 0]
+    return fpr[keep], tpr[keep]
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,43 @@ class PairPlan:
     def density(self) -> float:
         """Listed pairs / (distinct first x distinct second templates)."""
         return len(self.order) / max(1, len(self.rows) * len(self.cols))
+
+
+def pooling_matrix(templates: np.ndarray, medias: np.ndarray, weights: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, torch.Tensor]:
+    """(sorted distinct template ids, sparse CSR float64 matrix [templates, images]) whose product
+    with image features is each template's sum over its media of the mean (optionally ``weights``-
+    weighted) image feature: entry (t, i) = w_i / (images of i's media in template t), the pooling
+    of :func:`~bctkit.evaluation.templates.template_features` as one linear map. A media id shared by
+    two templates is averaged separately in each."""
+    tid, mid = np.asarray(templates).ravel(), np.asarray(medias).ravel()
+    if tid.shape != mid.shape or tid.size == 0:
+        raise DataError(f"{tid.size} template ids and {mid.size} media ids; expected equal, non-zero counts")
+    keys, t_code = np.unique(tid, return_inverse=True)
+    _, m_code = np.unique(mid, return_inverse=True)
+    _, p_code, counts = np.unique(t_code.astype(np.int64) * (int(m_code.max()) + 1) + m_code,
+                                  return_inverse=True, return_counts=True)
+    values = 1.0 / counts[p_code]
+    if weights is not None:
+        values = values * np.asarray(weights, dtype=np.float64).ravel()
+    order = np.argsort(t_code, kind="stable")
+    crow = np.zeros(len(keys) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(t_code, minlength=len(keys)), out=crow[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch calls sparse CSR support beta
+        matrix = torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(order.astype(np.int64)),
+                                         torch.from_numpy(values[order]), size=(len(keys), tid.size),
+                                         dtype=torch.float64, check_invariants=True)
+    return keys, matrix
+
+
+def pool_templates(matrix: torch.Tensor, feats: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """L2-normalised ``matrix @ feats`` in float64 (``chunk`` feature columns at a time, so the
+    float64 copy stays small), returned as float32."""
+    out = torch.empty((matrix.shape[0], feats.shape[1]), dtype=torch.float64)
+    for c in range(0, feats.shape[1], chunk):
+        out[:, c : c + chunk] = matrix @ feats[:, c : c + chunk].to(torch.float64)
+    return torch.nn.functional.normalize(out, dim=1).to(torch.float32)
 
 
 def _distinct(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -181,16 +232,21 @@ class IJBProtocol(Protocol):
         """The 1:1 pairs grouped for :func:`listed_pair_scores` (made once, on first use)."""
         return plan_pairs(self.pairs.first, self.pairs.second)
 
+    @cached_property
+    def pooling(self) -> torch.Tensor:
+        """The source's :func:`pooling_matrix` (detector-score weighted when ``score_weighting``)."""
+        src = self.source
+        keys, matrix = pooling_matrix(src.templates, src.medias, src.scores if self.score_weighting else None)
+        assert np.array_equal(keys, src.template_ids)
+        return matrix
+
     def template_features(self, feats: torch.Tensor) -> torch.Tensor:
-        """Unit template features [templates, d], row t = the source's ``template_ids[t]``."""
+        """Unit template features [templates, d] float32, row t = the source's ``template_ids[t]``."""
         f = torch.as_tensor(feats)
         if f.ndim != 2 or f.shape[0] != len(self.source):
             raise DataError(f"{self.dataset}: features of shape {list(f.shape)}, expected "
                             f"[{len(self.source)}, d] (one row per image of {self.source.tid_file.name})")
-        if self.score_weighting:
-            f = f.to(torch.float64) * torch.as_tensor(self.source.scores, dtype=torch.float64)[:, None]
-        _, tf = template_features(f, self.source.templates, self.source.medias)
-        return tf
+        return pool_templates(self.pooling, f)
 
     def _pooling(self) -> str:
         weights = "detector-score-weighted " if self.score_weighting else ""
@@ -212,7 +268,7 @@ class IJBProtocol(Protocol):
         records.append({"metric": "auc", "value": roc_auc(scores, p.genuine), "n": n,
                         "protocol": desc.replace("exact TAR@FAR", "ROC AUC")})
         fpr, tpr, _ = roc_curve(scores, p.genuine)
-        return records, (fpr, tpr)
+        return records, thin_roc(fpr, tpr)
 
     def _identification(self, tq: torch.Tensor, tg: torch.Tensor, dims: str
                         ) -> tuple[list[dict[str, Any]], dict[int, float]]:
