@@ -6,10 +6,14 @@ FAISS only copies the vectors into memory (``add_ratio``). A durable raw baselin
 (``durable_add_ratio``): the same raw adds followed by ``faiss.write_index`` and an fsync of the file,
 the least a FAISS-only gallery must do to survive a crash. A durable add cannot approach an
 in-memory copy (it writes every vector to disk), so the durable ratio is the one that measures the
-store's own overhead. The store's first search builds its index from the
-database and writes it to the store's index cache (``store_index_build_s``); a reopen at the
-same commit reads that instead (``store_reopen_first_search_s``, open + a one-query search); the
-search timings are of later, warm searches.
+store's own overhead. The floor of any durable add is measured as well (``write_floor_s``: the same
+vector bytes written to a file and fsynced, nothing else): ``add_ratio_ceiling`` = raw add / floor is
+the best ``add_ratio`` any store that makes its adds durable could reach on this disk, and
+``store_vs_floor`` = floor / store add is how close the store comes to it.
+The store's first search builds its index from the database and writes it to the store's index
+cache (``store_index_build_s``); a reopen at the same commit reads that instead
+(``store_reopen_first_search_s``, open + a one-query search); the search timings are of later, warm
+searches.
 Each measurement is repeated (``--repeats``, interleaved raw / store) and the fastest is reported,
 which filters out other processes on a shared machine.
 
@@ -48,6 +52,20 @@ def persist(index: faiss.Index, path: Path) -> float:
     return took
 
 
+def write_floor(vectors: np.ndarray, path: Path, batch: int) -> float:
+    """Seconds to append the vectors' bytes to a file batch by batch, each batch fsynced (one
+    durable write per add call, as the store commits), then the file is removed."""
+    t0 = time.perf_counter()
+    with open(path, "wb") as fh:
+        for s in range(0, len(vectors), batch):
+            fh.write(vectors[s : s + batch].tobytes())
+            fh.flush()
+            os.fsync(fh.fileno())
+    took = time.perf_counter() - t0
+    path.unlink()
+    return took
+
+
 def main() -> None:
     """Measure and print the JSON line."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -64,7 +82,7 @@ def main() -> None:
     queries = normalize_rows(rng.standard_normal((args.queries, args.dim), dtype=np.float32))
     ids = [f"item-{i}" for i in range(args.n)]
 
-    raw_add, durable_add, store_add, raw_search, store_search, build, reopen = [], [], [], [], [], [], []
+    raw_add, durable_add, floor, store_add, raw_search, store_search, build, reopen = ([] for _ in range(8))
     root = Path(tempfile.mkdtemp(prefix="bench-gallery-", dir=args.dir))
     try:
         for rep in range(args.repeats):  # interleaved; the best of each is reported (shared machines)
@@ -74,6 +92,7 @@ def main() -> None:
                 raw.add(vectors[s : s + args.batch])
             raw_add.append(time.perf_counter() - t0)
             durable_add.append(raw_add[-1] + persist(raw, root / f"raw{rep}.faiss"))
+            floor.append(write_floor(vectors, root / f"floor{rep}.bin", args.batch))
             path = root / f"store{rep}"
             with GalleryStore.create(path) as store:
                 store.add_version("v1", args.dim, name="v1")
@@ -100,8 +119,8 @@ def main() -> None:
             del raw
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    raw_add_s, durable_add_s, store_add_s, raw_search_s, store_search_s = (
-        min(x) for x in (raw_add, durable_add, store_add, raw_search, store_search))
+    raw_add_s, durable_add_s, floor_s, store_add_s, raw_search_s, store_search_s = (
+        min(x) for x in (raw_add, durable_add, floor, store_add, raw_search, store_search))
     same = float(np.mean([ids[j] == r for row_i, row_r in zip(raw_idx, res.ids, strict=True)
                           for j, r in zip(row_i, row_r, strict=True)]))
     print(json.dumps({
@@ -114,6 +133,8 @@ def main() -> None:
         "add_ratio": round(raw_add_s / store_add_s, 4),
         "durable_raw_add_s": round(durable_add_s, 3),
         "durable_add_ratio": round(durable_add_s / store_add_s, 4),
+        "write_floor_s": round(floor_s, 3), "add_ratio_ceiling": round(raw_add_s / floor_s, 4),
+        "store_vs_floor": round(floor_s / store_add_s, 4),
         "store_index_build_s": round(min(build), 3),
         "store_reopen_first_search_s": round(min(reopen), 3),
         "raw_search_s": round(raw_search_s, 3), "store_search_s": round(store_search_s, 3),

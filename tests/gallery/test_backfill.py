@@ -96,12 +96,13 @@ def test_killed_and_restarted_backfill_ends_as_an_uninterrupted_one(world):
         proc = subprocess.Popen(worker(killed, new_path, root), stdout=subprocess.PIPE, text=True, cwd=ROOT)
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         before = partial[-1] if partial else 0
-        while proc.poll() is None:  # kill only once this run has committed something of its own
+        target = before + 500 * rnd.randint(1, 4)  # kill after 1-4 commits of this run (progress, not
+        while proc.poll() is None:  # time: a loaded machine must not let the run finish first)
             with GalleryStore.open(killed) as store:
-                if store.count(new_fp) > before:
+                if store.count(new_fp) >= target:
                     break
-            time.sleep(0.01)
-        time.sleep(rnd.uniform(0.0, 0.2 * took))
+            time.sleep(0.005)
+        time.sleep(rnd.uniform(0.0, 0.01 * took))  # and somewhere inside the next batch
         proc.send_signal(signal.SIGKILL)
         kills += proc.wait() == -signal.SIGKILL
         with GalleryStore.open(killed) as store:  # opens after the kill, holding whole batches only
