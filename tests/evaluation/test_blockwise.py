@@ -186,3 +186,23 @@ def test_indexed_cmc_flat_equals_exact_and_reports_recall():
     assert got["index_recall@1"] == 1.0 and got["index_recall@5"] == 1.0
     approx = indexed_cmc(q, qid, g, gid, (5,), "IVF4,Flat", nprobe=1)
     assert 0.0 < approx["index_recall@5"] <= 1.0
+
+
+def test_query_blocks_bound_the_relevant_pairs(monkeypatch):
+    import bctkit.evaluation.blockwise as bw
+
+    monkeypatch.setattr(bw, "MAX_PAIRS", 6)
+    rng = np.random.default_rng(8)
+    q = rng.normal(size=(30, 5)).astype(np.float32)
+    g = rng.normal(size=(90, 5)).astype(np.float32)
+    qid = rng.integers(0, 5, 30)
+    gid = rng.permutation(np.array([0, 1, 2, 3, 0, 1] + [4] * 84))  # ids 0-3: 1 or 2 items, id 4: 84
+    sorted_gid = torch.sort(torch.as_tensor(gid)).values
+    blocks = list(bw._query_blocks(torch.arange(30), torch.as_tensor(qid), sorted_gid, 4))
+    assert sorted(torch.cat(blocks).tolist()) == list(range(30))
+    for b in blocks:
+        pairs = sum(int((gid == qid[i]).sum()) for i in b.tolist())
+        assert len(b) <= 4 and (pairs <= 6 or len(b) == 1)
+    assert max(len(b) for b in blocks) > 1 and min(len(b) for b in blocks) == 1
+    per = full_ranking(q, qid, g, gid, block=4, block_gallery=16)
+    compare(per, loop_reference(q, qid, g, gid))

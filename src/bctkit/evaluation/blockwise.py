@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from bctkit.evaluation.search import (
 __all__ = ["cmc_from_ranks", "full_ranking", "indexed_cmc", "summarize"]
 
 TILE = 1 << 24  # score tile elements (64 MiB of float32) when block_gallery is not given
+MAX_PAIRS = 1 << 22  # (query, same-identity item) pairs per query block
 _LOW32 = (1 << 32) - 1
 
 
@@ -167,6 +168,22 @@ def _per_query(rows: torch.Tensor, hit: torch.Tensor, rank: torch.Tensor, n_rows
             "first": torch.where(n_rel > 0, first, math.nan)}
 
 
+def _query_blocks(q_order: torch.Tensor, qid: torch.Tensor, g_sorted: torch.Tensor, block: int
+                  ) -> Iterator[torch.Tensor]:
+    """Query indices in blocks of at most ``block`` queries and MAX_PAIRS same-identity gallery
+    items (at least one query): few identities with huge galleries keep the pair arrays bounded."""
+    ids = qid[q_order]
+    same = torch.searchsorted(g_sorted, ids, side="right") - torch.searchsorted(g_sorted, ids, side="left")
+    ends = torch.cumsum(same, 0)
+    start = 0
+    while start < len(q_order):
+        before = int(ends[start - 1]) if start else 0
+        fit = int(torch.searchsorted(ends, before + MAX_PAIRS, side="right"))
+        stop = min(start + block, max(fit, start + 1), len(q_order))
+        yield q_order[start:stop]
+        start = stop
+
+
 def full_ranking(
     query_feats: ArrayLike,
     query_ids: ArrayLike,
@@ -211,8 +228,7 @@ def full_ranking(
     keys = ("n_rel", "ap", "ap_trapezoid", "ap_r", "r_prec", "first")
     out = {k: torch.full((q.shape[0],), math.nan, dtype=torch.float64) for k in keys}
     out["n_rel"].zero_()
-    for qs in range(0, q.shape[0], block):
-        idx = q_order[qs : qs + block]
+    for idx in _query_blocks(q_order, qid, g_sorted, block):
         qb, qid_b = _unit(q[idx]), qid[idx]
         rows, cols = _relevant_pairs(qid_b, None if qcam is None else qcam[idx], idx, g_order, g_sorted,
                                      gcam, junk, exclude_self)
