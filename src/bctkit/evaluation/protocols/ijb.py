@@ -34,7 +34,7 @@ from bctkit.evaluation.identification import cmc, tpir_at_fpir
 from bctkit.evaluation.protocols.base import PairResult, Protocol, rate_name
 from bctkit.evaluation.protocols.split import CMC_CURVE_RANKS
 from bctkit.evaluation.templates import pair_scores
-from bctkit.evaluation.verification import check_rate, roc_auc, roc_curve, tar_at_far
+from bctkit.evaluation.verification import check_rate, roc_curve, tar_at_far
 
 __all__ = ["DEFAULT_FARS", "DEFAULT_FPIRS", "DEFAULT_TOPK", "IJBProtocol", "PairPlan", "listed_pair_scores",
            "plan_pairs", "pool_templates", "pooling_matrix", "thin_roc"]
@@ -265,9 +265,11 @@ class IJBProtocol(Protocol):
             tars = tar_at_far(scores, p.genuine, self.fars)
         records = [{"metric": rate_name("tar@far", far), "value": v, "n": n, "protocol": desc}
                    for far, v in tars.items()]
-        records.append({"metric": "auc", "value": roc_auc(scores, p.genuine), "n": n,
-                        "protocol": desc.replace("exact TAR@FAR", "ROC AUC")})
+        # one ROC for both: dropping collinear points leaves the trapezoid area (roc_auc's) unchanged
         fpr, tpr, _ = roc_curve(scores, p.genuine)
+        auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2.0)
+        records.append({"metric": "auc", "value": auc, "n": n,
+                        "protocol": desc.replace("exact TAR@FAR", "ROC AUC")})
         return records, thin_roc(fpr, tpr)
 
     def _identification(self, tq: torch.Tensor, tg: torch.Tensor, dims: str
