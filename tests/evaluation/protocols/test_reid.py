@@ -139,3 +139,8 @@ def test_errors():
         too_deep.evaluate_pair(feats, feats, "d")
     with pytest.raises(DataError, match="ap 'x'"):
         ReIDProtocol("h", proto.pids, proto.cams, 2, ap="x")
+
+
+def test_headline_is_map_then_top1():
+    proto, _ = hand_protocol()
+    assert proto.headline == ("map", "top1")

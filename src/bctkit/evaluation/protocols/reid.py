@@ -86,6 +86,11 @@ class ReIDProtocol(Protocol):
         return {"protocol": self.name, "dataset": self.dataset, **self._counts(), "ap": self.ap,
                 **self.options.describe()}
 
+    @property
+    def headline(self) -> tuple[str, ...]:
+        """mAP (always exact, what retrieval and re-id results are quoted by), then rank-1."""
+        return ("map", "top1")
+
     def evaluate_pair(self, query: torch.Tensor, gallery: torch.Tensor, dims: str) -> PairResult:
         n = len(self.pids)
         if query.shape[0] != n or gallery.shape[0] != n:

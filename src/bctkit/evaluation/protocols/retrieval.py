@@ -141,6 +141,11 @@ class QueryGalleryProtocol(Protocol):
     def describe(self) -> dict[str, Any]:
         return {"protocol": self.name, "dataset": self.dataset, **self._counts(), **self.options.describe()}
 
+    @property
+    def headline(self) -> tuple[str, ...]:
+        """mAP (always exact, what retrieval and re-id results are quoted by), then rank-1."""
+        return ("map", "top1")
+
     def evaluate_pair(self, query: torch.Tensor, gallery: torch.Tensor, dims: str) -> PairResult:
         if query.shape[0] != len(self.labels) or gallery.shape[0] != len(self.labels):
             raise DataError(f"{self.dataset}: features have {query.shape[0]} / {gallery.shape[0]} rows; "
