@@ -228,6 +228,10 @@ def test_refusals(tiny: Tiny) -> None:
     proto = IJBProtocol.from_root(tiny.root, "ijbc", fars=FARS, fpirs=FPIRS, topk=TOPK)
     with pytest.raises(DataError, match=r"features of shape \[3, 6\]"):
         proto.evaluate_pair(torch.zeros(3, 6), torch.zeros(3, 6), "x")
+    bad = torch.ones(len(tiny.names), 6)
+    bad[5, 2] = float("nan")
+    with pytest.raises(DataError, match="NaN or Inf"):
+        proto.evaluate_pair(bad, torch.ones(len(tiny.names), 6), "x")
 
 
 @pytest.mark.parametrize("method", ["matrix", "gather", "auto"])

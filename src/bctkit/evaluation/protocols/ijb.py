@@ -4,7 +4,8 @@
 Template features, separately for the query model's and the gallery model's image features:
 optionally each image feature times its face detector score (``score_weighting``, what
 insightface's IJB scripts do by default), then the images of one media are averaged, the media of a
-template summed and the sum L2-normalised (:func:`~bctkit.evaluation.templates.template_features`).
+template summed and the sum L2-normalised: the rule of
+:func:`~bctkit.evaluation.templates.template_features`, applied as one sparse map (:func:`pooling_matrix`).
 
 - 1:1 verification over the listed template pairs only (15,658,489 for IJB-C, 8,010,270 for
   IJB-B), never through a template x template matrix (:func:`listed_pair_scores`): the first
@@ -46,8 +47,6 @@ PAIR_BLOCK_BYTES = 64 << 20
 """Bytes of one block of scores (or, on the gather path, of gathered features per side)."""
 GATHER_BELOW_DENSITY = 1 / 256
 """Pair lists covering less of their rows x columns grid than this are scored by gathering."""
-
-
 ROC_LEVELS = 2000
 """Log-spaced FAR levels in [1e-7, 1] at which the ROC curve kept for plots is sampled."""
 
@@ -246,6 +245,8 @@ class IJBProtocol(Protocol):
         if f.ndim != 2 or f.shape[0] != len(self.source):
             raise DataError(f"{self.dataset}: features of shape {list(f.shape)}, expected "
                             f"[{len(self.source)}, d] (one row per image of {self.source.tid_file.name})")
+        if not bool(torch.isfinite(f).all()):
+            raise DataError(f"{self.dataset}: features contain NaN or Inf; expected finite embeddings")
         return pool_templates(self.pooling, f)
 
     def _pooling(self) -> str:
