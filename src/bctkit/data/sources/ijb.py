@@ -12,12 +12,12 @@ skipped, line ends stripped; line numbers in errors count every line):
   single spaces, no header; read by :func:`read_pairs` for the 1:1 protocol.
 - ``loose_crop/<image>``: the image files.
 - 1:N (optional, all three or none): comma-separated files with one header line whose first two
-  columns are ``TEMPLATE_ID,SUBJECT_ID`` and one row per image, every row as many columns as the
-  header. IJB-C: ``ijbc_1N_gallery_G1.csv``, ``ijbc_1N_gallery_G2.csv``, ``ijbc_1N_probe_mixed.csv``;
-  IJB-B: ``ijbb_1N_gallery_S1.csv``, ``ijbb_1N_gallery_S2.csv``, ``ijbb_1N_probe_mixed.csv`` (the
-  ``_G1`` / ``_G2`` spelling is accepted for both).
+  columns are ``TEMPLATE_ID,SUBJECT_ID`` and one row per image, each row with as many columns as
+  the header. IJB-C: ``ijbc_1N_gallery_G1.csv``, ``ijbc_1N_gallery_G2.csv``,
+  ``ijbc_1N_probe_mixed.csv``; IJB-B: ``ijbb_1N_gallery_S1.csv``, ``ijbb_1N_gallery_S2.csv``,
+  ``ijbb_1N_probe_mixed.csv`` (either gallery spelling is accepted for both sets).
 
-Image i of the source is line i of the tid_mid file: decoded on demand, aligned from its landmarks
+Image i of the source is record i of the tid_mid file: decoded on demand, aligned from its landmarks
 to the 112 x 112 ArcFace crop (:mod:`bctkit.data.align`), RGB. Its label is the subject id of its
 template where the 1:N files name one (subject ids must then be >= 1), else 0 (no known subject); the
 1:1 protocol never uses the labels. ``key(i)`` is the image name.
