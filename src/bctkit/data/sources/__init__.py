@@ -2,16 +2,22 @@
 
 ``imagefolder`` (root/<identity>/<image>), ``list`` (a ``path label`` file), ``recordio``
 (insightface's train.rec / train.idx), and the embedded ``synthetic`` and ``glyphs`` sets as
-in-memory :class:`ArraySource` s.
+in-memory :class:`ArraySource` s. Test sets: ``ijb`` (IJB-B/C crops aligned from their landmarks),
+``pairbin`` (insightface's verification .bin files), ``market`` (Market-1501 / DukeMTMC-reID folders
+and :class:`ConcatSource`).
 """
 
 from bctkit.data.sources.array import ArraySource
 from bctkit.data.sources.base import CorruptImageError, DataSource, SubsetSource, decode_image
+from bctkit.data.sources.ijb import IJBSource
 from bctkit.data.sources.imagefolder import ImageFolderConfig, ImageFolderSource
 from bctkit.data.sources.listfile import ListConfig, ListSource
+from bctkit.data.sources.market import ConcatSource, ReIDFolderSource
+from bctkit.data.sources.pairbin import PairBinSource
 from bctkit.data.sources.recordio import RecordIOConfig, RecordIOSource
 
 __all__ = [
-    "ArraySource", "CorruptImageError", "DataSource", "ImageFolderConfig", "ImageFolderSource", "ListConfig",
-    "ListSource", "RecordIOConfig", "RecordIOSource", "SubsetSource", "decode_image",
+    "ArraySource", "ConcatSource", "CorruptImageError", "DataSource", "IJBSource", "ImageFolderConfig",
+    "ImageFolderSource", "ListConfig", "ListSource", "PairBinSource", "RecordIOConfig", "RecordIOSource",
+    "ReIDFolderSource", "SubsetSource", "decode_image",
 ]

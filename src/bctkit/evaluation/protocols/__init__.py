@@ -1,6 +1,9 @@
 """Evaluation protocols: one module per test set layout, one interface (:class:`Protocol`).
 
-``split`` is the run's own split of a labelled image set (:class:`EvalProtocol`).
+``split`` is the run's own split of a labelled image set (:class:`EvalProtocol`); ``ijb`` IJB-B / IJB-C
+(:class:`IJBProtocol`); ``pairs`` insightface's verification pair sets (:class:`PairsProtocol`);
+``retrieval`` separate query and gallery sets (:class:`QueryGalleryProtocol`); ``reid`` Market-1501 /
+DukeMTMC-reID (:class:`ReIDProtocol`). The test-set protocols are imported from their modules.
 """
 
 from bctkit.evaluation.protocols.base import (

@@ -314,6 +314,11 @@ class IJBProtocol(Protocol):
             result.records += records
         return result
 
+    @property
+    def headline(self) -> tuple[str, ...]:
+        """1:1 TAR@FAR=1e-4 (what IJB-B/C results are quoted by), then top-1 of the 1:N search."""
+        return ("tar@far=1e-4", "top1", "tar@far=1e-3")
+
     def describe(self) -> dict[str, Any]:
         src, p = self.source, self.pairs
         out: dict[str, Any] = {
