@@ -182,3 +182,38 @@ def test_a_feature_file_of_other_images_is_refused(world, capsys):
                  str(root / "short.npy"), "--new", str(root / "new"), "--out", str(root / "bad2"), "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "short.npy: 7 rows" in err and "\n" not in err
+
+
+def test_market_with_models_applies_the_junk_rules(world, tmp_path):
+    """Through the CLI: gallery images of the query's person and camera, and person -1, are left
+    out of the ranking; person 0000 stays in it as a non-match."""
+    _, nets, _, _ = world
+    rng = np.random.default_rng(5)
+    names = {"query": ["0001_c1s1_000001_00.png", "0002_c2s1_000001_00.png"],
+             "bounding_box_test": ["0001_c1s1_000002_00.png", "0001_c3s1_000001_00.png",
+                                   "0002_c1s1_000005_00.png", "0002_c2s1_000009_00.png",
+                                   "-1_c1s1_000003_00.png", "0000_c2s1_000004_00.png",
+                                   "0003_c1s1_000007_00.png", "0001_c4s1_000008_00.png"]}
+    pix = {}
+    for folder, files in names.items():
+        (tmp_path / "m" / folder).mkdir(parents=True)
+        for f in sorted(files):
+            arr = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "m" / folder / f)
+            pix.setdefault(folder, []).append((f, arr))
+    out = tmp_path / "ev"
+    assert run("--protocol", "market", "--data", str(tmp_path / "m"), "--old", str(world[0] / "old"),
+               "--new", f"new={world[0] / 'new'}", "--out", str(out), "--topk", "1") == 0
+    q = by_hand(nets["new"], [a for _, a in pix["query"]])
+    g = by_hand(nets["old"], [a for _, a in pix["bounding_box_test"]])
+    gname = [f for f, _ in pix["bounding_box_test"]]
+    aps = []
+    for i, (qf, _) in enumerate(pix["query"]):
+        pid, cam = qf.split("_")[0], qf.split("_")[1][:2]
+        keep = [j for j, f in enumerate(gname) if f.split("_")[0] != "-1"
+                and not (f.split("_")[0] == pid and f.split("_")[1][:2] == cam)]
+        s = cosine_rows(np.repeat(q[i:i + 1], len(keep), 0), g[keep])
+        order = [keep[j] for j in np.argsort(-s, kind="stable")]
+        hits = [r for r, j in enumerate(order) if gname[j].split("_")[0] == pid]
+        aps.append(np.mean([(k + 1) / (r + 1) for k, r in enumerate(hits)]))
+    assert records(out, "new", "old")["map"] == pytest.approx(np.mean(aps), abs=1e-6)
