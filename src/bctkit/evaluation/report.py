@@ -171,8 +171,9 @@ def markdown(report: dict[str, Any]) -> str:
     certs = report.get("certificate_results", [])
     if certs:
         lines += ["## Compatibility certificates", "",
-                  "One signed claim per new model and the model it must stay compatible with; check one "
-                  "with `bctkit certificate verify FILE`, and give a passed one to a gallery with "
+                  "One claim per new model and the model it must stay compatible with, sealed by a "
+                  "sha256 of its contents (a check against edits, not a signature): check one with "
+                  "`bctkit certificate verify FILE`, and give a passed one to a gallery with "
                   "`bctkit gallery certify`.", ""]
         rows = [[f"[{c['file']}]({c['file']})", f"{c['query']} → {c['gallery']}", c["metric"],
                  fmt_percent(c["cross"]), fmt_percent(c["old_self"]), "passed" if c["passed"] else "failed",
