@@ -166,6 +166,9 @@ def test_retrieval_lists_with_models(world, tmp_path):
     (["--protocol", "pairs", "--data", "missing.bin"], "missing.bin: not found"),
     (["--protocol", "retrieval", "--data", "a.txt"], "needs --data with 2 path(s)"),
     (["--protocol", "split", "--data", "x"], "--data is for the test-set protocols"),
+    (["--protocol", "split", "--flip"], "--flip applies only to a test-set --protocol"),
+    (["--protocol", "pairs", "--data", "x.bin", "--gallery-per-class", "2"],
+     "--gallery-per-class applies only to --protocol split"),
 ])
 def test_bad_command_lines_are_one_line_errors(world, capsys, args, message):
     root = world[0]

@@ -16,6 +16,10 @@ from bctkit.errors import ConfigError
 from bctkit.evaluation.testset import PROTOCOLS
 
 SPLIT_TESTS = ("identification", "verification", "retrieval")
+SPLIT_ONLY = {"gallery_per_class": 1, "tests": ["all"], "no_backfill": False}
+TEST_SET_ONLY = {"flip": False, "batch_size": 256, "workers": None, "device": "auto", "precision": "fp32",
+                 "score_weighting": False, "folds": 10, "block": 1024, "index": None, "nprobe": None,
+                 "query_folder": "query"}
 
 
 def add_parser(sub: Any) -> None:
@@ -87,9 +91,21 @@ def _named(args: argparse.Namespace, default_name: Any) -> dict[str, str]:
     return paths
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Options of the other form are refused rather than ignored."""
+    split = args.protocol == "split"
+    other = TEST_SET_ONLY if split else SPLIT_ONLY
+    given = [k for k, default in other.items() if getattr(args, k) != default]
+    if given:
+        opt = "--" + given[0].replace("_", "-")
+        form = "a test-set --protocol" if split else "--protocol split"
+        raise ConfigError(f"{opt} applies only to {form}, not to --protocol {args.protocol}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``bctkit evaluate`` (exit code 0; errors raise)."""
     _rates(args)
+    _check_options(args)
     if args.protocol == "split":
         return _split(args)
     from bctkit.engine.loader import auto_workers
