@@ -8,7 +8,10 @@
   gallery (probes of the other half are the non-mated searches); the two results are averaged.
 - 1:1 verification: all pairs i < j of evaluation images; the first image is embedded by the query
   model, the second by the gallery model (UniBCT's cross-test convention); exact TAR@FAR, ROC AUC.
-- Retrieval: every image queries all the others (its own item excluded): mAP and mAP@R.
+  Computed block by block without the N x N score matrix (:mod:`evaluation.allpairs`: 64 MiB score
+  tiles, every genuine score, the largest impostor scores the FARs need, an impostor histogram).
+- Retrieval: every image queries all the others (its own item excluded): mAP and mAP@R, from the
+  blockwise full ranking (:func:`evaluation.blockwise.full_ranking`: 64 MiB score tiles).
 """
 
 from __future__ import annotations
@@ -19,13 +22,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bctkit.errors import DataError
+from bctkit.evaluation.allpairs import allpairs_verification
+from bctkit.evaluation.blockwise import full_ranking, summarize
 from bctkit.evaluation.identification import cmc, tpir_at_fpir
 from bctkit.evaluation.protocols.base import PairResult, Protocol, rate_name
-from bctkit.evaluation.retrieval import retrieval_metrics
-from bctkit.evaluation.verification import roc_auc, roc_curve, tar_at_far
 
 CMC_CURVE_RANKS = (1, 2, 3, 5, 10, 20)
 
@@ -113,30 +115,23 @@ def _identification(query: torch.Tensor, gallery: torch.Tensor, protocol: EvalPr
 
 def _verification(query: torch.Tensor, gallery: torch.Tensor, protocol: EvalProtocol,
                   dims: str) -> tuple[list[dict[str, Any]], tuple[np.ndarray, np.ndarray]]:
-    labels = protocol.labels
-    qn, gn = F.normalize(query, dim=1), F.normalize(gallery, dim=1)
-    i, j = torch.triu_indices(len(labels), len(labels), offset=1)
-    scores = (qn @ gn.T)[i, j].numpy().astype(np.float64)
-    genuine = (labels[i] == labels[j]).numpy().astype(np.int64)
-    n_gen = int(genuine.sum())
-    verif = (f"1:1 verification, {protocol.dataset}: all {len(scores)} pairs i<j "
-             f"({n_gen} genuine, {len(scores) - n_gen} impostor), first image by query model; "
-             f"exact TAR@FAR; {dims}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        tars = tar_at_far(scores, genuine, protocol.fars)
-    records = [{"metric": rate_name("tar@far", far), "value": v, "n": len(scores), "protocol": verif}
-               for far, v in tars.items()]
-    records.append({"metric": "auc", "value": roc_auc(scores, genuine), "n": len(scores),
+        res = allpairs_verification(query, gallery, protocol.labels, protocol.fars)
+    verif = (f"1:1 verification, {protocol.dataset}: all {res.n_pairs} pairs i<j "
+             f"({res.n_genuine} genuine, {res.n_impostor} impostor), first image by query model; "
+             f"exact TAR@FAR; {dims}")
+    records = [{"metric": rate_name("tar@far", far), "value": v, "n": res.n_pairs, "protocol": verif}
+               for far, v in res.tar.items()]
+    records.append({"metric": "auc", "value": res.auc, "n": res.n_pairs,
                     "protocol": verif.replace("exact TAR@FAR", "ROC AUC")})
-    fpr, tpr, _ = roc_curve(scores, genuine)
-    return records, (fpr, tpr)
+    return records, (res.fpr, res.tpr)
 
 
 def _retrieval(query: torch.Tensor, gallery: torch.Tensor, protocol: EvalProtocol,
                dims: str) -> list[dict[str, Any]]:
     labels = protocol.labels
-    ret = retrieval_metrics(query, labels, gallery, labels, ks=(1,), exclude_self=True)
+    ret = summarize(full_ranking(query, labels, gallery, labels, exclude_self=True), ks=(1,))
     desc = (f"retrieval, {protocol.dataset}: each of {len(labels)} images queries the other "
             f"{len(labels) - 1} (own item excluded); {dims}")
     return [{"metric": name, "value": ret[key], "n": int(ret["n_queries"]), "protocol": desc}
