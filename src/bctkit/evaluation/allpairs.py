@@ -1,28 +1,30 @@
-"""1:1 verification over all pairs i < j of N images, exact, in memory bounded by a score tile.
+"""1:1 verification over all pairs i < j of N images, exact, in memory bounded by a block of scores.
 
 The run protocol scores every pair (i, j), i < j: image i by the query model, image j by the gallery
-model. Building the N x N score matrix needs 4 N^2 bytes (40 GB at N = 100,000); this module walks
-row blocks of it instead (one ``rows x N`` float32 tile, at most 64 MiB, or 256 rows when N > 65,536)
-and keeps only what the metrics need:
+model. Building the N x N score matrix needs 4 N^2 bytes (40 GB at N = 100,000); this module computes
+it a row block at a time (max(256, 2^20 / N) rows: 8 MiB of float32 scores at N = 8,000, 100 MiB at
+N = 100,000), consumes each block in chunks of 2^20 scores (4 MiB; their work arrays are a few times
+that) and keeps only what the metrics need:
 
 - every genuine score (same label): there are sum over identities of n_c (n_c - 1) / 2 of them;
 - the K largest impostor scores, K = floor(max_f N_imp) + 1 over the FARs with f N_imp >= 1: the exact
   threshold at FAR f is the (floor(f N_imp) + 1)-th largest impostor score, so these K give exactly
   the thresholds, NaN rule and tie handling of :func:`verification.tar_at_far`. A running top K is
-  merged tile by tile; only scores above its current minimum are buffered. K above :data:`MAX_KEPT`
-  (256 MiB of scores; f = 1e-1 at N = 100,000 needs 5e8) is a DataError naming the FAR: it is never
-  approximated.
+  merged chunk by chunk; only scores above its current minimum are buffered (at most 2K + one
+  chunk). K above :data:`MAX_KEPT` (256 MiB of scores; f = 1e-1 at N = 100,000 needs 5e8) is a
+  DataError naming the FAR: it is never approximated.
 - a histogram of the impostor scores over buckets of their float32 bit patterns, with bucket edges
   spaced over the genuine scores' range. ROC AUC is the Mann-Whitney statistic (ties count one half),
   accumulated in integers: an impostor in a bucket holding no genuine score is below exactly the
   genuine scores above the bucket; impostors in the other buckets are located among the sorted
   genuine scores one by one. The same histogram gives the exact (FPR, TPR) at every bucket edge.
 
-Two passes over the tiles (genuine scores first, then impostors against them): the matrix product is
-computed twice, the price of not storing it. Each tile is ``query_rows @ gallery.T`` on the whole
-normalised gallery, the same product as the full matrix; on the CPU BLAS bctkit is tested with,
-row blocks of 256 rows or more reproduce the full product's bits (smaller blocks may differ in the
-last bit), which is why tiles are never narrower than that.
+Two passes over the blocks (genuine scores first, then impostors against them): the matrix product
+is computed twice, the price of not storing it. Each row block is ``query_rows @ gallery.T`` on the
+whole normalised gallery, the same product as the full matrix; with torch's CPU BLAS (MKL, checked
+with torch 2.13 on x86-64) row blocks of 256 rows or more reproduce the full product's bits. Smaller
+blocks may differ in the last bit, which moves a metric only where a genuine and an impostor score
+are 1 ulp apart at a threshold; so no block is smaller (the last one absorbs the remainder).
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ import torch.nn.functional as F
 from bctkit.errors import DataError
 from bctkit.evaluation.verification import check_rate, floor_rate_count
 
-TILE = 1 << 24  # score tile elements (64 MiB of float32)
-MIN_ROWS = 256  # rows per tile at least (see the module docstring)
+TILE = 1 << 20  # scores per chunk (4 MiB of float32)
+MIN_ROWS = 256  # rows per matrix product at least (see the module docstring)
 MAX_KEPT = 1 << 26  # largest impostor scores kept for the thresholds (256 MiB of float32)
-MAX_BUCKETS = 1 << 22  # impostor histogram buckets over the genuine scores' range
+MAX_BUCKETS = 1 << 20  # impostor histogram buckets over the genuine scores' range
 CURVE_FARS = 300  # ROC points log-spaced in FPR ...
 CURVE_TARS = 101  # ... and evenly spaced in TPR
 
@@ -68,7 +70,7 @@ def _keys(scores: torch.Tensor) -> torch.Tensor:
 
 
 def tile_rows(n: int, block_rows: int | None = None) -> int:
-    """Rows per tile: ``block_rows`` if given, else 64 MiB of scores but at least MIN_ROWS rows."""
+    """Rows per product: ``block_rows`` if given, else TILE scores but at least MIN_ROWS rows."""
     if block_rows is not None:
         if block_rows < 1:
             raise DataError(f"block_rows must be >= 1, got {block_rows}")
@@ -78,17 +80,23 @@ def tile_rows(n: int, block_rows: int | None = None) -> int:
 
 def _tiles(qn: torch.Tensor, gn: torch.Tensor, labels: torch.Tensor, rows: int
            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(genuine scores, impostor scores) of the pairs i < j in each row block, float32."""
+    """(genuine scores, impostor scores) of the pairs i < j, float32, a row block at a time and, inside
+    it, TILE elements at a time (the work arrays of each chunk are a few times its size)."""
     n = qn.shape[0]
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        c0 = r0 + 1
-        if c0 >= n:
+    starts = list(range(0, n, rows))
+    if len(starts) > 1 and n - starts[-1] < rows:
+        starts.pop()  # the last block takes the remainder: no block below ``rows`` rows
+    for r0, r1 in zip(starts, starts[1:] + [n], strict=True):
+        if r0 + 1 >= n:
             break
-        sc = (qn[r0:r1] @ gn.T)[:, c0:]
-        upper = torch.arange(c0, n)[None, :] > torch.arange(r0, r1)[:, None]
-        same = labels[r0:r1, None] == labels[None, c0:]
-        yield sc[upper & same], sc[upper & ~same]
+        block = qn[r0:r1] @ gn.T  # the full product's row block: same bits (module docstring)
+        step = max(1, TILE // (r1 - r0))
+        for c0 in range(r0 + 1, n, step):
+            c1 = min(n, c0 + step)
+            sc = block[:, c0:c1]
+            upper = torch.arange(c0, c1)[None, :] > torch.arange(r0, r1)[:, None]
+            same = labels[r0:r1, None] == labels[None, c0:c1]
+            yield sc[upper & same], sc[upper & ~same]
 
 
 def _thresholds(top: torch.Tensor, n_imp: int, counts: dict[float, int]) -> dict[float, float]:
@@ -189,7 +197,7 @@ def allpairs_verification(
     """Exact TAR@FAR, ROC AUC and ROC points over all pairs i < j (query row i vs gallery row j).
 
     Scores are cosine similarities of the rows normalised as a whole, in float32 (as the full matrix
-    ``normalize(query) @ normalize(gallery).T``). ``block_rows`` overrides the tile height (tests).
+    ``normalize(query) @ normalize(gallery).T``). ``block_rows`` overrides the row block height (tests).
     The values equal those of :func:`verification.tar_at_far` and :func:`verification.roc_auc` on the
     upper triangle of the full matrix (AUC up to the float rounding of the trapezoid sum: here it is
     the exact ratio of integer counts, correctly rounded). The ROC points are exact (FPR, TPR) at a

@@ -8,8 +8,9 @@
   gallery (probes of the other half are the non-mated searches); the two results are averaged.
 - 1:1 verification: all pairs i < j of evaluation images; the first image is embedded by the query
   model, the second by the gallery model (UniBCT's cross-test convention); exact TAR@FAR, ROC AUC.
-  Computed block by block without the N x N score matrix (:mod:`evaluation.allpairs`: 64 MiB score
-  tiles, every genuine score, the largest impostor scores the FARs need, an impostor histogram).
+  Computed block by block without the N x N score matrix (:mod:`evaluation.allpairs`: row blocks of
+  max(256, 2^20 / N) rows, every genuine score, the largest impostor scores the FARs need, an
+  impostor histogram).
 - Retrieval: every image queries all the others (its own item excluded): mAP and mAP@R, from the
   blockwise full ranking (:func:`evaluation.blockwise.full_ranking`: 64 MiB score tiles).
 """
