@@ -229,7 +229,7 @@ def test_running_top_k_merge(pattern: str, k: int) -> None:
         tiles = (base + rng.permuted(runs, axis=1)).astype(np.int32).view(np.float32)
     tiles = np.asarray(tiles, np.float32)
     stream = ((torch.empty(0), torch.from_numpy(t.copy())) for t in tiles)
-    _, top = allpairs._top_k(stream, k)
+    _, top = allpairs._top_k(stream, k, 0, tiles.size)
     assert np.array_equal(top.numpy(), np.sort(tiles.ravel())[::-1][:k])
 
 

@@ -10,9 +10,9 @@ that) and keeps only what the metrics need:
 - the K largest impostor scores, K = floor(max_f N_imp) + 1 over the FARs with f N_imp >= 1: the exact
   threshold at FAR f is the (floor(f N_imp) + 1)-th largest impostor score, so these K give exactly
   the thresholds, NaN rule and tie handling of :func:`verification.tar_at_far`. A running top K is
-  merged chunk by chunk; only scores above its current minimum are buffered (at most 2K + one
-  chunk). K above :data:`MAX_KEPT` (256 MiB of scores; f = 1e-1 at N = 100,000 needs 5e8) is a
-  DataError naming the FAR: it is never approximated.
+  merged chunk by chunk; only scores above its current minimum are buffered (2K + one chunk). K
+  above :data:`MAX_KEPT` (256 MiB of scores; f = 1e-1 at N = 100,000 needs 5e8) is a DataError
+  naming the FAR: it is never approximated.
 - a histogram of the impostor scores over buckets of their float32 bit patterns, with bucket edges
   spaced over the genuine scores' range. ROC AUC is the Mann-Whitney statistic (ties count one half),
   accumulated in integers: an impostor in a bucket holding no genuine score is below exactly the
@@ -115,28 +115,35 @@ def _thresholds(top: torch.Tensor, n_imp: int, counts: dict[float, int]) -> dict
     return out
 
 
-def _top_k(tiles: Iterator[tuple[torch.Tensor, torch.Tensor]], k: int
+def _top_k(tiles: Iterator[tuple[torch.Tensor, torch.Tensor]], k: int, n_gen: int, n_imp: int
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(all genuine scores, the k largest impostor scores in descending order) from one pass."""
-    genuine: list[torch.Tensor] = []
-    kept: list[torch.Tensor] = []
-    n_kept = 0
+    """(all genuine scores, the k largest impostor scores in descending order) from one pass.
+
+    Both go to buffers allocated once (many small long-lived tensors would fragment the heap): the
+    genuine scores, and 2k + TILE impostor candidates (8 k bytes plus 4 MiB). When the candidates
+    reach 2k, an in-place partition keeps the k largest, whose minimum becomes the cutoff.
+    """
+    genuine = np.empty(n_gen, dtype=np.float32)
+    n_seen = 0
+    buf = np.empty(min(2 * k + TILE, n_imp) if k else 0, dtype=np.float32)
+    fill = 0
     cutoff = -math.inf
     for gen, imp in tiles:
-        genuine.append(gen)
+        genuine[n_seen : n_seen + gen.numel()] = gen.numpy()
+        n_seen += gen.numel()
         if k == 0:
             continue
         # a score equal to the current k-th largest cannot change the k largest values
-        cand = imp[imp > cutoff] if cutoff > -math.inf else imp
-        kept.append(cand)
-        n_kept += cand.numel()
-        if n_kept >= 2 * k:
-            merged = torch.topk(torch.cat(kept), k, sorted=False).values
-            kept, n_kept, cutoff = [merged], k, float(merged.min())
-    gen_all = torch.cat(genuine) if genuine else torch.empty(0)
-    imp_top = torch.cat(kept) if kept else torch.empty(0)
-    imp_top = torch.sort(imp_top, descending=True).values[:k]
-    return gen_all, imp_top
+        cand = (imp[imp > cutoff] if cutoff > -math.inf else imp).numpy()
+        buf[fill : fill + cand.size] = cand
+        fill += cand.size
+        if fill >= 2 * k:
+            buf[:fill].partition(fill - k)
+            buf[:k] = buf[fill - k : fill]
+            fill, cutoff = k, float(buf[0])
+    top = buf[:fill]
+    top.sort()
+    return torch.from_numpy(genuine[:n_seen]), torch.from_numpy(top[::-1][:k].copy())
 
 
 def _histogram_pass(tiles: Iterator[tuple[torch.Tensor, torch.Tensor]], gen_sorted: torch.Tensor
@@ -230,7 +237,7 @@ def allpairs_verification(
                         f"kept; at most {MAX_KEPT} are: drop FAR {far:g} or evaluate fewer images")
     qn, gn = F.normalize(q.float(), dim=1), F.normalize(g.float(), dim=1)  # bctkit features are float32
     rows = tile_rows(n, block_rows)
-    genuine, top = _top_k(_tiles(qn, gn, lab, rows), k)
+    genuine, top = _top_k(_tiles(qn, gn, lab, rows), k, n_gen, n_imp)
     gen_sorted = torch.sort(genuine).values
     thresholds = _thresholds(top, n_imp, counts)
     tar: dict[float, float] = {}
