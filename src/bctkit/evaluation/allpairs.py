@@ -229,6 +229,9 @@ def allpairs_verification(
         raise DataError("labels contain no genuine pair (two images of one identity); TAR is undefined")
     if n_imp == 0:
         raise DataError("labels contain no impostor pair (images of two identities); FAR is undefined")
+    if 2 * n_gen * n_imp >= 1 << 63:
+        raise DataError(f"{n} images: {n_gen} x {n_imp} genuine x impostor pairs overflow the 64-bit AUC "
+                        "counts; evaluate fewer images")
     counts = {far: floor_rate_count(far, n_imp) for far in fars}
     k = max([c + 1 for c in counts.values() if 1 <= c < n_imp], default=0)
     if k > MAX_KEPT:
