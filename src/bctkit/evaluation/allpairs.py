@@ -30,7 +30,6 @@ are 1 ulp apart at a threshold; so no block is smaller (the last one absorbs the
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from bctkit.errors import DataError
-from bctkit.evaluation.verification import check_rate, floor_rate_count
+from bctkit.evaluation.verification import check_rate, floor_rate_count, thresholds_from_top
 
 TILE = 1 << 20  # scores per chunk (4 MiB of float32)
 MIN_ROWS = 256  # rows per matrix product at least (see the module docstring)
@@ -97,22 +96,6 @@ def _tiles(qn: torch.Tensor, gn: torch.Tensor, labels: torch.Tensor, rows: int
             upper = torch.arange(c0, c1)[None, :] > torch.arange(r0, r1)[:, None]
             same = labels[r0:r1, None] == labels[None, c0:c1]
             yield sc[upper & same], sc[upper & ~same]
-
-
-def _thresholds(top: torch.Tensor, n_imp: int, counts: dict[float, int]) -> dict[float, float]:
-    """Exact-rule threshold per FAR from the largest impostor scores (descending), as
-    verification.exact_thresholds: NaN with a warning where f N_imp < 1, -inf where k >= N_imp."""
-    out: dict[float, float] = {}
-    for far, k in counts.items():
-        if k < 1:
-            warnings.warn(f"FAR {far:g} is not measurable with {n_imp} impostor scores (f*N_imp < 1): NaN",
-                          stacklevel=3)
-            out[far] = math.nan
-        elif k >= n_imp:
-            out[far] = -math.inf
-        else:
-            out[far] = float(top[k])
-    return out
 
 
 def _top_k(tiles: Iterator[tuple[torch.Tensor, torch.Tensor]], k: int, n_gen: int, n_imp: int
@@ -242,7 +225,7 @@ def allpairs_verification(
     rows = tile_rows(n, block_rows)
     genuine, top = _top_k(_tiles(qn, gn, lab, rows), k, n_gen, n_imp)
     gen_sorted = torch.sort(genuine).values
-    thresholds = _thresholds(top, n_imp, counts)
+    thresholds = thresholds_from_top(top, n_imp, counts)
     tar: dict[float, float] = {}
     for far, t in thresholds.items():
         if math.isnan(t):

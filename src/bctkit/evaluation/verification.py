@@ -129,18 +129,25 @@ def exact_thresholds(impostor: np.ndarray, fars: Sequence[float]) -> dict[float,
         kmax = max(needed)
         # Largest kmax + 1 impostors, in descending order: tail[k] is the (k+1)-th largest.
         tail = np.sort(np.partition(imp, n - 1 - kmax)[n - 1 - kmax :])[::-1]
+    return thresholds_from_top(tail, n, ks, stacklevel=4)
+
+
+def thresholds_from_top(top: Sequence[float] | np.ndarray, n_imp: int, counts: dict[float, int],
+                        stacklevel: int = 3) -> dict[float, float]:
+    """The exact rule's threshold per FAR from the largest impostor scores in descending order
+    (``top[k]`` is the (k+1)-th largest; it must reach past every count below ``n_imp``) and
+    ``counts`` {far: floor(f N_imp)}: NaN with a warning where the count is 0, -inf where it is
+    ``n_imp`` or more (accept everything)."""
     out: dict[float, float] = {}
-    for far, k in ks.items():
+    for far, k in counts.items():
         if k < 1:
-            warnings.warn(
-                f"FAR {far:g} is not measurable with {n} impostor scores (f*N_imp < 1): NaN",
-                stacklevel=3,
-            )
+            warnings.warn(f"FAR {far:g} is not measurable with {n_imp} impostor scores (f*N_imp < 1): NaN",
+                          stacklevel=stacklevel)
             out[far] = math.nan
-        elif k >= n:
+        elif k >= n_imp:
             out[far] = -math.inf
         else:
-            out[far] = float(tail[k])
+            out[far] = float(top[k])
     return out
 
 
