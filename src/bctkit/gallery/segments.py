@@ -28,8 +28,9 @@ import numpy as np
 
 from bctkit.errors import FileFormatError
 from bctkit.gallery.checks import GalleryError, few
+from bctkit.gallery.idmap import Hashed, IdMap, hash_ids
 
-CHUNK_BYTES = 1 << 21
+CHUNK_BYTES = 1 << 20
 """At most this many bytes of vectors per segment row (at least one item)."""
 
 INSERT = ("INSERT INTO segments (vid, n, first_key, keys, ids, id_offsets, meta, vec) "
@@ -67,8 +68,8 @@ def encode_keys(keys: np.ndarray) -> tuple[int, bytes | None]:
 
 
 class View:
-    """One open store's in-memory index of its segments: id -> key, and per key its id, its live
-    segment and row, its version and its add segment and row (where its metadata is).
+    """One open store's in-memory index of its segments: id -> key (:class:`IdMap`), and per key
+    its id, its live segment and row, its version and its add segment and row (its metadata's place).
 
     Keys are dense (0, 1, 2, ...: an add takes the next ones in the same transaction that records
     them), so per-key data are arrays indexed by key; a dead key has version -1. ``commit`` is the
@@ -78,7 +79,7 @@ class View:
     def __init__(self) -> None:
         self.commit = -1
         self.last_seg = 0
-        self.id_key: dict[str, int] = {}
+        self.idmap = IdMap()
         self.key_id: list[str] = []
         self.seg = np.zeros(0, np.int64)
         self.row = np.zeros(0, np.int64)
@@ -94,18 +95,30 @@ class View:
         commit = int(conn.execute("SELECT value FROM meta WHERE key='commit'").fetchone()[0])
         if commit == self.commit:
             return
-        dims = dict(conn.execute("SELECT vid, dim FROM versions"))
-        cur = conn.execute("SELECT seg, vid, n, first_key, keys, ids, id_offsets, length(vec) FROM segments "
-                           "WHERE seg > ? ORDER BY seg", (self.last_seg,))
-        for seg, vid, n, first, kb, ib, ob, vlen in cur:
-            self._check(db, seg, vid, n, first, kb, ib, ob, vlen, dims)
-            keys = (np.arange(first, first + n, dtype=np.int64) if kb is None
-                    else np.frombuffer(kb, dtype="<i8").astype(np.int64))
-            try:
-                ids = None if ib is None else decode_ids(ib, ob)
-            except UnicodeDecodeError:
-                raise FileFormatError(f"{db}: corrupt gallery store (segment {seg}: ids not UTF-8)") from None
-            self.apply(seg, vid, keys, ids, db)
+        try:
+            dims = dict(conn.execute("SELECT vid, dim FROM versions"))
+            cur = conn.execute("SELECT seg, vid, n, first_key, keys, ids, id_offsets, length(vec) "
+                               "FROM segments WHERE seg > ? ORDER BY seg", (self.last_seg,))
+            new_ids: list[str] = []
+            new_keys: list[np.ndarray] = []
+            for seg, vid, n, first, kb, ib, ob, vlen in cur:
+                self._check(db, seg, vid, n, first, kb, ib, ob, vlen, dims)
+                keys = (np.arange(first, first + n, dtype=np.int64) if kb is None
+                        else np.frombuffer(kb, dtype="<i8").astype(np.int64))
+                try:
+                    ids = None if ib is None else decode_ids(ib, ob)
+                except UnicodeDecodeError:
+                    msg = f"{db}: corrupt gallery store (segment {seg}: ids not UTF-8)"
+                    raise FileFormatError(msg) from None
+                self.apply(seg, vid, keys, ids, db)
+                if ids is not None:
+                    new_ids += ids
+                    new_keys.append(keys)
+            if new_ids:
+                self.idmap.add(hash_ids(new_ids), np.concatenate(new_keys))
+        except BaseException:
+            self.__init__()  # type: ignore[misc]  # half read: start again from nothing next time
+            raise
         self.commit = commit
 
     @staticmethod
@@ -134,7 +147,9 @@ class View:
             raise FileFormatError(f"{db}: corrupt gallery store (segment {seg}: {bad})")
 
     def apply(self, seg: int, vid: int | None, keys: np.ndarray, ids: list[str] | None, db: Any) -> None:
-        """Take one segment (this process's own after its commit, or one read from the file)."""
+        """Take one segment (this process's own after its commit, or one read from the file); the
+        ids of an add segment are then recorded in :attr:`idmap` by the caller, for many segments
+        at once."""
         self.last_seg = max(self.last_seg, seg)
         rows = np.arange(len(keys), dtype=np.int64)
         if ids is not None:  # an add: new keys, next in line
@@ -143,7 +158,6 @@ class View:
                 raise FileFormatError(f"{db}: corrupt gallery store (segment {seg}: keys out of order)")
             self._grow(len(self.key_id) + len(keys))
             self.key_id.extend(ids)
-            self.id_key.update(zip(ids, range(int(keys[0]), int(keys[0]) + len(keys)), strict=True))
             self.home[keys, 0], self.home[keys, 1] = seg, rows
             old = None
         else:
@@ -155,8 +169,6 @@ class View:
             for u, c in zip(*np.unique(old, return_counts=True), strict=True):
                 self.counts[int(u)] -= int(c)
         if vid is None:  # a tombstone
-            for k in keys.tolist():
-                del self.id_key[self.key_id[k]]
             self.vid[keys], self.seg[keys] = -1, -1
             return
         self.seg[keys], self.row[keys], self.vid[keys] = seg, rows, vid
@@ -176,15 +188,25 @@ class View:
 
     # ---- lookups ----------------------------------------------------------------------------------
 
-    def keys_of(self, ids: Sequence[str], what: str) -> np.ndarray:
+    def lookup(self, ids: Sequence[str], hashed: Hashed) -> np.ndarray:
+        """The live key of each of ``ids`` (``hashed``: their hashes), -1 for an id no live item has."""
+        out = np.full(len(ids), -1, np.int64)
+        pos, cand = self.idmap.candidates(hashed)
+        alive = self.vid[cand] >= 0
+        pos, cand = pos[alive], cand[alive]
+        key_id = self.key_id
+        same = np.fromiter((key_id[k] == ids[p] for p, k in zip(pos.tolist(), cand.tolist(), strict=True)),
+                           dtype=bool, count=len(pos))
+        out[pos[same]] = cand[same]
+        return out
+
+    def keys_of(self, ids: Sequence[str], what: str, hashed: Hashed | None = None) -> np.ndarray:
         """Keys of ``ids``; unknown ids are named."""
-        get = self.id_key.get
-        keys = [get(i, -1) for i in ids]
-        arr = np.array(keys, dtype=np.int64)
-        if (arr < 0).any():
-            missing = [i for i, k in zip(ids, keys, strict=True) if k < 0]
+        keys = self.lookup(ids, hash_ids(ids) if hashed is None else hashed)
+        if (keys < 0).any():
+            missing = [i for i, k in zip(ids, keys.tolist(), strict=True) if k < 0]
             raise GalleryError(f"{what}: {len(missing)} unknown id(s): {few(missing)}")
-        return arr
+        return keys
 
     def ids_of(self, keys: np.ndarray) -> list[str]:
         """Ids of live ``keys``."""

@@ -55,6 +55,7 @@ from bctkit.gallery.checks import (
     read_versions,
     to_json,
 )
+from bctkit.gallery.idmap import Hashed
 from bctkit.gallery.indexes import IndexSet, factory_is_valid
 from bctkit.gallery.schema import (
     DB_NAME,
@@ -88,6 +89,7 @@ class GalleryStore:
         self._indexes = IndexSet(factory, path / "indexes")
         self._view = view
         self._pending: list[tuple[int, int | None, np.ndarray, list[str] | None]] = []
+        self._pending_ids: tuple[Hashed, np.ndarray] | None = None
 
     # ---- opening ---------------------------------------------------------------------------------
 
@@ -208,7 +210,7 @@ class GalleryStore:
         ``_pending`` join it after the commit. After the commit the in-memory indexes either follow
         (see :meth:`_synced`) or are dropped."""
         conn = self._c
-        self._pending = []
+        self._pending, self._pending_ids = [], None
         with self._sql():
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -219,19 +221,21 @@ class GalleryStore:
                 conn.execute("UPDATE meta SET value=? WHERE key='commit'", (str(before + 1),))
                 conn.execute("COMMIT")
             except BaseException:
-                self._pending = []
+                self._pending, self._pending_ids = [], None
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
         try:
             for seg, vid, keys, ids in self._pending:
                 self._view.apply(seg, vid, keys, ids, self._db)
+            if self._pending_ids is not None:
+                self._view.idmap.add(*self._pending_ids)
             self._view.commit = before + 1
         except BaseException:
             self._view = View()  # rebuilt from the file by the next call
             raise
         finally:
-            self._pending = []
+            self._pending, self._pending_ids = [], None
         self._indexes.commit = before + 1 if in_sync else -1
         if not in_sync:
             self._indexes.clear()
@@ -319,9 +323,10 @@ class GalleryStore:
                                         vec[a:b].data if vec is not None else None))
             self._pending.append((int(cur.lastrowid), vid, keys[a:b], ids[a:b] if ids is not None else None))
 
-    def _take(self, conn: sqlite3.Connection, ids: list[str], what: str) -> tuple[np.ndarray, np.ndarray]:
+    def _take(self, conn: sqlite3.Connection, ids: list[str], hashed: Hashed, what: str
+              ) -> tuple[np.ndarray, np.ndarray]:
         """(keys, version ids) of ``ids``, already taken off their versions' counts."""
-        keys = self._view.keys_of(ids, what)
+        keys = self._view.keys_of(ids, what, hashed)
         vids = self._view.vid[keys]
         old = np.unique(vids, return_counts=True)
         conn.executemany("UPDATE versions SET count = count - ? WHERE vid=?",
@@ -332,7 +337,7 @@ class GalleryStore:
             metadata: Sequence[dict] | None = None) -> None:
         """Add new items embedded by ``version`` (float32 [n, its dim]) in one atomic commit; an id
         already in the store is refused (the first few are named)."""
-        ids = check_ids(ids, "add")
+        ids, hashed = check_ids(ids, "add")
         with self._read() as conn:
             v = find_version(conn, version, "add")
         vec = check_vectors(vectors, len(ids), v, "add")
@@ -347,26 +352,28 @@ class GalleryStore:
         if not ids:
             return
         with self._write() as conn:
-            if not self._view.id_key.keys().isdisjoint(ids):
-                taken = [i for i in ids if i in self._view.id_key]
+            found = self._view.lookup(ids, hashed) >= 0
+            if found.any():
+                taken = [i for i, f in zip(ids, found.tolist(), strict=True) if f]
                 raise GalleryError(f"add: id(s) already in the store: {few(taken)}")
             first = int(conn.execute("SELECT value FROM meta WHERE key='next_key'").fetchone()[0])
             keys = np.arange(first, first + len(ids), dtype=np.int64)
             self._segments(conn, v.vid, keys, vec, ids, metas)
+            self._pending_ids = (hashed, keys)
             conn.execute("UPDATE meta SET value=? WHERE key='next_key'", (str(first + len(ids)),))
             conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
         self._synced(lambda: self._indexes.add(v.vid, keys, vec))
 
     def replace(self, ids: Sequence[str], vectors: np.ndarray, version: str) -> None:
         """Re-embed existing items with ``version`` in one atomic commit; keys and metadata are kept."""
-        ids = check_ids(ids, "replace")
+        ids, hashed = check_ids(ids, "replace")
         with self._read() as conn:
             v = find_version(conn, version, "replace")
         vec = check_vectors(vectors, len(ids), v, "replace")
         if not ids:
             return
         with self._write() as conn:
-            keys, vids = self._take(conn, ids, "replace")
+            keys, vids = self._take(conn, ids, hashed, "replace")
             self._segments(conn, v.vid, keys, vec)
             conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
 
@@ -379,11 +386,11 @@ class GalleryStore:
 
     def delete(self, ids: Sequence[str]) -> None:
         """Remove items (all must exist) in one atomic commit (a tombstone segment)."""
-        ids = check_ids(ids, "delete")
+        ids, hashed = check_ids(ids, "delete")
         if not ids:
             return
         with self._write() as conn:
-            keys, vids = self._take(conn, ids, "delete")
+            keys, vids = self._take(conn, ids, hashed, "delete")
             self._segments(conn, None, keys, None)
 
         def update() -> None:
