@@ -60,11 +60,15 @@ def check_ids(ids: Sequence[str], what: str) -> tuple[list[str], Hashed]:
     if isinstance(ids, str | bytes):
         raise GalleryError(f"{what}: ids must be a sequence of strings, got a single {type(ids).__name__}")
     out = list(ids)
-    if set(map(type, out)) - {str} or "" in out:  # the loop below only when the fast test fails
+    try:  # fast test: str.__len__ refuses anything but a string
+        lengths = np.fromiter(map(str.__len__, out), dtype=np.int64, count=len(out))
+        ok = not len(out) or int(lengths.min()) > 0
+    except TypeError:
+        ok = False
+    if not ok:
         bad = [i for i in out if not isinstance(i, str) or not i]
-        if bad:
-            raise GalleryError(f"{what}: ids must be non-empty strings, got {few(bad)}")
-    hashed = hash_ids(out)
+        raise GalleryError(f"{what}: ids must be non-empty strings, got {few(bad)}")
+    hashed = hash_ids(out, lengths)
     hs = hashed.values[hashed.order]
     if (hs[1:] == hs[:-1]).any() and len(set(out)) != len(out):  # equal hashes: maybe equal ids
         seen: set[str] = set()

@@ -18,17 +18,21 @@ import numpy as np
 
 
 class Hashed(NamedTuple):
-    """int64 hashes of a list of ids (this process's ``hash``; never stored) and the order that
-    sorts them, computed once per call and shared by its checks and lookups."""
+    """int64 hashes of a list of ids (this process's ``hash``; never stored), the order that sorts
+    them and the ids' lengths in characters, computed once per call and shared by its checks,
+    lookups and writes."""
 
     values: np.ndarray
     order: np.ndarray
+    lengths: np.ndarray
 
 
-def hash_ids(ids: Sequence[str]) -> Hashed:
-    """The :class:`Hashed` of ``ids``."""
+def hash_ids(ids: Sequence[str], lengths: np.ndarray | None = None) -> Hashed:
+    """The :class:`Hashed` of ``ids`` (``lengths``: their lengths, when known)."""
     h = np.fromiter(map(hash, ids), dtype=np.int64, count=len(ids))
-    return Hashed(h, np.argsort(h))
+    if lengths is None:
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    return Hashed(h, np.argsort(h), lengths)
 
 
 class IdMap:

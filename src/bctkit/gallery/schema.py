@@ -46,8 +46,10 @@ def truncated(conn: sqlite3.Connection, db: Path) -> bool:
 
 
 def connect(db: Path, mode: str) -> sqlite3.Connection:
-    """A connection to ``db`` (URI ``mode``: rw or rwc) with durable commits."""
-    conn = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, isolation_level=None, timeout=60.0)
+    """A connection to ``db`` (URI ``mode``: rw or rwc) with durable commits. It may run a commit
+    on a helper thread (the store checks itself that only its opener's thread calls it)."""
+    conn = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, isolation_level=None, timeout=60.0,
+                           check_same_thread=False)
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA cache_size=-262144")
     conn.execute("PRAGMA temp_store=MEMORY")

@@ -30,11 +30,13 @@ from bctkit.errors import FileFormatError
 from bctkit.gallery.checks import GalleryError, few
 from bctkit.gallery.idmap import Hashed, IdMap, hash_ids
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 22
 """At most this many bytes of vectors per segment row (at least one item)."""
 
 INSERT = ("INSERT INTO segments (vid, n, first_key, keys, ids, id_offsets, meta, vec) "
-          "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+          "VALUES (?, ?, ?, ?, ?, ?, ?, zeroblob(?))")
+"""A segment with room for its vectors (written next through incremental blob I/O)."""
+INSERT_TOMBSTONE = "INSERT INTO segments (vid, n, first_key, keys) VALUES (NULL, ?, ?, ?)"
 
 
 def chunks(n: int, dim: int) -> list[tuple[int, int]]:
@@ -43,20 +45,19 @@ def chunks(n: int, dim: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + step)) for s in range(0, n, step)]
 
 
-def encode_ids(ids: Sequence[str], what: str) -> tuple[bytes, bytes]:
-    """(UTF-8 bytes of ``ids`` concatenated, n + 1 int64 byte offsets)."""
+def encode_ids(ids: Sequence[str], lengths: np.ndarray, what: str) -> tuple[bytes, np.ndarray]:
+    """(UTF-8 bytes of ``ids`` concatenated, n + 1 int64 byte offsets); ``lengths``: their lengths
+    in characters."""
     joined = "".join(ids)
     try:
         data = joined.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise GalleryError(f"{what}: ids must be valid Unicode text ({exc.reason})") from None
-    if len(data) == len(joined):  # ASCII: characters are bytes
-        lens = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    else:
-        lens = np.fromiter((len(i.encode("utf-8")) for i in ids), dtype=np.int64, count=len(ids))
+    if len(data) != len(joined):  # not ASCII: byte lengths differ from character lengths
+        lengths = np.fromiter((len(i.encode("utf-8")) for i in ids), dtype=np.int64, count=len(ids))
     offsets = np.zeros(len(ids) + 1, dtype="<i8")
-    np.cumsum(lens, out=offsets[1:])
-    return data, offsets.tobytes()
+    np.cumsum(lengths, out=offsets[1:])
+    return data, offsets
 
 
 def encode_keys(keys: np.ndarray) -> tuple[int, bytes | None]:
@@ -151,28 +152,30 @@ class View:
         ids of an add segment are then recorded in :attr:`idmap` by the caller, for many segments
         at once."""
         self.last_seg = max(self.last_seg, seg)
-        rows = np.arange(len(keys), dtype=np.int64)
+        n = len(keys)
+        rows = np.arange(n, dtype=np.int64)
         if ids is not None:  # an add: new keys, next in line
-            if vid is None or len(ids) != len(keys) or int(keys[0]) != len(self.key_id) or (
-                    int(keys[-1]) != len(self.key_id) + len(keys) - 1):
+            k0 = len(self.key_id)
+            if vid is None or len(ids) != n or not np.array_equal(keys, np.arange(k0, k0 + n)):
                 raise FileFormatError(f"{db}: corrupt gallery store (segment {seg}: keys out of order)")
-            self._grow(len(self.key_id) + len(keys))
+            self._grow(k0 + n)
             self.key_id.extend(ids)
-            self.home[keys, 0], self.home[keys, 1] = seg, rows
-            old = None
+            where: slice | np.ndarray = slice(k0, k0 + n)
+            self.home[where, 0], self.home[where, 1] = seg, rows
         else:
-            if len(keys) and (int(keys.min()) < 0 or int(keys.max()) >= len(self.key_id)):
+            if n and (int(keys.min()) < 0 or int(keys.max()) >= len(self.key_id)):
                 raise FileFormatError(f"{db}: corrupt gallery store (segment {seg}: unknown keys)")
             old = self.vid[keys]
             if (old < 0).any():
                 raise FileFormatError(f"{db}: corrupt gallery store (segment {seg}: a deleted key)")
             for u, c in zip(*np.unique(old, return_counts=True), strict=True):
                 self.counts[int(u)] -= int(c)
+            where = keys
         if vid is None:  # a tombstone
-            self.vid[keys], self.seg[keys] = -1, -1
+            self.vid[where], self.seg[where] = -1, -1
             return
-        self.seg[keys], self.row[keys], self.vid[keys] = seg, rows, vid
-        self.counts[vid] = self.counts.get(vid, 0) + len(keys)
+        self.seg[where], self.row[where], self.vid[where] = seg, rows, vid
+        self.counts[vid] = self.counts.get(vid, 0) + n
 
     def _grow(self, size: int) -> None:
         if size <= len(self.seg):

@@ -35,6 +35,7 @@ import json
 import os
 import secrets
 import sqlite3
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,7 +68,7 @@ from bctkit.gallery.schema import (
     connect,
 )
 from bctkit.gallery.search import SearchResult, search_items
-from bctkit.gallery.segments import INSERT, View, chunks, encode_ids, encode_keys
+from bctkit.gallery.segments import INSERT, INSERT_TOMBSTONE, View, chunks, encode_ids, encode_keys
 from bctkit.storage import _fsync_dir
 
 __all__ = ["CERTIFICATE_FORMAT", "FORMAT_VERSION", "GalleryError", "GalleryStore", "SearchResult"]
@@ -88,6 +89,7 @@ class GalleryStore:
         self._conn: sqlite3.Connection | None = conn
         self._indexes = IndexSet(factory, path / "indexes")
         self._view = view
+        self._thread = threading.get_ident()
         self._pending: list[tuple[int, int | None, np.ndarray, list[str] | None]] = []
         self._pending_ids: tuple[Hashed, np.ndarray] | None = None
 
@@ -173,6 +175,9 @@ class GalleryStore:
     def _c(self) -> sqlite3.Connection:
         if self._conn is None:
             raise GalleryError(f"{self.path}: the store is closed")
+        if threading.get_ident() != self._thread:
+            raise GalleryError(f"{self._db}: this store object belongs to the thread that opened it; "
+                               "open the store again in this thread")
         return self._conn
 
     @contextmanager
@@ -219,26 +224,45 @@ class GalleryStore:
                 in_sync = before == self._indexes.commit
                 yield conn
                 conn.execute("UPDATE meta SET value=? WHERE key='commit'", (str(before + 1),))
-                conn.execute("COMMIT")
+                self._commit(conn, before + 1)
             except BaseException:
                 self._pending, self._pending_ids = [], None
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+        self._indexes.commit = before + 1 if in_sync else -1
+        if not in_sync:
+            self._indexes.clear()
+
+    def _commit(self, conn: sqlite3.Connection, commit: int) -> None:
+        """COMMIT on a helper thread while this one applies the pending segments to the view (the
+        commit mostly waits for the disk); if the commit fails the view is dropped (rebuilt from
+        the file by the next call) and its error raised."""
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                failed.append(exc)
+
+        helper = threading.Thread(target=run, name="gallery-commit")
+        helper.start()
         try:
             for seg, vid, keys, ids in self._pending:
                 self._view.apply(seg, vid, keys, ids, self._db)
             if self._pending_ids is not None:
                 self._view.idmap.add(*self._pending_ids)
-            self._view.commit = before + 1
+            self._view.commit = commit
         except BaseException:
-            self._view = View()  # rebuilt from the file by the next call
+            self._view = View()
             raise
         finally:
+            helper.join()
             self._pending, self._pending_ids = [], None
-        self._indexes.commit = before + 1 if in_sync else -1
-        if not in_sync:
-            self._indexes.clear()
+        if failed:
+            self._view = View()
+            raise failed[0]
 
     def _synced(self, update: Any) -> None:
         """Apply an in-memory index update after a commit; on any failure drop the indexes instead."""
@@ -312,15 +336,26 @@ class GalleryStore:
     # ---- items ------------------------------------------------------------------------------------
 
     def _segments(self, conn: sqlite3.Connection, vid: int | None, keys: np.ndarray, vec: np.ndarray | None,
-                  ids: list[str] | None = None, metas: list[str] | None = None) -> None:
-        """Write one call's items as segments of at most CHUNK_BYTES of vectors each."""
+                  ids: list[str] | None = None, hashed: Hashed | None = None, metas: list[str] | None = None
+                  ) -> None:
+        """Write one call's items as segments of at most CHUNK_BYTES of vectors each (ids and
+        metadata: an add's)."""
         dim = vec.shape[1] if vec is not None else 0
+        if ids is not None and hashed is not None:
+            data, offsets = encode_ids(ids, hashed.lengths, "add")
         for a, b in chunks(len(keys), dim) if vec is not None else [(0, len(keys))]:
             first, kb = encode_keys(keys[a:b])
-            id_blob, offsets = encode_ids(ids[a:b], "add") if ids is not None else (None, None)
+            id_blob = off = None
+            if ids is not None:
+                id_blob = data[offsets[a] : offsets[b]]
+                off = (offsets[a : b + 1] - offsets[a]).tobytes()
             meta = "[" + ",".join(metas[a:b]) + "]" if metas is not None else None
-            cur = conn.execute(INSERT, (vid, b - a, first, kb, id_blob, offsets, meta,
-                                        vec[a:b].data if vec is not None else None))
+            if vec is None:
+                cur = conn.execute(INSERT_TOMBSTONE, (b - a, first, kb))
+            else:  # the vectors written in place: one copy fewer than binding them
+                cur = conn.execute(INSERT, (vid, b - a, first, kb, id_blob, off, meta, vec[a:b].nbytes))
+                with conn.blobopen("segments", "vec", cur.lastrowid) as blob:
+                    blob.write(vec[a:b].data)
             self._pending.append((int(cur.lastrowid), vid, keys[a:b], ids[a:b] if ids is not None else None))
 
     def _take(self, conn: sqlite3.Connection, ids: list[str], hashed: Hashed, what: str
@@ -358,7 +393,7 @@ class GalleryStore:
                 raise GalleryError(f"add: id(s) already in the store: {few(taken)}")
             first = int(conn.execute("SELECT value FROM meta WHERE key='next_key'").fetchone()[0])
             keys = np.arange(first, first + len(ids), dtype=np.int64)
-            self._segments(conn, v.vid, keys, vec, ids, metas)
+            self._segments(conn, v.vid, keys, vec, ids, hashed, metas)
             self._pending_ids = (hashed, keys)
             conn.execute("UPDATE meta SET value=? WHERE key='next_key'", (str(first + len(ids)),))
             conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
