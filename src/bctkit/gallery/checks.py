@@ -55,8 +55,8 @@ def few(items: Sequence[Any], n: int = 3) -> str:
     return head + (f" (and {len(items) - n} more)" if len(items) > n else "")
 
 
-def check_ids(ids: Sequence[str], what: str) -> tuple[list[str], Hashed]:
-    """``ids`` as a list of non-empty strings without duplicates, and their hashes."""
+def id_list(ids: Sequence[str], what: str) -> tuple[list[str], np.ndarray]:
+    """``ids`` as a list of non-empty strings, and their lengths in characters."""
     if isinstance(ids, str | bytes):
         raise GalleryError(f"{what}: ids must be a sequence of strings, got a single {type(ids).__name__}")
     out = list(ids)
@@ -68,12 +68,23 @@ def check_ids(ids: Sequence[str], what: str) -> tuple[list[str], Hashed]:
     if not ok:
         bad = [i for i in out if not isinstance(i, str) or not i]
         raise GalleryError(f"{what}: ids must be non-empty strings, got {few(bad)}")
-    hashed = hash_ids(out, lengths)
+    return out, lengths
+
+
+def check_unique(ids: list[str], hashed: Hashed, what: str) -> None:
+    """Refuse ``ids`` (hashed: their :class:`Hashed`) when one appears twice."""
     hs = hashed.values[hashed.order]
-    if (hs[1:] == hs[:-1]).any() and len(set(out)) != len(out):  # equal hashes: maybe equal ids
+    if (hs[1:] == hs[:-1]).any() and len(set(ids)) != len(ids):  # equal hashes: maybe equal ids
         seen: set[str] = set()
-        dup = [i for i in out if i in seen or seen.add(i)]
+        dup = [i for i in ids if i in seen or seen.add(i)]
         raise GalleryError(f"{what}: duplicate ids within one call: {few(list(dict.fromkeys(dup)))}")
+
+
+def check_ids(ids: Sequence[str], what: str) -> tuple[list[str], Hashed]:
+    """``ids`` as a list of non-empty strings without duplicates, and their hashes."""
+    out, lengths = id_list(ids, what)
+    hashed = hash_ids(out, lengths)
+    check_unique(out, hashed, what)
     return out, hashed
 
 

@@ -74,6 +74,25 @@ from bctkit.storage import _fsync_dir
 __all__ = ["CERTIFICATE_FORMAT", "FORMAT_VERSION", "GalleryError", "GalleryStore", "SearchResult"]
 
 
+class _Helper:
+    """A function run on a helper thread; :meth:`join` waits for it and returns its exception."""
+
+    def __init__(self, fn: Any) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="gallery-helper")
+        self._thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            fn()
+        except BaseException as exc:
+            self._error = exc
+
+    def join(self) -> BaseException | None:
+        self._thread.join()
+        return self._error
+
+
 class GalleryStore:
     """A directory holding one gallery: ids, metadata and vectors of any number of model versions.
 
@@ -238,16 +257,7 @@ class GalleryStore:
         """COMMIT on a helper thread while this one applies the pending segments to the view (the
         commit mostly waits for the disk); if the commit fails the view is dropped (rebuilt from
         the file by the next call) and its error raised."""
-        failed: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                conn.execute("COMMIT")
-            except BaseException as exc:
-                failed.append(exc)
-
-        helper = threading.Thread(target=run, name="gallery-commit")
-        helper.start()
+        helper = _Helper(lambda: conn.execute("COMMIT"))
         try:
             for seg, vid, keys, ids in self._pending:
                 self._view.apply(seg, vid, keys, ids, self._db)
@@ -258,11 +268,11 @@ class GalleryStore:
             self._view = View()
             raise
         finally:
-            helper.join()
+            failed = helper.join()
             self._pending, self._pending_ids = [], None
-        if failed:
+        if failed is not None:
             self._view = View()
-            raise failed[0]
+            raise failed
 
     def _synced(self, update: Any) -> None:
         """Apply an in-memory index update after a commit; on any failure drop the indexes instead."""
@@ -336,13 +346,13 @@ class GalleryStore:
     # ---- items ------------------------------------------------------------------------------------
 
     def _segments(self, conn: sqlite3.Connection, vid: int | None, keys: np.ndarray, vec: np.ndarray | None,
-                  ids: list[str] | None = None, hashed: Hashed | None = None, metas: list[str] | None = None
-                  ) -> None:
-        """Write one call's items as segments of at most CHUNK_BYTES of vectors each (ids and
-        metadata: an add's)."""
+                  ids: list[str] | None = None, lengths: np.ndarray | None = None,
+                  metas: list[str] | None = None) -> None:
+        """Write one call's items as segments of at most CHUNK_BYTES of vectors each (ids, their
+        lengths and metadata: an add's)."""
         dim = vec.shape[1] if vec is not None else 0
-        if ids is not None and hashed is not None:
-            data, offsets = encode_ids(ids, hashed.lengths, "add")
+        if ids is not None and lengths is not None:
+            data, offsets = encode_ids(ids, lengths, "add")
         for a, b in chunks(len(keys), dim) if vec is not None else [(0, len(keys))]:
             first, kb = encode_keys(keys[a:b])
             id_blob = off = None
@@ -393,7 +403,7 @@ class GalleryStore:
                 raise GalleryError(f"add: id(s) already in the store: {few(taken)}")
             first = int(conn.execute("SELECT value FROM meta WHERE key='next_key'").fetchone()[0])
             keys = np.arange(first, first + len(ids), dtype=np.int64)
-            self._segments(conn, v.vid, keys, vec, ids, hashed, metas)
+            self._segments(conn, v.vid, keys, vec, ids, hashed.lengths, metas)
             self._pending_ids = (hashed, keys)
             conn.execute("UPDATE meta SET value=? WHERE key='next_key'", (str(first + len(ids)),))
             conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
