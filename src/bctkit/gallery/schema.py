@@ -51,7 +51,7 @@ def connect(db: Path, mode: str) -> sqlite3.Connection:
     conn = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, isolation_level=None, timeout=60.0,
                            check_same_thread=False)
     conn.execute("PRAGMA synchronous=FULL")
-    conn.execute("PRAGMA cache_size=-262144")
+    conn.execute("PRAGMA cache_size=-8192")
     conn.execute("PRAGMA temp_store=MEMORY")
     return conn
 

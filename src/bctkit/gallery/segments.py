@@ -30,7 +30,7 @@ from bctkit.errors import FileFormatError
 from bctkit.gallery.checks import GalleryError, few
 from bctkit.gallery.idmap import Hashed, IdMap, hash_ids
 
-CHUNK_BYTES = 1 << 22
+CHUNK_BYTES = 1 << 20
 """At most this many bytes of vectors per segment row (at least one item)."""
 
 INSERT = ("INSERT INTO segments (vid, n, first_key, keys, ids, id_offsets, meta, vec) "
