@@ -39,10 +39,40 @@ INSERT = ("INSERT INTO segments (vid, n, first_key, keys, ids, id_offsets, meta,
 INSERT_TOMBSTONE = "INSERT INTO segments (vid, n, first_key, keys) VALUES (NULL, ?, ?, ?)"
 
 
+Pending = tuple[int, "int | None", np.ndarray, "list[str] | None"]
+"""A segment written in the open transaction: (seg, version id or None, keys, ids or None)."""
+
+
 def chunks(n: int, dim: int) -> list[tuple[int, int]]:
     """[start, end) row ranges of one call's segments."""
     step = max(1, CHUNK_BYTES // (4 * max(dim, 1)))
     return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def write_segments(conn: sqlite3.Connection, vid: int | None, keys: np.ndarray, vec: np.ndarray | None,
+                   ids: list[str] | None = None, lengths: np.ndarray | None = None,
+                   metas: list[str] | None = None) -> list[Pending]:
+    """Write one call's items as segments of at most CHUNK_BYTES of vectors each (ids, their
+    lengths in characters and metadata JSON texts: an add's; no vectors: a tombstone)."""
+    dim = vec.shape[1] if vec is not None else 0
+    if ids is not None and lengths is not None:
+        data, offsets = encode_ids(ids, lengths, "add")
+    out: list[Pending] = []
+    for a, b in chunks(len(keys), dim) if vec is not None else [(0, len(keys))]:
+        first, kb = encode_keys(keys[a:b])
+        id_blob = off = None
+        if ids is not None:
+            id_blob = data[offsets[a] : offsets[b]]
+            off = (offsets[a : b + 1] - offsets[a]).tobytes()
+        meta = "[" + ",".join(metas[a:b]) + "]" if metas is not None else None
+        if vec is None:
+            cur = conn.execute(INSERT_TOMBSTONE, (b - a, first, kb))
+        else:  # the vectors written in place: one copy fewer than binding them
+            cur = conn.execute(INSERT, (vid, b - a, first, kb, id_blob, off, meta, vec[a:b].nbytes))
+            with conn.blobopen("segments", "vec", cur.lastrowid) as blob:
+                blob.write(vec[a:b].data)
+        out.append((int(cur.lastrowid), vid, keys[a:b], ids[a:b] if ids is not None else None))
+    return out
 
 
 def encode_ids(ids: Sequence[str], lengths: np.ndarray, what: str) -> tuple[bytes, np.ndarray]:

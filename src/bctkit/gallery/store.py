@@ -36,10 +36,8 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -68,32 +66,14 @@ from bctkit.gallery.schema import (
     connect,
 )
 from bctkit.gallery.search import SearchResult, search_items
-from bctkit.gallery.segments import INSERT, INSERT_TOMBSTONE, View, chunks, encode_ids, encode_keys
+from bctkit.gallery.segments import Pending, View, write_segments
+from bctkit.gallery.transactions import Transactions
 from bctkit.storage import _fsync_dir
 
 __all__ = ["CERTIFICATE_FORMAT", "FORMAT_VERSION", "GalleryError", "GalleryStore", "SearchResult"]
 
 
-class _Helper:
-    """A function run on a helper thread; :meth:`join` waits for it and returns its exception."""
-
-    def __init__(self, fn: Any) -> None:
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name="gallery-helper")
-        self._thread.start()
-
-    def _run(self, fn: Any) -> None:
-        try:
-            fn()
-        except BaseException as exc:
-            self._error = exc
-
-    def join(self) -> BaseException | None:
-        self._thread.join()
-        return self._error
-
-
-class GalleryStore:
+class GalleryStore(Transactions):
     """A directory holding one gallery: ids, metadata and vectors of any number of model versions.
 
     Any number of processes may open one store (SQLite serialises their commits); one object belongs
@@ -109,7 +89,7 @@ class GalleryStore:
         self._indexes = IndexSet(factory, path / "indexes")
         self._view = view
         self._thread = threading.get_ident()
-        self._pending: list[tuple[int, int | None, np.ndarray, list[str] | None]] = []
+        self._pending: list[Pending] = []
         self._pending_ids: tuple[Hashed, np.ndarray] | None = None
 
     # ---- opening ---------------------------------------------------------------------------------
@@ -188,101 +168,6 @@ class GalleryStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- transactions ----------------------------------------------------------------------------
-
-    @property
-    def _c(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise GalleryError(f"{self.path}: the store is closed")
-        if threading.get_ident() != self._thread:
-            raise GalleryError(f"{self._db}: this store object belongs to the thread that opened it; "
-                               "open the store again in this thread")
-        return self._conn
-
-    @contextmanager
-    def _sql(self) -> Iterator[None]:
-        """SQLite errors as one-line errors naming the store."""
-        try:
-            yield
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise GalleryError(f"{self._db}: the store is locked by another writer ({exc})") from None
-            raise FileFormatError(f"{self._db}: {first_line(exc)}") from None
-        except sqlite3.ProgrammingError as exc:  # e.g. used from another thread than its opener's
-            raise GalleryError(f"{self._db}: {first_line(exc)}") from None
-        except sqlite3.Error as exc:
-            msg = f"{self._db}: corrupt or unreadable gallery store ({first_line(exc)})"
-            raise FileFormatError(msg) from None
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction (one consistent snapshot)."""
-        conn = self._c
-        with self._sql():
-            conn.execute("BEGIN")
-            try:
-                self._view.refresh(conn, self._db)
-                yield conn
-            finally:
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write transaction that bumps the commit counter; rolled back on any error.
-        The view is brought up to date under the write lock first; the segments the body lists in
-        ``_pending`` join it after the commit. After the commit the in-memory indexes either follow
-        (see :meth:`_synced`) or are dropped."""
-        conn = self._c
-        self._pending, self._pending_ids = [], None
-        with self._sql():
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                self._view.refresh(conn, self._db)
-                before = int(conn.execute("SELECT value FROM meta WHERE key='commit'").fetchone()[0])
-                in_sync = before == self._indexes.commit
-                yield conn
-                conn.execute("UPDATE meta SET value=? WHERE key='commit'", (str(before + 1),))
-                self._commit(conn, before + 1)
-            except BaseException:
-                self._pending, self._pending_ids = [], None
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        self._indexes.commit = before + 1 if in_sync else -1
-        if not in_sync:
-            self._indexes.clear()
-
-    def _commit(self, conn: sqlite3.Connection, commit: int) -> None:
-        """COMMIT on a helper thread while this one applies the pending segments to the view (the
-        commit mostly waits for the disk); if the commit fails the view is dropped (rebuilt from
-        the file by the next call) and its error raised."""
-        helper = _Helper(lambda: conn.execute("COMMIT"))
-        try:
-            for seg, vid, keys, ids in self._pending:
-                self._view.apply(seg, vid, keys, ids, self._db)
-            if self._pending_ids is not None:
-                self._view.idmap.add(*self._pending_ids)
-            self._view.commit = commit
-        except BaseException:
-            self._view = View()
-            raise
-        finally:
-            failed = helper.join()
-            self._pending, self._pending_ids = [], None
-        if failed is not None:
-            self._view = View()
-            raise failed
-
-    def _synced(self, update: Any) -> None:
-        """Apply an in-memory index update after a commit; on any failure drop the indexes instead."""
-        if self._indexes.commit < 0:
-            return
-        try:
-            update()
-        except Exception:
-            self._indexes.clear()
-
     # ---- versions and certificates ---------------------------------------------------------------
 
     def add_version(self, fingerprint: str, dim: int, name: str | None = None, layout: dict | None = None
@@ -345,29 +230,6 @@ class GalleryStore:
 
     # ---- items ------------------------------------------------------------------------------------
 
-    def _segments(self, conn: sqlite3.Connection, vid: int | None, keys: np.ndarray, vec: np.ndarray | None,
-                  ids: list[str] | None = None, lengths: np.ndarray | None = None,
-                  metas: list[str] | None = None) -> None:
-        """Write one call's items as segments of at most CHUNK_BYTES of vectors each (ids, their
-        lengths and metadata: an add's)."""
-        dim = vec.shape[1] if vec is not None else 0
-        if ids is not None and lengths is not None:
-            data, offsets = encode_ids(ids, lengths, "add")
-        for a, b in chunks(len(keys), dim) if vec is not None else [(0, len(keys))]:
-            first, kb = encode_keys(keys[a:b])
-            id_blob = off = None
-            if ids is not None:
-                id_blob = data[offsets[a] : offsets[b]]
-                off = (offsets[a : b + 1] - offsets[a]).tobytes()
-            meta = "[" + ",".join(metas[a:b]) + "]" if metas is not None else None
-            if vec is None:
-                cur = conn.execute(INSERT_TOMBSTONE, (b - a, first, kb))
-            else:  # the vectors written in place: one copy fewer than binding them
-                cur = conn.execute(INSERT, (vid, b - a, first, kb, id_blob, off, meta, vec[a:b].nbytes))
-                with conn.blobopen("segments", "vec", cur.lastrowid) as blob:
-                    blob.write(vec[a:b].data)
-            self._pending.append((int(cur.lastrowid), vid, keys[a:b], ids[a:b] if ids is not None else None))
-
     def _take(self, conn: sqlite3.Connection, ids: list[str], hashed: Hashed, what: str
               ) -> tuple[np.ndarray, np.ndarray]:
         """(keys, version ids) of ``ids``, already taken off their versions' counts."""
@@ -403,7 +265,7 @@ class GalleryStore:
                 raise GalleryError(f"add: id(s) already in the store: {few(taken)}")
             first = int(conn.execute("SELECT value FROM meta WHERE key='next_key'").fetchone()[0])
             keys = np.arange(first, first + len(ids), dtype=np.int64)
-            self._segments(conn, v.vid, keys, vec, ids, hashed.lengths, metas)
+            self._pending += write_segments(conn, v.vid, keys, vec, ids, hashed.lengths, metas)
             self._pending_ids = (hashed, keys)
             conn.execute("UPDATE meta SET value=? WHERE key='next_key'", (str(first + len(ids)),))
             conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
@@ -419,7 +281,7 @@ class GalleryStore:
             return
         with self._write() as conn:
             keys, vids = self._take(conn, ids, hashed, "replace")
-            self._segments(conn, v.vid, keys, vec)
+            self._pending += write_segments(conn, v.vid, keys, vec)
             conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
 
         def update() -> None:
@@ -436,7 +298,7 @@ class GalleryStore:
             return
         with self._write() as conn:
             keys, vids = self._take(conn, ids, hashed, "delete")
-            self._segments(conn, None, keys, None)
+            self._pending += write_segments(conn, None, keys, None)
 
         def update() -> None:
             for u in np.unique(vids):
