@@ -22,7 +22,7 @@ STORE_FORMAT = "bctkit-gallery"
 FORMAT_VERSION = 2
 PAGE_SIZE = 65536
 """SQLite page size of a new store: vectors are written as overflow pages, and large pages write
-them at about the disk's speed (4096-byte pages: about 1.6x slower)."""
+them at about the disk's speed (4096-byte pages: about 1.4x slower here)."""
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE versions (vid INTEGER PRIMARY KEY, fingerprint TEXT NOT NULL UNIQUE, name TEXT,
@@ -51,6 +51,9 @@ def connect(db: Path, mode: str) -> sqlite3.Connection:
     conn = sqlite3.connect(f"file:{db}?mode={mode}", uri=True, isolation_level=None, timeout=60.0,
                            check_same_thread=False)
     conn.execute("PRAGMA synchronous=FULL")
+    # A small page cache: a large add's pages spill to the file (after the journal is synced, so
+    # still atomic) instead of piling up in memory; measured faster than 256 MiB (0.44 s against
+    # 0.57 s for 1M x 128 in 100k-item commits). Reads go through the OS page cache anyway.
     conn.execute("PRAGMA cache_size=-8192")
     conn.execute("PRAGMA temp_store=MEMORY")
     return conn

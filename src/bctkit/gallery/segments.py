@@ -11,10 +11,12 @@ vectors and a new version (their ids and metadata stay in the add segment); a to
 its keys. The live entry of a key is its newest segment entry. Segments are never rewritten, so a
 reader brings its view up to date by reading the segments numbered above the last one it saw.
 
-Why chunks of a few MiB: one SQLite row of tens of MiB is copied several times inside SQLite
-before it reaches the file and writes at well under disk speed; rows of 1-4 MiB write at about
-the speed of a plain file (measured: 1M x 128 float32 in 100k-item commits, 0.59 s in 1 MiB rows,
-1.04 s in 51 MiB rows, 0.58 s for the bytes alone written and fsynced).
+Why rows of 1 MiB of vectors: SQLite copies a row's value several times before it reaches the
+file, and a row of tens of MiB writes at well under the disk's speed; the vectors of a row are
+written in place through incremental blob I/O (one copy fewer than binding them). Measured here
+on 1M x 128 float32 in 100k-item commits (64 KiB pages): 1.04 s in 51 MiB rows, 0.59 s in 1 MiB
+rows with bound bytes and a 256 MiB page cache, 0.44 s in place with an 8 MiB cache (see
+:mod:`bctkit.gallery.schema`); the same bytes written to a plain file and fsynced took 0.44-0.65 s.
 """
 
 from __future__ import annotations
