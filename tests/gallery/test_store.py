@@ -158,9 +158,11 @@ def test_corrupt_store_is_refused_with_one_line(store_path: Path, damage: str) -
         db.write_bytes(data[: len(data) // 2])
     elif damage == "text":
         db.write_text("not a database at all\n" * 50)
-    elif damage == "pages":  # random bytes over the middle and the end of the file
+    elif damage == "pages":  # random bytes over the second page's start and the end of the file
+        page = int.from_bytes(data[16:18], "big")  # SQLite header: page size, 1 meaning 65536
+        page = 65536 if page == 1 else page
         noise = np.random.default_rng(0).integers(0, 256, 600, dtype=np.uint8).tobytes()
-        db.write_bytes(data[:4096] + noise + data[4096 + 600 : -5000] + noise[:300] + data[-4700:])
+        db.write_bytes(data[:page] + noise + data[page + 600 : -5000] + noise[:300] + data[-4700:])
     elif damage == "counts":
         conn = sqlite3.connect(db)
         conn.execute("UPDATE versions SET count = 4 WHERE fingerprint='old-fp'")

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from bctkit.errors import BctkitError
+from bctkit.gallery.idmap import Hashed, hash_ids
 
 CERTIFICATE_FORMAT = "bctkit-compatibility-certificate"
 
@@ -54,19 +55,37 @@ def few(items: Sequence[Any], n: int = 3) -> str:
     return head + (f" (and {len(items) - n} more)" if len(items) > n else "")
 
 
-def check_ids(ids: Sequence[str], what: str) -> list[str]:
-    """``ids`` as a list of non-empty strings without duplicates."""
+def id_list(ids: Sequence[str], what: str) -> tuple[list[str], np.ndarray]:
+    """``ids`` as a list of non-empty strings, and their lengths in characters."""
     if isinstance(ids, str | bytes):
         raise GalleryError(f"{what}: ids must be a sequence of strings, got a single {type(ids).__name__}")
     out = list(ids)
-    bad = [i for i in out if not isinstance(i, str) or not i]
-    if bad:
+    try:  # fast test: str.__len__ refuses anything but a string
+        lengths = np.fromiter(map(str.__len__, out), dtype=np.int64, count=len(out))
+        ok = not len(out) or int(lengths.min()) > 0
+    except TypeError:
+        ok = False
+    if not ok:
+        bad = [i for i in out if not isinstance(i, str) or not i]
         raise GalleryError(f"{what}: ids must be non-empty strings, got {few(bad)}")
-    if len(set(out)) != len(out):
+    return out, lengths
+
+
+def check_unique(ids: list[str], hashed: Hashed, what: str) -> None:
+    """Refuse ``ids`` (hashed: their :class:`Hashed`) when one appears twice."""
+    hs = hashed.values[hashed.order]
+    if (hs[1:] == hs[:-1]).any() and len(set(ids)) != len(ids):  # equal hashes: maybe equal ids
         seen: set[str] = set()
-        dup = [i for i in out if i in seen or seen.add(i)]
+        dup = [i for i in ids if i in seen or seen.add(i)]
         raise GalleryError(f"{what}: duplicate ids within one call: {few(list(dict.fromkeys(dup)))}")
-    return out
+
+
+def check_ids(ids: Sequence[str], what: str) -> tuple[list[str], Hashed]:
+    """``ids`` as a list of non-empty strings without duplicates, and their hashes."""
+    out, lengths = id_list(ids, what)
+    hashed = hash_ids(out, lengths)
+    check_unique(out, hashed, what)
+    return out, hashed
 
 
 def check_vectors(vectors: Any, n: int | None, v: Version, what: str) -> np.ndarray:
@@ -79,6 +98,8 @@ def check_vectors(vectors: Any, n: int | None, v: Version, what: str) -> np.ndar
         raise GalleryError(f"{what}: vectors of version {v.label} must have shape ({n}, {v.dim}), "
                            f"got {arr.shape}")
     arr = np.ascontiguousarray(arr, dtype="<f4")
+    if n and np.isfinite(arr @ np.ones(v.dim, np.float32)).all():  # NaN and Inf reach the row sums
+        return arr
     step = max(1, (1 << 22) // v.dim)
     for s in range(0, n, step):
         finite = np.isfinite(arr[s : s + step]).all(axis=1)

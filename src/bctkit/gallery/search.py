@@ -19,9 +19,7 @@ from bctkit.gallery.checks import (
     read_versions,
 )
 from bctkit.gallery.indexes import NO_KEY, Block, IndexSet, merge, normalize_rows
-
-_FETCH = 65536
-
+from bctkit.gallery.segments import View
 
 
 class SearchResult(NamedTuple):
@@ -36,15 +34,16 @@ class SearchResult(NamedTuple):
     versions: list[list[str]]
 
 
-def search_items(conn: sqlite3.Connection, indexes: IndexSet, version: str, queries: Any, k: Any
+def search_items(conn: sqlite3.Connection, indexes: IndexSet, view: View, version: str, queries: Any, k: Any
                  ) -> SearchResult:
-    """Top-k of the store behind ``conn`` (inside one read transaction) for ``version`` queries."""
+    """Top-k of the store behind ``conn`` (inside one read transaction, ``view`` up to date with it)
+    for ``version`` queries."""
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise GalleryError(f"search: k must be a positive integer, got {k!r}")
     v = find_version(conn, version, "search")
     q = check_vectors(queries, None, v, "search: queries")
     plan = _plan(conn, v)
-    _ensure(conn, indexes, [blk for blk, _ in plan])
+    _ensure(conn, indexes, view, [blk for blk, _ in plan])
     parts = []
     for blk, (qa, qb) in plan:
         try:
@@ -53,9 +52,7 @@ def search_items(conn: sqlite3.Connection, indexes: IndexSet, version: str, quer
             raise GalleryError(f"search: FAISS failed ({first_line(exc)})") from None
         parts.append((s, keys, blk[0]))
     scores, keys, vids = merge(parts, len(q), int(k))
-    found = np.unique(keys[keys != NO_KEY])
-    names = dict(conn.execute("SELECT key, id FROM items WHERE key IN (SELECT value FROM json_each(?))",
-                              (json.dumps(found.tolist()),)))
+    names = {c: view.name(c) for c in np.unique(keys[keys != NO_KEY]).tolist()}
     fps = {x.vid: x.fingerprint for x in read_versions(conn)}
     ids = [[names.get(int(c), "") for c in row] for row in keys]
     vers = [[fps.get(int(u), "") if names.get(int(c)) else "" for c, u in zip(kr, ur, strict=True)]
@@ -84,31 +81,20 @@ def _plan(conn: sqlite3.Connection, v: Version) -> list[tuple[Block, tuple[int, 
     return plan
 
 
-def _ensure(conn: sqlite3.Connection, indexes: IndexSet, blocks: list[Block]) -> None:
-    """Build the missing indexes of ``blocks`` from the items (all of them when stale)."""
+def _ensure(conn: sqlite3.Connection, indexes: IndexSet, view: View, blocks: list[Block]) -> None:
+    """Build the missing indexes of ``blocks`` from the live items (all of them when stale)."""
     commit = int(conn.execute("SELECT value FROM meta WHERE key='commit'").fetchone()[0])
     if commit != indexes.commit:
         indexes.clear()
         indexes.commit = commit
-    counts = {x.vid: x.count for x in read_versions(conn)}
-    missing = [b for b in blocks if b not in indexes.indexes and not indexes.load(b, counts[b[0]])]
-    if not missing:
-        return
-    vids = sorted({b[0] for b in missing})
-    keys: dict[int, list[int]] = {u: [] for u in vids}
-    blobs: dict[int, list[bytes]] = {u: [] for u in vids}
-    cur = conn.execute(f"SELECT key, vid, vec FROM items WHERE vid IN ({','.join('?' * len(vids))}) "
-                       "ORDER BY key", vids)
-    while rows := cur.fetchmany(_FETCH):
-        for key, u, blob in rows:
-            keys[u].append(key)
-            blobs[u].append(blob)
-    dims = {x.vid: x.dim for x in read_versions(conn)}
-    for u in vids:
-        vec = np.frombuffer(b"".join(blobs.pop(u)), dtype="<f4").reshape(-1, dims[u])
+    versions = {x.vid: x for x in read_versions(conn)}
+    missing = [b for b in blocks if b not in indexes.indexes and not indexes.load(b, versions[b[0]].count)]
+    for u in sorted({b[0] for b in missing}):
+        keys = view.live(u)
+        vec = view.vectors(conn, keys, versions[u].dim)
         for blk in (b for b in missing if b[0] == u):
             try:
-                indexes.build(blk, np.array(keys[u], dtype=np.int64), vec)
+                indexes.build(blk, keys, vec)
             except RuntimeError as exc:
                 msg = f"search: cannot build the {indexes.factory!r} index ({first_line(exc)})"
                 raise GalleryError(msg) from None

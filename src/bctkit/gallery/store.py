@@ -1,13 +1,21 @@
 """A versioned gallery store on disk: items embedded by several model versions, searched together.
 
 Storage design: one SQLite database (standard library), ``<store>/gallery.sqlite``, is the truth.
-Table ``items`` holds per item its id (unique text), an int64 key (never reused; assigned in insertion
-order, so a lower key is an earlier insertion), its version, its metadata as JSON and its vector as a
-float32 little-endian BLOB; ``versions`` the declared model versions with their item counts;
-``certificates`` the compatibility certificates; ``meta`` the format version, the FAISS factory string,
-the next key and a commit counter. SQLite's rollback journal with ``synchronous=FULL`` makes every
-mutating call one atomic, durable transaction (the counter is bumped inside it): a crash (SIGKILL,
-power loss) at any point leaves the last committed state, restored by SQLite on the next open.
+Items are written in bulk as segments (:mod:`bctkit.gallery.segments`): each add, replace or delete
+call writes one or a few rows of table ``segments`` holding its items' int64 keys (never reused;
+assigned in insertion order, so a lower key is an earlier insertion), ids, metadata and float32
+vectors, or a tombstone; ``versions`` holds the declared model versions with their item counts;
+``certificates`` the compatibility certificates; ``meta`` the format version, the FAISS factory
+string, the next key and a commit counter. SQLite's rollback journal with ``synchronous=FULL``
+makes every mutating call one atomic, durable transaction (the counter is bumped inside it): a
+crash (SIGKILL, power loss) at any point leaves the last committed state, restored by SQLite on
+the next open.
+
+Each open store keeps an in-memory view of the items (id -> key, per key its live segment, row and
+version), built at open from the segments' keys and ids (not their vectors) and brought up to date
+at the start of every call from the segments committed since, when the commit counter moved. A
+write first takes SQLite's write lock (``BEGIN IMMEDIATE``) and then updates the view, so an add's
+id check sees every commit of every process and two processes can never add the same id.
 
 The FAISS indexes are derived data (:mod:`bctkit.gallery.indexes`): built in memory on the first
 search that needs them, kept in sync after each of this process's commits, and dropped and rebuilt
@@ -17,8 +25,8 @@ at the same commit instead of being rebuilt; a stale or unreadable one is simply
 
 Opening checks the file (:mod:`bctkit.gallery.schema`) and writes nothing. Every error is one line:
 bad input, unknown ids or versions and refused searches raise :class:`GalleryError`; a missing,
-corrupt or newer-format store raises :class:`~bctkit.errors.FileFormatError`. A call that raises
-writes nothing.
+corrupt, older- or newer-format store raises :class:`~bctkit.errors.FileFormatError`. A call that
+raises writes nothing.
 """
 
 from __future__ import annotations
@@ -27,11 +35,9 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from itertools import repeat
+import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -48,32 +54,43 @@ from bctkit.gallery.checks import (
     read_versions,
     to_json,
 )
+from bctkit.gallery.idmap import Hashed
 from bctkit.gallery.indexes import IndexSet, factory_is_valid
-from bctkit.gallery.schema import DB_NAME, FORMAT_VERSION, SCHEMA, STORE_FORMAT, check_format, connect
+from bctkit.gallery.schema import (
+    DB_NAME,
+    FORMAT_VERSION,
+    PAGE_SIZE,
+    SCHEMA,
+    STORE_FORMAT,
+    check_format,
+    connect,
+)
 from bctkit.gallery.search import SearchResult, search_items
+from bctkit.gallery.segments import Pending, View, write_segments
+from bctkit.gallery.transactions import Transactions
 from bctkit.storage import _fsync_dir
 
 __all__ = ["CERTIFICATE_FORMAT", "FORMAT_VERSION", "GalleryError", "GalleryStore", "SearchResult"]
 
 
-class _Collision(Exception):
-    """Raised inside an add transaction so that it rolls back before the collisions are named."""
-
-
-class GalleryStore:
+class GalleryStore(Transactions):
     """A directory holding one gallery: ids, metadata and vectors of any number of model versions.
 
     Any number of processes may open one store (SQLite serialises their commits); one object belongs
     to the thread that opened it.
     """
 
-    def __init__(self, path: Path, conn: sqlite3.Connection, factory: str) -> None:
+    def __init__(self, path: Path, conn: sqlite3.Connection, factory: str, view: View) -> None:
         """Use :meth:`create` or :meth:`open`."""
         self.path = path
         self.index = factory
         self._db = path / DB_NAME
         self._conn: sqlite3.Connection | None = conn
         self._indexes = IndexSet(factory, path / "indexes")
+        self._view = view
+        self._thread = threading.get_ident()
+        self._pending: list[Pending] = []
+        self._pending_ids: tuple[Hashed, np.ndarray] | None = None
 
     # ---- opening ---------------------------------------------------------------------------------
 
@@ -94,6 +111,7 @@ class GalleryStore:
             tmp.mkdir()
             conn = connect(tmp / DB_NAME, "rwc")
             try:
+                conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
                 conn.execute("BEGIN")
                 for stmt in SCHEMA.split(";"):
                     if stmt.strip():
@@ -124,12 +142,18 @@ class GalleryStore:
             conn = connect(db, "rw")
         except (OSError, sqlite3.Error) as exc:
             raise FileFormatError(f"{db}: cannot open the gallery store ({first_line(exc)})") from None
+        view = View()
+
+        def load(c: sqlite3.Connection) -> dict[int, int]:
+            view.refresh(c, db)
+            return view.counts
+
         try:
-            factory = check_format(conn, db)
+            factory = check_format(conn, db, load)
         except BaseException:
             conn.close()
             raise
-        return cls(path, conn, factory)
+        return cls(path, conn, factory, view)
 
     def close(self) -> None:
         """Close the database and drop the in-memory indexes (idempotent)."""
@@ -143,71 +167,6 @@ class GalleryStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # ---- transactions ----------------------------------------------------------------------------
-
-    @property
-    def _c(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise GalleryError(f"{self.path}: the store is closed")
-        return self._conn
-
-    @contextmanager
-    def _sql(self) -> Iterator[None]:
-        """SQLite errors as one-line errors naming the store."""
-        try:
-            yield
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
-                raise GalleryError(f"{self._db}: the store is locked by another writer ({exc})") from None
-            raise FileFormatError(f"{self._db}: {first_line(exc)}") from None
-        except sqlite3.ProgrammingError as exc:  # e.g. used from another thread than its opener's
-            raise GalleryError(f"{self._db}: {first_line(exc)}") from None
-        except sqlite3.Error as exc:
-            msg = f"{self._db}: corrupt or unreadable gallery store ({first_line(exc)})"
-            raise FileFormatError(msg) from None
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction (one consistent snapshot)."""
-        conn = self._c
-        with self._sql():
-            conn.execute("BEGIN")
-            try:
-                yield conn
-            finally:
-                if conn.in_transaction:
-                    conn.execute("COMMIT")
-
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One atomic write transaction that bumps the commit counter; rolled back on any error.
-        After the commit the in-memory indexes either follow (see :meth:`_synced`) or are dropped."""
-        conn = self._c
-        with self._sql():
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                before = int(conn.execute("SELECT value FROM meta WHERE key='commit'").fetchone()[0])
-                in_sync = before == self._indexes.commit
-                yield conn
-                conn.execute("UPDATE meta SET value=? WHERE key='commit'", (str(before + 1),))
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        self._indexes.commit = before + 1 if in_sync else -1
-        if not in_sync:
-            self._indexes.clear()
-
-    def _synced(self, update: Any) -> None:
-        """Apply an in-memory index update after a commit; on any failure drop the indexes instead."""
-        if self._indexes.commit < 0:
-            return
-        try:
-            update()
-        except Exception:
-            self._indexes.clear()
 
     # ---- versions and certificates ---------------------------------------------------------------
 
@@ -271,76 +230,58 @@ class GalleryStore:
 
     # ---- items ------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _rows(conn: sqlite3.Connection, ids: list[str], columns: str, what: str) -> list[tuple]:
-        """(key, *columns) of each of ``ids`` (``i.``: items, ``v.``: versions); unknown ids are named."""
-        rows = conn.execute(f"SELECT i.key, {columns} FROM json_each(?) j "
-                            "LEFT JOIN items i ON i.id = j.value LEFT JOIN versions v ON v.vid = i.vid "
-                            "ORDER BY j.key", (json.dumps(ids),)).fetchall()
-        missing = [ids[n] for n, r in enumerate(rows) if r[0] is None]
-        if missing:
-            raise GalleryError(f"{what}: {len(missing)} unknown id(s): {few(missing)}")
-        return rows
-
-    def _remove(self, conn: sqlite3.Connection, ids: list[str], what: str) -> tuple[np.ndarray, np.ndarray]:
+    def _take(self, conn: sqlite3.Connection, ids: list[str], hashed: Hashed, what: str
+              ) -> tuple[np.ndarray, np.ndarray]:
         """(keys, version ids) of ``ids``, already taken off their versions' counts."""
-        arr = np.array(self._rows(conn, ids, "i.vid", what), dtype=np.int64).reshape(-1, 2)
-        old = np.unique(arr[:, 1], return_counts=True)
+        keys = self._view.keys_of(ids, what, hashed)
+        vids = self._view.vid[keys]
+        old = np.unique(vids, return_counts=True)
         conn.executemany("UPDATE versions SET count = count - ? WHERE vid=?",
                          [(int(c), int(u)) for u, c in zip(*old, strict=True)])
-        return arr[:, 0], arr[:, 1]
+        return keys, vids
 
     def add(self, ids: Sequence[str], vectors: np.ndarray, version: str,
             metadata: Sequence[dict] | None = None) -> None:
         """Add new items embedded by ``version`` (float32 [n, its dim]) in one atomic commit; an id
         already in the store is refused (the first few are named)."""
-        ids = check_ids(ids, "add")
+        ids, hashed = check_ids(ids, "add")
         with self._read() as conn:
             v = find_version(conn, version, "add")
         vec = check_vectors(vectors, len(ids), v, "add")
+        metas = None
         if metadata is not None:
             metadata = list(metadata)
             if len(metadata) != len(ids):
                 raise GalleryError(f"add: {len(metadata)} metadata entries for {len(ids)} ids")
             if not all(isinstance(m, dict) for m in metadata):
                 raise GalleryError("add: each metadata entry must be a dict")
-            metas: Any = [to_json(m, "add: metadata") for m in metadata]
-        else:
-            metas = repeat(None)
+            metas = [to_json(m, "add: metadata") for m in metadata]
         if not ids:
             return
-        try:
-            with self._write() as conn:
-                first = int(conn.execute("SELECT value FROM meta WHERE key='next_key'").fetchone()[0])
-                keys = np.arange(first, first + len(ids), dtype=np.int64)
-                try:
-                    conn.executemany("INSERT INTO items (key, id, vid, meta, vec) VALUES (?, ?, ?, ?, ?)",
-                                     zip(keys.tolist(), ids, repeat(v.vid), metas, vec, strict=False))
-                except sqlite3.IntegrityError:
-                    raise _Collision() from None
-                conn.execute("UPDATE meta SET value=? WHERE key='next_key'", (str(first + len(ids)),))
-                conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
-        except _Collision:
-            with self._read() as conn:
-                taken = [r[0] for r in conn.execute(
-                    "SELECT j.value FROM json_each(?) j JOIN items i ON i.id = j.value "
-                    "ORDER BY j.key LIMIT 4",
-                    (json.dumps(ids),))]
-            raise GalleryError(f"add: id(s) already in the store: {few(taken)}") from None
+        with self._write() as conn:
+            found = self._view.lookup(ids, hashed) >= 0
+            if found.any():
+                taken = [i for i, f in zip(ids, found.tolist(), strict=True) if f]
+                raise GalleryError(f"add: id(s) already in the store: {few(taken)}")
+            first = int(conn.execute("SELECT value FROM meta WHERE key='next_key'").fetchone()[0])
+            keys = np.arange(first, first + len(ids), dtype=np.int64)
+            self._pending += write_segments(conn, v.vid, keys, vec, ids, hashed.lengths, metas)
+            self._pending_ids = (hashed, keys)
+            conn.execute("UPDATE meta SET value=? WHERE key='next_key'", (str(first + len(ids)),))
+            conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
         self._synced(lambda: self._indexes.add(v.vid, keys, vec))
 
     def replace(self, ids: Sequence[str], vectors: np.ndarray, version: str) -> None:
         """Re-embed existing items with ``version`` in one atomic commit; keys and metadata are kept."""
-        ids = check_ids(ids, "replace")
+        ids, hashed = check_ids(ids, "replace")
         with self._read() as conn:
             v = find_version(conn, version, "replace")
         vec = check_vectors(vectors, len(ids), v, "replace")
         if not ids:
             return
         with self._write() as conn:
-            keys, vids = self._remove(conn, ids, "replace")
-            conn.executemany("UPDATE items SET vid=?, vec=? WHERE key=?",
-                             zip(repeat(v.vid), vec, keys.tolist(), strict=False))
+            keys, vids = self._take(conn, ids, hashed, "replace")
+            self._pending += write_segments(conn, v.vid, keys, vec)
             conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
 
         def update() -> None:
@@ -351,13 +292,13 @@ class GalleryStore:
         self._synced(update)
 
     def delete(self, ids: Sequence[str]) -> None:
-        """Remove items (all must exist) in one atomic commit."""
-        ids = check_ids(ids, "delete")
+        """Remove items (all must exist) in one atomic commit (a tombstone segment)."""
+        ids, hashed = check_ids(ids, "delete")
         if not ids:
             return
         with self._write() as conn:
-            keys, vids = self._remove(conn, ids, "delete")
-            conn.executemany("DELETE FROM items WHERE key=?", ((k,) for k in keys.tolist()))
+            keys, vids = self._take(conn, ids, hashed, "delete")
+            self._pending += write_segments(conn, None, keys, None)
 
         def update() -> None:
             for u in np.unique(vids):
@@ -370,22 +311,27 @@ class GalleryStore:
         list of 1-D arrays; unknown ids are refused."""
         ids = list(ids)
         with self._read() as conn:
-            rows = self._rows(conn, ids, "i.vec, v.fingerprint, v.dim", "get")
-        versions = [r[2] for r in rows]
-        dims = {r[3] for r in rows}
-        if len(dims) == 1:
-            flat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4")
-            return flat.reshape(len(rows), dims.pop()).copy(), versions
-        if not rows:
-            return np.zeros((0, 0), np.float32), versions
-        return [np.frombuffer(r[1], dtype="<f4").copy() for r in rows], versions
+            keys = self._view.keys_of(ids, "get")
+            vers = {x.vid: x for x in read_versions(conn)}
+            vids = self._view.vid[keys]
+            dims = np.array([vers[u].dim for u in vids.tolist()], dtype=np.int64)
+            versions = [vers[u].fingerprint for u in vids.tolist()]
+            if not len(keys):
+                return np.zeros((0, 0), np.float32), versions
+            if (dims == dims[0]).all():
+                return self._view.vectors(conn, keys, int(dims[0])), versions
+            out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(keys)
+            for d in np.unique(dims).tolist():
+                where = np.flatnonzero(dims == d)
+                for w, row in zip(where.tolist(), self._view.vectors(conn, keys[where], d), strict=True):
+                    out[w] = row
+            return out, versions
 
     def metadata(self, ids: Sequence[str]) -> list[dict]:
         """The metadata dict of each id ({} when none was given)."""
         ids = list(ids)
         with self._read() as conn:
-            rows = self._rows(conn, ids, "i.meta", "metadata")
-        return [json.loads(r[1]) if r[1] else {} for r in rows]
+            return self._view.metadata(conn, self._view.keys_of(ids, "metadata"))
 
     def count(self, version: str | None = None) -> int:
         """Number of items, of one version or of all."""
@@ -397,10 +343,8 @@ class GalleryStore:
     def ids(self, version: str | None = None) -> list[str]:
         """The ids, of one version or of all, in insertion order."""
         with self._read() as conn:
-            if version is None:
-                return [r[0] for r in conn.execute("SELECT id FROM items ORDER BY key")]
-            v = find_version(conn, version, "ids")
-            return [r[0] for r in conn.execute("SELECT id FROM items WHERE vid=? ORDER BY key", (v.vid,))]
+            vid = None if version is None else find_version(conn, version, "ids").vid
+            return self._view.ids_of(self._view.live(vid))
 
     # ---- search -----------------------------------------------------------------------------------
 
@@ -409,4 +353,4 @@ class GalleryStore:
         version on all coordinates, another one only through a stored passed certificate (query
         ``version`` -> gallery that version) on its dims; cosine scores, ties to the earlier item."""
         with self._read() as conn:
-            return search_items(conn, self._indexes, version, queries, k)
+            return search_items(conn, self._indexes, self._view, version, queries, k)
