@@ -50,6 +50,21 @@ def test_safetensors_and_torch_files(tmp_path):
     assert set(load_state_dict_file(tmp_path / "ckpt.pth")) == set(sd)
 
 
+def test_arcface_torch_training_checkpoint(tmp_path):
+    """arcface_torch's checkpoint_gpu_<rank>.pt: the backbone beside the Partial FC shard, the
+    optimizer and the scheduler, read with weights_only=True."""
+    src = _net(0)
+    sd = {k: v.contiguous() for k, v in src.state_dict().items()}
+    opt = torch.optim.SGD(src.parameters(), lr=0.1, momentum=0.9)
+    torch.save({"epoch": 4, "global_step": 1200, "state_dict_backbone": sd,
+                "state_dict_softmax_fc": {"weight": torch.randn(7, 4)},
+                "state_optimizer": opt.state_dict(), "state_lr_scheduler": {"last_epoch": 1200}},
+               tmp_path / "checkpoint_gpu_0.pt")
+    dst = _net(1)
+    load_backbone_weights(dst, tmp_path / "checkpoint_gpu_0.pt")
+    assert _same(src, dst)
+
+
 def test_state_dict_source_and_skip():
     src, dst = _net(0), _net(1)
     fc_before = dst.fc.weight.detach().clone()

@@ -24,8 +24,9 @@ SHOWN = 5  # keys listed in a missing / unexpected message
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a state-dict file on the CPU. A ``{"state_dict": ...}`` checkpoint is unwrapped
-    and a ``module.`` prefix on every key (DataParallel / DDP) removed."""
+    """The tensors of a state-dict file on the CPU. A training checkpoint (``{"state_dict": ...}``, or
+    arcface_torch's ``{"state_dict_backbone": ...}``) is unwrapped and a ``module.`` prefix on every
+    key (DataParallel / DDP) removed."""
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{path}: no such file")
@@ -97,10 +98,17 @@ def _torch_load(path: Path) -> object:
         raise FileFormatError(f"{path}: not a readable torch file ({_first_line(exc)})") from None
 
 
+WRAPPERS = ("state_dict", "state_dict_backbone")
+"""Keys of a training checkpoint that hold the network's state dict: the common ``state_dict``, and
+arcface_torch's ``checkpoint_gpu_<rank>.pt`` (``state_dict_backbone`` beside the Partial FC shard,
+optimizer and scheduler states)."""
+
+
 def _as_state_dict(obj: object, name: str) -> dict[str, torch.Tensor]:
-    """Unwrap ``{"state_dict": ...}`` and a ``module.`` prefix; every value must be a tensor."""
-    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
+    """Unwrap a checkpoint (:data:`WRAPPERS`) and a ``module.`` prefix; every value must be a tensor."""
+    if isinstance(obj, Mapping):
+        inner = next((obj[k] for k in WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+        obj = obj if inner is None else inner
     if not isinstance(obj, Mapping):
         raise FileFormatError(f"{name}: holds a {type(obj).__name__}, not a state dict (name -> tensor)")
     for key, value in obj.items():
