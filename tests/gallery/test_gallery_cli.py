@@ -74,3 +74,21 @@ def test_gallery_bad_input_is_one_line(setup, capsys):
     capsys.readouterr()
     assert main(["gallery", "add", str(root / "s"), "--model", str(old), "--images", str(root / "none")]) == 2
     assert "--images" in capsys.readouterr().err
+
+
+def test_an_export_is_the_same_gallery_version_as_its_model(setup):
+    """A gallery embedded by the exported TorchScript model holds the version and, to rounding, the
+    vectors the bctkit model gives (serving and the gallery may use the export)."""
+    root, old, _, fp_old, _ = setup
+    assert main(["export", str(old), "--format", "torchscript", "--out", str(root / "export")]) == 0
+    for name, model in (("a", old), ("b", root / "export")):
+        assert main(["gallery", "create", str(root / name)]) == 0
+        assert main(["gallery", "add", str(root / name), "--model", str(model), "--images",
+                     str(root / "gallery"), "--quiet"]) == 0
+    with GalleryStore.open(root / "a") as a, GalleryStore.open(root / "b") as b:
+        ids = a.ids()
+        assert ids == b.ids() and len(ids) == 18
+        va, versions_a = a.get(ids)
+        vb, versions_b = b.get(ids)
+    assert versions_a == versions_b == [fp_old] * 18
+    np.testing.assert_allclose(vb, va, rtol=1e-5, atol=1e-5)

@@ -20,10 +20,10 @@ from bctkit.data.transforms import Preprocess, TransformConfig
 from bctkit.errors import FileFormatError
 from bctkit.export import CARD_FORMAT, CARD_NAME, _onnx_runtime, input_shape, sha256_file
 from bctkit.models.backbones import BackboneConfig, build_backbone
-from bctkit.models.store import fingerprint, freeze, load_model
+from bctkit.models.store import LoadedModel, fingerprint, freeze, load_model
 from bctkit.storage import META_KEY, load_tensors, read_json
 
-__all__ = ["EXPORT_PREFERENCE", "ExtractModel", "open_model"]
+__all__ = ["EXPORT_PREFERENCE", "ExtractModel", "from_loaded", "open_model"]
 
 EXPORT_PREFERENCE = ("safetensors", "torchscript", "onnx")
 """Which export of a folder holding several is used: the rebuilt bctkit network first (exactly the
@@ -83,25 +83,33 @@ def _header_meta(path: Path) -> dict[str, Any]:
 
 
 def _bctkit_model(path: Path, device: torch.device) -> ExtractModel:
-    loaded = load_model(path)
+    model = from_loaded(load_model(path), str(path), path.parent.name, str(path.resolve()))
+    model.net.to(device)
+    return model
+
+
+def from_loaded(loaded: LoadedModel, where: str, default_name: str = "model", file: str | None = None
+                ) -> ExtractModel:
+    """A loaded bctkit model as an :class:`ExtractModel` (its network on its current device);
+    ``where`` names it in errors."""
     if loaded.backbone is None:
-        raise FileFormatError(f"{path}: the model has no network (known by its features only)")
+        raise FileFormatError(f"{where}: the model has no network (known by its features only)")
     meta = loaded.meta
     spec = meta.get("preprocessing")
     if not isinstance(spec, dict):
-        raise FileFormatError(f"{path}: the model records no preprocessing; it cannot embed images")
+        raise FileFormatError(f"{where}: the model records no preprocessing; it cannot embed images")
     try:
         pre = Preprocess.from_spec(spec)
     except ValidationError as exc:
-        raise FileFormatError(f"{path}: unreadable preprocessing ({_first_error(exc)})") from None
+        raise FileFormatError(f"{where}: unreadable preprocessing ({_first_error(exc)})") from None
     info = {
-        "model": str(meta.get("name") or path.parent.name), "model_fingerprint": loaded.fingerprint,
-        "model_format": "bctkit", "model_file": str(path.resolve()),
+        "model": str(meta.get("name") or default_name), "model_fingerprint": loaded.fingerprint,
+        "model_format": "bctkit", "model_file": file,
         **{k: meta.get(k) for k in _META_KEYS},
         "compat_dims": meta.get("compat_dims"), "compat_prefixes": meta.get("compat_prefixes"),
         "layout": meta.get("layout"),
     }
-    return ExtractModel(loaded.backbone.to(device), pre, input_shape(loaded), loaded.output_dim, info,
+    return ExtractModel(loaded.backbone, pre, input_shape(loaded), loaded.output_dim, info,
                         f"bctkit:{loaded.fingerprint}")
 
 

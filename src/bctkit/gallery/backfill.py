@@ -27,9 +27,8 @@ from tqdm.auto import tqdm
 
 from bctkit.data.sources.base import DataSource
 from bctkit.errors import ConfigError, DataError
-from bctkit.gallery.embed import embed_batches
+from bctkit.gallery.embed import Embedder, as_embedder, embed_batches, version_of
 from bctkit.gallery.store import GalleryStore
-from bctkit.models.store import LoadedModel
 
 Order = Literal["random", "benefit"]
 
@@ -59,7 +58,7 @@ def backfill_order(store: GalleryStore, new_version: str, order: Order, seed: in
     return [i for i, v in zip(ranked, versions, strict=True) if v != new_version]
 
 
-def backfill(store: GalleryStore, model: LoadedModel, images: DataSource, *, order: Order = "random",
+def backfill(store: GalleryStore, model: Embedder, images: DataSource, *, order: Order = "random",
              seed: int = 0, batch_size: int = 256, progress: bool = True, limit: int | None = None
              ) -> BackfillResult:
     """Re-embed the store's items with ``model`` (its version is its fingerprint, declared here),
@@ -68,8 +67,9 @@ def backfill(store: GalleryStore, model: LoadedModel, images: DataSource, *, ord
     partial backfill; run again to continue)."""
     if batch_size < 1:
         raise ConfigError(f"backfill batch size must be >= 1, got {batch_size}")
-    version = model.fingerprint
-    store.add_version(version, model.output_dim, name=model.meta.get("name"), layout=model.meta.get("layout"))
+    model = as_embedder(model)
+    version, dim, name, layout = version_of(model)
+    store.add_version(version, dim, name=name, layout=layout)
     todo = backfill_order(store, version, order, seed)
     already = store.count() - len(todo)
     if limit is not None:

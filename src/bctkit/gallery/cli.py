@@ -46,7 +46,9 @@ def add_parser(sub: Any) -> None:
 
 
 def _model_and_images(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="bctkit model file (RUN/models/<name>/model.safetensors)")
+    p.add_argument("--model", required=True,
+                   help="a bctkit model (RUN/models/<name>/ or its model.safetensors) or a bctkit export "
+                        "(its folder, model.pt or model.onnx)")
     p.add_argument("--images", required=True,
                    help="an image folder (root/<identity>/<image>) or a list file (path label per line)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -65,10 +67,9 @@ def _images(path: str) -> DataSource:
 
 
 def _model(path: str) -> Any:
-    from bctkit.models.store import load_model
+    from bctkit.gallery.embed import open_embedder
 
-    p = Path(path)
-    return load_model(p / "model.safetensors" if p.is_dir() else p)
+    return open_embedder(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,35 +110,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _add(store: Any, args: argparse.Namespace) -> int:
-    from bctkit.gallery.embed import embed_batches
+    from bctkit.gallery.embed import embed_batches, version_of
 
     model, images = _model(args.model), _images(args.images)
-    store.add_version(model.fingerprint, model.output_dim, name=model.meta.get("name"),
-                      layout=model.meta.get("layout"))
+    fp, dim, name, layout = version_of(model)
+    store.add_version(fp, dim, name=name, layout=layout)
     for rows, feats in embed_batches(model, images, args.batch_size, progress=not args.quiet, desc="add"):
         keys = [images.key(int(i)) for i in rows]
         meta = [{"label": images.label_name(int(images.labels[i]))} for i in rows]
-        store.add(keys, feats, model.fingerprint, meta)
-    print(f"gallery: added {len(images)} items of {model.meta.get('name')} ({model.fingerprint}); "
-          f"{_shares(store)}")
+        store.add(keys, feats, fp, meta)
+    print(f"gallery: added {len(images)} items of {name} ({fp}); {_shares(store)}")
     return 0
 
 
 def _search(store: Any, args: argparse.Namespace) -> int:
-    from bctkit.gallery.embed import embed_all
+    from bctkit.gallery.embed import embed_all, version_of
 
     model, images = _model(args.model), _images(args.images)
     if args.k < 1:
         raise ConfigError(f"-k {args.k}: must be >= 1")
-    _declare(store, model.fingerprint, model.output_dim, model.meta.get("name"), model.meta.get("layout"))
+    fp, dim, name, layout = version_of(model)
+    _declare(store, fp, dim, name, layout)
     feats = embed_all(model, images, args.batch_size, progress=not args.quiet, desc="queries")
-    res = store.search(feats, model.fingerprint, args.k)
+    res = store.search(feats, fp, args.k)
     rows = [{"query": images.key(i), "results": [
         {"id": item, "score": float(score), "version": ver}
         for item, score, ver in zip(res.ids[i], res.scores[i], res.versions[i], strict=True)]}
         for i in range(len(images))]
     if args.out:
-        write_json(args.out, {"model": model.fingerprint, "k": args.k, "queries": rows})
+        write_json(args.out, {"model": fp, "k": args.k, "queries": rows})
     for row in rows[:5]:
         best = row["results"][0] if row["results"] else None
         print(f"{row['query']}: " + (f"{best['id']} ({best['score']:.3f})" if best else "no result"))
