@@ -244,8 +244,30 @@ def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise FileFormatError(f"{path}: not a readable safetensors file ({exc})") from None
+    return tensors, _decode_meta(raw, path)
+
+
+def read_header(path: str | os.PathLike[str]) -> tuple[list[str], dict[str, Any]]:
+    """(tensor names, bctkit metadata) of a safetensors file from its header alone: no tensor is
+    read. Metadata that is not a JSON object reads as {}; an unreadable file or corrupt metadata is a
+    one-line :class:`FileFormatError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileFormatError(f"{path}: file not found")
     try:
-        meta = json.loads(raw) if raw is not None else {}
+        with safe_open(str(path), framework="pt") as fh:
+            names = list(fh.keys())
+            raw = (fh.metadata() or {}).get(META_KEY)
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise FileFormatError(f"{path}: not a readable safetensors file ({first})") from None
+    meta = _decode_meta(raw, path)
+    return names, meta if isinstance(meta, dict) else {}
+
+
+def _decode_meta(raw: str | None, path: Path) -> Any:
+    """The bctkit metadata string of a header as JSON ({} when absent)."""
+    try:
+        return json.loads(raw) if raw is not None else {}
     except json.JSONDecodeError:
         raise FileFormatError(f"{path}: corrupt bctkit metadata in safetensors header") from None
-    return tensors, meta

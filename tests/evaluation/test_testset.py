@@ -220,3 +220,18 @@ def test_market_with_models_applies_the_junk_rules(world, tmp_path):
         hits = [r for r, j in enumerate(order) if gname[j].split("_")[0] == pid]
         aps.append(np.mean([(k + 1) / (r + 1) for k, r in enumerate(hits)]))
     assert records(out, "new", "old")["map"] == pytest.approx(np.mean(aps), abs=1e-6)
+
+
+def test_a_feature_file_with_corrupt_metadata_is_one_line(world, capsys):
+    """The header is read once, by the project's header reader: corrupt metadata JSON is named, not
+    a traceback."""
+    from safetensors.torch import save_file
+
+    root = world[0]
+    save_file({"feats": torch.ones(60, DIM)}, str(root / "corrupt.safetensors"),
+              metadata={"bctkit": "{not json"})
+    code = main(["evaluate", "--protocol", "pairs", "--data", str(root / "toy.bin"), "--old",
+                 str(root / "corrupt.safetensors"), "--new", str(root / "new"), "--out", str(root / "bad3"),
+                 "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "corrupt bctkit metadata" in err and "\n" not in err

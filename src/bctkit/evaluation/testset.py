@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from bctkit.data.sources.base import DataSource
 from bctkit.engine.distributed import is_main
@@ -28,7 +27,7 @@ from bctkit.errors import ConfigError, DataError, FileFormatError
 from bctkit.evaluation.protocols.base import Protocol
 from bctkit.features import FeatureSet, load_features
 from bctkit.oldside.given import features_fingerprint, given_features
-from bctkit.storage import META_KEY
+from bctkit.storage import read_header
 
 PROTOCOLS = {
     "ijbb": "IJB-B in insightface's layout: --data ROOT (meta/, loose_crop/)",
@@ -102,32 +101,20 @@ class ExtractOptions:
     precision: str = "fp32"
 
 
-def is_feature_file(path: Path) -> bool:
-    """Whether ``path`` holds features rather than a model: a .npy / .npz, or a safetensors file
-    with a ``feats`` or ``features`` tensor (read from its header alone)."""
+def feature_file_meta(path: Path) -> dict[str, Any] | None:
+    """The metadata of ``path`` when it holds features rather than a model (a .npy / .npz, or a
+    safetensors file with a ``feats`` or ``features`` tensor, told from its header alone), else
+    None."""
     if path.suffix in (".npy", ".npz"):
-        return True
+        return {}
     if path.suffix != ".safetensors" or not path.is_file():
-        return False
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return bool({"feats", "features"} & set(fh.keys()))
-    except (SafetensorError, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise FileFormatError(f"{path}: not a readable safetensors file ({first})") from None
+        return None
+    names, meta = read_header(path)
+    return meta if {"feats", "features"} & set(names) else None
 
 
-def _file_features(path: Path, source: DataSource) -> FeatureSet:
+def _file_features(path: Path, meta: dict[str, Any], source: DataSource) -> FeatureSet:
     """A feature file's rows for ``source``'s images (matched by key when the file has keys)."""
-    meta: dict[str, Any] = {}
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as fh:
-            raw = (fh.metadata() or {}).get(META_KEY)
-        if raw:
-            import json
-
-            meta = json.loads(raw)
-            meta = meta if isinstance(meta, dict) else {}
     feats = given_features(path, source, None, "test-set")
     labels = torch.from_numpy(source.labels.astype("int64"))
     meta = {**meta, "dataset": source.name, "images_fingerprint": source.fingerprint()}
@@ -159,8 +146,9 @@ def model_features(name: str, spec: str, protocol: Protocol, out: Path, ex: Extr
     source: DataSource = protocol.source  # type: ignore[attr-defined]
     if not path.exists():
         raise DataError(f"{name}={spec}: not found (a model, or a feature file of the test set's images)")
-    if is_feature_file(path):
-        fs = _file_features(path, source)
+    meta = feature_file_meta(path)
+    if meta is not None:
+        fs = _file_features(path, meta, source)
     else:
         from bctkit.extract import extract_to_file
 

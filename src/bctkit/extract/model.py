@@ -5,7 +5,6 @@ carries its preprocessing (the saved spec, or the card's input), so images are r
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,6 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from bctkit.data.transforms import Preprocess, TransformConfig
@@ -21,7 +19,7 @@ from bctkit.errors import FileFormatError
 from bctkit.export import CARD_FORMAT, CARD_NAME, _onnx_runtime, input_shape, sha256_file
 from bctkit.models.backbones import BackboneConfig, build_backbone
 from bctkit.models.store import LoadedModel, fingerprint, freeze, load_model
-from bctkit.storage import META_KEY, load_tensors, read_json
+from bctkit.storage import load_tensors, read_header, read_json
 
 __all__ = ["EXPORT_PREFERENCE", "ExtractModel", "from_loaded", "open_model"]
 
@@ -59,7 +57,7 @@ def open_model(path: str | Path, device: torch.device) -> ExtractModel:
     if not p.is_file():
         raise FileFormatError(f"{p}: model not found")
     if p.suffix == ".safetensors":
-        if "architecture" in _header_meta(p) and (p.parent / CARD_NAME).is_file():
+        if "architecture" in read_header(p)[1] and (p.parent / CARD_NAME).is_file():
             return _exported(p.parent, p, device)
         return _bctkit_model(p, device)
     if p.suffix in (".pt", ".onnx"):
@@ -69,17 +67,6 @@ def open_model(path: str | Path, device: torch.device) -> ExtractModel:
         return _exported(p.parent, p, device)
     raise FileFormatError(f"{p}: not a model: expected a bctkit model (model.safetensors or its folder) or "
                           f"a bctkit export (model.pt, model.onnx or embedding.safetensors with {CARD_NAME})")
-
-
-def _header_meta(path: Path) -> dict[str, Any]:
-    """The bctkit metadata of a safetensors file, read from its header alone."""
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            raw = (fh.metadata() or {}).get(META_KEY)
-        meta = json.loads(raw) if raw else {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise FileFormatError(f"{path}: not a readable safetensors file ({_first_error(exc)})") from None
-    return meta if isinstance(meta, dict) else {}
 
 
 def _bctkit_model(path: Path, device: torch.device) -> ExtractModel:
