@@ -235,3 +235,16 @@ def test_a_feature_file_with_corrupt_metadata_is_one_line(world, capsys):
                  "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "corrupt bctkit metadata" in err and "\n" not in err
+
+
+def test_features_with_no_common_coordinates_are_refused_naming_the_files(world, capsys):
+    root = world[0]
+    np.save(root / "old8.npy", np.ones((60, 8), np.float32))
+    np.save(root / "new6.npy", np.ones((60, 6), np.float32))
+    code = main(["evaluate", "--protocol", "pairs", "--data", str(root / "toy.bin"), "--old",
+                 str(root / "old8.npy"), "--new", f"n={root / 'new6.npy'}", "--out", str(root / "bad4"),
+                 "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert f"model 'n' ({root / 'new6.npy'}): its 6-d features cannot be compared with the 8-d" in err
+    assert not (root / "bad4" / "report.json").exists()

@@ -143,7 +143,7 @@ def _split(args: argparse.Namespace) -> int:
     """Feature files of one labelled image set, the run's own split."""
     import torch
 
-    from bctkit.evaluation.protocols import EvalProtocol
+    from bctkit.evaluation.protocols import EvalProtocol, check_comparable
     from bctkit.evaluation.suite import evaluate_suite, load_feature_files, models_info_from_features
     from bctkit.features import load_features
 
@@ -152,7 +152,8 @@ def _split(args: argparse.Namespace) -> int:
     paths = {k: Path(v) for k, v in _named(args, lambda f: str(load_features(Path(f)).meta.get("model")
                                                                or Path(f).stem)).items()}
     features = load_feature_files(paths)
-    _check_comparable(features, paths, args.chain)
+    chain = [name for name in paths if name != "paragon"] if args.chain else None
+    check_comparable(features, chain, paths)
     labels = features["old"].labels
     per_class = int(torch.unique(labels, return_counts=True)[1].min())
     if args.gallery_per_class < 1 or args.gallery_per_class >= per_class:
@@ -170,26 +171,7 @@ def _split(args: argparse.Namespace) -> int:
     files = {k: str(v) for k, v in paths.items()}
     extra = {"dataset": f"{dataset}: {len(labels)} images", "feature_files": files}
     out = Path(args.out)
-    chain = [name for name in paths if name != "paragon"] if args.chain else None
     report = evaluate_suite(features, protocol, out, models_info_from_features(features), extra,
                             backfill=not args.no_backfill, chain=chain)
     print(f"report: {out}/report.md ({len(report['results'])} results)")
     return 0
-
-
-def _check_comparable(features: dict, paths: dict[str, Path], chain: bool) -> None:
-    """Every new model's features must be comparable with the model it claims compatibility with
-    (the old one; with --chain, the previous version): a cross test with no common coordinates would
-    leave the report silently without the numbers it exists for."""
-    from bctkit.evaluation.protocols import comparable
-
-    names = [n for n in paths if n != "paragon"]
-    for i, name in enumerate(names[1:], start=1):
-        ref = names[i - 1] if chain else "old"
-        if comparable(features[name], features[ref]) is None:
-            q, g = features[name], features[ref]
-            raise ConfigError(
-                f"--new {paths[name]}: its {q.dim}-d features cannot be compared with the {g.dim}-d "
-                f"features of {ref!r} ({paths[ref]}): neither file declares a compatible leading block "
-                "of the other's size (metadata compat_prefixes); a compatible model has the same size "
-                "or declares one")

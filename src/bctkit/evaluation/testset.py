@@ -24,7 +24,7 @@ import torch
 from bctkit.data.sources.base import DataSource
 from bctkit.engine.distributed import is_main
 from bctkit.errors import ConfigError, DataError, FileFormatError
-from bctkit.evaluation.protocols.base import Protocol
+from bctkit.evaluation.protocols.base import Protocol, check_comparable
 from bctkit.features import FeatureSet, load_features
 from bctkit.oldside.given import features_fingerprint, given_features
 from bctkit.storage import read_header
@@ -178,7 +178,7 @@ def evaluate_testset(protocol: Protocol, models: dict[str, str], out: Path, ex: 
     for name, spec in models.items():
         say(f"[features] {name}: {spec}")
         features[name] = model_features(name, spec, protocol, out, ex, progress)
-    _check_comparable(features, chain)
+    check_comparable(features, chain, models)
     if not is_main():
         return None
     extra = {"dataset": f"{protocol.dataset}: {len(protocol.source)} images",  # type: ignore[attr-defined]
@@ -186,17 +186,3 @@ def evaluate_testset(protocol: Protocol, models: dict[str, str], out: Path, ex: 
              "extraction": {"flip": ex.flip, "precision": ex.precision}}
     return evaluate_suite(features, protocol, out, models_info_from_features(features), extra,
                           backfill=False, chain=chain, log=say, progress=progress)
-
-
-def _check_comparable(features: dict[str, FeatureSet], chain: list[str] | None) -> None:
-    """Each new model must share coordinates with the model it claims compatibility with (the old
-    one; in a chain, the previous version), or its cross test would be missing from the report."""
-    from bctkit.evaluation.protocols.base import comparable
-
-    names = chain or [n for n in features if n != "paragon"]
-    for i, name in enumerate(names[1:], start=1):
-        ref = names[i - 1] if chain else "old"
-        if comparable(features[name], features[ref]) is None:
-            raise ConfigError(f"model {name!r}: its {features[name].dim}-d features cannot be compared with "
-                              f"the {features[ref].dim}-d features of {ref!r}: neither declares a compatible "
-                              "leading block of the other's size (compat_prefixes)")

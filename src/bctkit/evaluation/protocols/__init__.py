@@ -9,11 +9,12 @@ DukeMTMC-reID (:class:`ReIDProtocol`). The test-set protocols are imported from 
 from bctkit.evaluation.protocols.base import (
     PairResult,
     Protocol,
+    check_comparable,
     comparable,
     evaluate_models,
     rate_name,
 )
 from bctkit.evaluation.protocols.split import CMC_CURVE_RANKS, EvalProtocol, evaluate_pair
 
-__all__ = ["CMC_CURVE_RANKS", "EvalProtocol", "PairResult", "Protocol", "comparable", "evaluate_models",
-           "evaluate_pair", "rate_name"]
+__all__ = ["CMC_CURVE_RANKS", "EvalProtocol", "PairResult", "Protocol", "check_comparable", "comparable",
+           "evaluate_models", "evaluate_pair", "rate_name"]

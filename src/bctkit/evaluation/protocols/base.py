@@ -14,6 +14,7 @@ self/cross matrix that reports, plots and certificates are built from.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bctkit.errors import ConfigError
 from bctkit.features import FeatureSet
 
 
@@ -82,6 +84,27 @@ def comparable(query: FeatureSet, gallery: FeatureSet) -> tuple[torch.Tensor, to
     if q.shape[1] in gallery.compat_prefixes:
         return q, g[:, : q.shape[1]], f"gallery dims [0:{q.shape[1]}]"
     return None
+
+
+def check_comparable(features: dict[str, FeatureSet], chain: list[str] | None = None,
+                     given: Mapping[str, object] | None = None) -> None:
+    """Refuse a new model whose features share no coordinates with the model it claims compatibility
+    with (the old one; along ``chain``, the previous version): its cross test would silently be
+    missing from the report it exists for. ``given``: what each model was given as (a file or a
+    model path), named in the error."""
+    names = chain or [n for n in features if n != "paragon"]
+
+    def label(n: str) -> str:
+        return f"{n!r} ({given[n]})" if given is not None and n in given else repr(n)
+
+    for i, name in enumerate(names[1:], start=1):
+        ref = names[i - 1] if chain else "old"
+        if comparable(features[name], features[ref]) is None:
+            raise ConfigError(
+                f"model {label(name)}: its {features[name].dim}-d features cannot be compared with the "
+                f"{features[ref].dim}-d features of {label(ref)}: neither declares a compatible leading "
+                "block of the other's size (metadata compat_prefixes); a compatible model has the same "
+                "size or declares one")
 
 
 def evaluate_models(
