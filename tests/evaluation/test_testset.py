@@ -99,6 +99,14 @@ def test_pairs_with_models_equal_a_hand_computation(world):
     assert cert["criterion"]["metric"] == "acc10fold"  # the pair set's headline metric
     assert cert["criterion"]["cross"] == records(out, "new", "old")["acc10fold"]
     assert "acc10fold" in stored["matrices"]
+    md = (out / "report.md").read_text()  # every record shows in report.md: the headline with its mark
+    verification = md.split("### 1:1 verification", 1)[1].split("###", 1)[0]
+    new_row = next(ln for ln in verification.splitlines() if ln.startswith("| new |"))
+    assert verification.splitlines()[2].startswith("| model | acc10fold self | acc10fold cross |")
+    assert f"{100 * records(out, 'new', 'old')['acc10fold']:.2f} ✗" in new_row or \
+        f"{100 * records(out, 'new', 'old')['acc10fold']:.2f} ✓" in new_row
+    other = md.split("### Other measures (no criterion)", 1)[1].split("Protocols", 1)[0]
+    assert "acc10fold_std self" in other and "✓" not in other and "✗" not in other
     assert "## Compatibility certificates" in (out / "report.md").read_text()
 
 

@@ -18,9 +18,13 @@ from bctkit.storage import write_json, write_text
 
 GROUPS = (
     ("1:N identification", ("top", "tpir@")),
-    ("1:1 verification", ("tar@", "auc")),
+    ("1:1 verification", ("tar@", "auc", "acc")),
     ("Retrieval", ("map",)),
 )
+"""The self/cross tables: title and metric-name prefixes. Spreads and other measures that are not
+compatibility metrics (names in :data:`NOT_JUDGED`, or matched by no group) get one more table,
+without criterion marks, so no record of report.json is missing from report.md."""
+NOT_JUDGED = ("_std", "index_recall@")
 
 
 def report_dir(out: Path, split: str) -> Path:
@@ -59,7 +63,11 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     ] + [""]
 
 
-def _self_cross(report: dict[str, Any], metrics: list[str], old: str) -> list[str]:
+def _judged(metric: str) -> bool:
+    return not any(tag in metric for tag in NOT_JUDGED)
+
+
+def _self_cross(report: dict[str, Any], metrics: list[str], old: str, marks: bool = True) -> list[str]:
     records, compat = report["results"], report.get("compatibility", {})
     header = ["model"] + [f"{m} {side}" for m in metrics for side in ("self", "cross")]
     rows = []
@@ -72,7 +80,8 @@ def _self_cross(report: dict[str, Any], metrics: list[str], old: str) -> list[st
                 row.append("—")
                 continue
             cross = lookup(records, name, old, m)
-            mark = "" if cross is None or math.isnan(cross) else (" ✓" if info["criterion"] else " ✗")
+            mark = "" if not marks or cross is None or math.isnan(cross) else (
+                " ✓" if info["criterion"] else " ✗")
             row.append(fmt_percent(cross) + mark)
         rows.append(row)
     return markdown_table(header, rows)
@@ -110,10 +119,14 @@ def markdown(report: dict[str, Any]) -> str:
         "n/m = not measurable with this many impostor pairs.",
         "",
     ]
+    judged = [m for m in metrics if _judged(m)]
     for title, prefixes in GROUPS:
-        group = [m for m in metrics if m.startswith(prefixes)]
+        group = [m for m in judged if m.startswith(prefixes)]
         if group:
             lines += [f"### {title}", ""] + _self_cross(report, group, old)
+    rest = [m for m in metrics if not (_judged(m) and m.startswith(tuple(p for _, g in GROUPS for p in g)))]
+    if rest:
+        lines += ["### Other measures (no criterion)", ""] + _self_cross(report, rest, old, marks=False)
     protocols: dict[str, int] = {}
     for r in records:
         protocols.setdefault(r["protocol"].split(";")[0], r["n"])
