@@ -3,6 +3,7 @@ bctkit model (also in a Python without bctkit), the card's fields and report, an
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import json
@@ -274,7 +275,7 @@ def test_export_that_does_not_reproduce_the_model_is_refused(
     monkeypatch.setattr(export, "embedding_network", perturbed)
     with pytest.raises(FileFormatError, match="differ from PyTorch's"):
         export_model(model, fmt, tmp_path / "o")
-    assert list((tmp_path / "o").iterdir()) == []
+    assert not (tmp_path / "o").exists()  # nothing written, not even the folder
 
 
 def test_iresnet18_exports(tmp_path: Path) -> None:
@@ -305,3 +306,19 @@ def test_iresnet18_exports(tmp_path: Path) -> None:
         session = onnxruntime.InferenceSession(str(files.file), providers=["CPUExecutionProvider"])
         got = session.run(["embedding"], {"input": x.numpy()})[0]
         assert np.abs(got - ref.numpy()).max() < bound
+
+
+def test_folder_without_a_model_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "m").mkdir()
+    err = _cli_error(capsys, str(tmp_path / "m"), "--format", "safetensors", "--out", str(tmp_path / "o"))
+    assert "holds no model.safetensors" in err and not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_leaves_no_output_folder(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_space(path: Path, *_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("bctkit.export.save_tensors", no_space)
+    err = _cli_error(capsys, str(model), "--format", "safetensors", "--out", str(tmp_path / "o"))
+    assert "No space left on device" in err and not (tmp_path / "o").exists()

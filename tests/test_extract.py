@@ -5,6 +5,7 @@ bad input through the CLI."""
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -21,7 +22,7 @@ from bctkit.data.sources.imagefolder import ImageFolderSource
 from bctkit.data.sources.recordio_writer import write_insightface
 from bctkit.errors import FileFormatError
 from bctkit.export import export_model
-from bctkit.extract import extract_to_file
+from bctkit.extract import extract_to_file, partial_dir
 from bctkit.features import load_features
 from bctkit.models.backbones import BackboneConfig, build_backbone
 from bctkit.models.heads import HeadConfig, build_head
@@ -310,7 +311,7 @@ RESUME_WORKER = """
 import sys, time
 from pathlib import Path
 from bctkit.data.sources.imagefolder import ImageFolderSource
-from bctkit.extract import extract_to_file
+from bctkit.extract import extract_to_file, partial_dir
 
 class Slow(ImageFolderSource):
     reads = 0
@@ -366,3 +367,39 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(setup, tmp_path):
     whole = run(tmp_path / "whole" / "f.safetensors", 0.0)
     assert whole.wait(timeout=120) == 0, whole.stderr.read()
     assert out.read_bytes() == (tmp_path / "whole" / "f.safetensors").read_bytes()
+
+
+def _no_space(path, *_args, **_kwargs):
+    """A write on a full disk: its folder is made, then the write fails."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def test_a_full_disk_leaves_no_partial_folder(setup, tmp_path, capsys, monkeypatch):
+    model, data, _ = setup
+    monkeypatch.setattr("bctkit.extract.run.write_json", _no_space)
+    err = _cli_error(capsys, str(model), str(data), "--out", str(tmp_path / "o.safetensors"))
+    assert "No space left on device" in err
+    assert not list(tmp_path.glob("o.safetensors*"))
+
+
+def test_chunks_of_other_settings_go_once_the_file_is_written(setup, tmp_path):
+    """An interrupted run with another batch size left its chunks: the finished file removes them."""
+    model, data, _ = setup
+    out = tmp_path / "o.safetensors"
+    stale = partial_dir(out, "0123456789abcdef")
+    stale.mkdir()
+    (stale / "plan.json").write_text("{}")
+    (stale / "chunk-000000.safetensors").write_bytes(b"x")
+    other = tmp_path / "o2.safetensors.partial-0123456789abcdef"  # another output's: kept
+    other.mkdir()
+    extract_to_file(model, data, out, batch_size=4, chunk_batches=1, device="cpu", progress=False)
+    assert out.is_file() and not list(tmp_path.glob("o.safetensors.partial-*")) and other.is_dir()
+
+
+def test_device_error_names_the_option(setup, tmp_path, capsys):
+    model, data, _ = setup
+    out = str(tmp_path / "o.safetensors")
+    assert main(["extract", str(model), str(data), "--out", out, "--device", "tpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--device='tpu'" in err and "train.device" not in err

@@ -161,4 +161,20 @@ def test_bad_input_is_one_line(formats, tmp_path, capsys):
         err = lines[-1]
         assert err.startswith("bctkit: error:") and sum(ln.startswith("bctkit:") for ln in lines) == 1, lines
         assert re.search(message, err), err
-        assert not (tmp_path / f"bad{i}" / "models").exists()
+        out = tmp_path / f"bad{i}"
+        assert not out.exists() or not any(out.rglob("*")), sorted(map(str, out.rglob("*")))  # nothing
+
+
+def test_a_failed_rerun_keeps_the_previous_config(formats, tmp_path, capsys):
+    """A run that fails before writing any model restores the config.json it replaced."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text('{"previous": true}')
+    grey = tree(sections(formats)["list"])
+    grey["data"]["transform"] = {}  # the first image is colour, a later one grey: fails in training
+    path = tmp_path / "grey.yaml"
+    path.write_text(yaml.safe_dump(grey))
+    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 2
+    assert "the first image is 3x16x16" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == '{"previous": true}'
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]

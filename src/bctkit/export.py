@@ -55,13 +55,27 @@ def export_model(model_path: str | os.PathLike[str], fmt: str, out: str | os.Pat
     if fmt == "onnx":
         _onnx_runtime()
     path = Path(model_path)
-    if path.is_dir() and (path / "model.safetensors").is_file():
+    if path.is_dir():
+        if not (path / "model.safetensors").is_file():
+            raise FileFormatError(f"{path}: not a model folder: it holds no model.safetensors (export "
+                                  "takes a run's models/<name>/ or its model.safetensors)")
         path = path / "model.safetensors"
     loaded = load_model(path)
     if loaded.backbone is None:
         raise ConfigError(f"{path}: the model has no network (an old model known by its features only); "
                           "there is nothing to export")
+    made = not Path(out).exists()
     out = _output_dir(Path(out))
+    try:
+        return _export_into(path, loaded, fmt, out)
+    except BaseException:
+        if made and not any(out.iterdir()):  # a failed export leaves no empty folder behind
+            out.rmdir()
+        raise
+
+
+def _export_into(path: Path, loaded: LoadedModel, fmt: str, out: Path) -> ExportedFiles:
+    """:func:`export_model` once its output folder exists."""
     target = out / FILES[fmt]
     if target.resolve() == path.resolve():
         raise ConfigError(f"--out {out}: the export would replace the model file {path}; "

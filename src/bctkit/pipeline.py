@@ -37,7 +37,7 @@ from bctkit.models.store import LoadedModel, load_model, save_model
 from bctkit.oldside.external import preprocess_of
 from bctkit.prechecks import check_devices, check_inputs
 from bctkit.runkeys import KEY, config_differences, model_seed, read_config, run_key
-from bctkit.storage import write_json
+from bctkit.storage import write_json, write_text
 from bctkit.training import TrainConfig, train_model
 from bctkit.training.checkpoint import checkpoint_run_id
 
@@ -273,9 +273,8 @@ class Run:
         cfg, out = self.cfg, self.out
         reports = report_dir(out, cfg.evaluation.split)
         self.previous_config = read_config(reports / "config.json")  # before this run replaces it
-        if is_main():
-            reports.mkdir(parents=True, exist_ok=True)
-            write_json(reports / "config.json", cfg.model_dump(mode="json"))
+        self.reports, started = reports, time.time() - 1.0  # file times may lag the clock a little
+        kept = (reports / "config.json").read_text() if (reports / "config.json").is_file() else None
         with rank0_first():  # rank 0 fills the scan and render caches the other ranks then read
             data = load_data(cfg.data, progress=self.progress, split=cfg.evaluation.split)
         pool, eval_set = data.pool, data.held_out
@@ -284,8 +283,38 @@ class Run:
         self.log(f"[data] {pool.name}: {len(pool)} images, {pool.num_classes} classes; "
                  f"{cfg.evaluation.split} {len(eval_set)} images, {eval_set.num_classes} held-out classes"
                  + (f"; {data.notes}" if data.notes else ""))
-        models, chain, how = self.train_models(feed, eval_set)
+        try:
+            models, chain, how = self.train_models(feed, eval_set)
+        except BaseException:
+            if is_main() and not self.wrote_since(started):
+                self.undo_config(kept)
+            raise
         return self.evaluate(models, chain, how, feed.with_source(eval_set), data, reports)
+
+    def write_config(self) -> None:
+        """Record the run's config in its report folder: the first file a run writes, once its data
+        loaded and its pre-checks passed, so a run refused on bad input leaves nothing behind."""
+        if is_main():
+            self.reports.mkdir(parents=True, exist_ok=True)
+            write_json(self.reports / "config.json", self.cfg.model_dump(mode="json"))
+
+    def wrote_since(self, started: float) -> bool:
+        """Whether the run has written a model or checkpoint file since ``started`` (time.time())."""
+        models = self.out / "models"
+        return models.is_dir() and any(p.is_file() and p.stat().st_mtime >= started
+                                       for p in models.rglob("*"))
+
+    def undo_config(self, kept: str | None) -> None:
+        """A run that failed before it wrote any model leaves the folder as it found it: the config
+        it replaced back (or none), and the folders it made removed while empty."""
+        path = self.reports / "config.json"
+        if kept is not None:
+            write_text(path, kept)
+            return
+        path.unlink(missing_ok=True)
+        for folder in (self.reports, self.out):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
     def train_models(self, feed: Feed, eval_set: DataSource
                      ) -> tuple[dict[str, LoadedModel], list[str] | None, dict[str, Any]]:
@@ -294,6 +323,7 @@ class Run:
         cfg, pool = self.cfg, feed.source
         check_inputs(cfg, feed.input_shape)
         check_identities(pool, cfg.allocation.scenario, eval_set, cfg.evaluation.gallery_per_class)
+        self.write_config()
         alloc = allocate(pool.labels, cfg.allocation.scenario, cfg.allocation.ratio, cfg.allocation.seed)
         self.log(f"[allocation] {alloc.summary()}")
         old_set = feed.with_source(pool.subset(alloc.old_indices, alloc.old_labels))

@@ -63,6 +63,7 @@ class UpgradeRun(Run):
                               "(the next run's old.source: checkpoint is this run's new model)")
         check_inputs(cfg, feed.input_shape, sides=("new",))
         check_identities(pool, "upgrade", eval_set, cfg.evaluation.gallery_per_class)
+        self.write_config()
         old, new_to_old = self.import_old(feed, eval_set)
         source = (f"checkpoint {cfg.old.weights}" if cfg.old.source == "checkpoint"
                   else f"features {cfg.old.features.train if cfg.old.features else ''}")

@@ -26,10 +26,11 @@ class Engine:
     precision: Precision
 
     @classmethod
-    def create(cls, device: str = "auto", precision: PrecisionName = "fp32") -> Engine:
+    def create(cls, device: str = "auto", precision: PrecisionName = "fp32", field: str = "train.device"
+               ) -> Engine:
         """Resolve ``device`` for this process and join torchrun's process group when launched with
-        several processes."""
-        dev = resolve_device(device, D.local_rank(), D.launched_world())
+        several processes. ``field`` names the device option in errors."""
+        dev = resolve_device(device, D.local_rank(), D.launched_world(), field=field)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         D.init_from_env(dev)

@@ -7,7 +7,9 @@ export's format and file hash), the source's fingerprint, the flip test, the pre
 type (a CPU rounds otherwise than a GPU), the batch size and the chunk size. A rerun with the same
 inputs skips the chunks already there, so a killed extraction continues where it stopped, and the
 final file is the same, byte for byte, as one uninterrupted run: every batch is the same batch,
-whatever was done before.
+whatever was done before. Once the file is written, the partial folders of every extraction into
+the same file go, including those an interrupted run with other settings (say another batch size)
+left; a run that fails before finishing its first chunk leaves no partial folder.
 
 Under torchrun each rank embeds a contiguous share of every chunk's batches (whole batches, so each
 image goes through the network in the same batch as in one process); rank 0 gathers the chunk,
@@ -17,10 +19,12 @@ folder.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +106,7 @@ def extract_to_file(model: str | os.PathLike[str], data: str | os.PathLike[str] 
     if batch_size < 1 or chunk_batches < 1:
         raise ConfigError(f"--batch-size {batch_size} and --chunk-batches {chunk_batches} must be >= 1")
     _check_out(out)
-    engine = Engine.create(device, precision)
+    engine = Engine.create(device, precision, field="--device")
     net = open_model(model, engine.device)
     source = data if isinstance(data, DataSource) else open_data(data)
     feed = Feed(source, net.preprocess, workers, pin_memory=engine.device.type == "cuda")
@@ -112,30 +116,44 @@ def extract_to_file(model: str | os.PathLike[str], data: str | os.PathLike[str] 
     parts = partial_dir(out, key)
     n, rows_per_chunk = len(source), batch_size * chunk_batches
     chunks = [(s, min(s + rows_per_chunk, n)) for s in range(0, n, rows_per_chunk)]
-    done = None
-    if is_main():
-        write_json(parts / "plan.json", {"key": key, "out": str(out), "rows": n, "chunk_rows": rows_per_chunk,
-                                         "chunks": len(chunks), "meta": meta})
-        done = [k for k, rows in enumerate(chunks) if _chunk_ok(parts, k, rows, key, net.dim)]
-    done = set(broadcast_object(done))
-    with tqdm(total=n, initial=sum(b - a for k, (a, b) in enumerate(chunks) if k in done), unit="img",
-              desc="extract", disable=not (progress and is_main())) as bar:
-        for k, rows in enumerate(chunks):
-            if k in done:
-                continue
-            feats = gather_rows(_chunk_share(net, feed, rows, batch_size, flip, engine))
-            if feats is not None:
-                save_tensors(_chunk_path(parts, k), {"feats": feats},
-                             {"key": key, "chunk": k, "rows": list(rows)})
-                bar.update(rows[1] - rows[0])
+    plan = {"key": key, "out": str(out), "rows": n, "chunk_rows": rows_per_chunk, "chunks": len(chunks),
+            "meta": meta}
+    try:
+        _write_chunks(parts, chunks, key, plan, net.dim, progress,
+                      lambda rows: _chunk_share(net, feed, rows, batch_size, flip, engine))
+    except BaseException:
+        if is_main() and not any(parts.glob("chunk-*.safetensors")):  # nothing to resume from
+            shutil.rmtree(parts, ignore_errors=True)
+        raise
     if is_main():
         feats = torch.empty((n, net.dim), dtype=torch.float32)
         for k, (a, b) in enumerate(chunks):
             feats[a:b] = _read_chunk(parts, k)
         FeatureSet(feats, torch.from_numpy(source.labels.astype(np.int64)), meta, row_keys(source)).save(out)
-        shutil.rmtree(parts, ignore_errors=True)
+        for folder in out.parent.glob(f"{glob.escape(out.name)}.partial-*"):  # also other settings' chunks
+            shutil.rmtree(folder, ignore_errors=True)
     barrier()
     return out
+
+
+def _write_chunks(parts: Path, chunks: list[tuple[int, int]], key: str, plan: dict[str, Any], dim: int,
+                  progress: bool, embed: Callable[[tuple[int, int]], torch.Tensor]) -> None:
+    """Embed (``embed(rows)``: this rank's share) and write every chunk not already in ``parts``."""
+    done = None
+    if is_main():
+        write_json(parts / "plan.json", plan)
+        done = [k for k, rows in enumerate(chunks) if _chunk_ok(parts, k, rows, key, dim)]
+    done = set(broadcast_object(done))
+    with tqdm(total=plan["rows"], initial=sum(b - a for k, (a, b) in enumerate(chunks) if k in done),
+              unit="img", desc="extract", disable=not (progress and is_main())) as bar:
+        for k, rows in enumerate(chunks):
+            if k in done:
+                continue
+            feats = gather_rows(embed(rows))
+            if feats is not None:
+                save_tensors(_chunk_path(parts, k), {"feats": feats},
+                             {"key": key, "chunk": k, "rows": list(rows)})
+                bar.update(rows[1] - rows[0])
 
 
 def _check_out(out: Path) -> None:
