@@ -200,7 +200,7 @@ class GalleryStore(Transactions):
         with self._read() as conn:
             if settled(conn):
                 return
-        with self._write() as conn:  # checked again inside: another process may have declared it
+        with self._write("add_version") as conn:  # checked again inside: another process may have declared it
             if not settled(conn):
                 conn.execute("INSERT OR IGNORE INTO versions (fingerprint, name, dim, layout) "
                              "VALUES (?, ?, ?, ?)", (fingerprint, name, int(dim), layout_json))
@@ -218,7 +218,7 @@ class GalleryStore(Transactions):
         one is taken; one certificate per ordered pair (a new one replaces the pair's old one)."""
         with self._read() as conn:
             q, g, sha, body = check_certificate(conn, cert)
-        with self._write() as conn:
+        with self._write("add_certificate") as conn:
             conn.execute("DELETE FROM certificates WHERE query_vid=? AND gallery_vid=?", (q.vid, g.vid))
             conn.execute("INSERT INTO certificates (query_vid, gallery_vid, sha256, body) "
                          "VALUES (?, ?, ?, ?)", (q.vid, g.vid, sha, body))
@@ -258,7 +258,7 @@ class GalleryStore(Transactions):
             metas = [to_json(m, "add: metadata") for m in metadata]
         if not ids:
             return
-        with self._write() as conn:
+        with self._write("add") as conn:
             found = self._view.lookup(ids, hashed) >= 0
             if found.any():
                 taken = [i for i, f in zip(ids, found.tolist(), strict=True) if f]
@@ -279,7 +279,7 @@ class GalleryStore(Transactions):
         vec = check_vectors(vectors, len(ids), v, "replace")
         if not ids:
             return
-        with self._write() as conn:
+        with self._write("replace") as conn:
             keys, vids = self._take(conn, ids, hashed, "replace")
             self._pending += write_segments(conn, v.vid, keys, vec)
             conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
@@ -296,7 +296,7 @@ class GalleryStore(Transactions):
         ids, hashed = check_ids(ids, "delete")
         if not ids:
             return
-        with self._write() as conn:
+        with self._write("delete") as conn:
             keys, vids = self._take(conn, ids, hashed, "delete")
             self._pending += write_segments(conn, None, keys, None)
 
