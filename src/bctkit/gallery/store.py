@@ -327,6 +327,16 @@ class GalleryStore(Transactions):
                     out[w] = row
             return out, versions
 
+    def find(self, ids: Sequence[str]) -> list[str | None]:
+        """The version of each of ``ids``, None for an id no item has (unknown ids are not refused)."""
+        ids, hashed = check_ids(ids, "find")
+        with self._read() as conn:
+            keys = self._view.lookup(ids, hashed)
+            fps = {x.vid: x.fingerprint for x in read_versions(conn)}
+            vids = np.full(len(keys), -1, np.int64)
+            vids[keys >= 0] = self._view.vid[keys[keys >= 0]]
+            return [fps[u] if u >= 0 else None for u in vids.tolist()]
+
     def metadata(self, ids: Sequence[str]) -> list[dict]:
         """The metadata dict of each id ({} when none was given)."""
         ids = list(ids)
