@@ -1,10 +1,12 @@
 """Kill a process at a defined point of a gallery store transaction (the store's test events, see
 :mod:`bctkit.gallery.transactions`), not after a time: the same point however loaded the machine is."""
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bctkit.gallery.transactions import EVENTS_ENV, STOP_ENV
@@ -12,9 +14,10 @@ from bctkit.gallery.transactions import EVENTS_ENV, STOP_ENV
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def kill_at(cmd: list[str], stop: str, scratch: Path) -> list[str]:
-    """Run ``cmd``; once it reports the store event ``stop`` (e.g. ``"add written 3"``) it waits
-    there and is SIGKILLed. Returns the events it reported; fails when it exits before ``stop``."""
+@contextlib.contextmanager
+def stopped_at(cmd: list[str], stop: str, scratch: Path) -> Iterator[list[str]]:
+    """Run ``cmd`` until it reports the store event ``stop`` (e.g. ``"add written 3"``), where it
+    waits; yields the events it reported, then SIGKILLs it. Fails when it exits before ``stop``."""
     scratch.mkdir(parents=True, exist_ok=True)
     n = len(list(scratch.glob("events-*")))
     events, log = scratch / f"events-{n}", scratch / f"stderr-{n}"
@@ -26,14 +29,22 @@ def kill_at(cmd: list[str], stop: str, scratch: Path) -> list[str]:
         while True:
             seen = events.read_text().splitlines() if events.exists() else []
             if stop in seen:
-                proc.send_signal(signal.SIGKILL)
-                assert proc.wait() == -signal.SIGKILL
-                return seen
+                break
             assert proc.poll() is None, f"exited ({proc.returncode}) before {stop!r}: " \
                                         f"{seen[-3:]} {log.read_text()[-1500:]}"
             assert time.monotonic() < deadline, f"no {stop!r} event"
             time.sleep(0.01)
+        yield seen
+        assert proc.poll() is None, "left its stop"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def kill_at(cmd: list[str], stop: str, scratch: Path) -> list[str]:
+    """Run ``cmd`` and SIGKILL it once it reports the store event ``stop``; the events it reported."""
+    with stopped_at(cmd, stop, scratch) as seen:
+        return seen

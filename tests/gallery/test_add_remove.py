@@ -148,3 +148,27 @@ def test_remove(world, capsys):
     assert "added 4 items" in capsys.readouterr().out
     with GalleryStore.open(store) as s:
         assert sorted(s.ids()) == sorted(f"p{k}/{j}.png" for k in range(6) for j in range(3))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--limit", "-5"], "backfill: limit must be an integer >= 0, got -5"),
+    (["--batch-size", "0"], "backfill: batch size must be an integer >= 1, got 0"),
+    (["--images", "MISSING"], "no image for 18 gallery item(s)")])
+def test_a_backfill_refused_is_one_line_and_writes_nothing(world, capsys, extra, message):
+    root, old = world
+    new = tiny_model(root / "new.safetensors", 12, 2)
+    store = root / "store"
+    assert main(["gallery", "create", str(store)]) == 0
+    assert main(add_cmd(store, old, root / "gallery")) == 0
+    before = digest(store)
+    if "MISSING" in extra:  # another image folder: none of the items' images
+        other = root / "other" / "q"
+        other.mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8), "L").save(other / "x.png")
+        extra = ["--images", str(root / "other")]
+    capsys.readouterr()
+    argv = ["gallery", "backfill", str(store), "--model", str(new), "--images", str(root / "gallery")]
+    assert main([*argv, "--quiet", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and message in err, err
+    assert digest(store) == before

@@ -2,6 +2,7 @@
 ending exactly where an uninterrupted run ends (ids, versions, vectors bit for bit)."""
 
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,13 @@ import torch
 from bctkit.data.sources import ArraySource
 from bctkit.errors import DataError
 from bctkit.gallery.backfill import backfill, backfill_order
+from bctkit.gallery.checks import GalleryError
 from bctkit.gallery.cli import expected_accuracy
 from bctkit.gallery.store import GalleryStore
 from bctkit.models.backbones import BackboneConfig, build_backbone
 from bctkit.models.heads import HeadConfig
 from bctkit.models.store import load_model, save_model
-from tests.gallery.crash import kill_at
+from tests.gallery.crash import kill_at, stopped_at
 
 N, DIM_OLD, DIM_NEW = 20_000, 8, 12
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,6 +106,28 @@ def test_killed_and_restarted_backfill_ends_as_an_uninterrupted_one(world, tmp_p
     assert ids_a == ids_b == [str(i) for i in range(N)]
     assert ver_a == ver_b == [new_fp] * N
     assert vec_a.dtype == vec_b.dtype == np.float32 and np.array_equal(vec_a, vec_b)
+
+
+def test_a_second_backfill_is_refused_while_one_runs(world, tmp_path):
+    """Two backfills together would re-embed the same items twice: while one runs (stopped after its
+    first commit, in another process) a second is refused, writing nothing; killed, the first
+    leaves no lock behind, and the store ends with every item re-embedded exactly once."""
+    root, new_path = world
+    path = copy_store(root, "two")
+    model = load_model(new_path)
+    with stopped_at(worker(path, new_path, root), "replace committed 1", tmp_path):
+        before = (path / "gallery.sqlite").read_bytes()
+        with GalleryStore.open(path) as store, pytest.raises(GalleryError, match="another backfill is"):
+            backfill(store, model, images(root), batch_size=5000, progress=False)
+        assert (path / "gallery.sqlite").read_bytes() == before
+    with GalleryStore.open(path) as store:
+        assert store.count(model.fingerprint) == 500
+        res = backfill(store, model, images(root), order="random", seed=3, batch_size=5000, progress=False)
+        assert (res.embedded, res.already) == (N - 500, 500) and store.count(model.fingerprint) == N
+    conn = sqlite3.connect(path / "gallery.sqlite")
+    (embedded,) = conn.execute("SELECT sum(n) FROM segments WHERE vid IS NOT NULL AND ids IS NULL").fetchone()
+    conn.close()
+    assert embedded == N  # re-embeddings committed: one per item
 
 
 def test_orders_and_partial_runs(world):
