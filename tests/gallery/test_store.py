@@ -251,3 +251,34 @@ def test_open_while_another_process_commits_never_sees_a_truncated_file(store_pa
         proc.wait()
     grown = sorted(set(counts))
     assert len(grown) >= 3 and all((c - 5) % 20000 == 0 for c in grown)  # whole commits only
+
+
+def test_a_stored_vector_damaged_on_disk_is_named_not_searched_as_an_empty_place(tmp_path: Path,
+                                                                                  capsys) -> None:
+    """16 bytes of one item's stored vector overwritten (NaN): status, get and search name the item
+    (status exits 2 with one line) instead of reporting OK and dropping it from results."""
+    from bctkit.cli import main
+
+    path = tmp_path / "g"
+    items = vecs(300, 8, 4)
+    with GalleryStore.create(path) as store:
+        store.add_version("v", 8)
+        store.add([f"x{i}" for i in range(300)], items, "v")
+    db = path / "gallery.sqlite"
+    data = db.read_bytes()
+    at = data.index(items[123].tobytes())
+    assert data.count(items[123].tobytes()) == 1
+    damaged = data[:at + 8] + np.full(4, np.nan, np.float32).tobytes() + data[at + 24:]
+    db.write_bytes(damaged)
+    capsys.readouterr()
+    assert main(["gallery", "status", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "1 damaged item(s): vectors holding NaN or Inf: 'x123'" in err
+    with GalleryStore.open(path) as store:
+        for call in (lambda: store.search(items[:2], "v", 5), lambda: store.get(["x1", "x123"]),
+                     store.verify):
+            with pytest.raises(FileFormatError, match="damaged item.*'x123'") as info:
+                call()
+            assert "\n" not in str(info.value)
+        assert store.get(["x1", "x122"])[0].shape == (2, 8)  # the other items stay readable
+    assert db.read_bytes() == damaged  # nothing written

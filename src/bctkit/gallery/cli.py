@@ -181,6 +181,7 @@ def _shares(store: Any) -> str:
 
 
 def _status(store: Any, report: str | None) -> int:
+    store.verify()  # reads every vector: a damaged item is named (exit 2), not reported as OK
     print(f"gallery: {store.count()} items; {_shares(store)}")
     if report:
         for line in expected_accuracy(store, read_json(report)):

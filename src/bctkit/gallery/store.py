@@ -66,7 +66,7 @@ from bctkit.gallery.schema import (
     connect,
 )
 from bctkit.gallery.search import SearchResult, search_items
-from bctkit.gallery.segments import Pending, View, write_segments
+from bctkit.gallery.segments import Pending, View, damaged, write_segments
 from bctkit.gallery.transactions import Transactions
 from bctkit.storage import _fsync_dir
 
@@ -319,11 +319,12 @@ class GalleryStore(Transactions):
             if not len(keys):
                 return np.zeros((0, 0), np.float32), versions
             if (dims == dims[0]).all():
-                return self._view.vectors(conn, keys, int(dims[0])), versions
+                return self._view.vectors(conn, keys, int(dims[0]), self._db), versions
             out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(keys)
             for d in np.unique(dims).tolist():
                 where = np.flatnonzero(dims == d)
-                for w, row in zip(where.tolist(), self._view.vectors(conn, keys[where], d), strict=True):
+                for w, row in zip(where.tolist(), self._view.vectors(conn, keys[where], d, self._db),
+                                  strict=True):
                     out[w] = row
             return out, versions
 
@@ -356,6 +357,22 @@ class GalleryStore(Transactions):
             vid = None if version is None else find_version(conn, version, "ids").vid
             return self._view.ids_of(self._view.live(vid))
 
+    def verify(self) -> None:
+        """Read every item's vector and refuse the store, naming the damaged items, when one holds
+        NaN or Inf (bytes changed on disk: SQLite keeps no checksums and an open reads no vectors).
+        Reads the store once, in bounded memory; writes nothing."""
+        step = 1 << 16
+        bad: list[str] = []
+        with self._read() as conn:
+            for v in read_versions(conn):
+                keys = self._view.live(v.vid)
+                for s in range(0, len(keys), step):
+                    part = keys[s : s + step]
+                    bad += self._view.ids_of(part[damaged(self._view.raw_vectors(conn, part, v.dim))])
+        if bad:
+            raise FileFormatError(f"{self._db}: corrupt gallery store ({len(bad)} damaged item(s): vectors "
+                                  f"holding NaN or Inf: {few(bad)})")
+
     # ---- search -----------------------------------------------------------------------------------
 
     def search(self, queries: np.ndarray, version: str, k: int) -> SearchResult:
@@ -363,4 +380,4 @@ class GalleryStore(Transactions):
         version on all coordinates, another one only through a stored passed certificate (query
         ``version`` -> gallery that version) on its dims; cosine scores, ties to the earlier item."""
         with self._read() as conn:
-            return search_items(conn, self._indexes, self._view, version, queries, k)
+            return search_items(conn, self._indexes, self._view, version, queries, k, self._db)
