@@ -21,7 +21,8 @@ The FAISS indexes are derived data (:mod:`bctkit.gallery.indexes`): built in mem
 search that needs them, kept in sync after each of this process's commits, and dropped and rebuilt
 when the file's commit counter shows another process committed. Large ones are also written to
 ``<store>/indexes/``, tagged with the commit counter and item count, and read back by a later open
-at the same commit instead of being rebuilt; a stale or unreadable one is simply rebuilt.
+at the same commit instead of being rebuilt; a stale or unreadable one, or one whose record does
+not match this store's items and its own file, is simply rebuilt.
 
 Opening checks the file (:mod:`bctkit.gallery.schema`) and writes nothing. Every error is one line:
 bad input, unknown ids or versions and refused searches raise :class:`GalleryError`; a missing,
