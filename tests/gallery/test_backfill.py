@@ -1,12 +1,10 @@
 """Backfill: the order rules, partial runs, and a run SIGKILLed at random moments and restarted
 ending exactly where an uninterrupted run ends (ids, versions, vectors bit for bit)."""
 
-import random
 import shutil
-import signal
+import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +14,13 @@ import torch
 from bctkit.data.sources import ArraySource
 from bctkit.errors import DataError
 from bctkit.gallery.backfill import backfill, backfill_order
+from bctkit.gallery.checks import GalleryError
 from bctkit.gallery.cli import expected_accuracy
 from bctkit.gallery.store import GalleryStore
 from bctkit.models.backbones import BackboneConfig, build_backbone
 from bctkit.models.heads import HeadConfig
 from bctkit.models.store import load_model, save_model
+from tests.gallery.crash import kill_at, stopped_at
 
 N, DIM_OLD, DIM_NEW = 20_000, 8, 12
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,43 +79,55 @@ def worker(store: Path, model: Path, root: Path) -> list[str]:
             str(root / "images.npy")]
 
 
-def test_killed_and_restarted_backfill_ends_as_an_uninterrupted_one(world):
+KILLS = ["replace written 2", "replace committed 1", "replace begin 4", "replace written 1",
+         "replace committed 3"]
+"""Where each run is killed: after 1, 1, 3, 0 and 3 more committed batches of 500."""
+
+
+def test_killed_and_restarted_backfill_ends_as_an_uninterrupted_one(world, tmp_path):
     root, new_path = world
     ref = copy_store(root, "ref")
-    t0 = time.perf_counter()
     with GalleryStore.open(ref) as store:
         res = backfill(store, load_model(new_path), images(root), order="random", seed=3, batch_size=500,
                        progress=False)
-    took = time.perf_counter() - t0
     assert (res.embedded, res.already, res.batches) == (N, 0, N // 500)
     killed = copy_store(root, "killed")
-    rnd = random.Random(7)
-    kills, partial = 0, []
     new_fp = load_model(new_path).fingerprint
-    for _ in range(5):
-        proc = subprocess.Popen(worker(killed, new_path, root), stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        before = partial[-1] if partial else 0
-        target = before + 500 * rnd.randint(1, 4)  # kill after 1-4 commits of this run (progress, not
-        while proc.poll() is None:  # time: a loaded machine must not let the run finish first)
-            with GalleryStore.open(killed) as store:  # the run declares its version once it starts
-                if store.versions().get(new_fp, {}).get("count", 0) >= target:
-                    break
-            time.sleep(0.005)
-        time.sleep(rnd.uniform(0.0, 0.01 * took))  # and somewhere inside the next batch
-        proc.send_signal(signal.SIGKILL)
-        kills += proc.wait() == -signal.SIGKILL
+    partial = []
+    for stop in KILLS:  # killed at a defined point of a batch's commit, not after a time
+        kill_at(worker(killed, new_path, root), stop, tmp_path)
         with GalleryStore.open(killed) as store:  # opens after the kill, holding whole batches only
             partial.append(store.count(new_fp))
+    assert partial == [500, 1000, 2500, 2500, 4000]
     done = subprocess.run(worker(killed, new_path, root), capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and "finished" in done.stdout, done.stderr[-2000:]
-    assert kills >= 3  # most kills landed while the backfill ran
-    assert all(c % 500 == 0 for c in partial) and any(0 < c < N for c in partial), partial
     ids_a, ver_a, vec_a = state(ref)
     ids_b, ver_b, vec_b = state(killed)
     assert ids_a == ids_b == [str(i) for i in range(N)]
     assert ver_a == ver_b == [new_fp] * N
     assert vec_a.dtype == vec_b.dtype == np.float32 and np.array_equal(vec_a, vec_b)
+
+
+def test_a_second_backfill_is_refused_while_one_runs(world, tmp_path):
+    """Two backfills together would re-embed the same items twice: while one runs (stopped after its
+    first commit, in another process) a second is refused, writing nothing; killed, the first
+    leaves no lock behind, and the store ends with every item re-embedded exactly once."""
+    root, new_path = world
+    path = copy_store(root, "two")
+    model = load_model(new_path)
+    with stopped_at(worker(path, new_path, root), "replace committed 1", tmp_path):
+        before = (path / "gallery.sqlite").read_bytes()
+        with GalleryStore.open(path) as store, pytest.raises(GalleryError, match="another backfill is"):
+            backfill(store, model, images(root), batch_size=5000, progress=False)
+        assert (path / "gallery.sqlite").read_bytes() == before
+    with GalleryStore.open(path) as store:
+        assert store.count(model.fingerprint) == 500
+        res = backfill(store, model, images(root), order="random", seed=3, batch_size=5000, progress=False)
+        assert (res.embedded, res.already) == (N - 500, 500) and store.count(model.fingerprint) == N
+    conn = sqlite3.connect(path / "gallery.sqlite")
+    (embedded,) = conn.execute("SELECT sum(n) FROM segments WHERE vid IS NOT NULL AND ids IS NULL").fetchone()
+    conn.close()
+    assert embedded == N  # re-embeddings committed: one per item
 
 
 def test_orders_and_partial_runs(world):

@@ -260,7 +260,7 @@ def test_index_cache_is_read_at_its_commit_only(tmp_path: Path, monkeypatch) -> 
         store.add_version("v", 8)
         store.add([f"x{i}" for i in range(200)], items, "v")
         check(store.search(q, "v", 5), reference(mirror, q, "v", 5, {}))
-    cached = sorted(p.name for p in (tmp_path / "g" / "indexes").iterdir())
+    cached = sorted(p.name for p in (tmp_path / "g" / "indexes").glob("*.faiss"))
     assert len(cached) == 1 and cached[0].endswith("-n200.faiss")
     built = []
     original = indexes.IndexSet.build
@@ -273,7 +273,7 @@ def test_index_cache_is_read_at_its_commit_only(tmp_path: Path, monkeypatch) -> 
     with GalleryStore.open(tmp_path / "g") as store:
         check(store.search(q, "v", 5), reference(mirror, q, "v", 5, {}))  # another commit: rebuilt
         assert len(built) == 1
-    cached = sorted((tmp_path / "g" / "indexes").iterdir())
+    cached = sorted((tmp_path / "g" / "indexes").glob("*.faiss"))
     assert len(cached) == 1 and cached[0].name.endswith("-n201.faiss")
     cached[0].write_bytes(b"garbage")
     with GalleryStore.open(tmp_path / "g") as store:
@@ -297,11 +297,50 @@ def test_index_cache_keeps_no_file_of_an_earlier_commit(tmp_path: Path, monkeypa
         store.add(["a", "b"], rng.standard_normal((2, D_OLD)).astype(np.float32), "old")
         store.add(["c"], rng.standard_normal((1, D_NEW)).astype(np.float32), "new")
         store.search(rng.standard_normal((1, D_OLD)).astype(np.float32), "old", 2)
-        first = sorted(p.name for p in cache.iterdir())
+        first = sorted(p.name for p in cache.glob("*.faiss"))
         assert len(first) == 2 and len({n.split("-c")[1].split("-")[0] for n in first}) == 1
         store.replace(["a"], rng.standard_normal((1, D_NEW)).astype(np.float32), "new")
     with GalleryStore.open(tmp_path / "g") as store:
         store.search(rng.standard_normal((1, D_NEW)).astype(np.float32), "new", 2)
-    later = sorted(p.name for p in cache.iterdir())
+    later = sorted(p.name for p in cache.glob("*.faiss"))
+    assert sorted(p.name for p in cache.iterdir()) == sorted(later + [n[:-5] + "json" for n in later])
     assert not set(later) & set(first) and len({n.split("-c")[1].split("-")[0] for n in later}) == 1
     assert len(later) == 2  # the new version's own block and the old items' compatible block
+
+
+def test_a_cached_index_of_other_vectors_is_rebuilt_not_trusted(tmp_path: Path, monkeypatch) -> None:
+    """Two stores at the same commit with the same ids and counts (the cache file names match) but
+    other vectors: store b must not serve a's index, whether a's file replaces b's alone or with
+    its record."""
+    import shutil
+
+    from bctkit.gallery import indexes
+
+    monkeypatch.setattr(indexes, "CACHE_MIN_ITEMS", 0)
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((5, 8)).astype(np.float32)
+    mirror = Mirror()
+    for name in ("a", "b"):
+        items = rng.standard_normal((300, 8)).astype(np.float32)
+        if name == "b":
+            mirror.add([f"x{i}" for i in range(300)], items, "v")
+        with GalleryStore.create(tmp_path / name) as store:
+            store.add_version("v", 8)
+            store.add([f"x{i}" for i in range(300)], items, "v")
+            store.search(q, "v", 5)  # builds and caches the index
+    (a_file,) = (tmp_path / "a" / "indexes").glob("*.faiss")
+    b_file = tmp_path / "b" / "indexes" / a_file.name
+    assert b_file.is_file()
+    built = []
+    original = indexes.IndexSet.build
+    monkeypatch.setattr(indexes.IndexSet, "build", lambda self, *a: built.append(a[0]) or original(self, *a))
+    for record in (False, True):
+        shutil.copyfile(a_file, b_file)
+        if record:
+            shutil.copyfile(a_file.with_suffix(".json"), b_file.with_suffix(".json"))
+        with GalleryStore.open(tmp_path / "b") as store:
+            check(store.search(q, "v", 5), reference(mirror, q, "v", 5, {}))
+        assert len(built) == 1 + record
+    with GalleryStore.open(tmp_path / "b") as store:  # its own rebuilt index is read back
+        check(store.search(q, "v", 5), reference(mirror, q, "v", 5, {}))
+    assert len(built) == 2

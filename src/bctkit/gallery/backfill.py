@@ -14,11 +14,20 @@ Orders (``order``):
   grows with image quality, so low-norm items gain most from a better model), ties in insertion
   order. Items not yet re-embedded keep their old embeddings, so a restarted run ranks them as
   the first run did.
+
+One backfill at a time per store: a backfill holds an exclusive ``flock`` on the store's folder
+while it runs, and a second one is refused at once (two running together would each re-embed the
+items the other is re-embedding). The kernel drops the lock when its process dies, so a SIGKILLed
+backfill leaves nothing stuck. The new version is declared with the first batch, so a backfill
+that fails before re-embedding anything writes nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +36,7 @@ from tqdm.auto import tqdm
 
 from bctkit.data.sources.base import DataSource
 from bctkit.errors import ConfigError, DataError
+from bctkit.gallery.checks import GalleryError
 from bctkit.gallery.embed import Embedder, as_embedder, embed_batches, version_of
 from bctkit.gallery.store import GalleryStore
 
@@ -61,31 +71,56 @@ def backfill_order(store: GalleryStore, new_version: str, order: Order, seed: in
 def backfill(store: GalleryStore, model: Embedder, images: DataSource, *, order: Order = "random",
              seed: int = 0, batch_size: int = 256, progress: bool = True, limit: int | None = None
              ) -> BackfillResult:
-    """Re-embed the store's items with ``model`` (its version is its fingerprint, declared here),
-    reading each item's image from ``images`` by key (an item's id is its image's key in the
-    source, as ``bctkit gallery add`` stores them). ``limit``: stop after that many items (a
-    partial backfill; run again to continue)."""
-    if batch_size < 1:
-        raise ConfigError(f"backfill batch size must be >= 1, got {batch_size}")
+    """Re-embed the store's items with ``model`` (its version is its fingerprint, declared with the
+    first batch), reading each item's image from ``images`` by key (an item's id is its image's key
+    in the source, as ``bctkit gallery add`` stores them). ``limit``: stop after that many items (a
+    partial backfill; run again to continue). A second backfill of the store while one runs is
+    refused."""
+    _check_count(batch_size, "batch size", 1)
+    if limit is not None:
+        _check_count(limit, "limit", 0)
     model = as_embedder(model)
     version, dim, name, layout = version_of(model)
-    store.add_version(version, dim, name=name, layout=layout)
-    todo = backfill_order(store, version, order, seed)
-    already = store.count() - len(todo)
-    if limit is not None:
-        todo = todo[:max(0, limit)]
-    rows = _rows_of(todo, images)
-    done = batches = 0
-    with tqdm(total=len(todo), desc="backfill", unit="item", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            part = todo[start:start + batch_size]
-            sub = images.subset(rows[start:start + len(part)])
-            for _, feats in embed_batches(model, sub, batch_size=len(part), progress=False, desc="backfill"):
-                store.replace(part, feats, version)  # one atomic commit per batch
-            done += len(part)
-            batches += 1
-            bar.update(len(part))
+    with _exclusive(store):
+        todo = backfill_order(store, version, order, seed)
+        already = store.count() - len(todo)
+        if limit is not None:
+            todo = todo[:limit]
+        rows = _rows_of(todo, images)
+        done = batches = 0
+        with tqdm(total=len(todo), desc="backfill", unit="item", disable=not progress) as bar:
+            for start in range(0, len(todo), batch_size):
+                part = todo[start:start + batch_size]
+                sub = images.subset(rows[start:start + len(part)])
+                for _, feats in embed_batches(model, sub, len(part), progress=False, desc="backfill"):
+                    if not batches:  # declared with the first batch: a failure before writes nothing
+                        store.add_version(version, dim, name=name, layout=layout)
+                    store.replace(part, feats, version)  # one atomic commit per batch
+                done += len(part)
+                batches += 1
+                bar.update(len(part))
     return BackfillResult(done, already, batches, version)
+
+
+def _check_count(value: object, what: str, least: int) -> None:
+    """Refuse ``value`` unless it is an integer >= ``least``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+        raise ConfigError(f"backfill: {what} must be an integer >= {least}, got {value!r}")
+
+
+@contextlib.contextmanager
+def _exclusive(store: GalleryStore) -> Iterator[None]:
+    """Hold the store's backfill lock (an exclusive flock on its folder); refused when taken."""
+    fd = os.open(store.path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise GalleryError(f"{store.path}: another backfill is running on this store; wait for it to "
+                               "end (or stop it: a killed backfill releases the store)") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def _rows_of(ids: Sequence[str], images: DataSource) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""``bctkit gallery create | add | certify | search | backfill | status``: the command-line face of
+"""``bctkit gallery create | add | remove | certify | search | backfill | status``: the command-line face of
 the gallery store (argument parsing and printing only; the work is in the library)."""
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ def add_parser(sub: Any) -> None:
     a = gs.add_parser("add", help="embed images with a model and add them (id: the image path in the source)")
     a.add_argument("store")
     _model_and_images(a)
+    r = gs.add_parser("remove", help="delete items by id, in one atomic commit")
+    r.add_argument("store")
+    r.add_argument("ids", nargs="*", metavar="ID", help="item ids (the images' paths in their source)")
+    r.add_argument("--ids", dest="ids_file", metavar="FILE", help="a UTF-8 file of item ids, one per line")
     ce = gs.add_parser("certify", help="allow mixing two versions: add verified compatibility certificates")
     ce.add_argument("store")
     ce.add_argument("certificates", nargs="+", help="certificate files (RUN/certificates/*.json)")
@@ -84,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     with GalleryStore.open(args.store) as store:
         if cmd == "add":
             return _add(store, args)
+        if cmd == "remove":
+            return _remove(store, args)
         if cmd == "certify":
             from bctkit.certificate import verify_certificate
 
@@ -110,16 +116,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _add(store: Any, args: argparse.Namespace) -> int:
-    from bctkit.gallery.embed import embed_batches, version_of
+    from bctkit.gallery.ingest import add_images
 
-    model, images = _model(args.model), _images(args.images)
-    fp, dim, name, layout = version_of(model)
-    store.add_version(fp, dim, name=name, layout=layout)
-    for rows, feats in embed_batches(model, images, args.batch_size, progress=not args.quiet, desc="add"):
-        keys = [images.key(int(i)) for i in rows]
-        meta = [{"label": images.label_name(int(images.labels[i]))} for i in rows]
-        store.add(keys, feats, fp, meta)
-    print(f"gallery: added {len(images)} items of {name} ({fp}); {_shares(store)}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
+    res = add_images(store, _model(args.model), _images(args.images), batch_size=args.batch_size,
+                     progress=not args.quiet)
+    print(f"gallery: added {res.added} items of {res.version} in {res.batches} batches ({res.already} "
+          f"already stored by this version, skipped); {_shares(store)}")
+    return 0
+
+
+def _remove(store: Any, args: argparse.Namespace) -> int:
+    ids = list(args.ids)
+    if args.ids_file:
+        try:
+            text = Path(args.ids_file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"--ids {args.ids_file}: no such file") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"--ids {args.ids_file}: not UTF-8 text (byte {exc.start})") from None
+        ids += [line for line in text.split("\n") if line.strip()]
+        ids = [i.removesuffix("\r") for i in ids]
+    if not ids:
+        raise ConfigError("gallery remove: no ids given (IDs or --ids FILE)")
+    store.delete(ids)
+    print(f"gallery: removed {len(ids)} items; {_shares(store)}")
     return 0
 
 
@@ -159,6 +181,7 @@ def _shares(store: Any) -> str:
 
 
 def _status(store: Any, report: str | None) -> int:
+    store.verify()  # reads every vector: a damaged item is named (exit 2), not reported as OK
     print(f"gallery: {store.count()} items; {_shares(store)}")
     if report:
         for line in expected_accuracy(store, read_json(report)):

@@ -16,8 +16,10 @@ resolved or the index is exhausted; the per-index lists then merge by (score, ke
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,19 @@ Block = tuple[int, int, int]
 """(version id, first coordinate, end coordinate) of an index."""
 CACHE_MIN_ITEMS = 20_000
 """Indexes with fewer items are rebuilt on open rather than written to the store's index cache."""
+
+def sampled_digest(path: Path, chunks: int = 256, size: int = 4096) -> str:
+    """sha256 of a file's length and of ``chunks`` blocks of ``size`` bytes spread evenly over it: a
+    file of other vectors differs in every block, and reading 1 MiB keeps a cached index's open fast
+    (it catches another file, not a byte flipped between the samples)."""
+    length = path.stat().st_size
+    h = hashlib.sha256(str(length).encode())
+    with open(path, "rb") as fh:
+        for i in range(chunks):
+            fh.seek(length * i // chunks)
+            h.update(fh.read(size))
+    return h.hexdigest()
+
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     """float32 C-ordered copy of ``x`` with unit L2 rows (an all-zero row stays zero)."""
@@ -81,24 +96,31 @@ class IndexSet:
             return None
         return self.cache / f"v{block[0]}-{block[1]}-{block[2]}-c{self.commit}-n{count}.faiss"
 
-    def load(self, block: Block, count: int) -> bool:
-        """Read ``block``'s index written at this commit with ``count`` items, if there is one."""
+    def load(self, block: Block, count: int, source: Callable[[], str]) -> bool:
+        """Read ``block``'s index written at this commit with ``count`` items, if there is one and
+        its record (``<file>.json``) says it was built from this store's items (``source()``: the
+        store's :meth:`~bctkit.gallery.segments.View.digest`) and was this very file (its sampled
+        digest): an index file of other vectors under the cache's name is rebuilt, not trusted."""
         path = self._file(block, count)
         if path is None or count < CACHE_MIN_ITEMS or not path.is_file():
             return False
         import faiss
 
         try:
+            record = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+            if record != {"source": source(), "file": sampled_digest(path)}:
+                return False
             index = faiss.read_index(str(path))
-        except RuntimeError:
+        except (OSError, ValueError, RuntimeError):
             return False
         if index.ntotal != count or index.d != block[2] - block[1]:
             return False
         self.indexes[block] = index
         return True
 
-    def save(self, block: Block) -> None:
-        """Write ``block``'s index to the cache (best effort) and prune the files of earlier commits."""
+    def save(self, block: Block, source: Callable[[], str]) -> None:
+        """Write ``block``'s index to the cache with its record (best effort) and prune the files
+        of earlier commits."""
         index = self.indexes[block]
         path = self._file(block, int(index.ntotal))
         if path is None or index.ntotal < CACHE_MIN_ITEMS:
@@ -110,6 +132,9 @@ class IndexSet:
         try:
             with atomic_path(path) as tmp:
                 faiss.write_index(index, str(tmp))
+                record = {"source": source(), "file": sampled_digest(tmp)}
+            with atomic_path(path.with_suffix(".json")) as tmp:
+                tmp.write_text(json.dumps(record), encoding="utf-8")
         except (OSError, RuntimeError, BctkitError):
             return
         self.prune(keep=path)
@@ -119,10 +144,10 @@ class IndexSet:
         only grows); best effort."""
         if self.cache is None or not self.cache.is_dir():
             return
-        tag = re.compile(r"v\d+-\d+-\d+-c(\d+)-n\d+\.faiss")
-        for old in self.cache.glob("*.faiss"):
+        tag = re.compile(r"v\d+-\d+-\d+-c(\d+)-n\d+\.(faiss|json)")
+        for old in self.cache.iterdir():
             m = tag.fullmatch(old.name)
-            if m is not None and old != keep and int(m.group(1)) < self.commit:
+            if m is not None and old.with_suffix(".faiss") != keep and int(m.group(1)) < self.commit:
                 with contextlib.suppress(OSError):
                     old.unlink()
 

@@ -34,16 +34,16 @@ class SearchResult(NamedTuple):
     versions: list[list[str]]
 
 
-def search_items(conn: sqlite3.Connection, indexes: IndexSet, view: View, version: str, queries: Any, k: Any
-                 ) -> SearchResult:
-    """Top-k of the store behind ``conn`` (inside one read transaction, ``view`` up to date with it)
-    for ``version`` queries."""
+def search_items(conn: sqlite3.Connection, indexes: IndexSet, view: View, version: str, queries: Any, k: Any,
+                 db: Any = "gallery store") -> SearchResult:
+    """Top-k of the store ``db`` behind ``conn`` (inside one read transaction, ``view`` up to date
+    with it) for ``version`` queries."""
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise GalleryError(f"search: k must be a positive integer, got {k!r}")
     v = find_version(conn, version, "search")
     q = check_vectors(queries, None, v, "search: queries")
     plan = _plan(conn, v)
-    _ensure(conn, indexes, view, [blk for blk, _ in plan])
+    _ensure(conn, indexes, view, [blk for blk, _ in plan], db)
     parts = []
     for blk, (qa, qb) in plan:
         try:
@@ -81,21 +81,30 @@ def _plan(conn: sqlite3.Connection, v: Version) -> list[tuple[Block, tuple[int, 
     return plan
 
 
-def _ensure(conn: sqlite3.Connection, indexes: IndexSet, view: View, blocks: list[Block]) -> None:
-    """Build the missing indexes of ``blocks`` from the live items (all of them when stale)."""
+def _ensure(conn: sqlite3.Connection, indexes: IndexSet, view: View, blocks: list[Block], db: Any) -> None:
+    """Build the missing indexes of ``blocks`` from the live items (all of them when stale), or read
+    them from the cache when a file there was built from this store's items (:meth:`View.digest`)."""
     commit = int(conn.execute("SELECT value FROM meta WHERE key='commit'").fetchone()[0])
     if commit != indexes.commit:
         indexes.clear()
         indexes.commit = commit
     versions = {x.vid: x for x in read_versions(conn)}
-    missing = [b for b in blocks if b not in indexes.indexes and not indexes.load(b, versions[b[0]].count)]
+    source: list[str] = []
+
+    def digest() -> str:  # computed once, and only when a cache file is read or written
+        if not source:
+            source.append(view.digest(conn))
+        return source[0]
+
+    missing = [b for b in blocks if b not in indexes.indexes
+               and not indexes.load(b, versions[b[0]].count, digest)]
     for u in sorted({b[0] for b in missing}):
         keys = view.live(u)
-        vec = view.vectors(conn, keys, versions[u].dim)
+        vec = view.vectors(conn, keys, versions[u].dim, db)
         for blk in (b for b in missing if b[0] == u):
             try:
                 indexes.build(blk, keys, vec)
             except RuntimeError as exc:
                 msg = f"search: cannot build the {indexes.factory!r} index ({first_line(exc)})"
                 raise GalleryError(msg) from None
-            indexes.save(blk)
+            indexes.save(blk, digest)

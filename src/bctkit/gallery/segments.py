@@ -21,6 +21,7 @@ rows with bound bytes and a 256 MiB page cache, 0.44 s in place with an 8 MiB ca
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from collections.abc import Sequence
@@ -256,13 +257,39 @@ class View:
         vids = self.vid[: len(self.key_id)]
         return np.flatnonzero(vids >= 0 if vid is None else vids == vid).astype(np.int64)
 
-    def vectors(self, conn: sqlite3.Connection, keys: np.ndarray, dim: int) -> np.ndarray:
-        """float32 [len(keys), dim] vectors of live ``keys`` whose versions all have ``dim``."""
+    def vectors(self, conn: sqlite3.Connection, keys: np.ndarray, dim: int, db: Any) -> np.ndarray:
+        """float32 [len(keys), dim] vectors of live ``keys`` whose versions all have ``dim``. A vector
+        holding NaN or Inf (bytes damaged on disk: the store takes finite vectors only) is refused,
+        naming its item, rather than handed on (an index would drop it silently)."""
+        out = self.raw_vectors(conn, keys, dim)
+        bad = damaged(out)
+        if len(bad):
+            raise FileFormatError(f"{db}: corrupt gallery store ({len(bad)} damaged item(s): vectors "
+                                  f"holding NaN or Inf: {few(self.ids_of(keys[bad]))})")
+        return out
+
+    def raw_vectors(self, conn: sqlite3.Connection, keys: np.ndarray, dim: int) -> np.ndarray:
+        """:meth:`vectors` as stored, unchecked."""
         out = np.empty((len(keys), dim), np.float32)
         for seg, where in _groups(self.seg[keys]):
             blob = conn.execute("SELECT vec FROM segments WHERE seg=?", (seg,)).fetchone()[0]
             out[where] = np.frombuffer(blob, dtype="<f4").reshape(-1, dim)[self.row[keys[where]]]
         return out
+
+    def digest(self, conn: sqlite3.Connection) -> str:
+        """A cheap fingerprint of the items read so far: every segment's fields and the first 16
+        bytes of its vectors. Binds a cached index to the store it was built from (another
+        store's vectors give another digest) without reading the vectors."""
+        h = hashlib.sha256()
+        rows = conn.execute("SELECT seg, vid, n, first_key, keys, length(vec) FROM segments WHERE seg <= ? "
+                            "ORDER BY seg", (self.last_seg,))
+        for seg, vid, n, first, kb, vlen in rows:
+            h.update(repr((seg, vid, n, first, vlen)).encode())
+            h.update(kb or b"")
+            if vlen:
+                with conn.blobopen("segments", "vec", seg, readonly=True) as blob:
+                    h.update(blob.read(16))
+        return h.hexdigest()
 
     def metadata(self, conn: sqlite3.Connection, keys: np.ndarray) -> list[dict]:
         """The metadata dict of each live key ({} when none was given)."""
@@ -285,6 +312,17 @@ def decode_ids(data: bytes, offsets: bytes) -> list[str]:
     if len(text) == len(data):  # ASCII: byte offsets are character offsets
         return [text[a:b] for a, b in zip(off[:-1], off[1:], strict=True)]
     return [data[a:b].decode("utf-8") for a, b in zip(off[:-1], off[1:], strict=True)]
+
+
+def damaged(x: np.ndarray) -> np.ndarray:
+    """Rows of float32 ``x`` [n, d] holding NaN or Inf (one matrix-vector product when none does)."""
+    if not x.size:
+        return np.zeros(0, np.int64)
+    sums = np.isfinite(x @ np.ones(x.shape[1], np.float32))  # NaN and Inf reach the row sums
+    if sums.all():
+        return np.zeros(0, np.int64)
+    rows = np.flatnonzero(~sums)
+    return rows[~np.isfinite(x[rows]).all(axis=1)]  # a finite row may overflow its sum
 
 
 def _groups(values: np.ndarray) -> list[tuple[int, np.ndarray]]:

@@ -21,7 +21,8 @@ The FAISS indexes are derived data (:mod:`bctkit.gallery.indexes`): built in mem
 search that needs them, kept in sync after each of this process's commits, and dropped and rebuilt
 when the file's commit counter shows another process committed. Large ones are also written to
 ``<store>/indexes/``, tagged with the commit counter and item count, and read back by a later open
-at the same commit instead of being rebuilt; a stale or unreadable one is simply rebuilt.
+at the same commit instead of being rebuilt; a stale or unreadable one, or one whose record does
+not match this store's items and its own file, is simply rebuilt.
 
 Opening checks the file (:mod:`bctkit.gallery.schema`) and writes nothing. Every error is one line:
 bad input, unknown ids or versions and refused searches raise :class:`GalleryError`; a missing,
@@ -66,7 +67,7 @@ from bctkit.gallery.schema import (
     connect,
 )
 from bctkit.gallery.search import SearchResult, search_items
-from bctkit.gallery.segments import Pending, View, write_segments
+from bctkit.gallery.segments import Pending, View, damaged, write_segments
 from bctkit.gallery.transactions import Transactions
 from bctkit.storage import _fsync_dir
 
@@ -200,7 +201,7 @@ class GalleryStore(Transactions):
         with self._read() as conn:
             if settled(conn):
                 return
-        with self._write() as conn:  # checked again inside: another process may have declared it
+        with self._write("add_version") as conn:  # checked again inside: another process may have declared it
             if not settled(conn):
                 conn.execute("INSERT OR IGNORE INTO versions (fingerprint, name, dim, layout) "
                              "VALUES (?, ?, ?, ?)", (fingerprint, name, int(dim), layout_json))
@@ -218,7 +219,7 @@ class GalleryStore(Transactions):
         one is taken; one certificate per ordered pair (a new one replaces the pair's old one)."""
         with self._read() as conn:
             q, g, sha, body = check_certificate(conn, cert)
-        with self._write() as conn:
+        with self._write("add_certificate") as conn:
             conn.execute("DELETE FROM certificates WHERE query_vid=? AND gallery_vid=?", (q.vid, g.vid))
             conn.execute("INSERT INTO certificates (query_vid, gallery_vid, sha256, body) "
                          "VALUES (?, ?, ?, ?)", (q.vid, g.vid, sha, body))
@@ -258,7 +259,7 @@ class GalleryStore(Transactions):
             metas = [to_json(m, "add: metadata") for m in metadata]
         if not ids:
             return
-        with self._write() as conn:
+        with self._write("add") as conn:
             found = self._view.lookup(ids, hashed) >= 0
             if found.any():
                 taken = [i for i, f in zip(ids, found.tolist(), strict=True) if f]
@@ -279,7 +280,7 @@ class GalleryStore(Transactions):
         vec = check_vectors(vectors, len(ids), v, "replace")
         if not ids:
             return
-        with self._write() as conn:
+        with self._write("replace") as conn:
             keys, vids = self._take(conn, ids, hashed, "replace")
             self._pending += write_segments(conn, v.vid, keys, vec)
             conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
@@ -296,7 +297,7 @@ class GalleryStore(Transactions):
         ids, hashed = check_ids(ids, "delete")
         if not ids:
             return
-        with self._write() as conn:
+        with self._write("delete") as conn:
             keys, vids = self._take(conn, ids, hashed, "delete")
             self._pending += write_segments(conn, None, keys, None)
 
@@ -319,13 +320,24 @@ class GalleryStore(Transactions):
             if not len(keys):
                 return np.zeros((0, 0), np.float32), versions
             if (dims == dims[0]).all():
-                return self._view.vectors(conn, keys, int(dims[0])), versions
+                return self._view.vectors(conn, keys, int(dims[0]), self._db), versions
             out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(keys)
             for d in np.unique(dims).tolist():
                 where = np.flatnonzero(dims == d)
-                for w, row in zip(where.tolist(), self._view.vectors(conn, keys[where], d), strict=True):
+                for w, row in zip(where.tolist(), self._view.vectors(conn, keys[where], d, self._db),
+                                  strict=True):
                     out[w] = row
             return out, versions
+
+    def find(self, ids: Sequence[str]) -> list[str | None]:
+        """The version of each of ``ids``, None for an id no item has (unknown ids are not refused)."""
+        ids, hashed = check_ids(ids, "find")
+        with self._read() as conn:
+            keys = self._view.lookup(ids, hashed)
+            fps = {x.vid: x.fingerprint for x in read_versions(conn)}
+            vids = np.full(len(keys), -1, np.int64)
+            vids[keys >= 0] = self._view.vid[keys[keys >= 0]]
+            return [fps[u] if u >= 0 else None for u in vids.tolist()]
 
     def metadata(self, ids: Sequence[str]) -> list[dict]:
         """The metadata dict of each id ({} when none was given)."""
@@ -346,6 +358,22 @@ class GalleryStore(Transactions):
             vid = None if version is None else find_version(conn, version, "ids").vid
             return self._view.ids_of(self._view.live(vid))
 
+    def verify(self) -> None:
+        """Read every item's vector and refuse the store, naming the damaged items, when one holds
+        NaN or Inf (bytes changed on disk: SQLite keeps no checksums and an open reads no vectors).
+        Reads the store once, in bounded memory; writes nothing."""
+        step = 1 << 16
+        bad: list[str] = []
+        with self._read() as conn:
+            for v in read_versions(conn):
+                keys = self._view.live(v.vid)
+                for s in range(0, len(keys), step):
+                    part = keys[s : s + step]
+                    bad += self._view.ids_of(part[damaged(self._view.raw_vectors(conn, part, v.dim))])
+        if bad:
+            raise FileFormatError(f"{self._db}: corrupt gallery store ({len(bad)} damaged item(s): vectors "
+                                  f"holding NaN or Inf: {few(bad)})")
+
     # ---- search -----------------------------------------------------------------------------------
 
     def search(self, queries: np.ndarray, version: str, k: int) -> SearchResult:
@@ -353,4 +381,4 @@ class GalleryStore(Transactions):
         version on all coordinates, another one only through a stored passed certificate (query
         ``version`` -> gallery that version) on its dims; cosine scores, ties to the earlier item."""
         with self._read() as conn:
-            return search_items(conn, self._indexes, self._view, version, queries, k)
+            return search_items(conn, self._indexes, self._view, version, queries, k, self._db)

@@ -1,0 +1,50 @@
+"""Kill a process at a defined point of a gallery store transaction (the store's test events, see
+:mod:`bctkit.gallery.transactions`), not after a time: the same point however loaded the machine is."""
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from bctkit.gallery.transactions import EVENTS_ENV, STOP_ENV
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextlib.contextmanager
+def stopped_at(cmd: list[str], stop: str, scratch: Path) -> Iterator[list[str]]:
+    """Run ``cmd`` until it reports the store event ``stop`` (e.g. ``"add written 3"``), where it
+    waits; yields the events it reported, then SIGKILLs it. Fails when it exits before ``stop``."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    n = len(list(scratch.glob("events-*")))
+    events, log = scratch / f"events-{n}", scratch / f"stderr-{n}"
+    env = {**os.environ, EVENTS_ENV: str(events), STOP_ENV: stop}
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 600  # a hang guard only: the kill waits for the event
+        while True:
+            seen = events.read_text().splitlines() if events.exists() else []
+            if stop in seen:
+                break
+            assert proc.poll() is None, f"exited ({proc.returncode}) before {stop!r}: " \
+                                        f"{seen[-3:]} {log.read_text()[-1500:]}"
+            assert time.monotonic() < deadline, f"no {stop!r} event"
+            time.sleep(0.01)
+        yield seen
+        assert proc.poll() is None, "left its stop"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def kill_at(cmd: list[str], stop: str, scratch: Path) -> list[str]:
+    """Run ``cmd`` and SIGKILL it once it reports the store event ``stop``; the events it reported."""
+    with stopped_at(cmd, stop, scratch) as seen:
+        return seen
