@@ -1,0 +1,99 @@
+"""``bctkit evaluate`` as users call it: the TAR@FAR mode from the command line, each protocol's own
+default rates, options refused where they do not apply, and what report.md says about the test."""
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_curve
+
+from bctkit.cli import main
+from tests.evaluation.test_testset import DIM, by_hand, cosine_rows, records, run, world  # noqa: F401
+
+
+def insightface_tar(labels: np.ndarray, scores: np.ndarray, far: float) -> float:
+    """insightface's IJB rule, as its evaluation scripts write it: sklearn's ROC, reversed, and the
+    TPR at the FPR nearest the FAR."""
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+    return float(tpr[np.argmin(abs(fpr - far))])
+
+
+def test_pairs_tar_mode_insightface_from_the_command_line(world, tmp_path):  # noqa: F811
+    root, nets, images, issame = world
+    out = tmp_path / "ev"
+    assert run("--protocol", "pairs", "--data", str(root / "toy.bin"), "--old", str(root / "old"),
+               "--new", f"new={root / 'new'}", "--out", str(out), "--fars", "0.1", "0.3",
+               "--tar-mode", "insightface") == 0
+    feats = {n: by_hand(net, images) for n, net in nets.items()}
+    for q, g in [("new", "old"), ("old", "old")]:
+        scores = cosine_rows(feats[q][0::2], feats[g][1::2])
+        got = records(out, q, g)
+        for far, name in ((0.1, "tar@far=1e-1"), (0.3, "tar@far=3e-1")):
+            assert got[name] == pytest.approx(insightface_tar(issame, scores, far), abs=1e-12)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["test_set"]["tar_mode"] == "insightface"
+    tar = next(r for r in rep["results"] if r["metric"] == "tar@far=1e-1")
+    assert "insightface TAR@FAR" in tar["protocol"] and "exact TAR@FAR" not in tar["protocol"]
+    cert = json.loads((out / "certificates" / "new__old.json").read_text())
+    assert cert["protocol"]["tar_mode"] == "insightface"
+
+
+def test_pairs_uses_its_own_default_fars(world, tmp_path):  # noqa: F811
+    root = world[0]
+    out = tmp_path / "ev"
+    assert run("--protocol", "pairs", "--data", str(root / "toy.bin"), "--old", str(root / "old"),
+               "--new", f"new={root / 'new'}", "--out", str(out)) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["test_set"]["fars"] == [1e-3, 1e-2] and rep["test_set"]["tar_mode"] == "exact"
+    assert sorted(m for m in records(out, "new", "old") if m.startswith("tar@")) == ["tar@far=1e-2",
+                                                                                   "tar@far=1e-3"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--protocol", "pairs", "--data", "x.bin", "--score-weighting"],
+     "--score-weighting applies only to --protocol ijbb or ijbc, not to --protocol pairs"),
+    (["--protocol", "ijbc", "--data", "x", "--folds", "10"],
+     "--folds applies only to --protocol pairs, not to --protocol ijbc"),
+    (["--protocol", "ijbc", "--data", "x", "--query-folder", "query"],
+     "--query-folder applies only to --protocol market, not to --protocol ijbc"),
+    (["--protocol", "pairs", "--data", "x.bin", "--fpirs", "0.1"],
+     "--fpirs applies only to --protocol split, ijbb or ijbc, not to --protocol pairs"),
+    (["--protocol", "pairs", "--data", "x.bin", "--topk", "1"],
+     "--topk applies only to --protocol split, ijbb, ijbc, retrieval or market, not to --protocol pairs"),
+    (["--protocol", "market", "--data", "x", "--fars", "0.1"],
+     "--fars applies only to --protocol split, ijbb, ijbc or pairs, not to --protocol market"),
+    (["--protocol", "pairs", "--data", "x.bin", "--block", "64"],
+     "--block applies only to --protocol retrieval or market, not to --protocol pairs"),
+    (["--protocol", "retrieval", "--data", "a", "b", "--ap", "trapezoid"],
+     "--ap applies only to --protocol market, not to --protocol retrieval"),
+    (["--protocol", "market", "--data", "x", "--tar-mode", "insightface"],
+     "--tar-mode applies only to --protocol ijbb, ijbc or pairs, not to --protocol market"),
+    (["--tar-mode", "exact"], "--tar-mode applies only to --protocol ijbb, ijbc or pairs, not to --protocol "
+                              "split"),
+    (["--protocol", "split", "--precision", "fp32"],
+     "--precision applies only to a test-set --protocol (ijbb, ijbc, pairs, retrieval, market)"),
+    (["--protocol", "pairs", "--data", "x.bin", "--no-backfill"],
+     "--no-backfill applies only to --protocol split, not to --protocol pairs"),
+])
+def test_options_of_another_protocol_are_refused(world, tmp_path, capsys, args, message):  # noqa: F811
+    root = world[0]
+    out = tmp_path / "bad"
+    code = main(["evaluate", *args, "--old", str(root / "old"), "--new", str(root / "new"), "--out",
+                 str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_flip_with_a_feature_file_is_refused(world, tmp_path, capsys):  # noqa: F811
+    root = world[0]
+    np.save(tmp_path / "old.npy", np.ones((60, DIM), np.float32))
+    out = tmp_path / "bad"
+    code = main(["evaluate", "--protocol", "pairs", "--data", str(root / "toy.bin"), "--new",
+                 f"new={root / 'new'}", "--old", str(tmp_path / "old.npy"), "--out", str(out), "--flip",
+                 "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert f"--flip: old={tmp_path / 'old.npy'} is a feature file" in err
+    assert not out.exists()
