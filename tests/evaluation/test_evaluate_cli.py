@@ -2,6 +2,7 @@
 default rates, options refused where they do not apply, and what report.md says about the test."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -97,3 +98,77 @@ def test_flip_with_a_feature_file_is_refused(world, tmp_path, capsys):  # noqa: 
     assert code == 2 and "\n" not in err
     assert f"--flip: old={tmp_path / 'old.npy'} is a feature file" in err
     assert not out.exists()
+
+
+def section(md: str, title: str) -> list[str]:
+    """The lines of report.md's section ``title`` (to the next heading)."""
+    body = md.split(title, 1)[1].split("\n#", 1)[0]
+    return [ln for ln in body.splitlines() if ln.startswith("|")]
+
+
+def test_pairs_report_md(world, tmp_path, capsys):  # noqa: F811
+    """n/m (not "—") for values the impostors cannot measure, in the matrices too; the update gain of
+    the pair set's headline metric; the Dataset line; no literal None; the [plots] line names only
+    the plots written."""
+    root = world[0]
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--protocol", "pairs", "--data", str(root / "toy.bin"), "--old",
+                 str(root / "old"), "--new", f"new={root / 'new'}", "--paragon", str(root / "new"),
+                 "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    rep = json.loads((out / "report.json").read_text())
+    assert all(r["value"] is None for r in rep["results"] if r["metric"] == "tar@far=1e-3")  # 15 impostors
+    rows = section(md, "## Compatibility matrix: tar@far=1e-3")[2:]
+    assert len(rows) == 3 and all(row.count("n/m") == 3 and "—" not in row for row in rows)
+    gain = section(md, "## Update gain")
+    assert gain[0].startswith("| model | acc10fold |")
+    assert f"Dataset: toy: 60 images. Protocol **pairs**, data: {root / 'toy.bin'}." in md
+    models = section(md, "## Models")
+    assert "None" not in "\n".join(models) and "not recorded" in models[2]
+    plots_line = next(ln for ln in stdout.splitlines() if ln.startswith("[plots]"))
+    assert plots_line == "[plots] " + ", ".join(rep["plots"])
+    assert "cmc" not in plots_line and "backfill" not in plots_line
+
+
+def test_split_report_md_dataset_backfill_and_models(tmp_path, monkeypatch):
+    """The split form's report: a Dataset line naming the feature files, each backfill order explained
+    (and how it relates to the gallery's), the backfill legend's area in % as the table gives it, and
+    "not recorded" for a model's unknown training images."""
+    import torch
+
+    import bctkit.evaluation.plots as plots
+    from bctkit.features import FeatureSet
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(8).repeat_interleave(4)
+    centres = torch.randn(8, 16, generator=gen)
+    meta = {"dataset": "toy", "train_images": None, "num_classes": None}
+    for name, noise in (("old", 0.8), ("new", 0.5)):
+        feats = centres[labels] + noise * torch.randn(32, 16, generator=gen)
+        FeatureSet(feats, labels, {**meta, "model": name}).save(tmp_path / f"{name}.safetensors")
+    legends = []
+
+    def grab(fig, path):
+        if Path(path).name == "backfill.png":
+            legends.extend(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+        return real(fig, path)
+
+    real = plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", grab)
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--old", str(tmp_path / "old.safetensors"), "--new",
+                 str(tmp_path / "new.safetensors"), "--fars", "0.1", "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    rep = json.loads((out / "report.json").read_text())
+    assert (f"Dataset: toy: 32 images. Protocol **split**, feature files: "
+            f"old={tmp_path / 'old.safetensors'}, new={tmp_path / 'new.safetensors'}.") in md
+    backfill = md.split("## Partial backfill", 1)[1].split("\n## ", 1)[0]
+    assert "random: " in backfill and "distance: " in backfill and "--order benefit" in backfill
+    rows = section(md, "## Partial backfill")
+    for order in ("random", "distance"):
+        area = f"{100 * rep['backfill']['new'][order]['area']:.2f}"
+        assert any(r.startswith(f"| new | {order} |") and r.endswith(f"| {area} |") for r in rows)
+        assert f"new ({order}) (area {area} %)" in legends
+    models = section(md, "## Models")
+    assert "None" not in "\n".join(models) and "| not recorded | not recorded |" in models[2]

@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     chain = [n for n in models if n != "paragon"] if args.chain else None
     report = evaluate_testset(protocol, models, out, ex, chain=chain, progress=not args.quiet,
-                              log=None if args.quiet else print)
+                              log=None if args.quiet else print, data=args.data)
     if is_main() and report is not None:
         print(f"report: {out}/report.md ({len(report['results'])} results)")
     return 0

@@ -175,9 +175,10 @@ def model_features(name: str, spec: str, protocol: Protocol, out: Path, ex: Extr
 
 def evaluate_testset(protocol: Protocol, models: dict[str, str], out: Path, ex: ExtractOptions,
                      chain: list[str] | None = None, log: Callable[[str], None] | None = None,
-                     progress: bool = True) -> dict[str, Any] | None:
+                     progress: bool = True, data: Sequence[str] = ()) -> dict[str, Any] | None:
     """Features of every model in ``models`` (name -> model or feature file; "old" required, then
-    "paragon" and the new models), then the report in ``out`` (rank 0; None on other ranks)."""
+    "paragon" and the new models), then the report in ``out`` (rank 0; None on other ranks).
+    ``data``: the test set's paths as given, named in the report."""
     from bctkit.evaluation.suite import evaluate_suite, models_info_from_features
 
     if "old" not in models:
@@ -197,7 +198,7 @@ def evaluate_testset(protocol: Protocol, models: dict[str, str], out: Path, ex: 
     if not is_main():
         return None
     extra = {"dataset": f"{protocol.dataset}: {len(protocol.source)} images",  # type: ignore[attr-defined]
-             "test_set": protocol.describe(), "inputs": dict(models),
+             "test_set": protocol.describe(), "data": [str(p) for p in data], "inputs": dict(models),
              "extraction": {"flip": ex.flip, "precision": ex.precision}}
     return evaluate_suite(features, protocol, out, models_info_from_features(features), extra,
                           backfill=False, chain=chain, log=say, progress=progress)
