@@ -172,3 +172,48 @@ def test_split_report_md_dataset_backfill_and_models(tmp_path, monkeypatch):
         assert f"new ({order}) (area {area} %)" in legends
     models = section(md, "## Models")
     assert "None" not in "\n".join(models) and "| not recorded | not recorded |" in models[2]
+
+
+def _lists(tmp_path: Path, sides: dict[str, list[int]]) -> dict[str, Path]:
+    """One 'path label' list per side, each image a random PNG under ``tmp_path``."""
+    from PIL import Image
+
+    from tests.evaluation.test_testset import SIZE
+
+    rng = np.random.default_rng(3)
+    out = {}
+    for side, ids in sides.items():
+        rows = []
+        for i, ident in enumerate(ids):
+            pixels = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / f"{side}{i}.png")
+            rows.append(f"{side}{i}.png {ident}")
+        out[side] = tmp_path / f"{side}.txt"
+        out[side].write_text("\n".join(rows) + "\n")
+    return out
+
+
+def test_retrieval_with_queries_in_the_gallery_warns(world, tmp_path, capsys):  # noqa: F811
+    """The same list as queries and gallery: every query finds itself (self top-1 = 100 %); the
+    CLI says so on stderr and report.md / report.json carry the warning. Distinct lists: none."""
+    lists = _lists(tmp_path, {"query": [0, 1, 2, 0], "gallery": [0, 0, 1, 1, 2, 3, 3]})
+    root = world[0]
+    same = tmp_path / "same"
+    assert main(["evaluate", "--protocol", "retrieval", "--data", str(lists["gallery"]),
+                 str(lists["gallery"]), "--old", str(root / "old"), "--new", f"new={root / 'new'}", "--out",
+                 str(same), "--topk", "1", "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    warning = "7 of 7 queries are also gallery images (the same files): each matches itself"
+    assert len([ln for ln in err if ln.startswith("warning: ") and warning in ln]) == 1
+    assert records(same, "old", "old")["top1"] == 1.0
+    rep = json.loads((same / "report.json").read_text())
+    assert len(rep["warnings"]) == 1 and warning in rep["warnings"][0]
+    assert rep["test_set"]["queries_also_in_gallery"] == 7
+    assert f"- **Warning**: {rep['warnings'][0]}" in (same / "report.md").read_text()
+    other = tmp_path / "other"
+    assert main(["evaluate", "--protocol", "retrieval", "--data", str(lists["query"]),
+                 str(lists["gallery"]), "--old", str(root / "old"), "--new", f"new={root / 'new'}", "--out",
+                 str(other), "--topk", "1", "--quiet"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    rep = json.loads((other / "report.json").read_text())
+    assert rep["warnings"] == [] and "Warning" not in (other / "report.md").read_text()

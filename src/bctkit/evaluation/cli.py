@@ -8,6 +8,7 @@ models or feature files on a test set read from disk (:mod:`bctkit.evaluation.te
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,9 @@ def run(args: argparse.Namespace) -> int:
                           index=args.index, nprobe=args.nprobe, query_folder=args.query_folder,
                           tar_mode=args.tar_mode, ap=args.ap)
     protocol = build_protocol(args.protocol, args.data, opts)
+    if is_main():
+        for caveat in protocol.caveats():
+            print(f"warning: {caveat}", file=sys.stderr)
     models = _named(args, _model_name)
     ex = ExtractOptions(args.flip, args.batch_size, auto_workers() if args.workers is None else args.workers,
                         args.device, args.precision)

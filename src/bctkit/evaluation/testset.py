@@ -199,6 +199,6 @@ def evaluate_testset(protocol: Protocol, models: dict[str, str], out: Path, ex: 
         return None
     extra = {"dataset": f"{protocol.dataset}: {len(protocol.source)} images",  # type: ignore[attr-defined]
              "test_set": protocol.describe(), "data": [str(p) for p in data], "inputs": dict(models),
-             "extraction": {"flip": ex.flip, "precision": ex.precision}}
+             "extraction": {"flip": ex.flip, "precision": ex.precision}, "warnings": protocol.caveats()}
     return evaluate_suite(features, protocol, out, models_info_from_features(features), extra,
                           backfill=False, chain=chain, log=say, progress=progress)
