@@ -217,3 +217,44 @@ def test_retrieval_with_queries_in_the_gallery_warns(world, tmp_path, capsys):  
     assert "warning" not in capsys.readouterr().err
     rep = json.loads((other / "report.json").read_text())
     assert rep["warnings"] == [] and "Warning" not in (other / "report.md").read_text()
+
+
+def test_market_ap_trapezoid_with_npy_rows_in_name_order(tmp_path):
+    """--ap trapezoid reaches the protocol, and a .npy's rows are the queries then the gallery, each
+    sorted by file name (as docs/evaluation.md says): mAP against the Market-1501 MATLAB rule
+    computed here on that order."""
+    from PIL import Image
+
+    names = {"query": ["0002_c2s1_000001_00.png", "0001_c1s1_000001_00.png"],
+             "bounding_box_test": ["0001_c3s1_000001_00.png", "0001_c1s1_000002_00.png",
+                                   "0002_c1s1_000005_00.png", "-1_c1s1_000003_00.png",
+                                   "0000_c2s1_000004_00.png", "0002_c3s1_000009_00.png",
+                                   "0001_c4s1_000008_00.png", "0003_c1s1_000007_00.png"]}
+    for folder, files in names.items():
+        (tmp_path / "m" / folder).mkdir(parents=True)
+        for f in files:
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "m" / folder / f)
+    rows = sorted(names["query"]) + sorted(names["bounding_box_test"])
+    rng = np.random.default_rng(7)
+    feats = {n: rng.normal(size=(len(rows), 5)).astype(np.float32) for n in ("old", "new")}
+    for n, f in feats.items():
+        np.save(tmp_path / f"{n}.npy", f)
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--protocol", "market", "--data", str(tmp_path / "m"), "--old",
+                 str(tmp_path / "old.npy"), "--new", f"new={tmp_path / 'new.npy'}", "--out", str(out),
+                 "--topk", "1", "--ap", "trapezoid", "--quiet"]) == 0
+    nq = len(names["query"])
+    q = feats["new"][:nq] / np.linalg.norm(feats["new"][:nq], axis=1, keepdims=True)
+    g = feats["old"][nq:] / np.linalg.norm(feats["old"][nq:], axis=1, keepdims=True)
+    gal = rows[nq:]
+    aps = []
+    for i, qf in enumerate(rows[:nq]):
+        pid, cam = qf.split("_")[0], qf.split("_")[1][:2]
+        keep = [j for j, f in enumerate(gal) if f.split("_")[0] != "-1"
+                and not (f.split("_")[0] == pid and f.split("_")[1][:2] == cam)]
+        order = [keep[j] for j in np.argsort(-(g[keep] @ q[i]), kind="stable")]
+        hits = [r + 1 for r, j in enumerate(order) if gal[j].split("_")[0] == pid]
+        aps.append(np.mean([((k / (r - 1) if r > 1 else 1.0) + (k + 1) / r) / 2 for k, r in enumerate(hits)]))
+    rec = next(r for r in json.loads((out / "report.json").read_text())["results"]
+               if (r["query_model"], r["gallery_model"], r["metric"]) == ("new", "old", "map"))
+    assert rec["value"] == pytest.approx(np.mean(aps), abs=1e-6) and "AP = trapezoid" in rec["protocol"]
