@@ -258,3 +258,24 @@ def test_market_ap_trapezoid_with_npy_rows_in_name_order(tmp_path):
     rec = next(r for r in json.loads((out / "report.json").read_text())["results"]
                if (r["query_model"], r["gallery_model"], r["metric"]) == ("new", "old", "map"))
     assert rec["value"] == pytest.approx(np.mean(aps), abs=1e-6) and "AP = trapezoid" in rec["protocol"]
+
+
+def test_chain_and_matrix_cells_tell_not_measurable_from_missing():
+    """A NaN record is n/m in the matrix and chain tables; a pair with no record (coordinates not
+    comparable) is —."""
+    from bctkit.evaluation.report import markdown
+
+    names = ["old", "v2"]
+    recs = [{"query_model": q, "gallery_model": g, "metric": "tar@far=1e-3", "value": v, "n": 10,
+             "protocol": "p"} for (q, g), v in {("old", "old"): 0.5, ("v2", "v2"): 0.6,
+                                                 ("v2", "old"): float("nan")}.items()]
+    info = {"embedding_dim": 8, "fingerprint": "f", "train_images": 10, "num_classes": 2}
+    report = {"results": recs, "models": {n: info for n in names},
+              "matrices": {"tar@far=1e-3": {"models": names, "values": [[0.5, None], [None, 0.6]]}},
+              "chain": {"models": names, "tar@far=1e-3": {"AC": 0.0, "AM": 0.0, "BC": 0.0, "FC": 0.0,
+                                                          "criterion": [[None, None], [False, None]]}}}
+    md = markdown(report)
+    matrix = section(md, "## Compatibility matrix: tar@far=1e-3")
+    assert matrix[2:] == ["| old | 50.00 | — |", "| v2 | n/m | 60.00 |"]
+    chain = md.split("tar@far=1e-3 (✓ / ✗", 1)[1]
+    assert "| v2 | n/m ✗ | 60.00 |" in chain and "| old | 50.00 | — |" in chain
