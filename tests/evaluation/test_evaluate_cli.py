@@ -273,7 +273,8 @@ def test_chain_and_matrix_cells_tell_not_measurable_from_missing():
     report = {"results": recs, "models": {n: info for n in names},
               "matrices": {"tar@far=1e-3": {"models": names, "values": [[0.5, None], [None, 0.6]]}},
               "chain": {"models": names, "tar@far=1e-3": {"AC": 0.0, "AM": 0.0, "BC": 0.0, "FC": 0.0,
-                                                          "criterion": [[None, None], [False, None]]}}}
+                                                          "criterion": [[None, None], [False, None]],
+                                                          "matrix": [[0.5, None], [None, 0.6]]}}}
     md = markdown(report)
     matrix = section(md, "## Compatibility matrix: tar@far=1e-3")
     assert matrix[2:] == ["| old | 50.00 | — |", "| v2 | n/m | 60.00 |"]
