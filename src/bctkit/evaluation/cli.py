@@ -8,6 +8,7 @@ models or feature files on a test set read from disk (:mod:`bctkit.evaluation.te
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,31 @@ from bctkit.errors import ConfigError
 from bctkit.evaluation.testset import PROTOCOLS
 
 SPLIT_TESTS = ("identification", "verification", "retrieval")
-SPLIT_ONLY = {"gallery_per_class": 1, "tests": ["all"], "no_backfill": False}
-TEST_SET_ONLY = {"flip": False, "batch_size": 256, "workers": None, "device": "auto", "precision": "fp32",
-                 "score_weighting": False, "folds": 10, "block": 1024, "index": None, "nprobe": None,
-                 "query_folder": "query"}
+TEST_SETS = tuple(PROTOCOLS)
+OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
+    "fars": (("split", "ijbb", "ijbc", "pairs"), None),
+    "fpirs": (("split", "ijbb", "ijbc"), None),
+    "topk": (("split", "ijbb", "ijbc", "retrieval", "market"), None),
+    "gallery_per_class": (("split",), 1),
+    "tests": (("split",), ["all"]),
+    "no_backfill": (("split",), False),
+    "flip": (TEST_SETS, False),
+    "batch_size": (TEST_SETS, 256),
+    "workers": (TEST_SETS, None),
+    "device": (TEST_SETS, "auto"),
+    "precision": (TEST_SETS, "fp32"),
+    "tar_mode": (("ijbb", "ijbc", "pairs"), "exact"),
+    "score_weighting": (("ijbb", "ijbc"), False),
+    "folds": (("pairs",), 10),
+    "block": (("retrieval", "market"), 1024),
+    "index": (("retrieval", "market"), None),
+    "nprobe": (("retrieval", "market"), None),
+    "query_folder": (("market",), "query"),
+    "ap": (("market",), "mean"),
+}
+"""Option (argparse dest) -> (the protocols it belongs to, its default). Every option here is parsed
+with default None, so one given on the command line, even at its default value, is told apart from
+one left out: given to another protocol it is refused, left out it takes the default."""
 
 
 def add_parser(sub: Any) -> None:
@@ -38,34 +60,49 @@ def add_parser(sub: Any) -> None:
                     help="a new model or its feature file (repeatable); NAME defaults to the model's name")
     ev.add_argument("--paragon", help="an independently trained new model or its features (update gain)")
     ev.add_argument("--out", required=True, help="directory for report.md, report.json, plots, certificates")
-    ev.add_argument("--fars", type=float, nargs="+", help="TAR@FAR rates (default per protocol)")
-    ev.add_argument("--fpirs", type=float, nargs="+", help="TPIR@FPIR rates (default 1e-2 1e-1)")
-    ev.add_argument("--topk", type=int, nargs="+", help="CMC ranks (default 1 5, test sets 1 5 10)")
+    ev.add_argument("--fars", type=float, nargs="+",
+                    help="TAR@FAR rates (split, ijbb/ijbc, pairs; default per protocol: split 1e-5 ... 1e-2, "
+                         "ijbb/ijbc 1e-6 ... 1e-1, pairs 1e-3 1e-2)")
+    ev.add_argument("--fpirs", type=float, nargs="+",
+                    help="TPIR@FPIR rates (split, ijbb/ijbc; default 1e-2 1e-1)")
+    ev.add_argument("--topk", type=int, nargs="+",
+                    help="CMC ranks (split default 1 5; ijbb/ijbc, retrieval, market default 1 5 10)")
     ev.add_argument("--chain", action="store_true",
                     help="the models form a chain of upgrades: --old, then each --new in order "
                          "(AC, AM, BC, FC in the report)")
     split = ev.add_argument_group("--protocol split")
-    split.add_argument("--gallery-per-class", type=int, default=1,
-                       help="1:N gallery = the first N images of each identity, in file order")
-    split.add_argument("--tests", nargs="+", default=["all"], choices=["all", *SPLIT_TESTS],
+    split.add_argument("--gallery-per-class", type=int,
+                       help="1:N gallery = the first N images of each identity, in file order (default 1)")
+    split.add_argument("--tests", nargs="+", choices=["all", *SPLIT_TESTS],
                        help="what to evaluate: 1:N identification (CMC, TPIR@FPIR), 1:1 verification "
                             "(TAR@FAR, AUC), retrieval (mAP, mAP@R); default all")
-    split.add_argument("--no-backfill", action="store_true", help="skip partial-backfill curves")
-    tests = ev.add_argument_group("test-set protocols")
-    tests.add_argument("--flip", action="store_true", help="models: add the mirrored images' features")
-    tests.add_argument("--batch-size", type=int, default=256)
+    split.add_argument("--no-backfill", action="store_true", default=None,
+                       help="skip partial-backfill curves")
+    tests = ev.add_argument_group("test-set protocols (each option names the protocols it applies to; "
+                                  "given to another protocol it is refused)")
+    tests.add_argument("--flip", action="store_true", default=None,
+                       help="models: add the mirrored images' features (not with feature files: their "
+                            "features are already extracted)")
+    tests.add_argument("--batch-size", type=int, help="models: images per batch (default 256)")
     tests.add_argument("--workers", type=int, help="DataLoader workers (default: the usable CPUs, at most 8)")
-    tests.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    tests.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    tests.add_argument("--score-weighting", action="store_true",
+    tests.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
+    tests.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default fp32")
+    tests.add_argument("--tar-mode", choices=["exact", "insightface"],
+                       help="ijbb/ijbc, pairs: TAR@FAR rule, exact (default: the threshold never lets the "
+                            "FAR exceed the target) or insightface (TPR of the ROC point nearest the FAR, "
+                            "as insightface's IJB tables)")
+    tests.add_argument("--score-weighting", action="store_true", default=None,
                        help="ijbb/ijbc: weight each image by its detector score before pooling")
-    tests.add_argument("--folds", type=int, default=10, help="pairs: folds of the k-fold accuracy")
-    tests.add_argument("--block", type=int, default=1024, help="retrieval/market: query rows per block")
+    tests.add_argument("--folds", type=int, help="pairs: folds of the k-fold accuracy (default 10)")
+    tests.add_argument("--block", type=int, help="retrieval/market: query rows per block (default 1024)")
     tests.add_argument("--index", help="retrieval/market: a FAISS factory string (e.g. IVF1024,Flat, "
                                        "HNSW32) for top-k, reported with its recall against exact search")
     tests.add_argument("--nprobe", type=int, help="retrieval/market: nprobe of an IVF --index")
-    tests.add_argument("--query-folder", default="query", choices=["query", "gt_bbox"],
-                       help="market: the query folder")
+    tests.add_argument("--query-folder", choices=["query", "gt_bbox"], help="market: the query folder "
+                                                                            "(default query)")
+    tests.add_argument("--ap", choices=["mean", "trapezoid"],
+                       help="market: AP rule, mean (default: mean precision at each hit) or trapezoid (the "
+                            "Market-1501 MATLAB code's: mean of the precision just before and at each hit)")
     tests.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -92,14 +129,16 @@ def _named(args: argparse.Namespace, default_name: Any) -> dict[str, str]:
 
 
 def _check_options(args: argparse.Namespace) -> None:
-    """Options of the other form are refused rather than ignored."""
-    split = args.protocol == "split"
-    other = TEST_SET_ONLY if split else SPLIT_ONLY
-    given = [k for k, default in other.items() if getattr(args, k) != default]
-    if given:
-        opt = "--" + given[0].replace("_", "-")
-        form = "a test-set --protocol" if split else "--protocol split"
-        raise ConfigError(f"{opt} applies only to {form}, not to --protocol {args.protocol}")
+    """Refuse an option of another protocol (:data:`OPTIONS`), then fill in the defaults of those left
+    out."""
+    for dest, (protocols, default) in OPTIONS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+        elif args.protocol not in protocols:
+            where = ("a test-set --protocol (" + ", ".join(TEST_SETS) + ")" if protocols == TEST_SETS else
+                     "--protocol " + " or ".join(filter(None, [", ".join(protocols[:-1]), protocols[-1]])))
+            raise ConfigError(f"--{dest.replace('_', '-')} applies only to {where}, not to --protocol "
+                              f"{args.protocol}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,15 +154,19 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--protocol {args.protocol} needs --data ({PROTOCOLS[args.protocol]})")
     given = {k: tuple(v) for k in ("fars", "fpirs", "topk") if (v := getattr(args, k))}
     opts = TestSetOptions(**given, score_weighting=args.score_weighting, folds=args.folds, block=args.block,
-                          index=args.index, nprobe=args.nprobe, query_folder=args.query_folder)
+                          index=args.index, nprobe=args.nprobe, query_folder=args.query_folder,
+                          tar_mode=args.tar_mode, ap=args.ap)
     protocol = build_protocol(args.protocol, args.data, opts)
+    if is_main():
+        for caveat in protocol.caveats():
+            print(f"warning: {caveat}", file=sys.stderr)
     models = _named(args, _model_name)
     ex = ExtractOptions(args.flip, args.batch_size, auto_workers() if args.workers is None else args.workers,
                         args.device, args.precision)
     out = Path(args.out)
     chain = [n for n in models if n != "paragon"] if args.chain else None
     report = evaluate_testset(protocol, models, out, ex, chain=chain, progress=not args.quiet,
-                              log=None if args.quiet else print)
+                              log=None if args.quiet else print, data=args.data)
     if is_main() and report is not None:
         print(f"report: {out}/report.md ({len(report['results'])} results)")
     return 0

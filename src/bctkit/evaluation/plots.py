@@ -120,7 +120,7 @@ def plot_backfill(
     styles: Style | None = None,
 ) -> Path:
     """Partial backfill curves {label: (fractions, values as fractions)}, drawn in %; the legend
-    shows each area (in the values' own units, as report.json has it)."""
+    shows each area in %, with two decimals, as report.md's table gives it."""
     if not curves:
         raise DataError("plot_backfill needs at least one curve")
     arrays = {}
@@ -131,7 +131,7 @@ def plot_backfill(
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for label, (fr, vals) in arrays.items():
         area = float(np.trapezoid(vals, fr)) if fr.size > 1 else float("nan")
-        ax.plot(100 * fr, 100 * vals, marker="o", label=f"{label} (area {area:.4f})",
+        ax.plot(100 * fr, 100 * vals, marker="o", label=f"{label} (area {100 * area:.2f} %)",
                 **dict((styles or {}).get(label, {})))
     ax.set_xlim(0.0, 100.0)
     ax.set_xlabel("gallery backfilled (%)")

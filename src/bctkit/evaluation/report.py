@@ -25,6 +25,20 @@ GROUPS = (
 compatibility metrics (names in :data:`NOT_JUDGED`, or matched by no group) get one more table,
 without criterion marks, so no record of report.json is missing from report.md."""
 NOT_JUDGED = ("_std", "index_recall@")
+GAIN_METRICS = ("top1", "tpir@fpir=1e-2", "tar@far=1e-3", "tar@far=1e-4", "map")
+"""Update-gain columns after the protocol's headline metrics (report["headline"]), where measured."""
+NOT_RECORDED = "not recorded"
+"""A Models-table cell whose fact the model's files do not record (an imported model's training set)."""
+BACKFILL_ORDERS = {
+    "random": "gallery classes re-embedded in a seeded random order (seed 0), what a backfill that "
+              "knows nothing about the items gives",
+    "distance": "the classes whose embedding changed most from the old to the new model first (mean "
+                "1 - cos(old, new) over the compared coordinates): it needs every item's new "
+                "embedding, so it is a reference for the best an ordering could do, not one a live "
+                "backfill can follow; `bctkit gallery backfill --order benefit` (smallest old-embedding "
+                "norm first, known before re-embedding) is the gallery's stand-in and is not measured here",
+}
+"""One sentence per partial-backfill order of the report."""
 
 
 def report_dir(out: Path, split: str) -> Path:
@@ -111,6 +125,10 @@ def markdown(report: dict[str, Any]) -> str:
             f"({alloc['shared_classes']} classes shared).",
             "",
         ]
+    else:
+        lines += _dataset_line(report)
+    if report.get("warnings"):
+        lines += [f"- **Warning**: {w}" for w in report["warnings"]] + [""]
     lines += [
         "## Self and cross tests",
         "",
@@ -133,8 +151,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["Protocols (n = probes, queries or pairs behind each number):", ""]
     lines += [f"- {p} (n = {n})" for p, n in protocols.items()] + [""]
     compat = report.get("compatibility", {})
-    gain_metrics = [m for m in ("top1", "tpir@fpir=1e-2", "tar@far=1e-3", "tar@far=1e-4", "map")
-                    if m in metrics]
+    gain_metrics = [m for m in dict.fromkeys((*report.get("headline", ()), *GAIN_METRICS)) if m in metrics]
     if compat and gain_metrics:
         lines += ["## Update gain", "",
                   "BCT Eq. 9: (M(new, old) - M(old, old)) / (M(paragon, paragon) - M(old, old)), in %; "
@@ -148,8 +165,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += markdown_table(["model"] + gain_metrics, rows)
     for metric, mat in report.get("matrices", {}).items():
         lines += [f"## Compatibility matrix: {metric} (row = query model, column = gallery model)", ""]
-        rows = [[q] + [fmt_percent(v) for v in row]
-                for q, row in zip(mat["models"], mat["values"], strict=True)]
+        rows = [[q] + [fmt_percent(lookup(records, q, g, metric)) for g in mat["models"]]
+                for q in mat["models"]]
         lines += markdown_table(["query \\ gallery"] + mat["models"], rows)
     chain = report.get("chain")
     if chain:
@@ -165,18 +182,20 @@ def markdown(report: dict[str, Any]) -> str:
                 continue
             lines += [f"{metric} (✓ / ✗: the newer query model on an older gallery meets / misses the "
                       "criterion):", ""]
-            rows = [[q] + [fmt_percent(x) + CRITERION_MARK[ok] for x, ok in zip(row, oks, strict=True)]
-                    for q, row, oks in zip(chain["models"], v["matrix"], v["criterion"], strict=True)]
+            rows = [[q] + [fmt_percent(lookup(records, q, g, metric)) + CRITERION_MARK[ok]
+                           for g, ok in zip(chain["models"], oks, strict=True)]
+                    for q, oks in zip(chain["models"], v["criterion"], strict=True)]
             lines += markdown_table(["query \\ gallery"] + chain["models"], rows)
     backfill = report.get("backfill", {})
     if backfill:
         lines += ["## Partial backfill", "",
                   "Top-1 of new-model probes while a fraction p of the gallery classes is re-embedded by "
-                  "the new model (p = 0: cross test, p = 1: new self test). Area: trapezoid rule over p.",
-                  ""]
+                  "the new model (p = 0: cross test, p = 1: new self test). Area: trapezoid rule over p, "
+                  "in % as the values. Orders:", ""]
+        lines += [f"- {order}: {text}." for order, text in BACKFILL_ORDERS.items()] + [""]
         rows = []
         for name, b in backfill.items():
-            for order in ("random", "distance"):
+            for order in BACKFILL_ORDERS:
                 vals = b[order]["values"]
                 rows.append([name, order, fmt_percent(vals[0]), fmt_percent(vals[len(vals) // 2]),
                              fmt_percent(vals[-1]), f"{100 * b[order]['area']:.2f}"])
@@ -205,11 +224,29 @@ def markdown(report: dict[str, Any]) -> str:
             dims = (f"{info['embedding_dim']} = bct [0:{layout['bct'][1]}] + added [{layout['added'][0]}:"
                     f"{layout['added'][1]}]; self tests all, cross tests bct")
         rows.append([name, info.get("method") or "—", _options(info.get("params")),
-                     str(info["train_images"]), str(info["num_classes"]), dims, f"`{info['fingerprint']}`"])
+                     _recorded(info.get("train_images")), _recorded(info.get("num_classes")), dims,
+                     f"`{info['fingerprint']}`"])
     header = ["model", "method", "options", "train images", "classes", "dims", "fingerprint"]
     lines += markdown_table(header, rows)
     lines += [f"bctkit {__version__}. Full numbers: report.json.", ""]
     return "\n".join(lines)
+
+
+def _recorded(value: Any) -> str:
+    """A Models-table fact, or :data:`NOT_RECORDED` where the model's files hold none."""
+    return NOT_RECORDED if value is None else str(value)
+
+
+def _dataset_line(report: dict[str, Any]) -> list[str]:
+    """The Dataset line of a report without an allocation (``bctkit evaluate``): the images, the
+    protocol and the files it read."""
+    if not report.get("dataset"):
+        return []
+    protocol = report.get("test_set", {}).get("protocol", "split")
+    files = report.get("data")
+    where = (f"data: {', '.join(files)}" if files else "feature files: "
+             + ", ".join(f"{k}={v}" for k, v in report.get("feature_files", {}).items()))
+    return [f"Dataset: {report['dataset']}. Protocol **{protocol}**, {where}.", ""]
 
 
 def _options(params: Any) -> str:

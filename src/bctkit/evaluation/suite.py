@@ -49,7 +49,6 @@ def evaluate_suite(
     if do_backfill:
         say("[metrics] partial-backfill curves")
     curves = backfill_curves(features, protocol) if do_backfill else {}
-    say("[plots] roc, cmc, matrices, backfill")
     report = {
         **(extra or {}),
         "models": models_info,
@@ -58,7 +57,9 @@ def evaluate_suite(
         "matrices": mats,
         "backfill": curves,
         "plots": write_plots(out_dir, pairs, names, mats, curves),
+        "headline": list(protocol.headline),
     }
+    say(f"[plots] {', '.join(report['plots']) or 'none'}")
     if chain:
         report["chain"] = chain_summary(records, chain, headline)
     say("[certificates] one per (new model, model it claims compatibility with) cross test")
@@ -98,7 +99,7 @@ def models_info_from_features(features: dict[str, FeatureSet]) -> dict[str, dict
         name: {
             "method": fs.meta.get("method"), "params": fs.meta.get("params"),
             "fingerprint": fs.meta.get("model_fingerprint", "unknown"),
-            "train_images": fs.meta.get("train_images", "—"), "num_classes": fs.meta.get("num_classes", "—"),
+            "train_images": fs.meta.get("train_images"), "num_classes": fs.meta.get("num_classes"),
             "embedding_dim": fs.dim, "compat_dims": fs.compat_dims, "layout": fs.meta.get("layout"),
         }
         for name, fs in features.items()

@@ -41,17 +41,24 @@ PROTOCOLS = {
 
 @dataclass(frozen=True)
 class TestSetOptions:
-    """What the protocols take from the command line (each uses the ones that apply to it)."""
+    """What the protocols take from the command line (each uses the ones that apply to it). Rates
+    and ranks left None are the protocol's own defaults (pairs: FARs 1e-3, 1e-2; IJB: 1e-6 ... 1e-1)."""
 
-    fars: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-    fpirs: tuple[float, ...] = (1e-2, 1e-1)
-    topk: tuple[int, ...] = (1, 5, 10)
+    fars: tuple[float, ...] | None = None
+    fpirs: tuple[float, ...] | None = None
+    topk: tuple[int, ...] | None = None
     score_weighting: bool = False
     folds: int = 10
     block: int = 1024
     index: str | None = None
     nprobe: int | None = None
     query_folder: str = "query"
+    tar_mode: str = "exact"
+    ap: str = "mean"
+
+    def rates(self, *names: str) -> dict[str, Any]:
+        """The options among ``names`` (fars, fpirs, topk) that were given, as keyword arguments."""
+        return {n: v for n in names if (v := getattr(self, n)) is not None}
 
 
 def build_protocol(name: str, data: Sequence[str], opts: TestSetOptions) -> Protocol:
@@ -67,20 +74,22 @@ def build_protocol(name: str, data: Sequence[str], opts: TestSetOptions) -> Prot
     for p in data:
         if not Path(p).exists():
             raise DataError(f"--data {p}: not found ({PROTOCOLS[name]})")
-    ranking = RankingOptions(ks=opts.topk, block=opts.block, index=opts.index, nprobe=opts.nprobe)
+    ranking = RankingOptions(**({} if opts.topk is None else {"ks": opts.topk}), block=opts.block,
+                             index=opts.index, nprobe=opts.nprobe)
     if name in ("ijbb", "ijbc"):
         from bctkit.evaluation.protocols.ijb import IJBProtocol
 
-        return IJBProtocol.from_root(data[0], name=name, fars=opts.fars, fpirs=opts.fpirs, topk=opts.topk,
-                                     score_weighting=opts.score_weighting)
+        return IJBProtocol.from_root(data[0], name=name, **opts.rates("fars", "fpirs", "topk"),
+                                     score_weighting=opts.score_weighting, tar_mode=opts.tar_mode)
     if name == "pairs":
         from bctkit.evaluation.protocols.pairs import PairsProtocol
 
-        return PairsProtocol.from_file(data[0], fars=opts.fars, folds=opts.folds)
+        return PairsProtocol.from_file(data[0], **opts.rates("fars"), folds=opts.folds,
+                                       tar_mode=opts.tar_mode)
     if name == "market":
         from bctkit.evaluation.protocols.reid import ReIDProtocol
 
-        return ReIDProtocol.from_root(data[0], query=opts.query_folder, options=ranking)
+        return ReIDProtocol.from_root(data[0], query=opts.query_folder, options=ranking, ap=opts.ap)
     from bctkit.evaluation.protocols.retrieval import QueryGalleryProtocol
 
     query, gallery = (Path(p) for p in data)
@@ -166,14 +175,21 @@ def model_features(name: str, spec: str, protocol: Protocol, out: Path, ex: Extr
 
 def evaluate_testset(protocol: Protocol, models: dict[str, str], out: Path, ex: ExtractOptions,
                      chain: list[str] | None = None, log: Callable[[str], None] | None = None,
-                     progress: bool = True) -> dict[str, Any] | None:
+                     progress: bool = True, data: Sequence[str] = ()) -> dict[str, Any] | None:
     """Features of every model in ``models`` (name -> model or feature file; "old" required, then
-    "paragon" and the new models), then the report in ``out`` (rank 0; None on other ranks)."""
+    "paragon" and the new models), then the report in ``out`` (rank 0; None on other ranks).
+    ``data``: the test set's paths as given, named in the report."""
     from bctkit.evaluation.suite import evaluate_suite, models_info_from_features
 
     if "old" not in models:
         raise ConfigError("evaluation needs the old model (--old)")
     say = log or (lambda _msg: None)
+    if ex.flip:  # validated before any model is run
+        for name, spec in models.items():
+            if feature_file_meta(Path(spec).expanduser()) is not None:
+                raise ConfigError(f"--flip: {name}={spec} is a feature file, already extracted; the flip "
+                                  "test is chosen when features are extracted (bctkit extract --flip): drop "
+                                  "--flip or give the model")
     features: dict[str, FeatureSet] = {}
     for name, spec in models.items():
         say(f"[features] {name}: {spec}")
@@ -182,7 +198,7 @@ def evaluate_testset(protocol: Protocol, models: dict[str, str], out: Path, ex: 
     if not is_main():
         return None
     extra = {"dataset": f"{protocol.dataset}: {len(protocol.source)} images",  # type: ignore[attr-defined]
-             "test_set": protocol.describe(), "inputs": dict(models),
-             "extraction": {"flip": ex.flip, "precision": ex.precision}}
+             "test_set": protocol.describe(), "data": [str(p) for p in data], "inputs": dict(models),
+             "extraction": {"flip": ex.flip, "precision": ex.precision}, "warnings": protocol.caveats()}
     return evaluate_suite(features, protocol, out, models_info_from_features(features), extra,
                           backfill=False, chain=chain, log=say, progress=progress)

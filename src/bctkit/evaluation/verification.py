@@ -30,6 +30,27 @@ import numpy as np
 from bctkit.errors import DataError
 
 TAR_MODES = ("exact", "insightface")
+TAR_RULES = {
+    "exact": "exact TAR@FAR",
+    "insightface": "insightface TAR@FAR (TPR of the ROC point whose FPR is nearest the FAR; that FPR may "
+                   "exceed it)",
+}
+"""How each mode is named in a record's description."""
+
+
+def check_tar_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`TAR_MODES`, else a DataError naming them."""
+    if mode not in TAR_MODES:
+        raise DataError(f"unknown tar_at_far mode {mode!r}; expected one of {', '.join(TAR_MODES)}")
+    return mode
+
+
+def insightface_tar(fpr: np.ndarray, tpr: np.ndarray, fars: Sequence[float]) -> dict[float, float]:
+    """insightface's TAR per FAR from a ROC built as ``roc_curve(drop_intermediate=True)`` builds it:
+    the TPR of the LAST point whose FPR is nearest to the FAR (insightface reverses the arrays before
+    its argmin)."""
+    last = len(fpr) - 1
+    return {far: float(tpr[last - int(np.argmin(np.abs(fpr - far)[::-1]))]) for far in fars}
 
 
 def _check_scores_labels(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -197,15 +218,13 @@ def tar_at_far(
     arrays before its argmin): highest TPR at equal FPR, larger FPR at equal distance.
     Every FAR must lie in (0, 1] (DataError otherwise).
     """
-    if mode not in TAR_MODES:
-        raise DataError(f"unknown tar_at_far mode {mode!r}; expected one of {TAR_MODES}")
+    check_tar_mode(mode)
     fars = list(fars)
     for far in fars:
         check_rate(far, "FAR")
     if mode == "insightface":
         fpr, tpr, _ = roc_curve(scores, labels, drop_intermediate=True)
-        last = fpr.size - 1
-        return {far: float(tpr[last - int(np.argmin(np.abs(fpr - far)[::-1]))]) for far in fars}
+        return insightface_tar(fpr, tpr, fars)
     genuine, impostor = _split(scores, labels)
     thresholds = exact_thresholds(impostor, fars)
     gen_sorted = np.sort(genuine)

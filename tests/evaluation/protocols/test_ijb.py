@@ -328,3 +328,34 @@ def test_bctkit_evaluate_protocol_ijbc_with_feature_files(tiny: Tiny, tmp_path: 
     cert = json.loads((out / "certificates" / "new__old.json").read_text())
     assert math.isnan(want["tar@far=1e-4"])  # too few impostors here: the next headline metric judges
     assert cert["criterion"]["metric"] == "top1" and cert["protocol"]["pairs"] == len(tiny.pairs)
+
+
+def test_bctkit_evaluate_ijbc_tar_mode_insightface(tiny: Tiny, tmp_path: Path) -> None:
+    """--tar-mode insightface reaches the protocol: TAR is the TPR at the sklearn ROC point nearest the
+    FAR (insightface's IJB scripts: reversed arrays, argmin), and the mode is in the report and the
+    certificate."""
+    import json
+
+    from bctkit.cli import main
+
+    q, g = _feats(tiny, 1)
+    np.save(tmp_path / "q.npy", q)
+    np.save(tmp_path / "g.npy", g)
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--protocol", "ijbc", "--data", str(tiny.root), "--old", str(tmp_path / "g.npy"),
+                 "--new", f"new={tmp_path / 'q.npy'}", "--out", str(out), "--quiet",
+                 "--tar-mode", "insightface", "--fars", *map(str, FARS), "--fpirs", *map(str, FPIRS),
+                 "--topk", *map(str, TOPK)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    got = {r["metric"]: r for r in report["results"]
+           if (r["query_model"], r["gallery_model"]) == ("new", "old")}
+    tq, tg = _pool(tiny, q, False), _pool(tiny, g, False)
+    fpr, tpr, _ = roc_curve([lab for *_, lab in tiny.pairs], [float(tq[a] @ tg[b]) for a, b, _ in tiny.pairs])
+    fpr, tpr = np.flipud(fpr), np.flipud(tpr)
+    for far in FARS:
+        rec = got[f"tar@far={far:.0e}".replace("e-0", "e-")]
+        assert rec["value"] == pytest.approx(float(tpr[np.argmin(abs(fpr - far))]), abs=1e-9)
+        assert "insightface TAR@FAR" in rec["protocol"]
+    assert report["test_set"]["tar_mode"] == "insightface"
+    cert = json.loads((out / "certificates" / "new__old.json").read_text())
+    assert cert["protocol"]["tar_mode"] == "insightface"

@@ -63,6 +63,11 @@ class Protocol(ABC):
         matrices, and the certificate's criterion (the first one measured)."""
         return ("top1", "tar@far=1e-3")
 
+    def caveats(self) -> list[str]:
+        """One line per way this test set's numbers mislead (the CLI prints them, report.md shows
+        them); none by default."""
+        return []
+
     @property
     def backfill(self) -> bool:
         """Whether the partial-backfill curves (which need the run's own split) apply."""

@@ -9,8 +9,8 @@ template summed and the sum L2-normalised: the rule of
 
 - 1:1 verification over the listed template pairs only (15,658,489 for IJB-C, 8,010,270 for
   IJB-B), never through a template x template matrix (:func:`listed_pair_scores`): the first
-  template of a pair by the query model, the second by the gallery model. Exact TAR@FAR, ROC AUC,
-  ROC curve.
+  template of a pair by the query model, the second by the gallery model. TAR@FAR (``tar_mode``:
+  exact by default, or insightface's nearest ROC point), ROC AUC, ROC curve.
 - 1:N identification, when the 1:N files are present: probe templates (query model) search gallery
   G1 and, separately, gallery G2 (gallery model; IJB-B's S1 / S2). Closed-set CMC top-k over the
   probes whose subject is enrolled in that gallery, and open-set TPIR@FPIR (NIST rule: probes of
@@ -35,7 +35,7 @@ from bctkit.evaluation.identification import cmc, tpir_at_fpir
 from bctkit.evaluation.protocols.base import PairResult, Protocol, rate_name
 from bctkit.evaluation.protocols.split import CMC_CURVE_RANKS
 from bctkit.evaluation.templates import pair_scores
-from bctkit.evaluation.verification import check_rate, roc_curve, tar_at_far
+from bctkit.evaluation.verification import TAR_RULES, check_rate, check_tar_mode, roc_curve, tar_at_far
 
 __all__ = ["DEFAULT_FARS", "DEFAULT_FPIRS", "DEFAULT_TOPK", "IJBProtocol", "PairPlan", "listed_pair_scores",
            "plan_pairs", "pool_templates", "pooling_matrix", "thin_roc"]
@@ -185,7 +185,7 @@ class IJBProtocol(Protocol):
 
     def __init__(self, source: IJBSource, pairs: Pairs | None = None, fars: Sequence[float] = DEFAULT_FARS,
                  fpirs: Sequence[float] = DEFAULT_FPIRS, topk: Sequence[int] = DEFAULT_TOPK,
-                 score_weighting: bool = False) -> None:
+                 score_weighting: bool = False, tar_mode: str = "exact") -> None:
         self.source = source
         self.name = source.dataset  # type: ignore[misc]
         self.dataset = source.name
@@ -200,17 +200,19 @@ class IJBProtocol(Protocol):
         if any(k < 1 for k in self.topk):
             raise DataError(f"top-k values must be >= 1, got {list(self.topk)}")
         self.score_weighting = bool(score_weighting)
+        self.tar_mode = check_tar_mode(tar_mode)
         self._one_n = self._one_n_rows()
 
     @classmethod
     def from_root(cls, root: str | os.PathLike[str], name: str = "ijbc", fars: Sequence[float] = DEFAULT_FARS,
                   fpirs: Sequence[float] = DEFAULT_FPIRS, topk: Sequence[int] = DEFAULT_TOPK,
-                  score_weighting: bool = False) -> IJBProtocol:
+                  score_weighting: bool = False, tar_mode: str = "exact") -> IJBProtocol:
         """The protocol of the IJB dataset ``name`` (``ijbb`` / ``ijbc``) under ``root`` (insightface's
         layout): reads and checks the metadata, decodes no image."""
         if name not in DATASETS:
             raise DataError(f"IJB name {name!r} is unknown; expected one of {sorted(DATASETS)}")
-        return cls(IJBSource(root, name), fars=fars, fpirs=fpirs, topk=topk, score_weighting=score_weighting)
+        return cls(IJBSource(root, name), fars=fars, fpirs=fpirs, topk=topk, score_weighting=score_weighting,
+                   tar_mode=tar_mode)
 
     def _one_n_rows(self) -> dict[str, tuple[np.ndarray, np.ndarray]] | None:
         """Per role (G1, G2, probe): (row in the sorted template ids, subject id) of its templates."""
@@ -259,18 +261,16 @@ class IJBProtocol(Protocol):
         scores = listed_pair_scores(tq, tg, self.pair_plan)
         n, n_gen = len(scores), int(p.genuine.sum())
         desc = (f"1:1 verification, {self.dataset}: the {n} listed template pairs ({n_gen} genuine, "
-                f"{n - n_gen} impostor) of {p.file.name}, first template by query model; {self._pooling()}; "
-                f"exact TAR@FAR; {dims}")
+                f"{n - n_gen} impostor) of {p.file.name}, first template by query model; {self._pooling()}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tars = tar_at_far(scores, p.genuine, self.fars)
-        records = [{"metric": rate_name("tar@far", far), "value": v, "n": n, "protocol": desc}
-                   for far, v in tars.items()]
+            tars = tar_at_far(scores, p.genuine, self.fars, mode=self.tar_mode)
+        records = [{"metric": rate_name("tar@far", far), "value": v, "n": n,
+                    "protocol": f"{desc}; {TAR_RULES[self.tar_mode]}; {dims}"} for far, v in tars.items()]
         # one ROC for both: dropping collinear points leaves the trapezoid area (roc_auc's) unchanged
         fpr, tpr, _ = roc_curve(scores, p.genuine)
         auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1])) / 2.0)
-        records.append({"metric": "auc", "value": auc, "n": n,
-                        "protocol": desc.replace("exact TAR@FAR", "ROC AUC")})
+        records.append({"metric": "auc", "value": auc, "n": n, "protocol": f"{desc}; ROC AUC; {dims}"})
         return records, thin_roc(fpr, tpr)
 
     def _identification(self, tq: torch.Tensor, tg: torch.Tensor, dims: str
@@ -326,7 +326,7 @@ class IJBProtocol(Protocol):
             "templates": len(src.template_ids), "media": len(np.unique(src.medias)), "pairs": len(p.genuine),
             "genuine_pairs": int(p.genuine.sum()), "impostor_pairs": int((~p.genuine).sum()),
             "alignment": "5-point similarity to the ArcFace 112x112 template",
-            "score_weighting": self.score_weighting, "fars": list(self.fars)}
+            "score_weighting": self.score_weighting, "fars": list(self.fars), "tar_mode": self.tar_mode}
         if self._one_n is not None:
             out.update({f"{role.lower()}_templates": len(self._one_n[role][0]) for role in ("G1", "G2")})
             out["probe_templates"] = len(self._one_n["probe"][0])

@@ -15,9 +15,10 @@ the gallery model). Reported:
   its share of correct decisions at that threshold. Reported: the mean of the k accuracies and their
   population standard deviation (ddof 0). With k = 1 the threshold is chosen on all pairs and tested on
   them.
-- ``tar@far=...``: exact TAR@FAR (:func:`bctkit.evaluation.verification.tar_at_far`) on the cosine
-  scores of all pairs. Every requested FAR gets a record; a FAR below 1 / N_imp (1e-4 with LFW's
-  3,000 impostor pairs) is not measurable and its value is NaN, never a number.
+- ``tar@far=...``: TAR@FAR (:func:`bctkit.evaluation.verification.tar_at_far`, ``tar_mode`` exact by
+  default, or insightface's) on the cosine scores of all pairs. Every requested FAR gets a record; in
+  exact mode a FAR below 1 / N_imp (1e-4 with LFW's 3,000 impostor pairs) is not measurable and its
+  value is NaN, never a number.
 - ``auc``: ROC AUC over all pairs; :attr:`PairResult.roc` holds the ROC curve.
 
 insightface's published accuracies use the flip test (each image's feature plus that of its mirror
@@ -40,7 +41,14 @@ from bctkit.data.sources.base import DataSource
 from bctkit.data.sources.pairbin import PairBinSource
 from bctkit.errors import DataError
 from bctkit.evaluation.protocols.base import PairResult, Protocol, rate_name
-from bctkit.evaluation.verification import check_rate, roc_auc, roc_curve, tar_at_far
+from bctkit.evaluation.verification import (
+    TAR_RULES,
+    check_rate,
+    check_tar_mode,
+    roc_auc,
+    roc_curve,
+    tar_at_far,
+)
 
 __all__ = ["DEFAULT_FARS", "PairsProtocol", "fold_slices", "insightface_thresholds", "kfold_accuracy",
            "pair_distances"]
@@ -118,7 +126,7 @@ class PairsProtocol(Protocol):
 
     def __init__(self, issame: Sequence[bool] | np.ndarray, dataset: str = "pairs",
                  fars: Sequence[float] = DEFAULT_FARS, folds: int = 10, source: DataSource | None = None,
-                 path: str | Path | None = None) -> None:
+                 path: str | Path | None = None, tar_mode: str = "exact") -> None:
         self.issame = np.asarray(issame)
         if self.issame.ndim != 1 or self.issame.dtype != np.bool_:
             raise DataError(f"{dataset}: pair flags must be a 1-D list of bools, got {self.issame.dtype} "
@@ -134,15 +142,17 @@ class PairsProtocol(Protocol):
         self.dataset = dataset
         self.fars = tuple(float(f) for f in fars)
         self.folds = int(folds)
+        self.tar_mode = check_tar_mode(tar_mode)
         self.source = source
         self.path = None if path is None else Path(path)
 
     @classmethod
-    def from_file(cls, path: str | Path, fars: Sequence[float] = DEFAULT_FARS, folds: int = 10
-                  ) -> PairsProtocol:
+    def from_file(cls, path: str | Path, fars: Sequence[float] = DEFAULT_FARS, folds: int = 10,
+                  tar_mode: str = "exact") -> PairsProtocol:
         """The protocol of an insightface pair ``.bin`` file; ``source`` reads its images."""
         source = PairBinSource(path)
-        return cls(source.issame, dataset=Path(path).stem, fars=fars, folds=folds, source=source, path=path)
+        return cls(source.issame, dataset=Path(path).stem, fars=fars, folds=folds, source=source, path=path,
+                   tar_mode=tar_mode)
 
     @property
     def pairs(self) -> int:
@@ -157,6 +167,7 @@ class PairsProtocol(Protocol):
         out: dict[str, Any] = {
             "protocol": self.name, "dataset": self.dataset, "pairs": self.pairs, "images": 2 * self.pairs,
             "genuine": self.genuine, "impostor": self.impostor, "folds": self.folds, "fars": list(self.fars),
+            "tar_mode": self.tar_mode,
             "accuracy": "insightface k-fold: unshuffled contiguous folds, squared L2 distance of normalised "
                         "embeddings, threshold from arange(0, 4, 0.01) best on the other folds (first best), "
                         "genuine when distance < threshold; mean and population std over folds"}
@@ -193,9 +204,10 @@ class PairsProtocol(Protocol):
         ]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            tars = tar_at_far(scores, self.issame, self.fars)
+            tars = tar_at_far(scores, self.issame, self.fars, mode=self.tar_mode)
+        nan_rule = " (NaN below 1/N_imp)" if self.tar_mode == "exact" else ""
         records += [{"metric": rate_name("tar@far", far), "value": v, "n": n,
-                     "protocol": f"{base}; exact TAR@FAR over all pairs (NaN below 1/N_imp); {dims}"}
+                     "protocol": f"{base}; {TAR_RULES[self.tar_mode]} over all pairs{nan_rule}; {dims}"}
                     for far, v in tars.items()]
         records.append({"metric": "auc", "value": roc_auc(scores, self.issame), "n": n,
                         "protocol": f"{base}; ROC AUC over all pairs; {dims}"})

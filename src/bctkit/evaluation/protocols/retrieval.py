@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from bctkit.data.sources.base import DataSource
+from bctkit.data.sources.base import DataSource, PathSource
 from bctkit.data.sources.imagefolder import ImageFolderSource
 from bctkit.data.sources.listfile import ListSource
 from bctkit.data.sources.market import ConcatSource
@@ -131,6 +132,30 @@ class QueryGalleryProtocol(Protocol):
         return cls.from_sources(ImageFolderSource(query_root), ImageFolderSource(gallery_root), dataset,
                                 options)
 
+    @cached_property
+    def self_matches(self) -> int:
+        """Queries whose image file is also a gallery image (the same path once the folders are
+        resolved): each finds itself. 0 when the images are not files of a query and a gallery
+        source (a copy of an image at another path is not detected)."""
+        parts = getattr(self.source, "parts", ())
+        if len(parts) != 2 or not all(isinstance(p, PathSource) for p in parts):
+            return 0
+
+        def files(src: PathSource) -> np.ndarray:
+            base = os.path.realpath(src.folder)
+            return np.asarray([os.path.normpath(os.path.join(base, src.paths[i])) for i in range(len(src))])
+
+        return int(np.isin(files(parts[0]), files(parts[1])).sum())
+
+    def caveats(self) -> list[str]:
+        n = self.self_matches
+        if not n:
+            return []
+        return [f"{n} of {self.n_query} queries are also gallery images (the same files): each matches "
+                "itself, so self tests (top-1, mAP) are inflated up to 100 % and a new model's cross test "
+                "is judged against that; give query and gallery images that differ (bctkit has no "
+                "leave-one-out protocol yet)"]
+
     def _counts(self) -> dict[str, int]:
         q, g = self.labels[: self.n_query], self.labels[self.n_query :]
         return {"queries": self.n_query, "gallery_images": len(g),
@@ -139,7 +164,8 @@ class QueryGalleryProtocol(Protocol):
                 "distractor_identities": len(np.setdiff1d(np.unique(g), q))}
 
     def describe(self) -> dict[str, Any]:
-        return {"protocol": self.name, "dataset": self.dataset, **self._counts(), **self.options.describe()}
+        return {"protocol": self.name, "dataset": self.dataset, **self._counts(),
+                "queries_also_in_gallery": self.self_matches, **self.options.describe()}
 
     @property
     def headline(self) -> tuple[str, ...]:
