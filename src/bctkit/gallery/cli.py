@@ -201,19 +201,17 @@ def _status(store: Any, report: str | None) -> int:
 
 def check_report(report: Any, where: str = "report") -> dict[str, Any]:
     """``report`` if it is a run's report.json as far as :func:`expected_accuracy` reads it (an object
-    with 'models' and 'results', and backfill curves of numbers), else a one-line
+    with 'models', and backfill curves of numbers), else a one-line
     :class:`~bctkit.errors.FileFormatError` naming ``where`` and what was expected."""
     def refuse(what: str) -> FileFormatError:
         return FileFormatError(f"{where}: not a run's report.json ({what})")
 
     if not isinstance(report, dict):
         kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(report), "number")
-        raise refuse(f"expected a JSON object with 'models' and 'results', got a JSON {kind}")
+        raise refuse(f"expected a JSON object with 'models' and 'backfill', got a JSON {kind}")
     models = report.get("models")
     if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
         raise refuse("'models' must be an object of per-model objects")
-    if not isinstance(report.get("results"), list):
-        raise refuse("'results' must be a list")
     backfill = report.get("backfill", {})
     if not isinstance(backfill, dict):
         raise refuse("'backfill' must be an object")
