@@ -98,6 +98,25 @@ def test_read_json_refuses_nan_infinity_and_deep_nesting_on_one_line(tmp_path):
     assert read_json(tmp_path / "deep100.json") == json.loads("[" * 100 + "]" * 100)
 
 
+def test_readers_of_user_json_refuse_deep_nesting(tmp_path):
+    """The JSON files users hand bctkit outside read_json's direct callers: a run's reports
+    (aggregate), a classifier's label map, a run's config.json (None: unreadable)."""
+    from bctkit.errors import ConfigError
+    from bctkit.evaluation.aggregate import load_run
+    from bctkit.oldside.classifier import _read_map
+    from bctkit.runkeys import read_config
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "open-data").mkdir()
+    (tmp_path / "open-data" / "report.json").write_text(deep)
+    with pytest.raises(FileFormatError, match="report.json: JSON nested deeper than 100 levels"):
+        load_run(tmp_path)
+    (tmp_path / "map.json").write_text(deep)
+    with pytest.raises(ConfigError, match="old.classifier.label_map: .*map.json: JSON nested deeper"):
+        _read_map(tmp_path / "map.json")
+    assert read_config(tmp_path / "map.json") is None
+
+
 def test_tensor_files_round_trip(tmp_path):
     save_tensors(tmp_path / "t.safetensors", {"w": torch.arange(4.0)}, {"k": [1, 2]})
     tensors, meta = load_tensors(tmp_path / "t.safetensors")
