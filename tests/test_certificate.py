@@ -1,8 +1,11 @@
 """Compatibility certificates: hash, tampering, compared dims, the evaluate_suite hook and the CLI."""
 
+import errno
 import hashlib
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +17,10 @@ from bctkit.certificate import (
     make_certificate,
     verify_certificate,
     write_certificate,
+    write_certificates,
 )
 from bctkit.cli import main
+from bctkit.errors import FileFormatError
 from bctkit.evaluation.protocols import EvalProtocol
 from bctkit.evaluation.suite import evaluate_suite, models_info_from_features
 from bctkit.features import FeatureSet
@@ -143,6 +148,54 @@ def test_not_json_and_missing_file(tmp_path):
         verify_certificate(tmp_path / "x.json")
     with pytest.raises(CertificateError, match="nope.json: file not found"):
         verify_certificate(tmp_path / "nope.json")
+
+
+@pytest.mark.parametrize("where", ["metrics.top1.self", "protocol.dataset"])
+def test_nan_in_a_certificate_is_refused_naming_the_field(suite, tmp_path, capsys, where):
+    """Python's json reads NaN; a certificate holding one (anywhere, even where any value goes) is
+    refused on one line naming the field, from a file, from the CLI and as a dict."""
+    out, _, _ = suite
+    cert = json.loads((out / "certificates" / "new__old.json").read_text())
+    *parents, key = where.split(".")
+    node = cert
+    for part in parents:
+        node = node[part]
+    node[key] = math.nan
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(cert))
+    expected = f"{path}: field '{where}' is NaN; expected a finite number or null"
+    with pytest.raises(CertificateError) as err:
+        verify_certificate(path)
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+    with pytest.raises(CertificateError, match=f"certificate: field '{where}' is NaN"):
+        verify_certificate(cert)
+    assert main(["certificate", "verify", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"FAILED {expected}") and len(captured.out.splitlines()) == 1
+    assert captured.err == ""
+
+
+def test_deeply_nested_json_is_one_line(tmp_path, capsys):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    assert main(["certificate", "verify", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == f"FAILED {path}: JSON nested deeper than 100 levels\n" and captured.err == ""
+
+
+def test_certificate_write_on_a_full_disk_is_one_line_and_leaves_nothing(suite, tmp_path, monkeypatch):
+    out, _, _ = suite
+    cert = verify_certificate(out / "certificates" / "new__old.json")
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(FileFormatError) as err:
+        write_certificates(tmp_path / "certs", [cert])
+    target = tmp_path / "certs" / "new__old.json"
+    assert str(err.value) == f"{target}: could not write (No space left on device)"
+    assert list((tmp_path / "certs").iterdir()) == []
 
 
 def test_compared_dims_plain_wide_and_bt2():

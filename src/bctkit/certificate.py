@@ -31,7 +31,7 @@ from bctkit.errors import BctkitError, FileFormatError
 from bctkit.evaluation.analysis import compatibility_summary
 from bctkit.evaluation.protocols import Protocol, comparable
 from bctkit.features import FeatureSet
-from bctkit.storage import json_safe, read_json, write_json
+from bctkit.storage import json_problem, json_safe, read_json, write_json
 
 FORMAT = "bctkit-compatibility-certificate"
 VERSION = 1
@@ -210,8 +210,9 @@ def _check_results(cert: dict[str, Any]) -> str | None:
 
 def verify_certificate(cert_or_path: dict[str, Any] | str | os.PathLike[str],
                        name: str | None = None) -> dict[str, Any]:
-    """The certificate (read from a file, or given), checked: format, version, fields and their
-    types, dims within the embeddings and of equal length, criterion consistent, and the hash. Raises
+    """The certificate (read from a file, or given), checked: strict JSON (no NaN or Infinity, not
+    nested absurdly deep), format, version, fields and their types, dims within the embeddings and of
+    equal length, criterion consistent, and the hash. Raises
     a one-line :class:`CertificateError` naming the file (or ``name``) and the problem."""
     if isinstance(cert_or_path, dict):
         where, cert = name or "certificate", cert_or_path
@@ -221,7 +222,7 @@ def verify_certificate(cert_or_path: dict[str, Any] | str | os.PathLike[str],
             cert = read_json(cert_or_path)
         except FileFormatError as exc:
             raise CertificateError(str(exc)) from None
-    problem = "not a JSON object" if not isinstance(cert, dict) else _problem(cert)
+    problem = "not a JSON object" if not isinstance(cert, dict) else json_problem(cert) or _problem(cert)
     if problem:
         raise CertificateError(f"{where}: {problem}")
     return cert

@@ -350,7 +350,7 @@ def _evaluation_card(run: Path | None, name: str, fp: str) -> dict[str, Any]:
 def _report_entry(path: Path, split: str, name: str, fp: str) -> dict[str, Any]:
     entry: dict[str, Any] = {"split": split, "path": str(path)}
     try:
-        rep = read_json(path)
+        rep = read_json(path, allow_nan=True)  # reports of older versions hold NaN for n/m values
     except FileFormatError as exc:
         return {**entry, "note": str(exc)}
     info = (rep.get("models") or {}).get(name)

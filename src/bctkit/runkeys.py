@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from bctkit.config import RunConfig
+from bctkit.errors import FileFormatError
+from bctkit.storage import read_json
 
 KEY = {"key": True}
 """Serialisation context of configs that go into run keys (drops options that do not change a
@@ -38,8 +40,8 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
 def read_config(path: Path) -> dict[str, Any] | None:
     """A run directory's config.json, or None when absent or unreadable."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_json(path, allow_nan=True)
+    except FileFormatError:
         return None
     return data if isinstance(data, dict) else None
 

@@ -10,7 +10,6 @@ memory, null in report.json) in any run makes its mean, sd and criterion not mea
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
@@ -20,7 +19,7 @@ from bctkit.config import RunConfig
 from bctkit.data.allocation import SCENARIOS
 from bctkit.errors import ConfigError, FileFormatError
 from bctkit.evaluation.report import CRITERION_MARK, fmt_percent, markdown_table, report_dir, summary_rows
-from bctkit.storage import write_json, write_text
+from bctkit.storage import read_json, write_json, write_text
 
 SIDES = ("cross", "self")
 
@@ -35,10 +34,7 @@ def load_run(path: Path, split: str = "test") -> dict[str, Any]:
         file = report_dir(path / scenario, split) / "report.json"
         if not file.is_file():
             continue
-        try:
-            rep = json.loads(file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise FileFormatError(f"{file}: not valid JSON (truncated or not a bctkit report)") from None
+        rep = read_json(file, allow_nan=True)  # reports of older versions hold NaN for n/m values
         if not isinstance(rep, dict) or not isinstance(rep.get("results"), list) \
                 or not isinstance(rep.get("models"), (list, dict)):
             raise FileFormatError(f"{file}: expected a bctkit report with 'results' and 'models'")
@@ -63,8 +59,8 @@ def _run_config(report: dict[str, Any], config_file: Path) -> dict[str, Any] | N
     if isinstance(cfg, dict):
         return cfg
     try:
-        cfg = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        cfg = read_json(config_file, allow_nan=True)
+    except FileFormatError:
         return None
     return cfg if isinstance(cfg, dict) else None
 

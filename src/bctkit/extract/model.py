@@ -15,13 +15,14 @@ from pydantic import ValidationError
 from torch import nn
 
 from bctkit.data.transforms import Preprocess, TransformConfig
-from bctkit.errors import FileFormatError
+from bctkit.engine.loader import Feed
+from bctkit.errors import DataError, FileFormatError
 from bctkit.export import CARD_FORMAT, CARD_NAME, _onnx_runtime, input_shape, sha256_file
 from bctkit.models.backbones import BackboneConfig, build_backbone
 from bctkit.models.store import LoadedModel, fingerprint, freeze, load_model
 from bctkit.storage import load_tensors, read_header, read_json
 
-__all__ = ["EXPORT_PREFERENCE", "ExtractModel", "from_loaded", "open_model"]
+__all__ = ["EXPORT_PREFERENCE", "ExtractModel", "check_input", "from_loaded", "open_model"]
 
 EXPORT_PREFERENCE = ("safetensors", "torchscript", "onnx")
 """Which export of a folder holding several is used: the rebuilt bctkit network first (exactly the
@@ -67,6 +68,19 @@ def open_model(path: str | Path, device: torch.device) -> ExtractModel:
         return _exported(p.parent, p, device)
     raise FileFormatError(f"{p}: not a model: expected a bctkit model (model.safetensors or its folder) or "
                           f"a bctkit export (model.pt, model.onnx or embedding.safetensors with {CARD_NAME})")
+
+
+def check_input(net: ExtractModel, feed: Feed, where: str) -> None:
+    """The images of ``feed``, read through the model's preprocessing, must be the model's input
+    [C, H, W]: a one-line :class:`DataError` naming ``where`` (the model), the first image, what it
+    becomes and what the model takes (the loader holds every later image to the first one's shape)."""
+    got = feed.input_shape
+    if tuple(got) != tuple(net.input_shape):
+        show = "x".join
+        raise DataError(
+            f"{where}: the model takes {show(map(str, net.input_shape))} (C x H x W) images but "
+            f"{feed.source.describe(0)} read through its preprocessing is {show(map(str, got))}; the "
+            "data does not fit this model (channels or size)")
 
 
 def _bctkit_model(path: Path, device: torch.device) -> ExtractModel:

@@ -43,7 +43,7 @@ from bctkit.engine.distributed import barrier, broadcast_object, gather_rows, is
 from bctkit.engine.loader import Feed
 from bctkit.engine.precision import PrecisionName
 from bctkit.errors import ConfigError, DataError, FileFormatError
-from bctkit.extract.model import ExtractModel, open_model
+from bctkit.extract.model import ExtractModel, check_input, open_model
 from bctkit.features import FeatureSet, iter_features
 from bctkit.storage import META_KEY, save_tensors, write_json
 
@@ -110,7 +110,7 @@ def extract_to_file(model: str | os.PathLike[str], data: str | os.PathLike[str] 
     net = open_model(model, engine.device)
     source = data if isinstance(data, DataSource) else open_data(data)
     feed = Feed(source, net.preprocess, workers, pin_memory=engine.device.type == "cuda")
-    _check_input(net, feed, model)
+    check_input(net, feed, str(model))
     meta = _meta(net, source, data, flip, precision, batch_size)
     key = _key(net, source, flip, f"{precision} on {engine.device.type}", batch_size, chunk_batches)
     parts = partial_dir(out, key)
@@ -168,17 +168,6 @@ def _check_out(out: Path) -> None:
         raise FileFormatError(f"--out {out}: cannot create its folder ({exc.strerror or exc})") from None
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise FileFormatError(f"--out {out}: the folder {out.parent} is not writable")
-
-
-def _check_input(net: ExtractModel, feed: Feed, model: str | os.PathLike[str]) -> None:
-    """The data, read through the model's preprocessing, must give the model's input [C, H, W]."""
-    got = feed.input_shape
-    if tuple(got) != tuple(net.input_shape):
-        show = "x".join
-        raise ConfigError(
-            f"{model}: the model takes {show(map(str, net.input_shape))} (C x H x W) images but "
-            f"{feed.source.describe(0)} read through its preprocessing is {show(map(str, got))}; the "
-            "data does not fit this model (channels or size)")
 
 
 def _meta(net: ExtractModel, source: DataSource, data: Any, flip: bool, precision: str, batch_size: int

@@ -3,6 +3,7 @@ and :class:`GalleryError`: the one-line errors every gallery call raises for ref
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 from collections.abc import Sequence
@@ -154,3 +155,15 @@ def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message (FAISS errors span several lines)."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def reason(exc: OSError | sqlite3.Error) -> str:
+    """Why a file operation failed, in a few words; a full disk (ENOSPC, or SQLite's SQLITE_FULL)
+    says so plainly."""
+    if isinstance(exc, sqlite3.Error):
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return f"no space left on the device: {first_line(exc)}"
+        return first_line(exc)
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return exc.strerror or str(exc)

@@ -10,8 +10,21 @@ from typing import Any
 import numpy as np
 
 from bctkit.data.sources.base import DataSource
-from bctkit.errors import ConfigError
+from bctkit.errors import ConfigError, FileFormatError
+from bctkit.gallery.checks import GalleryError
 from bctkit.storage import read_json, write_json
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of a count (--batch-size, -k): an integer >= 1, refused when the arguments are
+    read, before any store, model or image is opened."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def add_parser(sub: Any) -> None:
@@ -35,7 +48,7 @@ def add_parser(sub: Any) -> None:
     s = gs.add_parser("search", help="embed query images with a model and search every version's items")
     s.add_argument("store")
     _model_and_images(s)
-    s.add_argument("-k", type=int, default=5, help="results per query (default 5)")
+    s.add_argument("-k", type=_positive_int, default=5, help="results per query (default 5)")
     s.add_argument("--out", help="write the results as JSON here")
     b = gs.add_parser("backfill", help="re-embed the items with a new model, batch by batch (resumable)")
     b.add_argument("store")
@@ -55,7 +68,7 @@ def _model_and_images(p: argparse.ArgumentParser) -> None:
                         "(its folder, model.pt or model.onnx)")
     p.add_argument("--images", required=True,
                    help="an image folder (root/<identity>/<image>) or a list file (path label per line)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -91,17 +104,7 @@ def run(args: argparse.Namespace) -> int:
         if cmd == "remove":
             return _remove(store, args)
         if cmd == "certify":
-            from bctkit.certificate import verify_certificate
-
-            for path in args.certificates:
-                cert = verify_certificate(path)
-                for side in ("query", "gallery"):  # the new model may have no items yet
-                    m = cert[side]
-                    _declare(store, m["fingerprint"], m["embedding_dim"], m["name"], None)
-                store.add_certificate(cert)
-                print(f"gallery: {cert['query']['name']} queries may search {cert['gallery']['name']} items "
-                      f"({path})")
-            return 0
+            return _certify(store, args.certificates)
         if cmd == "search":
             return _search(store, args)
         if cmd == "backfill":
@@ -145,13 +148,43 @@ def _remove(store: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _certify(store: Any, paths: list[str]) -> int:
+    """Verify every certificate file, and that each passed and agrees with the store's (and the
+    other files') embedding sizes, before storing any: a refused call changes nothing. A version
+    the store does not know yet is declared without a name (the model that embeds with it names it;
+    a certificate's name is the run's label, which may differ)."""
+    from bctkit.certificate import verify_certificate
+
+    dims = {fp: info["dim"] for fp, info in store.versions().items()}
+    certs = []
+    for path in paths:
+        cert = verify_certificate(path)
+        if cert["passed"] is not True:
+            raise GalleryError(f"{path}: the compatibility criterion failed (passed: {cert['passed']!r}); "
+                               "only a passed certificate allows mixed-version search")
+        for side in ("query", "gallery"):
+            m = cert[side]
+            known = dims.setdefault(m["fingerprint"], m["embedding_dim"])
+            if known != m["embedding_dim"]:
+                raise GalleryError(f"{path}: {side} model {m['name']} ({m['fingerprint']}) has embedding_dim "
+                                   f"{m['embedding_dim']}, but the store or another certificate says {known}")
+        certs.append((path, cert))
+    for path, cert in certs:
+        for side in ("query", "gallery"):  # the new model may have no items yet
+            _declare(store, cert[side]["fingerprint"], cert[side]["embedding_dim"], None, None)
+        store.add_certificate(cert)
+        print(f"gallery: {cert['query']['name']} queries may search {cert['gallery']['name']} items ({path})")
+    return 0
+
+
 def _search(store: Any, args: argparse.Namespace) -> int:
-    from bctkit.gallery.embed import embed_all, version_of
+    from bctkit.gallery.embed import check_images, embed_all, version_of
+    from bctkit.gallery.search import check_search_allowed
 
     model, images = _model(args.model), _images(args.images)
-    if args.k < 1:
-        raise ConfigError(f"-k {args.k}: must be >= 1")
     fp, dim, name, layout = version_of(model)
+    check_images(model, images)
+    check_search_allowed(store, fp, name)  # refused before the version is declared or a query embedded
     _declare(store, fp, dim, name, layout)
     feats = embed_all(model, images, args.batch_size, progress=not args.quiet, desc="queries")
     res = store.search(feats, fp, args.k)
@@ -183,16 +216,46 @@ def _shares(store: Any) -> str:
 def _status(store: Any, report: str | None) -> int:
     store.verify()  # reads every vector: a damaged item is named (exit 2), not reported as OK
     print(f"gallery: {store.count()} items; {_shares(store)}")
-    if report:
-        for line in expected_accuracy(store, read_json(report)):
+    if report:  # older reports hold NaN for values not measurable
+        for line in expected_accuracy(store, read_json(report, allow_nan=True), f"--report {report}"):
             print(line)
     return 0
 
 
-def expected_accuracy(store: Any, report: dict[str, Any]) -> list[str]:
+def check_report(report: Any, where: str = "report") -> dict[str, Any]:
+    """``report`` if it is a run's report.json as far as :func:`expected_accuracy` reads it (an object
+    with 'models', and backfill curves of numbers), else a one-line
+    :class:`~bctkit.errors.FileFormatError` naming ``where`` and what was expected."""
+    def refuse(what: str) -> FileFormatError:
+        return FileFormatError(f"{where}: not a run's report.json ({what})")
+
+    if not isinstance(report, dict):
+        kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(report), "number")
+        raise refuse(f"expected a JSON object with 'models' and 'backfill', got a JSON {kind}")
+    models = report.get("models")
+    if not isinstance(models, dict) or not all(isinstance(v, dict) for v in models.values()):
+        raise refuse("'models' must be an object of per-model objects")
+    backfill = report.get("backfill", {})
+    if not isinstance(backfill, dict):
+        raise refuse("'backfill' must be an object")
+    for name, orders in backfill.items():
+        curve = orders.get("random") if isinstance(orders, dict) else None
+        if curve is None:
+            continue
+        xs, ys = (curve.get(k) if isinstance(curve, dict) else None for k in ("fractions", "values"))
+        if not (isinstance(xs, list) and isinstance(ys, list) and xs and len(xs) == len(ys)
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in xs + ys)):
+            raise refuse(f"'backfill.{name}.random' must hold 'fractions' and 'values', lists of numbers "
+                         "of one length")
+    return report
+
+
+def expected_accuracy(store: Any, report: Any, where: str = "report") -> list[str]:
     """For each version the report evaluated as a new model: its share of the gallery and the top-1
-    the report's random-order partial-backfill curve gives at that share (linear interpolation)."""
-    by_fp = {info["fingerprint"]: name for name, info in report.get("models", {}).items()}
+    the report's random-order partial-backfill curve gives at that share (linear interpolation).
+    A ``report`` that is not a run's report is refused (:func:`check_report`; ``where`` names it)."""
+    report = check_report(report, where)
+    by_fp = {info.get("fingerprint"): name for name, info in report["models"].items()}
     total = store.count()
     lines = []
     for fp, info in store.versions().items():
@@ -205,4 +268,3 @@ def expected_accuracy(store: Any, report: dict[str, Any]) -> list[str]:
         lines.append(f"{name}: {100 * share:.1f} % of items backfilled; expected top-1 of {name} queries "
                      f"{100 * top1:.2f} % (the report's random-order backfill curve at that share)")
     return lines
-

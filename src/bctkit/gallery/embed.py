@@ -13,7 +13,8 @@ import torch
 
 from bctkit.data.sources.base import DataSource
 from bctkit.engine.loader import Feed
-from bctkit.extract.model import ExtractModel, from_loaded, open_model
+from bctkit.errors import ConfigError
+from bctkit.extract.model import ExtractModel, check_input, from_loaded, open_model
 from bctkit.features import iter_features
 from bctkit.models.store import LoadedModel
 
@@ -39,13 +40,32 @@ def version_of(model: ExtractModel) -> tuple[str, int, str | None, dict | None]:
     return str(model.meta["model_fingerprint"]), model.dim, model.meta.get("model"), model.meta.get("layout")
 
 
+def check_images(model: Embedder, source: DataSource) -> None:
+    """Refuse images that do not fit ``model`` (channels or size, through its preprocessing) with
+    a one-line :class:`~bctkit.errors.DataError` naming the image, before anything is embedded
+    (``bctkit extract``'s check); every gallery path (add, search, backfill) embeds through it."""
+    m = as_embedder(model)
+    _check(m, Feed(source, m.preprocess))
+
+
 def embed_batches(model: Embedder, source: DataSource, batch_size: int = 256, progress: bool = True,
                   desc: str = "embed", workers: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(row indices into ``source``, float32 embeddings) batch by batch, in the source's order."""
+    """(row indices into ``source``, float32 embeddings) batch by batch, in the source's order;
+    images that do not fit the model are refused first (see :func:`check_images`)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"{desc}: batch size must be >= 1, got {batch_size!r}")
     m = as_embedder(model)
     feed = Feed(source, m.preprocess, workers)
+    _check(m, feed)
     for first, feats in iter_features(m.net, feed, batch_size, progress=progress, desc=desc):
         yield np.arange(first, first + len(feats)), feats.numpy().astype(np.float32, copy=False)
+
+
+def _check(m: ExtractModel, feed: Feed) -> None:
+    """extract's input check, the model named by its file, else its name and fingerprint."""
+    if len(feed):
+        where = m.meta.get("model_file") or f"model {m.meta.get('model')} ({m.meta.get('model_fingerprint')})"
+        check_input(m, feed, str(where))
 
 
 def embed_all(model: Embedder, source: DataSource, batch_size: int = 256, progress: bool = True,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Collection, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -60,23 +61,49 @@ def search_items(conn: sqlite3.Connection, indexes: IndexSet, view: View, versio
     return SearchResult(ids, scores, vers)
 
 
+def check_search_allowed(store: Any, fingerprint: str, name: str | None = None) -> None:
+    """Refuse queries of version ``fingerprint`` (declared in ``store`` or not; ``name`` for the
+    message) that may not search every version holding items, decided from the declared versions
+    and stored certificates alone: a caller checks before it declares the version or embeds a query."""
+    versions = [Version(i, fp, info["name"], info["dim"], info["layout"], info["count"])
+                for i, (fp, info) in enumerate(store.versions().items())]
+    certified = {c["gallery"]["fingerprint"] for c in store.certificates()
+                 if c["query"]["fingerprint"] == fingerprint}
+    blocked = _uncertified(fingerprint, versions, certified)
+    if blocked is not None:
+        raise _refused(f"{name} ({fingerprint})" if name else fingerprint, blocked)
+
+
+def _uncertified(fingerprint: str, versions: Sequence[Version], certified: Collection[str]
+                 ) -> Version | None:
+    """The first version holding items that ``fingerprint`` queries may not search: neither their
+    own version nor one a stored passed certificate (query -> it) allows."""
+    return next((u for u in versions
+                 if u.count and u.fingerprint != fingerprint and u.fingerprint not in certified), None)
+
+
+def _refused(label: str, u: Version) -> GalleryError:
+    return GalleryError(f"search: {label} queries cannot search the {u.count} items of {u.label}: "
+                        "a passed compatibility certificate for this pair is needed "
+                        "(bctkit gallery certify) or those items must be backfilled")
+
+
 def _plan(conn: sqlite3.Connection, v: Version) -> list[tuple[Block, tuple[int, int]]]:
     """(index block, query coordinates) for every version with items; refused without a certificate."""
     certs = {r[0]: json.loads(r[1]) for r in conn.execute(
         "SELECT gallery_vid, body FROM certificates WHERE query_vid=?", (v.vid,))}
+    versions = read_versions(conn)
+    blocked = _uncertified(v.fingerprint, versions, {u.fingerprint for u in versions if u.vid in certs})
+    if blocked is not None:
+        raise _refused(v.label, blocked)
     plan = []
-    for u in read_versions(conn):
+    for u in versions:
         if u.count == 0:
             continue
         if u.vid == v.vid:
             plan.append(((u.vid, 0, u.dim), (0, v.dim)))
             continue
-        cert = certs.get(u.vid)
-        if cert is None:
-            raise GalleryError(f"search: {v.label} queries cannot search the {u.count} items of {u.label}: "
-                               "a passed compatibility certificate for this pair is needed "
-                               "(bctkit gallery certify) or those items must be backfilled")
-        (qa, qb), (ga, gb) = cert["query_dims"], cert["gallery_dims"]
+        (qa, qb), (ga, gb) = certs[u.vid]["query_dims"], certs[u.vid]["gallery_dims"]
         plan.append(((u.vid, int(ga), int(gb)), (int(qa), int(qb))))
     return plan
 

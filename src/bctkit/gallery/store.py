@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ from bctkit.gallery.checks import (
     find_version,
     first_line,
     read_versions,
+    reason,
     to_json,
 )
 from bctkit.gallery.idmap import Hashed
@@ -106,6 +108,7 @@ class GalleryStore(Transactions):
         if not isinstance(index, str) or not factory_is_valid(index):
             raise GalleryError(f"index {index!r}: not a FAISS index factory string "
                                "(e.g. 'Flat', 'IVF1024,Flat')")
+        tmp: Path | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{secrets.token_hex(4)}"
@@ -127,9 +130,13 @@ class GalleryStore(Transactions):
                 path.rmdir()
             _fsync_dir(tmp)
             os.rename(tmp, path)
+            tmp = None
             _fsync_dir(path.parent)
-        except OSError as exc:
-            raise FileFormatError(f"{path}: could not create the store ({exc.strerror or exc})") from None
+        except (OSError, sqlite3.Error) as exc:
+            raise FileFormatError(f"{path}: could not create the store ({reason(exc)})") from None
+        finally:
+            if tmp is not None:  # a failed create leaves nothing behind
+                shutil.rmtree(tmp, ignore_errors=True)
         return cls.open(path)
 
     @classmethod

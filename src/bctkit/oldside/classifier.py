@@ -3,7 +3,6 @@ Partial FC shards, and the map from the training data's classes to its rows."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from bctkit.data.sources.base import DataSource
 from bctkit.errors import ConfigError, FileFormatError
 from bctkit.models.weights import load_state_dict_file
 from bctkit.oldside.config import ClassifierConfig
+from bctkit.storage import read_json
 
 
 def shard_rows(total: int, world: int, rank: int) -> int:
@@ -73,11 +73,9 @@ def load_classifier(cfg: ClassifierConfig, dim: int) -> torch.Tensor:
 
 def _read_map(path: Path) -> object:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"old.classifier.label_map: {path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"old.classifier.label_map: {path}: not a JSON file ({exc})") from None
+        return read_json(path)
+    except FileFormatError as exc:
+        raise ConfigError(f"old.classifier.label_map: {exc}") from None
 
 
 def _row(value: object, rows: int, where: str) -> int:
