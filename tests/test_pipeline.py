@@ -233,6 +233,8 @@ def test_cli_errors_exit_2(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run"])
     assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bctkit run: error: the following arguments are required") and err.count("\n") == 1
 
 
 def test_cli_methods(capsys):

@@ -7,13 +7,22 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from bctkit.engine.distributed import close_process_group, is_distributed, is_main, rank
 from bctkit.errors import BctkitError, ConfigError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with bctkit's error form: one line on stderr, exit 2 (argparse's own prints the usage
+    block first). Subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bctkit", description="Backward-compatible embedding training.")
+    p = _Parser(prog="bctkit", description="Backward-compatible embedding training.")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="allocate, train old and new models, evaluate, report")
     run.add_argument("config", help="YAML run configuration, or the name of a packaged one "

@@ -118,8 +118,9 @@ def test_search_counts_must_be_positive(world, capsys, option):
         main(["gallery", "search", str(world["root"] / "nowhere"), "--model", str(world["new"]),
               "--images", str(world["grey"]), *option])
     assert exc.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"argument {option[0]}: must be a positive integer, got {option[1]!r}" in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one line, as every bctkit error (no argparse usage block)
+    assert f"argument {option[0]}: must be a positive integer, got {option[1]!r}" in err[0]
 
 
 @pytest.mark.parametrize("content, expected", [
