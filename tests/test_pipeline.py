@@ -227,7 +227,8 @@ def test_cli_errors_exit_2(tiny_run, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["run", str(cfg_path), "--out", str(blocker / "sub"), "--quiet"]) == 2
-    assert capsys.readouterr().err.startswith("bctkit: error:")
+    err = capsys.readouterr().err
+    assert err == f"bctkit: error: --out {blocker / 'sub'}: cannot be a folder: {blocker} is a file\n"
     assert main(["run", "no-such-config", "--out", str(tmp_path)]) == 2
     assert "packaged: [" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:

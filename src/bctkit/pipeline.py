@@ -37,7 +37,7 @@ from bctkit.models.store import LoadedModel, load_model, save_model
 from bctkit.oldside.external import preprocess_of
 from bctkit.prechecks import check_devices, check_inputs
 from bctkit.runkeys import KEY, config_differences, model_seed, read_config, run_key
-from bctkit.storage import write_json, write_text
+from bctkit.storage import check_writable_dir, write_json, write_text
 from bctkit.training import TrainConfig, train_model
 from bctkit.training.checkpoint import checkpoint_run_id
 
@@ -274,6 +274,7 @@ class Run:
         reports = report_dir(out, cfg.evaluation.split)
         self.previous_config = read_config(reports / "config.json")  # before this run replaces it
         self.reports, started = reports, time.time() - 1.0  # file times may lag the clock a little
+        check_writable_dir(out, "--out")
         kept = (reports / "config.json").read_text() if (reports / "config.json").is_file() else None
         with rank0_first():  # rank 0 fills the scan and render caches the other ranks then read
             data = load_data(cfg.data, progress=self.progress, split=cfg.evaluation.split)
