@@ -96,12 +96,12 @@ class Peak:
 def child(rec: Path, mode: str, workers: int, cache: Path) -> dict:
     import torch
 
-    from bctkit.cache import OldFeatureCache
     from bctkit.data.allocation import allocate
     from bctkit.data.sources import ArraySource, RecordIOSource
     from bctkit.engine.loader import Feed
     from bctkit.models import BackboneConfig, HeadConfig
     from bctkit.models.store import fingerprint, freeze
+    from bctkit.run.cache import OldFeatureCache
     from bctkit.training import TrainConfig, train_model
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers) if mode == "disk" else os.cpu_count() or 1)

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bctkit.config import parse_config
 from bctkit.data import SCENARIOS, allocate
 from bctkit.data.datasets import load_datasets
 from bctkit.data.transforms import Preprocess
@@ -32,8 +31,9 @@ from bctkit.engine.loader import Feed
 from bctkit.evaluation.verification import roc_auc
 from bctkit.features import extract
 from bctkit.models.store import load_model
-from bctkit.pipeline import Run
 from bctkit.prototypes import class_means, refinement_weights, weight_summary, weighted_means
+from bctkit.run.benchmark import Run
+from bctkit.run.config import parse_config
 
 
 def mean_cos(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor) -> float:

@@ -102,9 +102,9 @@ def test_readers_of_user_json_refuse_deep_nesting(tmp_path):
     """The JSON files users hand bctkit outside read_json's direct callers: a run's reports
     (aggregate), a classifier's label map, a run's config.json (None: unreadable)."""
     from bctkit.errors import ConfigError
-    from bctkit.evaluation.aggregate import load_run
     from bctkit.oldside.classifier import _read_map
-    from bctkit.runkeys import read_config
+    from bctkit.run.aggregate import load_run
+    from bctkit.run.keys import read_config
 
     deep = "[" * 100_000 + "]" * 100_000
     (tmp_path / "open-data").mkdir()

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from bctkit.config import RunConfig
 from bctkit.data.datasets import DataConfig, SourceConfig, identity_split, load_data
 from bctkit.data.sources import ImageFolderSource
 from bctkit.errors import DataError
+from bctkit.run.config import RunConfig
 from tests.data.sources.conftest import encoded_images, write_folder
 
 

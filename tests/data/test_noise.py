@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from bctkit.config import parse_config
 from bctkit.data.datasets import DataConfig, SyntheticConfig, load_datasets
 from bctkit.data.noise import flip_labels
 from bctkit.errors import ConfigError, DataError
+from bctkit.run.config import parse_config
 
 
 def test_exact_count_other_class_and_seeded():

@@ -95,8 +95,8 @@ def test_cuda_bf16_training_matches_cpu_start(tiny):
 
 
 def test_run_checks_every_models_device_before_work():
-    from bctkit.config import load_config, packaged_config
-    from bctkit.prechecks import check_devices
+    from bctkit.run.config import load_config, packaged_config
+    from bctkit.run.prechecks import check_devices
 
     with pytest.raises(ConfigError, match="new.train.device: 'gpu'"):
         load_config(packaged_config("synthetic-quick"), ["new.train.device=gpu"])
@@ -107,7 +107,7 @@ def test_run_checks_every_models_device_before_work():
 
 
 def test_partial_fc_needs_a_margin_head_at_load_time():
-    from bctkit.config import load_config, packaged_config
+    from bctkit.run.config import load_config, packaged_config
 
     with pytest.raises(ConfigError, match="old.train.partial_fc needs a cosine-margin head"):
         load_config(packaged_config("synthetic-quick"),

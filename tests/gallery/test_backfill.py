@@ -15,7 +15,7 @@ from bctkit.data.sources import ArraySource
 from bctkit.errors import DataError
 from bctkit.gallery.backfill import backfill, backfill_order
 from bctkit.gallery.checks import GalleryError
-from bctkit.gallery.cli import expected_accuracy
+from bctkit.gallery.forecast import expected_accuracy
 from bctkit.gallery.store import GalleryStore
 from bctkit.models.backbones import BackboneConfig, build_backbone
 from bctkit.models.heads import HeadConfig

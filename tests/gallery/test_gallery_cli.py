@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bctkit.certificate import make_certificate, write_certificate
 from bctkit.cli import main
+from bctkit.evaluation.certificate import make_certificate, write_certificate
 from bctkit.features import FeatureSet
 from bctkit.gallery.store import GalleryStore
 from bctkit.models.store import load_model

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from bctkit.certificate import make_certificate, write_certificate
 from bctkit.cli import main
 from bctkit.data.sources import ImageFolderSource
 from bctkit.errors import BctkitError, ConfigError, DataError
+from bctkit.evaluation.certificate import make_certificate, write_certificate
 from bctkit.features import FeatureSet
 from bctkit.gallery import embed as embed_module
 from bctkit.gallery import store as store_module

@@ -8,12 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import bctkit.losses.mixbct  # noqa: F401  (registers "mixbct")
-from bctkit.config import load_config, packaged_config
 from bctkit.data import SyntheticSpec, make_synthetic
 from bctkit.errors import ConfigError, DataError
 from bctkit.losses import CompatBatch, CompatContext, build_term
 from bctkit.losses.mixbct import credible_mask, mix_count
 from bctkit.models import BackboneConfig, HeadConfig
+from bctkit.run.config import load_config, packaged_config
 from bctkit.training import TrainConfig, train_model
 
 

@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
-from bctkit.config import load_config, packaged_config
 from bctkit.data import SyntheticSpec, make_synthetic
 from bctkit.errors import ConfigError
 from bctkit.losses import CompatBatch, CompatContext, build_term
 from bctkit.models import BackboneConfig, HeadConfig, build_backbone
 from bctkit.prototypes import class_means, refine_prototypes, refinement_weights, weight_summary
+from bctkit.run.config import load_config, packaged_config
 from bctkit.training import TrainConfig, train_model
 
 BB = BackboneConfig(arch="r8", width=4, embedding_dim=8, image_size=16)

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from bctkit.certificate import certificates_for_report, write_certificates
 from bctkit.errors import DataError
 from bctkit.evaluation.analysis import (
     backfill_curves,
@@ -18,6 +17,7 @@ from bctkit.evaluation.analysis import (
     matrices,
     write_plots,
 )
+from bctkit.evaluation.certificate import certificates_for_report, write_certificates
 from bctkit.evaluation.protocols import EvalProtocol, Protocol, evaluate_models
 from bctkit.evaluation.report import write_report
 from bctkit.features import FeatureSet, load_features

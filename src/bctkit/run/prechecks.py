@@ -3,10 +3,10 @@ images its data gives."""
 
 from __future__ import annotations
 
-from bctkit.config import RunConfig
 from bctkit.engine.device import resolve_device
 from bctkit.engine.distributed import launched_world, local_rank
 from bctkit.errors import ConfigError
+from bctkit.run.config import RunConfig
 
 
 def check_devices(cfg: RunConfig) -> None:

@@ -17,11 +17,11 @@ import torch
 import yaml
 
 from bctkit.cli import main
-from bctkit.config import load_config
 from bctkit.data.sources import ImageFolderSource, ListSource, RecordIOSource
 from bctkit.data.sources.recordio_writer import write_insightface
 from bctkit.models.store import load_model
-from bctkit.pipeline import run_pipeline
+from bctkit.run.config import load_config
+from bctkit.run.launch import run_pipeline
 from tests.data.sources.conftest import encoded_images, write_folder
 
 IDS, PER = 14, 6
@@ -110,7 +110,7 @@ def test_sigkill_mid_epoch_then_resume_matches(formats, tmp_path):
     t["methods"] = []
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(t))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     cmd = [sys.executable, "-m", "bctkit.cli", "run", str(cfg), "--quiet"]
     out = tmp_path / "killed"
     proc = subprocess.Popen([*cmd, "--out", str(out)], env=env, stdout=subprocess.DEVNULL,

@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bctkit.config import RunConfig
 from bctkit.errors import FileFormatError
+from bctkit.run.config import RunConfig
 from bctkit.storage import read_json
 
 KEY = {"key": True}

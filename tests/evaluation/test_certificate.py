@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bctkit.certificate import (
+from bctkit.cli import main
+from bctkit.errors import FileFormatError
+from bctkit.evaluation.certificate import (
     CertificateError,
     certificates_for_report,
     compared_dims,
@@ -19,8 +21,6 @@ from bctkit.certificate import (
     write_certificate,
     write_certificates,
 )
-from bctkit.cli import main
-from bctkit.errors import FileFormatError
 from bctkit.evaluation.protocols import EvalProtocol
 from bctkit.evaluation.suite import evaluate_suite, models_info_from_features
 from bctkit.features import FeatureSet

@@ -10,13 +10,13 @@ import yaml
 from PIL import Image
 
 from bctkit.cli import main
-from bctkit.config import load_config
 from bctkit.data.sources import ImageFolderSource
 from bctkit.errors import ConfigError
 from bctkit.features import load_features
 from bctkit.models.backbones import BackboneConfig, build_backbone
 from bctkit.models.store import fingerprint, load_model
-from bctkit.pipeline import run_pipeline, run_scenarios
+from bctkit.run.config import load_config
+from bctkit.run.launch import run_pipeline, run_scenarios
 from tests.data.sources.conftest import encoded_images, write_folder
 
 TRAIN_IDS, EVAL_IDS, PER, DIM = 10, 4, 5, 32
@@ -228,7 +228,7 @@ def test_cli_upgrade_error_is_one_line(files, tmp_path, capsys):
 
 
 def production_net(embedding_dim: int, in_channels: int) -> torch.nn.Module:
-    """A user's own embedding network (``python:tests.test_upgrade:production_net``)."""
+    """A user's own embedding network (``python:tests.run.test_upgrade:production_net``)."""
     nn = torch.nn
     return nn.Sequential(nn.Conv2d(in_channels, 8, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                          nn.Linear(32, embedding_dim))
@@ -239,7 +239,7 @@ def test_a_users_own_network_as_the_old_model(files, tmp_path):
     torch.manual_seed(1)
     net = production_net(DIM, 3)
     torch.save(net.state_dict(), tmp_path / "mine.pth")
-    arch = "python:tests.test_upgrade:production_net"
+    arch = "python:tests.run.test_upgrade:production_net"
     old = {"source": "checkpoint", "weights": str(tmp_path / "mine.pth"),
            "transform": {"color": "rgb", "resize": 48},
            "backbone": {"arch": arch, "embedding_dim": DIM, "image_size": 48}}

@@ -13,10 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from bctkit.cache import OldFeatureCache, as_tensor
-from bctkit.config import MethodConfig, ModelConfig, RunConfig, for_scenario
 from bctkit.data import allocate
-from bctkit.data.allocation import Allocation, Scenario, label_map
+from bctkit.data.allocation import Allocation, label_map
 from bctkit.data.datasets import LoadedData, load_data
 from bctkit.data.screening import check_identities, describe_notes
 from bctkit.data.sources.base import DataSource
@@ -26,7 +24,7 @@ from bctkit.engine.distributed import barrier, gather_rows, is_main, rank0_first
 from bctkit.engine.loader import Feed
 from bctkit.errors import ConfigError
 from bctkit.evaluation.protocols import EvalProtocol
-from bctkit.evaluation.report import report_dir, write_summary
+from bctkit.evaluation.report import report_dir
 from bctkit.evaluation.suite import evaluate_suite
 from bctkit.features import FeatureSet, extract_share
 from bctkit.losses import CompatContext, CompatibilityTerm, build_term
@@ -35,8 +33,10 @@ from bctkit.models.backbones import BackboneConfig
 from bctkit.models.heads import HeadConfig
 from bctkit.models.store import LoadedModel, load_model, save_model
 from bctkit.oldside.external import preprocess_of
-from bctkit.prechecks import check_devices, check_inputs
-from bctkit.runkeys import KEY, config_differences, model_seed, read_config, run_key
+from bctkit.run.cache import OldFeatureCache, as_tensor
+from bctkit.run.config import MethodConfig, ModelConfig, RunConfig
+from bctkit.run.keys import KEY, config_differences, model_seed, read_config, run_key
+from bctkit.run.prechecks import check_devices, check_inputs
 from bctkit.storage import check_writable_dir, write_json, write_text
 from bctkit.training import TrainConfig, train_model
 from bctkit.training.checkpoint import checkpoint_run_id
@@ -51,7 +51,8 @@ def embedding_layout(cfg: BackboneConfig) -> dict[str, Any] | None:
             "f_dim": cfg.embedding_dim, "C": cfg.bt2.C}
 
 
-def _stderr(msg: str) -> None:
+def stderr_log(msg: str) -> None:
+    """The run's log on rank 0: one line on stderr."""
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -406,62 +407,3 @@ class Run:
         self.log(f"[report] {reports / 'report.md'}")
         barrier()
         return report
-
-
-def run_pipeline(
-    cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True,
-    log: Callable[[str], None] = _stderr, reuse_old_from: str | Path | None = None, overwrite: bool = False,
-) -> dict[str, Any]:
-    """Run the whole pipeline for ``cfg`` (with its scenario's overrides) into ``out``; returns the
-    report dictionary. ``reuse_old_from``: a finished run of the same data, allocation and old
-    model whose old model is copied in instead of training one (e.g. runs that differ only in
-    ``new.train.seed``)."""
-    if cfg.old.external:
-        if reuse_old_from is not None:
-            raise ConfigError(f"--reuse-old-from: old.source={cfg.old.source} already gives the old model")
-        from bctkit.upgrade import UpgradeRun  # upgrade builds on this module's Run
-
-        return UpgradeRun(for_scenario(cfg, "extended-data"), Path(out), resume, progress, log, None,
-                          overwrite).execute()
-    reuse = None if reuse_old_from is None else _old_model_file(Path(reuse_old_from))
-    return Run(for_scenario(cfg, cfg.allocation.scenario), Path(out), resume, progress, log, reuse,
-               overwrite).execute()
-
-
-def _old_model_file(run_dir: Path) -> Path:
-    """The finished old model of a ``reuse_old_from`` run directory (checked before anything trains)."""
-    path = run_dir / "models" / "old" / "model.safetensors"
-    if not path.exists():
-        raise ConfigError(f"--reuse-old-from {run_dir}: no finished old model at {path}")
-    return path
-
-
-def run_scenarios(
-    cfg: RunConfig, out: str | Path, scenarios: list[Scenario], resume: bool = False, progress: bool = True,
-    log: Callable[[str], None] = _stderr, reuse_old_from: str | Path | None = None, overwrite: bool = False,
-) -> dict[str, dict[str, Any]]:
-    """Run the pipeline once per allocation scenario into ``out/<scenario>`` and write the combined
-    table (UniBCT Table 2 layout) to ``out/summary.md`` and ``out/summary.json``.
-    ``reuse_old_from``: an all-allocation run whose ``<scenario>/models/old`` are copied in."""
-    out = Path(out)
-    if cfg.old.external:
-        raise ConfigError(f"--scenarios: old.source={cfg.old.source} trains on the given data as it is; "
-                          "there are no allocations to run")
-    # Every scenario's config (and old model to reuse) is checked before anything trains.
-    subs = {scenario: for_scenario(cfg, scenario) for scenario in scenarios}
-    reuse = {scenario: None if reuse_old_from is None else _old_model_file(Path(reuse_old_from) / scenario)
-             for scenario in scenarios}
-    reports = {}
-    for scenario, sub in subs.items():
-        if is_main():
-            log(f"=== allocation {scenario} ===")
-        run = Run(sub, out / scenario, resume, progress, log, reuse[scenario], overwrite)
-        reports[scenario] = run.execute()
-    if is_main():
-        summary_dir = report_dir(out, cfg.evaluation.split)
-        summary_dir.mkdir(parents=True, exist_ok=True)
-        write_summary(summary_dir, reports, cfg.evaluation.fars)
-    return reports
-
-
-__all__ = ["run_pipeline", "run_scenarios"]

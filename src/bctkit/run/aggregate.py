@@ -15,10 +15,10 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from bctkit.config import RunConfig
 from bctkit.data.allocation import SCENARIOS
 from bctkit.errors import ConfigError, FileFormatError
 from bctkit.evaluation.report import CRITERION_MARK, fmt_percent, markdown_table, report_dir, summary_rows
+from bctkit.run.config import RunConfig
 from bctkit.storage import read_json, write_json, write_text
 
 SIDES = ("cross", "self")

@@ -9,7 +9,7 @@ import pytest
 
 from bctkit.cli import main
 from bctkit.errors import ConfigError, FileFormatError
-from bctkit.evaluation.aggregate import aggregate, load_run, write_aggregate
+from bctkit.run.aggregate import aggregate, load_run, write_aggregate
 
 METRICS = ("tar@far=1e-3", "tar@far=1e-4", "top1")
 
@@ -205,7 +205,7 @@ def test_runs_of_different_configs_are_refused(runs, where):
 
 def test_options_that_do_not_change_results_may_differ(runs):
     """train.device and train.checkpoint_every are not part of a run's key; neither are seeds."""
-    from bctkit.config import load_config
+    from bctkit.run.config import load_config
 
     sets = [[], ["new.train.device=cpu", "old.train.checkpoint_every=5", "allocation.seed=1"],
             ["old.train.seed=3", "data.synthetic.seed=4"]]

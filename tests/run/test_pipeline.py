@@ -9,11 +9,11 @@ import torch
 import yaml
 
 from bctkit.cli import main
-from bctkit.config import load_config
 from bctkit.errors import ConfigError
 from bctkit.features import FeatureSet, load_features
 from bctkit.models.store import load_model
-from bctkit.pipeline import run_pipeline
+from bctkit.run.config import load_config
+from bctkit.run.launch import run_pipeline
 from bctkit.storage import json_safe
 
 TINY = {
@@ -455,8 +455,8 @@ def test_cli_evaluate_refuses_features_with_no_common_coordinates(tmp_path, caps
 
 
 def test_config_differences_ignore_options_that_do_not_change_results():
-    from bctkit.config import load_config, packaged_config
-    from bctkit.runkeys import config_differences
+    from bctkit.run.config import load_config, packaged_config
+    from bctkit.run.keys import config_differences
 
     cfg = load_config(packaged_config("synthetic-quick"))
     stored = cfg.model_dump(mode="json")
@@ -468,7 +468,7 @@ def test_config_differences_ignore_options_that_do_not_change_results():
 
 
 def test_cli_demo_is_one_allocation_with_every_method_and_full_is_five(monkeypatch, tmp_path, capsys):
-    import bctkit.pipeline as pipeline
+    import bctkit.run.launch as pipeline
 
     seen: dict = {}
     monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, out, **kw: seen.update(

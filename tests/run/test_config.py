@@ -2,8 +2,8 @@
 
 import pytest
 
-from bctkit.config import for_scenario, load_config, packaged_config
 from bctkit.errors import ConfigError
+from bctkit.run.config import for_scenario, load_config, packaged_config
 
 
 @pytest.mark.parametrize(

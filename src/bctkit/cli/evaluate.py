@@ -44,6 +44,9 @@ with default None, so one given on the command line, even at its default value, 
 one left out: given to another protocol it is refused, left out it takes the default."""
 
 
+NAMES = ("evaluate",)
+
+
 def add_parser(sub: Any) -> None:
     """Register ``evaluate`` on the CLI's subparsers."""
     ev = sub.add_parser("evaluate", help="evaluate models or feature files: the run's split of one image "

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from bctkit.config import MethodConfig
 from bctkit.data.screening import check_identities
 from bctkit.data.sources.base import DataSource
 from bctkit.data.transforms import Preprocess
@@ -25,8 +24,9 @@ from bctkit.oldside.external import (
     new_to_old_rows,
     old_transform,
 )
-from bctkit.pipeline import Run
-from bctkit.prechecks import check_inputs
+from bctkit.run.benchmark import Run
+from bctkit.run.config import MethodConfig
+from bctkit.run.prechecks import check_inputs
 
 
 class UpgradeRun(Run):

@@ -1,0 +1,29 @@
+"""``bctkit export MODEL --format F --out DIR``: the embedding network for serving, with its card."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+NAMES = ("export",)
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``export``."""
+    exp = sub.add_parser("export", help="export a model's embedding network (no classifier head) for "
+                                        "serving, checked against the model, with a JSON card")
+    exp.add_argument("model", help="bctkit model file (RUN/models/<name>/model.safetensors) or its folder")
+    exp.add_argument("--format", required=True, metavar="FORMAT",
+                     help="onnx (needs pip install bctkit[onnx]), torchscript or safetensors (weights only)")
+    exp.add_argument("--out", required=True, help="folder for the exported file and card.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bctkit.export import export_model
+    from bctkit.storage import read_json
+
+    files = export_model(args.model, args.format, args.out)
+    check = read_json(files.card)["exports"][args.format]["check"]
+    print(f"export: {files.file} (max abs difference from the model {check['max_abs_diff']:.2g}); "
+          f"card: {files.card}")
+    return 0
