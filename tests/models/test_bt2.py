@@ -92,3 +92,52 @@ def test_save_load_round_trip(tmp_path):
 
 def test_plain_backbone_serialises_without_bt2_key():
     assert "bt2" not in BackboneConfig().model_dump()
+
+
+@pytest.mark.parametrize("shape", [(10, 10), (7, 4), (4, 7), (64, 64)])
+def test_orthonormal_columns_is_the_qr_factor(shape):
+    """Against LAPACK's QR in float64 (signs fixed so that R's diagonal is positive): the same
+    matrix to float32 rounding, and orthonormal."""
+    from bctkit.models.bt2 import orthonormal_columns
+
+    a = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    q = orthonormal_columns(a)
+    tall = a if shape[0] >= shape[1] else a.T
+    q64, r = torch.linalg.qr(tall.double())
+    ref = q64 * r.diagonal().sign()
+    assert q.dtype == torch.float32 and q.shape == a.shape
+    assert float((q.double() - (ref if shape[0] >= shape[1] else ref.T)).abs().max()) < 1e-6
+    small = min(shape)
+    gram = q.double().T @ q.double() if shape[0] >= shape[1] else q.double() @ q.double().T
+    assert float((gram - torch.eye(small, dtype=torch.float64)).abs().max()) < 1e-6
+
+
+def test_orthogonal_start_is_the_same_with_any_cpu_kernels(tmp_path):
+    """The seeded starting bases of O_p and O_2 (state-dict buffers, so part of the fingerprint)
+    have the same bits whichever code path MKL (LAPACK) or torch's kernels take on this CPU: each
+    environment below emulates another CPU. With torch's orthogonal parametrisation they came from
+    MKL's geqrf, and MKL_CBWR=COMPATIBLE alone changed them."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys, torch\n"
+              "from bctkit.models.backbones import BackboneConfig, BT2Layout, build_backbone\n"
+              "torch.manual_seed(0)\n"
+              "net = build_backbone(BackboneConfig(arch='r8', width=4, image_size=16, embedding_dim=12, "
+              "bt2=BT2Layout(old_dim=10, k=6)))\n"
+              "torch.save({k: v for k, v in net.state_dict().items() if k.endswith('base')}, sys.argv[1])\n")
+    found = {}
+    for name, env in [("native", {}), ("mkl-compatible", {"MKL_CBWR": "COMPATIBLE"}),
+                      ("mkl-sse42", {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}),
+                      ("aten-avx2", {"ATEN_CPU_CAPABILITY": "avx2"}),
+                      ("aten-generic", {"ATEN_CPU_CAPABILITY": "default"})]:
+        out = tmp_path / f"{name}.pt"
+        res = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True,
+                             env={**os.environ, **env}, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        found[name] = torch.load(out)
+    assert sorted(found["native"]) == [f"{m}.parametrizations.weight.0.base" for m in ("O_2", "O_p")]
+    for name, bases in found.items():
+        for key, value in bases.items():
+            assert torch.equal(value, found["native"][key]), (name, key)

@@ -107,7 +107,8 @@ def source(names: list[str]) -> ArraySource:
 def test_class_rows_identity_list_and_names(tmp_path):
     src = source(["ann", "bob", "cy"])
     assert class_rows("identity", src, 3).tolist() == [0, 1, 2]
-    with pytest.raises(ConfigError, match=r"identity needs as many classifier rows \(5\) as training"):
+    with pytest.raises(ConfigError, match=r"identity needs as many classifier rows \(5\) as the training "
+                                          r"data has class ids \(3\)"):
         class_rows("identity", src, 5)
     (tmp_path / "l.json").write_text(json.dumps([4, None, 0]))
     assert class_rows(str(tmp_path / "l.json"), src, 5).tolist() == [4, -1, 0]
@@ -116,7 +117,7 @@ def test_class_rows_identity_list_and_names(tmp_path):
 
 
 @pytest.mark.parametrize("content,match", [
-    ([1, 2], r"2 entries; the training data has 3 classes"),
+    ([1, 2], r"2 entries; the training data has 3 class ids"),
     ([0, 5, 1], r"entry 1: 5 is not a row of the 5-class old classifier"),
     ([0, True, 1], r"entry 1: True is not a row"),
     ({"dan": 1}, r"1 class name\(s\) not in the training data, e.g. \['dan'\]"),
@@ -127,3 +128,20 @@ def test_bad_label_maps_are_named(tmp_path, content, match):
     (tmp_path / "m.json").write_text(json.dumps(content))
     with pytest.raises(ConfigError, match=match):
         class_rows(str(tmp_path / "m.json"), source(["ann", "bob", "cy"]), 5)
+
+
+def test_class_rows_of_a_pool_with_held_out_identities(tmp_path):
+    """A seeded test split leaves the pool's class ids gappy (ids 1 and 4 held out here): a map is
+    given over the dataset's class ids, and each training class, in order of its id, gets its row."""
+    dataset = source(["a", "b", "c", "d", "e", "f"])
+    pool = dataset.subset(np.array([0, 2, 3, 5]))
+    assert class_rows("identity", pool, 6).tolist() == [0, 2, 3, 5]
+    with pytest.raises(ConfigError, match=r"identity needs as many classifier rows \(4\) as the training "
+                                          r"data has class ids \(6\)"):
+        class_rows("identity", pool, 4)
+    (tmp_path / "l.json").write_text(json.dumps([5, 4, 3, 2, 1, None]))
+    assert class_rows(str(tmp_path / "l.json"), pool, 6).tolist() == [5, 3, 2, -1]
+    (tmp_path / "d.json").write_text(json.dumps({"b": 1, "c": 0, "f": 4}))  # b is held out
+    assert class_rows(str(tmp_path / "d.json"), pool, 6).tolist() == [-1, 0, -1, 4]
+    renumbered = pool.subset(None, np.arange(4))  # the pool as upgrade mode trains on it
+    assert class_rows("identity", renumbered, 6, np.array([0, 2, 3, 5])).tolist() == [0, 2, 3, 5]

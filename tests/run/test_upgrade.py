@@ -256,3 +256,30 @@ def test_a_users_own_network_as_the_old_model(files, tmp_path):
         assert torch.allclose(got, net.eval()(x), atol=1e-5)
     assert set(report["models"]) == {"old", "l2"}
 
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "features"])
+def test_upgrade_with_a_seeded_test_split(files, tmp_path, capsys, kind):
+    """No data.eval: the split holds out 3 of the 10 training folders, so the training classes' ids
+    have gaps. The identity map of a 10-row classifier (one row per folder) is accepted and gives
+    each of the 7 training classes its folder's row; features mode without a classifier trains."""
+    data = tree(files, {}, [{"method": "l2"}])
+    del data["data"]["eval"]
+    data["data"].update({"eval_classes": 3, "eval_images_per_class": PER})
+    if kind == "checkpoint":
+        np.save(tmp_path / "fc10.npy", np.random.default_rng(4).standard_normal((10, DIM)).astype(np.float32))
+        data["old"].update({**checkpoint_old(files), "classifier": {"weights": str(tmp_path / "fc10.npy"),
+                                                                    "label_map": "identity"}})
+        data["methods"] = [{"method": "bct"}]
+    else:
+        src = ImageFolderSource(files / "train")
+        feats = np.random.default_rng(6).standard_normal((len(src), DIM)).astype(np.float32)
+        np.savez(tmp_path / "old.npz", features=feats, keys=np.array([src.key(i) for i in range(len(src))]))
+        data["old"].update({"source": "features", "features": {"train": str(tmp_path / "old.npz"),
+                                                               "eval": str(tmp_path / "old.npz")}})
+        data["methods"] = [{"method": "l2"}, {"method": "unibct", "params": {"warmup_epochs": 1}}]
+    report = run_pipeline(load_config_tree(data, tmp_path), tmp_path / "run", progress=False)
+    how = report["allocation"]
+    assert (how["new_classes"], how["new_images"]) == (7, 35)
+    assert how["shared_classes"] == (7 if kind == "checkpoint" else 0)
+    assert set(report["models"]) == {"old", *(m["method"] for m in data["methods"])}

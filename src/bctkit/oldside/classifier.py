@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bctkit.data.sources.base import DataSource
+from bctkit.data.sources.base import DataSource, SubsetSource
 from bctkit.errors import ConfigError, FileFormatError
 from bctkit.models.weights import load_state_dict_file
 from bctkit.oldside.config import ClassifierConfig
@@ -86,31 +86,44 @@ def _row(value: object, rows: int, where: str) -> int:
     return value
 
 
-def class_rows(spec: str, source: DataSource, rows: int) -> np.ndarray:
-    """For each class id of ``source``, its row in the old classifier, -1 when new to the old model."""
-    n = source.num_classes
+def class_ids(source: DataSource) -> tuple[DataSource, int]:
+    """The dataset whose class ids ``source``'s labels are, and how many ids it has: a view (the
+    training pool of a seeded test split, which keeps the dataset's ids, gaps included) answers for
+    the dataset it was taken from."""
+    root = source.parent if isinstance(source, SubsetSource) else source
+    return root, int(root.labels.max()) + 1 if len(root) else 0
+
+
+def class_rows(spec: str, source: DataSource, rows: int, ids: np.ndarray | None = None) -> np.ndarray:
+    """For each training class, in order of its class id, its row in the old classifier (-1 when new
+    to the old model). A map is given over the dataset's class ids (:func:`class_ids`): ``identity``
+    maps id r to row r, a JSON list has one entry per id, an object names classes; held-out ids
+    may appear in it. ``ids``: the dataset ids of the training classes when ``source`` has been
+    renumbered 0..n-1 (default: its distinct labels)."""
+    root, n = class_ids(source)
+    ids = np.unique(source.labels) if ids is None else np.asarray(ids, dtype=np.int64)
     if spec == "identity":
         if rows != n:
             raise ConfigError(f"old.classifier.label_map: identity needs as many classifier rows ({rows}) "
-                              f"as training classes ({n}); give a JSON map")
-        return np.arange(n, dtype=np.int64)
+                              f"as the training data has class ids ({n}); give a JSON map")
+        return ids.copy()
     path = Path(spec)
     data = _read_map(path)
     out = np.full(n, -1, dtype=np.int64)
     if isinstance(data, list):
         if len(data) != n:
-            raise ConfigError(f"{path}: {len(data)} entries; the training data has {n} classes "
+            raise ConfigError(f"{path}: {len(data)} entries; the training data has {n} class ids "
                               "(one entry per class id, null for a class new to the old model)")
         for k, value in enumerate(data):
             out[k] = _row(value, rows, f"{path}: entry {k}")
     elif isinstance(data, dict):
-        ids = {source.label_name(k): k for k in range(n)}
-        unknown = [name for name in data if name not in ids]
+        by_name = {root.label_name(k): k for k in range(n)}
+        unknown = [name for name in data if name not in by_name]
         if unknown:
             raise ConfigError(f"{path}: {len(unknown)} class name(s) not in the training data, e.g. "
                               f"{unknown[:3]}")
         for name, value in data.items():
-            out[ids[name]] = _row(value, rows, f"{path}: {name!r}")
+            out[by_name[name]] = _row(value, rows, f"{path}: {name!r}")
     else:
         raise ConfigError(f"{path}: expected a JSON list (one row or null per class id) or an object "
                           "{class name: row}")
@@ -118,4 +131,4 @@ def class_rows(spec: str, source: DataSource, rows: int) -> np.ndarray:
     if (counts > 1).any():
         raise ConfigError(f"{path}: classifier row {int(used[counts > 1][0])} is given to more than one "
                           "training class")
-    return out
+    return out[ids]

@@ -34,8 +34,9 @@ class ClassifierConfig(_Strict):
     dict with a ``weight`` tensor), or arcface_torch's Partial FC shards (``softmax_fc_gpu_<rank>.pt``)
     listed in rank order, merged by their contiguous class ranges. ``label_map``: for each class of
     the training data, its row in the classifier (or none): ``identity`` (the same class ids, same
-    count), or a JSON file, either a list (one entry per training class id: a row or null) or an
-    object {class name: row}; classes it leaves out are new to the old model. ``num_classes``: the
+    count), or a JSON file, either a list (one entry per class id: a row or null) or an object
+    {class name: row}; classes it leaves out are new to the old model. Class ids are the dataset's,
+    held-out test identities included. ``num_classes``: the
     classifier's class count, checked against the shards (a missing last shard is otherwise
     indistinguishable from a smaller classifier)."""
 

@@ -39,11 +39,12 @@ def classifier_head(old: OldConfig, dim: int) -> Head | None:
     return freeze(head)
 
 
-def new_to_old_rows(old: OldConfig, head: Head | None, source: DataSource) -> np.ndarray:
-    """Each training class's row in the old classifier (-1: new to it; all -1 without one)."""
+def new_to_old_rows(old: OldConfig, head: Head | None, source: DataSource, ids: np.ndarray) -> np.ndarray:
+    """Each training class's row in the old classifier (-1: new to it; all -1 without one); ``ids``:
+    the dataset class id of each training class (``source`` is renumbered 0..n-1)."""
     if head is None or old.classifier is None:
-        return np.full(source.num_classes, -1, dtype=np.int64)
-    return class_rows(old.classifier.label_map, source, head.num_classes)
+        return np.full(len(ids), -1, dtype=np.int64)
+    return class_rows(old.classifier.label_map, source, head.num_classes, ids)
 
 
 def checkpoint_backbone(old: OldConfig, input_shape: tuple[int, int, int]) -> nn.Module:

@@ -29,15 +29,29 @@ from bctkit.run.config import MethodConfig
 from bctkit.run.prechecks import check_inputs
 
 
+def renumbered(feed: Feed) -> tuple[Feed, np.ndarray]:
+    """The training data with its classes numbered 0..n-1 in order of class id, as the benchmark's
+    allocation numbers them, and each class's dataset id. A seeded test split leaves gaps in the
+    ids (the held-out identities), which the new models' classifier and the old-row map must not
+    have; without gaps the data is returned as it is."""
+    pool = feed.source
+    ids, dense = np.unique(pool.labels, return_inverse=True)
+    if np.array_equal(ids, np.arange(len(ids))):
+        return feed, ids
+    view = pool.subset(None, dense.astype(np.int64))
+    view.name = pool.name
+    return feed.with_source(view), ids
+
+
 class UpgradeRun(Run):
     """A run whose old model is given (``old.source: checkpoint | features``)."""
 
-    def import_old(self, feed: Feed, eval_set: DataSource) -> tuple[LoadedModel, np.ndarray]:
+    def import_old(self, feed: Feed, eval_set: DataSource, ids: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
         """The old model (a checkpoint saved into the run as models/old, or given features) and each
-        training class's row in its classifier (-1: none)."""
+        training class's row in its classifier (-1: none); ``ids``: each class's dataset class id."""
         old = self.cfg.old
         head = classifier_head(old, old.backbone.output_dim)
-        new_to_old = new_to_old_rows(old, head, feed.source)
+        new_to_old = new_to_old_rows(old, head, feed.source, ids)
         if old.source == "features":
             model = features_model(old, head, feed.source, eval_set)
             self.log(f"[old] given features {old.features.train if old.features else ''} "
@@ -64,7 +78,9 @@ class UpgradeRun(Run):
         check_inputs(cfg, feed.input_shape, sides=("new",))
         check_identities(pool, "upgrade", eval_set, cfg.evaluation.gallery_per_class)
         self.write_config()
-        old, new_to_old = self.import_old(feed, eval_set)
+        feed, ids = renumbered(feed)
+        pool = feed.source
+        old, new_to_old = self.import_old(feed, eval_set, ids)
         source = (f"checkpoint {cfg.old.weights}" if cfg.old.source == "checkpoint"
                   else f"features {cfg.old.features.train if cfg.old.features else ''}")
         how = {"scenario": "upgrade", "old": source, "new_images": len(pool), "new_classes": pool.num_classes,
