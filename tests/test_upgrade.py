@@ -14,7 +14,8 @@ from bctkit.config import load_config
 from bctkit.data.sources import ImageFolderSource
 from bctkit.errors import ConfigError
 from bctkit.features import load_features
-from bctkit.models.backbones import BackboneConfig, build_backbone
+from bctkit.models.config import BackboneConfig
+from bctkit.models.factory import build_backbone
 from bctkit.models.store import fingerprint, load_model
 from bctkit.pipeline import run_pipeline, run_scenarios
 from tests.data.sources.conftest import encoded_images, write_folder

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from bctkit.models.backbones import BackboneConfig
 from bctkit.models.base import EmbeddingNet
-from bctkit.models.registry import build_backbone
+from bctkit.models.config import BackboneConfig
+from bctkit.models.registry import build_plain
 
 
 class BT2Net(EmbeddingNet):
@@ -53,7 +53,7 @@ class BT2Net(EmbeddingNet):
                 f"bt2: old_dim + k - embedding_dim = {self.k_a}; the model needs at least one added "
                 "coordinate (raise k or lower embedding_dim)"
             )
-        self.net = build_backbone(cfg.model_copy(update={"embedding_dim": d + d_o, "bt2": None}))
+        self.net = build_plain(cfg.model_copy(update={"embedding_dim": d + d_o, "bt2": None}))
         self.head = nn.Linear(d + d_o, self.k_a)
         self.O_p = orthogonal(nn.Linear(d, d, bias=False))
         self.O_2 = orthogonal(nn.Linear(d_o, d_o, bias=False))
