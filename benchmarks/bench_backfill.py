@@ -26,7 +26,8 @@ from bctkit.data.sources import ArraySource
 from bctkit.gallery.backfill import backfill
 from bctkit.gallery.embed import embed_all
 from bctkit.gallery.store import GalleryStore
-from bctkit.models.backbones import BackboneConfig, build_backbone
+from bctkit.models.config import BackboneConfig
+from bctkit.models.factory import build_backbone
 from bctkit.models.heads import HeadConfig
 from bctkit.models.store import load_model, save_model
 

@@ -34,7 +34,7 @@ from bctkit.engine.distributed import is_main
 from bctkit.features import extract
 from bctkit.losses import CompatContext, build_term
 from bctkit.models import BackboneConfig, HeadConfig
-from bctkit.models.backbones import build_backbone
+from bctkit.models.factory import build_backbone
 from bctkit.models.heads import build_head
 from bctkit.models.store import freeze
 from bctkit.training import TrainConfig, train_model

@@ -22,7 +22,8 @@ from bctkit.cli import main
 from bctkit.errors import BctkitError, ConfigError, FileFormatError
 from bctkit.evaluation.analysis import compatibility_summary
 from bctkit.export import export_model
-from bctkit.models.backbones import BackboneConfig, BT2Layout, build_backbone
+from bctkit.models.config import BackboneConfig, BT2Layout
+from bctkit.models.factory import build_backbone
 from bctkit.models.heads import HeadConfig, build_head
 from bctkit.models.store import LoadedModel, fingerprint, load_model, save_model
 from bctkit.storage import save_tensors, write_json

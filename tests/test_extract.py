@@ -24,7 +24,8 @@ from bctkit.errors import FileFormatError
 from bctkit.export import export_model
 from bctkit.extract import extract_to_file, partial_dir
 from bctkit.features import load_features
-from bctkit.models.backbones import BackboneConfig, build_backbone
+from bctkit.models.config import BackboneConfig
+from bctkit.models.factory import build_backbone
 from bctkit.models.heads import HeadConfig, build_head
 from bctkit.models.store import load_model, save_model
 from bctkit.oldside.given import given_features

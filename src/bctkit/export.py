@@ -24,7 +24,8 @@ from torch.nn.utils import parametrize
 
 import bctkit
 from bctkit.errors import BctkitError, ConfigError, FileFormatError
-from bctkit.models.backbones import BackboneConfig, build_backbone
+from bctkit.models.config import BackboneConfig
+from bctkit.models.factory import build_backbone
 from bctkit.models.store import LoadedModel, fingerprint, load_model
 from bctkit.storage import atomic_path, load_tensors, read_json, save_tensors, write_json
 

@@ -23,7 +23,7 @@ from bctkit.engine.distributed import is_main
 from bctkit.features import iter_features
 from bctkit.losses import CompatContext, build_term
 from bctkit.models import BackboneConfig, HeadConfig
-from bctkit.models.backbones import build_backbone
+from bctkit.models.factory import build_backbone
 from bctkit.models.heads import build_head
 from bctkit.models.store import freeze
 from bctkit.storage import save_tensors

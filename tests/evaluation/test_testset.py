@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from bctkit.cli import main
-from bctkit.models.backbones import BackboneConfig, build_backbone
+from bctkit.models.config import BackboneConfig
+from bctkit.models.factory import build_backbone
 from bctkit.models.heads import HeadConfig
 from bctkit.models.store import save_model
 

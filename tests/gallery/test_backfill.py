@@ -17,7 +17,8 @@ from bctkit.gallery.backfill import backfill, backfill_order
 from bctkit.gallery.checks import GalleryError
 from bctkit.gallery.forecast import expected_accuracy
 from bctkit.gallery.store import GalleryStore
-from bctkit.models.backbones import BackboneConfig, build_backbone
+from bctkit.models.config import BackboneConfig
+from bctkit.models.factory import build_backbone
 from bctkit.models.heads import HeadConfig
 from bctkit.models.store import load_model, save_model
 from tests.gallery.crash import kill_at, stopped_at

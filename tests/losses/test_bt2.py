@@ -7,7 +7,7 @@ import torch
 import bctkit.losses.bt2  # noqa: F401  (registers "bt2")
 from bctkit.errors import ConfigError
 from bctkit.losses.base import CompatBatch, CompatContext, build_term
-from bctkit.models.backbones import BackboneConfig
+from bctkit.models.config import BackboneConfig
 
 D_O, D, K = 4, 5, 3
 LABELS = torch.tensor([0, 1, 1, 2, 2, 2, 0, 1])

@@ -5,7 +5,7 @@ import torch
 
 from bctkit.errors import FileFormatError
 from bctkit.models import BackboneConfig, HeadConfig, build_backbone, build_head
-from bctkit.models.backbones import DEPTHS
+from bctkit.models.small_resnet import DEPTHS
 from bctkit.models.store import fingerprint, load_model, save_model
 
 

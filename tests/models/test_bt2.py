@@ -5,8 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bctkit.models.backbones import BackboneConfig, BT2Layout, build_backbone
 from bctkit.models.bt2 import BT2Net
+from bctkit.models.config import BackboneConfig, BT2Layout
+from bctkit.models.factory import build_backbone
 from bctkit.models.heads import HeadConfig, build_head
 from bctkit.models.store import load_model, save_model
 

@@ -8,11 +8,23 @@ import torch
 from pydantic import ValidationError
 
 from bctkit.models import BackboneConfig, ResNet, build_backbone
-from bctkit.models.backbones import BT2Layout
 from bctkit.models.base import EmbeddingNet
 from bctkit.models.bt2 import BT2Net
-from bctkit.models.registry import known_archs
+from bctkit.models.config import (
+    FAMILIES,
+    IRESNET_ARCHS,
+    RESNET_ARCHS,
+    SMALL_ARCHS,
+    VIT_ARCHS,
+    BT2Layout,
+    known_archs,
+)
+from bctkit.models.iresnet import IRESNET_LAYERS
+from bctkit.models.registry import BUILDERS
+from bctkit.models.resnet import RESNET_LAYERS
+from bctkit.models.small_resnet import DEPTHS
 from bctkit.models.store import fingerprint
+from bctkit.models.vit import VIT_SIZES
 
 
 def test_existing_dumps_are_unchanged():
@@ -63,6 +75,16 @@ def test_known_names_and_unknown_arch():
         assert name in names
     with pytest.raises(ValidationError, match=r"unknown arch 'resnet19'; known: r8, .*iresnet50.*vit_small"):
         BackboneConfig(arch="resnet19")
+
+
+def test_family_tables_agree_with_config_names():
+    """Each family module keys its layer table by the names config lists, and the registry builds
+    every family config lists."""
+    assert tuple(DEPTHS) == SMALL_ARCHS
+    assert tuple(IRESNET_LAYERS) == IRESNET_ARCHS
+    assert tuple(RESNET_LAYERS) == RESNET_ARCHS
+    assert tuple(VIT_SIZES) == VIT_ARCHS
+    assert set(BUILDERS) == {f.name for f in FAMILIES}
 
 
 @pytest.mark.parametrize("arch", ["timm:convnext_tiny", "timm:vit_small_patch16_224.augreg_in21k",

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from bctkit.models import BackboneConfig, build_backbone
-from bctkit.models.backbones import BT2Layout
 from bctkit.models.bt2 import BT2Net
+from bctkit.models.config import BT2Layout
 from bctkit.models.vit import VisionTransformer
 
 # timm's vit_tiny_patch16_224 / vit_small_patch16_224 with their 1000-class heads: 5,717,416 and

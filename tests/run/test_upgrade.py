@@ -13,7 +13,8 @@ from bctkit.cli import main
 from bctkit.data.sources import ImageFolderSource
 from bctkit.errors import ConfigError
 from bctkit.features import load_features
-from bctkit.models.backbones import BackboneConfig, build_backbone
+from bctkit.models.config import BackboneConfig
+from bctkit.models.factory import build_backbone
 from bctkit.models.store import fingerprint, load_model
 from bctkit.run.config import load_config
 from bctkit.run.launch import run_pipeline, run_scenarios

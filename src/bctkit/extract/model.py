@@ -18,7 +18,8 @@ from bctkit.data.transforms import Preprocess, TransformConfig
 from bctkit.engine.loader import Feed
 from bctkit.errors import DataError, FileFormatError
 from bctkit.export import CARD_FORMAT, CARD_NAME, _onnx_runtime, input_shape, sha256_file
-from bctkit.models.backbones import BackboneConfig, build_backbone
+from bctkit.models.config import BackboneConfig
+from bctkit.models.factory import build_backbone
 from bctkit.models.store import LoadedModel, fingerprint, freeze, load_model
 from bctkit.storage import load_tensors, read_header, read_json
 

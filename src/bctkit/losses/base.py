@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
 from bctkit.errors import ConfigError
-from bctkit.models.backbones import BackboneConfig
+from bctkit.models.config import BackboneConfig
 from bctkit.models.heads import Head
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from pydantic import Field
 from bctkit.errors import ConfigError, DataError
 from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm, TermOutput, TermParams, register
 from bctkit.losses.bct import old_features
-from bctkit.models.backbones import BackboneConfig, BT2Layout
+from bctkit.models.config import BackboneConfig, BT2Layout
 from bctkit.prototypes import class_means
 
 

@@ -12,22 +12,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from bctkit.errors import ConfigError
 from bctkit.models.base import EmbeddingNet
-
-if TYPE_CHECKING:
-    from bctkit.models.backbones import BackboneConfig
-
-TIMM_ARCH = re.compile(r"timm:[A-Za-z0-9_.\-]+")
-PYTHON_ARCH = re.compile(r"python:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
-TIMM_FORM = "timm:<model name>, e.g. timm:convnext_tiny"
-PYTHON_FORM = "python:<module>:<factory>, e.g. python:mypkg.nets:make_net"
+from bctkit.models.config import BackboneConfig
 
 
 class AdaptedBackbone(EmbeddingNet):

@@ -3,13 +3,10 @@ architectures alike."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from bctkit.models.backbones import BackboneConfig
+from bctkit.models.config import BackboneConfig
 
 
 class EmbeddingNet(nn.Module):

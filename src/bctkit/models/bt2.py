@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from bctkit.models.backbones import BackboneConfig
 from bctkit.models.base import EmbeddingNet
-from bctkit.models.registry import build_backbone
+from bctkit.models.config import BackboneConfig
+from bctkit.models.registry import build_plain
 
 
 def fixed_order_sum(x: np.ndarray, axis: int) -> np.ndarray:
@@ -105,7 +105,7 @@ class BT2Net(EmbeddingNet):
                 f"bt2: old_dim + k - embedding_dim = {self.k_a}; the model needs at least one added "
                 "coordinate (raise k or lower embedding_dim)"
             )
-        self.net = build_backbone(cfg.model_copy(update={"embedding_dim": d + d_o, "bt2": None}))
+        self.net = build_plain(cfg.model_copy(update={"embedding_dim": d + d_o, "bt2": None}))
         self.head = nn.Linear(d + d_o, self.k_a)
         self.O_p = orthogonal_linear(d)
         self.O_2 = orthogonal_linear(d_o)

@@ -10,17 +10,14 @@ shortcut is ``downsample`` = 1x1 conv + BN); then bn2 - flatten - dropout - fc (
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from bctkit.models.base import EmbeddingNet
+from bctkit.models.config import IRESNET_FINAL_MAP, BackboneConfig, check_iresnet
 
-if TYPE_CHECKING:
-    from bctkit.models.backbones import BackboneConfig
-
-# Blocks per stage (the published depths count 2 convolutions per block, plus stem and fc).
+# Blocks per stage (the published depths count 2 convolutions per block, plus stem and fc), for
+# the names of config.IRESNET_ARCHS.
 IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
     "iresnet18": (2, 2, 2, 2),
     "iresnet34": (3, 4, 6, 3),
@@ -28,8 +25,6 @@ IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
     "iresnet100": (3, 13, 30, 3),
     "iresnet200": (6, 26, 60, 6),
 }
-IMAGE_SIZE = 112
-FINAL_MAP = 7  # IMAGE_SIZE after the four stride-2 stages
 
 
 class IBasicBlock(nn.Module):
@@ -60,7 +55,7 @@ class IResNet(EmbeddingNet):
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__(cfg)
-        check_config(cfg)
+        check_iresnet(cfg)
         self.conv1 = nn.Conv2d(cfg.in_channels, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
         self.prelu = nn.PReLU(64)
@@ -71,7 +66,7 @@ class IResNet(EmbeddingNet):
         self.layer4 = _stage(256, 512, n4)
         self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.fc = nn.Linear(512 * FINAL_MAP * FINAL_MAP, cfg.embedding_dim)
+        self.fc = nn.Linear(512 * IRESNET_FINAL_MAP * IRESNET_FINAL_MAP, cfg.embedding_dim)
         self.features = nn.BatchNorm1d(cfg.embedding_dim, eps=1e-5)
         # arcface_torch's initialisation: N(0, 0.1) convolutions, unit BN, a frozen unit BN1d scale.
         for m in self.modules():
@@ -93,12 +88,3 @@ class IResNet(EmbeddingNet):
 def _stage(cin: int, cout: int, blocks: int) -> nn.Sequential:
     """One stage: a stride-2 block from ``cin`` to ``cout`` channels, then ``blocks - 1`` more."""
     return nn.Sequential(IBasicBlock(cin, cout, 2), *(IBasicBlock(cout, cout, 1) for _ in range(blocks - 1)))
-
-
-def check_config(cfg: BackboneConfig) -> None:
-    """The fc reads a 7x7 map, so only 112x112 images fit."""
-    if cfg.input_shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise ValueError(
-            f"image_size={cfg.image_size}: {cfg.arch} takes {IMAGE_SIZE}x{IMAGE_SIZE} images (its fc reads "
-            f"a {FINAL_MAP}x{FINAL_MAP} map); set image_size: {IMAGE_SIZE}"
-        )

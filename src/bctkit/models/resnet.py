@@ -10,15 +10,11 @@ adaptive average pool (any input size or aspect ratio) - dropout - ``fc`` to ``e
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 
 from bctkit.models.base import EmbeddingNet
-
-if TYPE_CHECKING:
-    from bctkit.models.backbones import BackboneConfig
+from bctkit.models.config import BackboneConfig
 
 
 class BasicBlock(nn.Module):

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from torch import nn
 
 from bctkit.errors import FileFormatError
-from bctkit.models.backbones import BackboneConfig, build_backbone
+from bctkit.models.config import BackboneConfig
+from bctkit.models.factory import build_backbone
 from bctkit.models.heads import Head, HeadConfig, build_head
 from bctkit.storage import load_tensors, save_tensors, write_json
 

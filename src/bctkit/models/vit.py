@@ -10,18 +10,15 @@ by the patch works; ``pos_embed`` is sized for the configured one.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bctkit.models.base import EmbeddingNet
+from bctkit.models.config import BackboneConfig, check_vit, vit_patch
 
-if TYPE_CHECKING:
-    from bctkit.models.backbones import BackboneConfig
-
-# (token width, attention heads, blocks), as timm's vit_tiny_* / vit_small_*.
+# (token width, attention heads, blocks), as timm's vit_tiny_* / vit_small_*, for the names of
+# config.VIT_ARCHS.
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "vit_tiny": (192, 3, 12),
     "vit_small": (384, 6, 12),
@@ -91,9 +88,9 @@ class VisionTransformer(EmbeddingNet):
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__(cfg)
-        check_config(cfg)
+        check_vit(cfg)
         dim, heads, depth = VIT_SIZES[cfg.arch]
-        patch = _patch(cfg)
+        patch = vit_patch(cfg)
         c, h, w = cfg.input_shape
         self.patch_embed = PatchEmbed(c, dim, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -115,18 +112,3 @@ class VisionTransformer(EmbeddingNet):
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
         cls = self.norm(self.blocks(tokens)[:, 0])
         return self.head(self.dropout(cls))
-
-
-def _patch(cfg: BackboneConfig) -> int:
-    return 16 if cfg.patch_size is None else cfg.patch_size
-
-
-def check_config(cfg: BackboneConfig) -> None:
-    """The image must tile exactly into patches."""
-    patch = _patch(cfg)
-    _, h, w = cfg.input_shape
-    if h % patch or w % patch:
-        raise ValueError(
-            f"image_size={cfg.image_size} is not divisible by patch_size={patch} ({cfg.arch}); "
-            "change image_size or patch_size"
-        )

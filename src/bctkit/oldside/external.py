@@ -14,7 +14,7 @@ from bctkit.data.sources.base import DataSource
 from bctkit.data.transforms import Preprocess, TransformConfig
 from bctkit.errors import ConfigError
 from bctkit.models.adapters import AdaptedBackbone
-from bctkit.models.backbones import build_backbone
+from bctkit.models.factory import build_backbone
 from bctkit.models.heads import Head, build_head
 from bctkit.models.store import LoadedModel, freeze
 from bctkit.models.weights import load_backbone_weights

@@ -29,7 +29,7 @@ from bctkit.evaluation.suite import evaluate_suite
 from bctkit.features import FeatureSet, extract_share
 from bctkit.losses import CompatContext, CompatibilityTerm, build_term
 from bctkit.losses.base import method_class
-from bctkit.models.backbones import BackboneConfig
+from bctkit.models.config import BackboneConfig
 from bctkit.models.heads import HeadConfig
 from bctkit.models.store import LoadedModel, load_model, save_model
 from bctkit.oldside.external import preprocess_of

@@ -26,7 +26,7 @@ from bctkit.data.datasets import DataConfig
 from bctkit.errors import ConfigError
 from bctkit.losses import validate_params
 from bctkit.losses.base import method_class
-from bctkit.models.backbones import BackboneConfig
+from bctkit.models.config import BackboneConfig
 from bctkit.oldside.config import OldConfig, check_old_classifier, check_upgrade
 from bctkit.training.config import ModelConfig, TrainConfig
 

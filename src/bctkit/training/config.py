@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from bctkit.models.backbones import BackboneConfig
+from bctkit.models.config import BackboneConfig
 from bctkit.models.heads import HeadConfig
 
 

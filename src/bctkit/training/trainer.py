@@ -22,7 +22,8 @@ from bctkit.engine.loader import Feed, as_feed, epoch_batches
 from bctkit.engine.precision import Precision
 from bctkit.errors import TrainingError
 from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm
-from bctkit.models.backbones import BackboneConfig, build_backbone
+from bctkit.models.config import BackboneConfig
+from bctkit.models.factory import build_backbone
 from bctkit.models.heads import Head, HeadConfig, build_head
 from bctkit.models.sharded_head import ShardedHead, shard_rows
 from bctkit.models.sharded_head import gather_rows as gather_shards
