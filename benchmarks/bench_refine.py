@@ -1,4 +1,4 @@
-"""Benchmark of bctkit.prototypes.refine_prototypes (UniBCT structural refinement).
+"""Benchmark of bctkit.losses.unibct.refine_prototypes (UniBCT structural refinement).
 
 Part A: C classes x m samples x d dims of random float32 features (default 20,000 x 50 x 512):
 bctkit's chunked batched solve against a naive per-class loop over class-sorted data (slice,
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bctkit.prototypes import refine_prototypes
+from bctkit.losses.unibct import refine_prototypes
 
 LAM, TAU = 0.9, 0.05
 

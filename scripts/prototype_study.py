@@ -4,7 +4,7 @@ refinement does on glyphs"). Training data only; prints one JSON line per alloca
 For each allocation: the new training set, the cached old features, and the new features of one
 trained model (``--model``, default ``unibct``) on the un-augmented training images. Then, per
 temperature in ``--tau``: the refinement weights' effective sample share and low-weight share
-(``bctkit.prototypes.weight_summary``), and the mean cosine of the avg and refined prototypes to a
+(``bctkit.losses.unibct.weight_summary``), and the mean cosine of the avg and refined prototypes to a
 reference per class:
 
 - clean data: the old classifier's row of the class (classes the old model knows);
@@ -30,8 +30,8 @@ from bctkit.data.transforms import Preprocess
 from bctkit.engine.loader import Feed
 from bctkit.evaluation.verification import roc_auc
 from bctkit.features import extract
+from bctkit.losses.unibct import class_means, refinement_weights, weight_summary, weighted_means
 from bctkit.models.store import load_model
-from bctkit.prototypes import class_means, refinement_weights, weight_summary, weighted_means
 from bctkit.run.benchmark import Run
 from bctkit.run.config import parse_config
 

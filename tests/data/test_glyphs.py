@@ -17,7 +17,7 @@ import torch
 from bctkit.data import SCENARIOS, allocate
 from bctkit.data import glyphs as g
 from bctkit.data.datasets import DataConfig, load_datasets
-from bctkit.data.glyphs import GlyphsConfig, load_glyphs
+from bctkit.data.glyphs import GlyphsConfig, load_glyphs, scan, source
 from bctkit.data.sources import ArraySource
 from bctkit.engine.loader import Batch, Feed
 from bctkit.errors import ConfigError, DataError
@@ -61,8 +61,8 @@ def _forbid_rendering(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("rendered or scanned although the cache should have answered")
 
-    for name in ("render_image", "render_clean", "read_faces"):
-        monkeypatch.setattr(g, name, boom)
+    for module, name in ((source, "render_image"), (scan, "render_clean"), (scan, "read_faces")):
+        monkeypatch.setattr(module, name, boom)
 
 
 def test_eval_identities_never_in_training(warm):
@@ -92,12 +92,12 @@ def test_kept_characters_have_min_faces_distinct_clean_renderings(warm):
         images = [g.render_clean(f, char, g.SCAN_SIZE, g.SCAN_MARGIN) for f in faces]
         assert all(im is not None and im.max() > 0 for im in images)
         assert len({im.tobytes() for im in images}) == len(images)
-        blurred = [g._blurred(im) for im in images]
+        blurred = [scan._blurred(im) for im in images]
         for a, b in itertools.combinations(blurred, 2):
             assert np.abs(a - b).mean() > cfg.distinct_threshold
         for face, im in zip(faces, blurred, strict=True):
             tofu = g.render_clean(face, g.MISSING_CODEPOINT, g.SCAN_SIZE, g.SCAN_MARGIN)
-            assert tofu is None or np.abs(g._blurred(tofu) - im).mean() > cfg.distinct_threshold
+            assert tofu is None or np.abs(scan._blurred(tofu) - im).mean() > cfg.distinct_threshold
 
 
 def test_second_load_reads_the_cache(warm, monkeypatch):
@@ -160,7 +160,7 @@ def test_changed_seed_or_size_renders_again(warm, monkeypatch):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(g, "render_image", counting)
+    monkeypatch.setattr(source, "render_image", counting)
     other_seed, _ = _load(small(cache, seed=1))
     assert calls and not np.array_equal(other_seed.images, pool.images)
     calls.clear()

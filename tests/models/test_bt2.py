@@ -123,7 +123,8 @@ def test_orthogonal_start_is_the_same_with_any_cpu_kernels(tmp_path):
     import sys
 
     script = ("import sys, torch\n"
-              "from bctkit.models.backbones import BackboneConfig, BT2Layout, build_backbone\n"
+              "from bctkit.models import build_backbone\n"
+              "from bctkit.models.config import BackboneConfig, BT2Layout\n"
               "torch.manual_seed(0)\n"
               "net = build_backbone(BackboneConfig(arch='r8', width=4, image_size=16, embedding_dim=12, "
               "bt2=BT2Layout(old_dim=10, k=6)))\n"

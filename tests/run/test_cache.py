@@ -8,9 +8,9 @@ import torch
 
 from bctkit.errors import DataError
 from bctkit.features import extract
+from bctkit.losses.unibct.prototypes import class_means
 from bctkit.models import BackboneConfig, build_backbone
 from bctkit.models.store import fingerprint
-from bctkit.prototypes import class_means
 from bctkit.run.cache import OldFeatureCache, as_tensor, class_means_from_cache
 
 

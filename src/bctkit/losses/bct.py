@@ -45,8 +45,8 @@ from pydantic import Field
 
 from bctkit.errors import ConfigError, DataError
 from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm, TermOutput, TermParams, register
+from bctkit.losses.unibct.prototypes import class_means
 from bctkit.models.heads import CosineHead, Head, NormFaceHead, SoftmaxHead
-from bctkit.prototypes import class_means
 
 SYNTH_SCALE = 64.0  # s of the NormFace form used when there is no old head to copy the form from
 

@@ -23,8 +23,8 @@ from pydantic import Field
 from bctkit.errors import ConfigError, DataError
 from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm, TermOutput, TermParams, register
 from bctkit.losses.bct import old_features
+from bctkit.losses.unibct.prototypes import class_means
 from bctkit.models.config import BackboneConfig, BT2Layout
-from bctkit.prototypes import class_means
 
 
 class BT2Params(TermParams):

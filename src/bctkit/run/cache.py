@@ -45,7 +45,7 @@ from bctkit.engine.distributed import barrier, broadcast_object, is_main, max_ac
 from bctkit.engine.loader import Feed, as_feed
 from bctkit.errors import DataError
 from bctkit.features import iter_features
-from bctkit.prototypes import class_means
+from bctkit.losses.unibct.prototypes import class_means
 from bctkit.storage import write_json
 
 if TYPE_CHECKING:
@@ -247,6 +247,6 @@ def as_tensor(feats: np.memmap) -> torch.Tensor:
 
 def class_means_from_cache(feats: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor,
                            num_classes: int) -> torch.Tensor:
-    """Per-class mean of the normalised cached old features (:func:`bctkit.prototypes.class_means`;
-    it reads memmaps block by block)."""
+    """Per-class mean of the normalised cached old features
+    (:func:`bctkit.losses.unibct.prototypes.class_means`; it reads memmaps block by block)."""
     return class_means(feats, labels, num_classes)

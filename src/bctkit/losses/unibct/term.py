@@ -7,7 +7,7 @@ eta = 0 during the first ``warmup_epochs``; prototypes are (re)built at the end 
 ``rebuild_every`` epochs after it (or at ``rebuild_epochs``), the refined ones with the current new
 model. The base ArcFace is the run's new head; this term adds the prototype ArcFace. With refined
 prototypes the training history logs what the last rebuild's weights did (``proto_ess``, ``proto_low``:
-:func:`bctkit.prototypes.weight_summary`; after a resume, from the next rebuild on).
+:func:`bctkit.losses.unibct.refinement.weight_summary`; after a resume, from the next rebuild on).
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from torch import nn
 from bctkit.errors import ConfigError
 from bctkit.features import extract
 from bctkit.losses.base import CompatBatch, CompatContext, CompatibilityTerm, TermOutput, TermParams, register
+from bctkit.losses.unibct.prototypes import class_means, drop_means
+from bctkit.losses.unibct.refinement import refinement_weights, weight_summary, weighted_means
 from bctkit.models.heads import ArcFaceHead
-from bctkit.prototypes import class_means, drop_means, refinement_weights, weight_summary, weighted_means
 
 
 class UniBCTParams(TermParams):

@@ -9,17 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from bctkit import prototypes
 from bctkit.errors import ConfigError, DataError
-from bctkit.prototypes import (
+from bctkit.losses.unibct.prototypes import class_means, drop_means
+from bctkit.losses.unibct.refinement import (
     _plan_chunks,
-    class_means,
-    drop_means,
     refine_prototypes,
     refinement_weights,
     weight_summary,
     weighted_means,
 )
+from bctkit.storage import rows
 
 SIZES = [1, 2, 3, 17, 50, 5, 1, 8, 2, 33, 4, 1, 64, 9]
 
@@ -423,11 +422,11 @@ def test_memmap_page_release_keeps_results(tmp_path: Path, monkeypatch: pytest.M
         np.save(tmp_path / f"{name}.npy", x.numpy())
         maps.append(np.load(tmp_path / f"{name}.npy", mmap_mode="r"))
     expected = refine_prototypes(old, new, labels, len(SIZES), chunk_size=40)
-    monkeypatch.setattr(prototypes, "_MAPPED_BUDGET_BYTES", 0)
-    monkeypatch.setattr(prototypes, "_STAGING_BYTES", 1)  # one prefetch group per chunk
+    monkeypatch.setattr(rows, "_MAPPED_BUDGET_BYTES", 0)
+    monkeypatch.setattr(rows, "_STAGING_BYTES", 1)  # one prefetch group per chunk
     calls = []
-    real = prototypes._release_mapped_pages
-    monkeypatch.setattr(prototypes, "_release_mapped_pages", lambda x: calls.append(1) or real(x))
+    real = rows._release_mapped_pages
+    monkeypatch.setattr(rows, "_release_mapped_pages", lambda x: calls.append(1) or real(x))
     got = refine_prototypes(maps[0], maps[1], labels, len(SIZES), chunk_size=40)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     assert len(calls) > 3

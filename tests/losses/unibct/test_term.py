@@ -8,8 +8,9 @@ import torch
 from bctkit.data import SyntheticSpec, make_synthetic
 from bctkit.errors import ConfigError
 from bctkit.losses import CompatBatch, CompatContext, build_term
+from bctkit.losses.unibct.prototypes import class_means
+from bctkit.losses.unibct.refinement import refine_prototypes, refinement_weights, weight_summary
 from bctkit.models import BackboneConfig, HeadConfig, build_backbone
-from bctkit.prototypes import class_means, refine_prototypes, refinement_weights, weight_summary
 from bctkit.run.config import load_config, packaged_config
 from bctkit.training import TrainConfig, train_model
 
