@@ -173,7 +173,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from bctkit.engine.loader import auto_workers
+    from bctkit.data.workers import auto_workers
     from bctkit.extract import extract_to_file
 
     workers = auto_workers() if args.workers is None else args.workers

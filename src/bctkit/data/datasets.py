@@ -40,7 +40,7 @@ from bctkit.data.sources.listfile import ListConfig, ListSource
 from bctkit.data.sources.recordio import RecordIOConfig, RecordIOSource
 from bctkit.data.synthetic import SyntheticSpec, make_synthetic
 from bctkit.data.transforms import TransformConfig
-from bctkit.engine.loader import auto_workers
+from bctkit.data.workers import auto_workers
 from bctkit.errors import ConfigError, DataError
 
 Split = Literal["test", "validation"]
