@@ -11,7 +11,7 @@ import torch
 
 from bctkit.errors import DataError
 from bctkit.evaluation.blockwise import full_ranking, indexed_cmc, summarize
-from bctkit.evaluation.retrieval import retrieval_metrics
+from tests.evaluation.sort_ranking import retrieval_metrics
 
 
 def loop_reference(q, qid, g, gid, qcam=None, gcam=None, junk=None, exclude_self=False):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from bctkit.cli import main
+from bctkit.data.sources.recordio_writer import write_insightface
 from bctkit.evaluation.certificate import make_certificate, write_certificate
 from bctkit.features import FeatureSet
 from bctkit.gallery.store import GalleryStore
@@ -74,6 +75,29 @@ def test_gallery_bad_input_is_one_line(setup, capsys):
     capsys.readouterr()
     assert main(["gallery", "add", str(root / "s"), "--model", str(old), "--images", str(root / "none")]) == 2
     assert "--images" in capsys.readouterr().err
+
+
+def test_gallery_add_reads_a_recordio_set(setup):
+    """--images takes a RecordIO set (folder or .rec file), as bctkit extract does: the same images
+    as the folder give the same vectors, the items named by record id (images are records 1..N)."""
+    root, old, _, fp_old, _ = setup
+    files = [root / "gallery" / f"p{k}" / f"{j}.png" for k in range(6) for j in range(3)]
+    write_insightface(root / "rec", [(f.read_bytes(), k // 3) for k, f in enumerate(files)])
+    sets = (("folder", root / "gallery"), ("rec", root / "rec"), ("recfile", root / "rec" / "train.rec"))
+    for name, images in sets:
+        assert main(["gallery", "create", str(root / f"s-{name}")]) == 0
+        assert main(["gallery", "add", str(root / f"s-{name}"), "--model", str(old), "--images", str(images),
+                     "--quiet"]) == 0
+    with GalleryStore.open(root / "s-folder") as f, GalleryStore.open(root / "s-rec") as r, \
+            GalleryStore.open(root / "s-recfile") as rf:
+        rec_ids = [str(i) for i in range(1, 19)]
+        assert sorted(r.ids(), key=int) == rec_ids and sorted(rf.ids(), key=int) == rec_ids
+        vf, _ = f.get([f"p{k}/{j}.png" for k in range(6) for j in range(3)])
+        vr, versions = r.get(rec_ids)
+        vrf, _ = rf.get(rec_ids)
+    assert versions == [fp_old] * 18
+    np.testing.assert_array_equal(vr, vf)
+    np.testing.assert_array_equal(vrf, vr)
 
 
 def test_an_export_is_the_same_gallery_version_as_its_model(setup):

@@ -114,10 +114,8 @@ def test_library_embedding_and_backfill_raise_a_typed_error(world):
 @pytest.mark.parametrize("option", [["--batch-size", "0"], ["-k", "0"], ["-k", "-3"]])
 def test_search_counts_must_be_positive(world, capsys, option):
     """Refused when the arguments are read, before the store, the model or the images are opened."""
-    with pytest.raises(SystemExit) as exc:
-        main(["gallery", "search", str(world["root"] / "nowhere"), "--model", str(world["new"]),
-              "--images", str(world["grey"]), *option])
-    assert exc.value.code == 2
+    assert main(["gallery", "search", str(world["root"] / "nowhere"), "--model", str(world["new"]),
+                 "--images", str(world["grey"]), *option]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err  # one line, as every bctkit error (no argparse usage block)
     assert f"argument {option[0]}: must be a positive integer, got {option[1]!r}" in err[0]

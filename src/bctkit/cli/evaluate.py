@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
     _check_options(args)
     if args.protocol == "split":
         return _split(args)
-    from bctkit.engine.loader import auto_workers
+    from bctkit.data.workers import auto_workers
     from bctkit.evaluation.testset import ExtractOptions, TestSetOptions, build_protocol, evaluate_testset
 
     if not args.data:

@@ -30,7 +30,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bctkit.engine.loader import auto_workers
+    from bctkit.data.workers import auto_workers
     from bctkit.extract import extract_to_file
 
     workers = auto_workers() if args.workers is None else args.workers

@@ -67,20 +67,18 @@ def _model_and_images(p: argparse.ArgumentParser) -> None:
                    help="a bctkit model (RUN/models/<name>/ or its model.safetensors) or a bctkit export "
                         "(its folder, model.pt or model.onnx)")
     p.add_argument("--images", required=True,
-                   help="an image folder (root/<identity>/<image>) or a list file (path label per line)")
+                   help="an image folder (root/<identity>/<image>), a list file (path label per line) or "
+                        "a RecordIO set (a folder with train.rec + train.idx, or the .rec file)")
     p.add_argument("--batch-size", type=_positive_int, default=256)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _images(path: str) -> DataSource:
-    from bctkit.data.sources import ImageFolderSource, ListSource
+    from bctkit.data.datasets import open_dataset
 
-    p = Path(path)
-    if p.is_dir():
-        return ImageFolderSource(p)
-    if p.is_file():
-        return ListSource(p)
-    raise ConfigError(f"--images {path}: no such folder or list file")
+    if not Path(path).expanduser().exists():
+        raise ConfigError(f"--images {path}: no such image folder, list file or RecordIO set")
+    return open_dataset(path)
 
 
 def _model(path: str) -> Any:

@@ -46,7 +46,10 @@ def _where() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Under torchrun every process runs this; a failing rank prints its one-line error and exits 2,
     and torchrun then stops the other ranks (none waits forever on a collective)."""
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0), or an argument error already printed on one line (2)
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         code = _module_of(args.command).run(args)
         close_process_group()

@@ -16,7 +16,9 @@ among those with at least ``eval_images_per_class`` images, each contributing it
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -33,12 +35,12 @@ from bctkit.data.glyphs import GlyphsConfig, load_glyphs
 from bctkit.data.noise import flip_labels
 from bctkit.data.screening import drop_corrupt, drop_small_identities
 from bctkit.data.sources.base import DataSource
-from bctkit.data.sources.imagefolder import ImageFolderConfig, ImageFolderSource
+from bctkit.data.sources.imagefolder import ImageFolderConfig, ImageFolderSource, image_extensions
 from bctkit.data.sources.listfile import ListConfig, ListSource
 from bctkit.data.sources.recordio import RecordIOConfig, RecordIOSource
 from bctkit.data.synthetic import SyntheticSpec, make_synthetic
 from bctkit.data.transforms import TransformConfig
-from bctkit.engine.loader import auto_workers
+from bctkit.data.workers import auto_workers
 from bctkit.errors import ConfigError, DataError
 
 Split = Literal["test", "validation"]
@@ -104,6 +106,33 @@ def open_file_source(fmt: str, section: Any) -> DataSource:
     if fmt == "list":
         return ListSource(section.file)
     return RecordIOSource(section.path, section.prefix)
+
+
+def open_dataset(path: str | os.PathLike[str]) -> DataSource:
+    """The dataset at ``path``: a RecordIO folder (``train.rec`` + ``train.idx``, or the one
+    ``<prefix>.rec`` / ``.idx`` pair it holds; or the .rec / .idx file itself), an image folder
+    (``root/<identity>/<image>``) or a ``path label`` list file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        pairs = sorted(r.stem for r in p.glob("*.rec") if r.with_suffix(".idx").is_file())
+        if pairs:
+            prefix = "train" if "train" in pairs else pairs[0]
+            if len(pairs) > 1 and prefix != "train":
+                raise DataError(f"{p}: holds several RecordIO sets {pairs}; name one (DATA/<prefix>.rec)")
+            return open_file_source("recordio", RecordIOConfig(path=str(p), prefix=prefix))
+        if any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(p)):
+            return open_file_source("imagefolder", ImageFolderConfig(root=str(p)))
+        raise DataError(f"{p}: not a dataset folder: no identity subfolders (root/<identity>/<image>) and "
+                        "no RecordIO pair (train.rec + train.idx)")
+    if not p.is_file():
+        raise DataError(f"{p}: data not found (an image folder, a 'path label' list file or a RecordIO "
+                        "folder)")
+    if p.suffix in (".rec", ".idx"):
+        return open_file_source("recordio", RecordIOConfig(path=str(p.parent), prefix=p.stem))
+    if p.suffix.lower() in image_extensions():
+        raise DataError(f"{p}: one image; DATA is an image folder, a 'path label' list file or a RecordIO "
+                        "folder")
+    return open_file_source("list", ListConfig(file=str(p)))
 
 
 class DataConfig(BaseModel):

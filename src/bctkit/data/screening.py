@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from bctkit.data.sources.base import DataSource
-from bctkit.engine.loader import Feed
+from bctkit.data.workers import find_corrupt
 from bctkit.errors import DataError
 from bctkit.storage import atomic_path, cache_home
 
@@ -33,7 +33,7 @@ def drop_corrupt(source: DataSource, workers: int, progress: bool, notes: dict[s
         except (OSError, ValueError) as exc:
             warnings.warn(f"ignoring corrupt image-check cache {path} ({exc})", stacklevel=2)
     if bad is None:
-        bad = Feed(source, workers=workers).find_corrupt(progress=progress)
+        bad = find_corrupt(source, workers, progress=progress)
         try:
             with atomic_path(path) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, bad)

@@ -123,6 +123,13 @@ class Preprocess:
         """The preprocessing a model was saved with (the inverse of :meth:`spec`)."""
         return cls(TransformConfig(**{k: v for k, v in spec.items() if k != "input"}))
 
+    @classmethod
+    def from_card_input(cls, inp: dict[str, Any]) -> Preprocess:
+        """The preprocessing an export card's ``input`` section describes (``color``, ``mean`` and
+        ``std`` required; ``resize`` and ``crop`` may be absent)."""
+        return cls(TransformConfig(color=inp["color"], resize=inp.get("resize"), crop=inp.get("crop"),
+                                   mean=inp["mean"], std=inp["std"]))
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 [B, C, H, W] -> float32 model input (see the module docstring)."""
         mean, std = _expand(self.cfg.mean, x.shape[1]), _expand(self.cfg.std, x.shape[1])

@@ -9,28 +9,27 @@ and extraction alike.
   [B, C, H, W] array (augmentation randomness is seeded by (seed, epoch, step)); the main process
   normalises it on the model's device (:meth:`bctkit.data.transforms.Preprocess.normalize`).
 - Errors: a bctkit error in a worker (a corrupt image, a wrong size) comes back as the same one-line
-  error in the main process, not as a worker traceback.
+  error in the main process, not as a worker traceback (the worker plumbing is
+  :mod:`bctkit.data.workers`).
 - The DataLoader gets its own seeded generator, so reading never consumes the global torch RNG
   (training's dropout draws are the same with or without workers).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from bctkit.data.sources.array import ArraySource
-from bctkit.data.sources.base import CorruptImageError, DataSource
+from bctkit.data.sources.base import DataSource
 from bctkit.data.transforms import Preprocess, augment_batch
+from bctkit.data.workers import WorkerFailure, find_corrupt, run_batches
 from bctkit.errors import BctkitError, DataError
 
-__all__ = ["Batch", "Feed", "as_feed", "auto_workers", "epoch_batches", "sequential_batches"]
+__all__ = ["Batch", "Feed", "as_feed", "epoch_batches", "sequential_batches"]
 
 
 class Batch(NamedTuple):
@@ -66,27 +65,6 @@ def sequential_batches(n: int, batch_size: int) -> list[Batch]:
             for k, s in enumerate(range(0, n, batch_size))]
 
 
-def auto_workers() -> int:
-    """Loader workers for ``num_workers: auto`` on a file dataset: the CPUs this process may use,
-    at most 8."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
-
-
-class _Failure:
-    """A bctkit error raised in a worker, carried back as a value (one line, same type)."""
-
-    def __init__(self, exc: BctkitError) -> None:
-        self.kind = type(exc)
-        self.message = str(exc)
-
-    def raise_(self) -> None:
-        raise self.kind(self.message)
-
-
 class _BatchReader(torch.utils.data.Dataset):
     """What a worker runs: Batch -> (uint8 images, labels, indices)."""
 
@@ -102,7 +80,7 @@ class _BatchReader(torch.utils.data.Dataset):
         try:
             return self._read(batch)
         except BctkitError as exc:
-            return _Failure(exc)
+            return WorkerFailure(exc)
 
     def _read(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = batch.indices
@@ -159,10 +137,6 @@ def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).new(storage).view(shape)
 
 
-def _collate(item: Any) -> Any:
-    return item
-
-
 class Feed:
     """A source as a model reads it: the source, its preprocessing, and the loader's workers.
 
@@ -217,50 +191,11 @@ class Feed:
         if not batches:
             return
         reader = _BatchReader(self.source, self.preprocess, self.input_shape, hflip, crop_pad, seed)
-        yield from self._load(reader, batches, self.pin_memory)
+        yield from run_batches(reader, batches, self.workers, self.pin_memory)
 
     def find_corrupt(self, batch_size: int = 256, progress: bool = True) -> np.ndarray:
         """Indices of the images that cannot be decoded (decodes every image once, in the workers)."""
-        bad: list[np.ndarray] = []
-        with tqdm(total=len(self.source), desc="checking images", unit="img", disable=not progress) as bar:
-            for found, n in self._load(_CorruptFinder(self.source), sequential_batches(len(self.source),
-                                                                                    batch_size), False):
-                bad.append(found)
-                bar.update(n)
-        return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
-
-    def _load(self, dataset: torch.utils.data.Dataset, batches: Sequence[Batch], pin: bool) -> Iterator[Any]:
-        workers = min(self.workers, len(batches))
-        loader = DataLoader(
-            dataset, batch_sampler=batches, collate_fn=_collate, num_workers=workers, pin_memory=pin,
-            generator=torch.Generator().manual_seed(0), prefetch_factor=4 if workers else None,
-        )
-        for out in loader:
-            if isinstance(out, _Failure):
-                out.raise_()
-            yield out
-
-
-class _CorruptFinder(torch.utils.data.Dataset):
-    """What a worker runs to find undecodable images: Batch -> (their indices, batch size)."""
-
-    def __init__(self, source: DataSource) -> None:
-        self.source = source
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitems__(self, batch: Batch) -> Any:
-        bad = []
-        try:
-            for i in batch.indices:
-                try:
-                    self.source.read(int(i))
-                except CorruptImageError:
-                    bad.append(int(i))
-        except BctkitError as exc:
-            return _Failure(exc)
-        return np.asarray(bad, dtype=np.int64), len(batch.indices)
+        return find_corrupt(self.source, self.workers, batch_size, progress)
 
 
 def as_feed(data: Feed | DataSource | np.ndarray) -> Feed:

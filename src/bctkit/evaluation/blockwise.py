@@ -1,7 +1,8 @@
 """Full-ranking retrieval metrics (mAP, CMC, mAP@R) in memory bounded by a block size.
 
-:func:`evaluation.retrieval.retrieval_metrics` sorts every query's whole row of scores; at 10k
-queries x 1M gallery items that is slow even in blocks. The metrics only need, for every relevant
+The one implementation of full ranking in bctkit (the protocols and
+:mod:`bctkit.evaluation.retrieval` use it). Sorting every query's whole row of scores is slow at 10k
+queries x 1M gallery items even in blocks. The metrics only need, for every relevant
 item of a query, its rank among the non-junk items, and that rank is a count: 1 + the number of
 non-junk items ranked ahead of it. This module computes those counts walking query blocks and,
 inside each, gallery blocks, so the largest temporary is one ``block x block_gallery`` score tile

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from bctkit.errors import DataError
-from bctkit.evaluation.retrieval import _per_query
 from bctkit.evaluation.search import ArrayLike, encode_ids, normalized
 
 BACKFILL_METRICS = ("top1", "map")
@@ -129,6 +128,14 @@ def _backfill_order(
     return np.argsort(-per_unit.numpy(), kind="stable")
 
 
+def _ranked_ap(rel: torch.Tensor) -> torch.Tensor:
+    """AP of each row of a relevance matrix in ranked order, nothing junk: the mean precision at the
+    hits. The backfill curve ranks mixed old/new score rows, which are no single feature pair."""
+    rank = torch.arange(1, rel.shape[1] + 1, dtype=torch.float64)
+    cum_rel = torch.cumsum(rel, dim=1, dtype=torch.float64)
+    return torch.where(rel, cum_rel / rank, 0.0).sum(1) / cum_rel[:, -1]
+
+
 def partial_backfill_curve(
     query_new: ArrayLike,
     gallery_old: ArrayLike,
@@ -217,7 +224,7 @@ def partial_backfill_curve(
             else:
                 ranked = torch.sort(mix, dim=1, descending=True, stable=True).indices
                 rel = gid[ranked] == ids[:, None]
-                sums[f] += float(_per_query(rel, torch.ones_like(rel))["ap"].sum())
+                sums[f] += float(_ranked_ap(rel).sum())
     values = sums / n_eval
     area = float(np.trapezoid(values, fr)) if fr.size > 1 else math.nan
     return fr, values, area

@@ -33,8 +33,8 @@ PROTOCOLS = {
     "ijbb": "IJB-B in insightface's layout: --data ROOT (meta/, loose_crop/)",
     "ijbc": "IJB-C in insightface's layout: --data ROOT (meta/, loose_crop/)",
     "pairs": "a verification pair set as insightface distributes it: --data FILE.bin",
-    "retrieval": "query and gallery images: --data QUERY GALLERY (each a 'path label' list or a folder "
-                 "root/<identity>/<image>)",
+    "retrieval": "query and gallery images: --data QUERY GALLERY (each a 'path label' list, a folder "
+                 "root/<identity>/<image> or a RecordIO set)",
     "market": "Market-1501 / DukeMTMC-reID: --data ROOT (query/, bounding_box_test/)",
 }
 
@@ -90,13 +90,13 @@ def build_protocol(name: str, data: Sequence[str], opts: TestSetOptions) -> Prot
         from bctkit.evaluation.protocols.reid import ReIDProtocol
 
         return ReIDProtocol.from_root(data[0], query=opts.query_folder, options=ranking, ap=opts.ap)
+    from bctkit.data.datasets import open_dataset
     from bctkit.evaluation.protocols.retrieval import QueryGalleryProtocol
 
     query, gallery = (Path(p) for p in data)
     if query.is_dir() != gallery.is_dir():
         raise ConfigError(f"--data {query} {gallery}: give two list files or two folders")
-    make = QueryGalleryProtocol.from_folders if query.is_dir() else QueryGalleryProtocol.from_lists
-    return make(query, gallery, options=ranking)
+    return QueryGalleryProtocol.from_sources(open_dataset(query), open_dataset(gallery), options=ranking)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from bctkit.data.transforms import Preprocess, TransformConfig
+from bctkit.data.transforms import Preprocess
 from bctkit.engine.loader import Feed
 from bctkit.errors import DataError, FileFormatError
 from bctkit.export import CARD_FORMAT, CARD_NAME, _onnx_runtime, input_shape, sha256_file
@@ -141,8 +141,7 @@ def _exported(folder: Path, file: Path | None, device: torch.device) -> ExtractM
     try:
         inp, model, emb = card["input"], card["model"], card["embedding"]
         shape = (int(inp["channels"]), int(inp["height"]), int(inp["width"]))
-        pre = Preprocess(TransformConfig(color=inp["color"], resize=inp.get("resize"), crop=inp.get("crop"),
-                                         mean=inp["mean"], std=inp["std"]))
+        pre = Preprocess.from_card_input(inp)
         dim, fp = int(emb["dim"]), str(model["fingerprint"])
     except (KeyError, TypeError, ValueError) as exc:
         raise FileFormatError(f"{card_path}: incomplete card ({type(exc).__name__}: {_first_error(exc)})"

@@ -33,50 +33,21 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from bctkit.data.datasets import open_file_source
+from bctkit.data.datasets import open_dataset
 from bctkit.data.sources.base import DataSource, PathSource, PathTable
-from bctkit.data.sources.imagefolder import ImageFolderConfig, image_extensions
-from bctkit.data.sources.listfile import ListConfig
-from bctkit.data.sources.recordio import RecordIOConfig, RecordIOSource
+from bctkit.data.sources.recordio import RecordIOSource
 from bctkit.engine.compute import Engine
 from bctkit.engine.distributed import barrier, broadcast_object, gather_rows, is_main, share
 from bctkit.engine.loader import Feed
 from bctkit.engine.precision import PrecisionName
-from bctkit.errors import ConfigError, DataError, FileFormatError
+from bctkit.errors import ConfigError, FileFormatError
 from bctkit.extract.model import ExtractModel, check_input, open_model
 from bctkit.features import FeatureSet, iter_features
 from bctkit.storage import META_KEY, save_tensors, write_json
 
-__all__ = ["extract_to_file", "open_data", "partial_dir", "row_keys"]
+__all__ = ["extract_to_file", "partial_dir", "row_keys"]
 
 FORMAT_VERSION = 1
-
-
-def open_data(path: str | os.PathLike[str]) -> DataSource:
-    """The dataset at ``path``: a RecordIO folder (``train.rec`` + ``train.idx``, or the one
-    ``<prefix>.rec`` / ``.idx`` pair it holds; or the .rec / .idx file itself), an image folder
-    (``root/<identity>/<image>``) or a ``path label`` list file."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        pairs = sorted(r.stem for r in p.glob("*.rec") if r.with_suffix(".idx").is_file())
-        if pairs:
-            prefix = "train" if "train" in pairs else pairs[0]
-            if len(pairs) > 1 and prefix != "train":
-                raise DataError(f"{p}: holds several RecordIO sets {pairs}; name one (DATA/<prefix>.rec)")
-            return open_file_source("recordio", RecordIOConfig(path=str(p), prefix=prefix))
-        if any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(p)):
-            return open_file_source("imagefolder", ImageFolderConfig(root=str(p)))
-        raise DataError(f"{p}: not a dataset folder: no identity subfolders (root/<identity>/<image>) and "
-                        "no RecordIO pair (train.rec + train.idx)")
-    if not p.is_file():
-        raise DataError(f"{p}: data not found (an image folder, a 'path label' list file or a RecordIO "
-                        "folder)")
-    if p.suffix in (".rec", ".idx"):
-        return open_file_source("recordio", RecordIOConfig(path=str(p.parent), prefix=p.stem))
-    if p.suffix.lower() in image_extensions():
-        raise DataError(f"{p}: one image; DATA is an image folder, a 'path label' list file or a RecordIO "
-                        "folder")
-    return open_file_source("list", ListConfig(file=str(p)))
 
 
 def row_keys(source: DataSource) -> PathTable:
@@ -98,17 +69,17 @@ def extract_to_file(model: str | os.PathLike[str], data: str | os.PathLike[str] 
                     out: str | os.PathLike[str], *, batch_size: int = 256, workers: int = 0,
                     flip: bool = False, device: str = "auto", precision: PrecisionName = "fp32",
                     chunk_batches: int = 64, progress: bool = True) -> Path:
-    """Embed every image of ``data`` (a path for :func:`open_data`, or a source) with the model at
-    ``model`` (see :func:`~bctkit.extract.model.open_model`) into the feature file ``out``
-    (``feats``, ``labels``, row keys and metadata; see the module docstring for chunks, resuming and
-    torchrun). ``workers``: DataLoader workers. Returns ``out``."""
+    """Embed every image of ``data`` (a path for :func:`~bctkit.data.datasets.open_dataset`, or a
+    source) with the model at ``model`` (see :func:`~bctkit.extract.model.open_model`) into the
+    feature file ``out`` (``feats``, ``labels``, row keys and metadata; see the module docstring for
+    chunks, resuming and torchrun). ``workers``: DataLoader workers. Returns ``out``."""
     out = Path(out).expanduser()
     if batch_size < 1 or chunk_batches < 1:
         raise ConfigError(f"--batch-size {batch_size} and --chunk-batches {chunk_batches} must be >= 1")
     _check_out(out)
     engine = Engine.create(device, precision, field="--device")
     net = open_model(model, engine.device)
-    source = data if isinstance(data, DataSource) else open_data(data)
+    source = data if isinstance(data, DataSource) else open_dataset(data)
     feed = Feed(source, net.preprocess, workers, pin_memory=engine.device.type == "cuda")
     check_input(net, feed, str(model))
     meta = _meta(net, source, data, flip, precision, batch_size)
