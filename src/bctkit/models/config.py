@@ -247,3 +247,12 @@ def check_config(cfg: BackboneConfig) -> None:
                          f"not {cfg.arch}; remove it")
     if fam.check is not None:
         fam.check(cfg)
+
+
+def embedding_layout(cfg: BackboneConfig) -> dict[str, Any] | None:
+    """Which coordinates of a widened (BT^2) embedding do what; None for a plain embedding."""
+    if cfg.bt2 is None:
+        return None
+    d_o, total = cfg.bt2.old_dim, cfg.output_dim
+    return {"bct": [0, d_o], "added": [d_o, total], "self_test": [0, total], "cross_test": [0, d_o],
+            "f_dim": cfg.embedding_dim, "C": cfg.bt2.C}

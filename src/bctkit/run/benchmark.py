@@ -29,7 +29,7 @@ from bctkit.evaluation.suite import evaluate_suite
 from bctkit.features import FeatureSet, extract_share
 from bctkit.losses import CompatContext, CompatibilityTerm, build_term
 from bctkit.losses.base import method_class
-from bctkit.models.config import BackboneConfig
+from bctkit.models.config import BackboneConfig, embedding_layout
 from bctkit.models.heads import HeadConfig
 from bctkit.models.store import LoadedModel, load_model, save_model
 from bctkit.oldside.external import preprocess_of
@@ -40,15 +40,6 @@ from bctkit.run.prechecks import check_devices, check_inputs
 from bctkit.storage import check_writable_dir, write_json, write_text
 from bctkit.training import TrainConfig, train_model
 from bctkit.training.checkpoint import checkpoint_run_id
-
-
-def embedding_layout(cfg: BackboneConfig) -> dict[str, Any] | None:
-    """Which coordinates of a widened (BT^2) embedding do what; None for a plain embedding."""
-    if cfg.bt2 is None:
-        return None
-    d_o, total = cfg.bt2.old_dim, cfg.output_dim
-    return {"bct": [0, d_o], "added": [d_o, total], "self_test": [0, total], "cross_test": [0, d_o],
-            "f_dim": cfg.embedding_dim, "C": cfg.bt2.C}
 
 
 def stderr_log(msg: str) -> None:
