@@ -296,20 +296,27 @@ def test_first_identification_metric_when_no_top1(tmp_path):
 def test_cli_verify_exit_codes(suite, tmp_path, capsys):
     out, _, _ = suite
     good, bad = out / "certificates" / "new__old.json", out / "certificates" / "bad__old.json"
-    assert main(["certificate", "verify", str(good), str(bad)]) == 0
+    assert main(["certificate", "verify", str(good)]) == 0
+    line = capsys.readouterr().out
+    assert line.startswith(f"OK {good}: new (fp-new) queries on old (fp-old)") and line.endswith("passed\n")
+    # a valid certificate whose claim failed: its own code (3), so a CI gate stops on it
+    assert main(["certificate", "verify", str(good), str(bad)]) == 3
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2
     assert lines[0].startswith(f"OK {good}: new (fp-new) queries on old (fp-old)")
     assert lines[0].endswith("passed")
-    assert lines[1].startswith(f"OK {bad}: bad") and lines[1].endswith("failed")
+    assert lines[1].startswith(f"CLAIM FAILED {bad}: bad") and lines[1].endswith("failed")
     edited = json.loads(good.read_text())
     edited["metrics"]["top1"]["self"] = 0.5
     (tmp_path / "edited.json").write_text(json.dumps(edited))
-    assert main(["certificate", "verify", str(good), str(tmp_path / "edited.json")]) == 2
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("OK ")
     hash_error = "hash does not match its contents (edited after it was issued?)"
-    assert lines[1] == f"FAILED {tmp_path / 'edited.json'}: {hash_error}"
+    # the worst code wins whatever the order: 2 (invalid) over 3 (failed claim) over 0
+    for files in ([good, tmp_path / "edited.json", bad], [bad, tmp_path / "edited.json"]):
+        assert main(["certificate", "verify", *map(str, files)]) == 2
+        lines = capsys.readouterr().out.splitlines()
+        assert len(lines) == len(files)
+        assert f"FAILED {tmp_path / 'edited.json'}: {hash_error}" in lines
+        assert sum(ln.startswith("CLAIM FAILED ") for ln in lines) == 1
     assert main(["certificate", "verify", str(tmp_path / "missing.json")]) == 2
     assert capsys.readouterr().out.strip() == f"FAILED {tmp_path / 'missing.json'}: file not found"
 
