@@ -215,6 +215,60 @@ def test_card_reads_the_run_report(tmp_path: Path) -> None:
     assert card["compatibility"]["ancestors"] == [{"name": "old", "dim": 8, "query_dims": [0, 8]}]
 
 
+def _failed_run(tmp_path: Path, certificate: bool) -> tuple[Path, Path]:
+    """A run whose model 'new' failed its criterion (top1 cross 0.4 <= old self 0.5), with or without
+    its certificate; (model file, report file)."""
+    run = tmp_path / "run"
+    _model(run / "models" / "old" / "model.safetensors", name="old", seed=1, method=None, params=None,
+           compatible_with=None)
+    path = _model(run / "models" / "new" / "model.safetensors")
+    fp = load_model(path).fingerprint
+    values = {("old", "old"): 0.5, ("new", "old"): 0.4, ("new", "new"): 0.8}
+    records = [{"query_model": q, "gallery_model": g, "metric": m, "value": v, "n": 10, "protocol": "p"}
+               for (q, g), v in values.items() for m in ("top1", "top5")]
+    records[3]["value"] = 0.9  # top5 cross passes: the criterion is the headline top1
+    report = {"models": {"old": {"fingerprint": "x"}, "new": {"fingerprint": fp}}, "results": records,
+              "compatibility": compatibility_summary(records, ["old", "new"]), "headline": ["top1"]}
+    if certificate:
+        cert = {"query": {"name": "new", "fingerprint": fp}, "gallery": {"name": "old", "fingerprint": "x"},
+                "criterion": {"metric": "top1", "cross": 0.4, "old_self": 0.5, "passed": False},
+                "passed": False}
+        write_json(run / "certificates" / "new__old.json", cert)
+        report["certificates"] = ["certificates/new__old.json"]
+    write_json(run / "report.json", report)
+    return path, run / "report.json"
+
+
+@pytest.mark.parametrize("certificate", [True, False])
+def test_export_of_a_failed_model_says_so_and_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    certificate: bool) -> None:
+    path, report = _failed_run(tmp_path, certificate)
+    assert main(["export", str(path), "--format", "safetensors", "--out", str(tmp_path / "o")]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and err.startswith("bctkit: warning:") and "criterion failed" in err
+    card = json.loads((tmp_path / "o" / "card.json").read_text())
+    compat = card["compatibility"]
+    source = report.parent / "certificates" / "new__old.json" if certificate else report
+    assert compat["criterion"] == {"passed": False, "metric": "top1", "cross": 0.4, "old_self": 0.5,
+                                   "source": str(source)}
+    assert compat["compatible_with"] is None and compat["ancestors"] == []
+    assert compat["trained_against"] == "old"
+    assert "must not search" in compat["how"] and "query_dims" not in compat["how"]
+
+
+def test_export_of_a_passed_model_does_not_warn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path, report = _failed_run(tmp_path, certificate=False)
+    rep = json.loads(report.read_text())
+    rep["compatibility"]["new"]["top1"]["criterion"] = True
+    write_json(report, rep)
+    assert main(["export", str(path), "--format", "safetensors", "--out", str(tmp_path / "o")]) == 0
+    assert capsys.readouterr().err == ""
+    compat = json.loads((tmp_path / "o" / "card.json").read_text())["compatibility"]
+    assert compat["compatible_with"] == "old" and compat["criterion"]["passed"] is True
+    assert "query_dims" in compat["how"]
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "torchscript"])
 def test_cli_export(model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], fmt: str) -> None:
     assert main(["export", str(model.parent), "--format", fmt, "--out", str(tmp_path / "o")]) == 0

@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize
 
 import bctkit
 from bctkit.errors import BctkitError, ConfigError, FileFormatError
+from bctkit.export.card import compat_card, evaluation_card
 from bctkit.models.config import BackboneConfig
 from bctkit.models.factory import build_backbone
 from bctkit.models.store import LoadedModel, fingerprint, load_model
@@ -281,8 +282,8 @@ def model_card(model_path: Path, loaded: LoadedModel | None = None,
             "dim": cfg.output_dim, "layout": meta.get("layout"), "l2_normalized": False,
             "similarity": "cosine: L2-normalise each embedding, then take inner products",
         },
-        "compatibility": _compat_card(meta, cfg.output_dim, run),
-        "evaluation": _evaluation_card(run, name, loaded.fingerprint),
+        "compatibility": compat_card(meta, cfg.output_dim, run, name, loaded.fingerprint),
+        "evaluation": evaluation_card(run, name, loaded.fingerprint),
         "exports": exports or {},
     }
 
@@ -306,71 +307,6 @@ def _input_card(loaded: LoadedModel) -> dict[str, Any]:
                               "normalisation; with neither, images must already be H x W"),
         "recorded": pre is not None,
     }
-
-
-def _compat_card(meta: dict[str, Any], dim: int, run: Path | None) -> dict[str, Any]:
-    """The model's compatible blocks: the first ``compat_dims`` coordinates (all when null) search
-    ``compatible_with``'s gallery; each entry of ``compat_prefixes`` is an older ancestor's size."""
-    parent, prefixes = meta.get("compatible_with"), sorted(meta.get("compat_prefixes") or [], reverse=True)
-    ancestors, seen = [], set()
-    name = parent
-    while name and run is not None and name not in seen:
-        seen.add(name)
-        try:
-            info = read_json(run / "models" / name / "model.json")
-            size = BackboneConfig(**info["backbone"]).output_dim
-        except (FileFormatError, KeyError, TypeError, ValueError):
-            break  # no readable metadata of that ancestor here: its size is not known
-        ancestors.append({"name": name, "dim": size,
-                          "query_dims": [0, size] if size == dim or size in prefixes else None})
-        name = info.get("compatible_with")
-    if parent and not ancestors:
-        ancestors.append({"name": parent, "dim": meta.get("compat_dims") or dim,
-                          "query_dims": [0, meta.get("compat_dims") or dim]})
-    return {
-        "compatible_with": parent, "compat_dims": meta.get("compat_dims"), "compat_prefixes": prefixes,
-        "ancestors": ancestors,
-        "how": ("to search a gallery embedded by an ancestor, take the query's coordinates 'query_dims' "
-                "(the leading block of the ancestor's size), L2-normalise, compare by cosine"),
-    }
-
-
-def _evaluation_card(run: Path | None, name: str, fp: str) -> dict[str, Any]:
-    """This model's rows of the run's reports (test and validation split), when there are any."""
-    if run is None:
-        return {"reports": [], "note": "no report found: the model is not in a run directory "
-                                       "(RUN/models/<name>/model.safetensors)"}
-    candidates = [("test", run / "report.json"), ("test", run / "reports" / "report.json"),
-                  ("validation", run / "validation" / "report.json")]
-    reports = [_report_entry(p, split, name, fp) for split, p in candidates if p.is_file()]
-    if not reports:
-        return {"reports": [], "note": f"no report found in {run} (the run's evaluation has not finished)"}
-    return {"reports": reports}
-
-
-def _report_entry(path: Path, split: str, name: str, fp: str) -> dict[str, Any]:
-    entry: dict[str, Any] = {"split": split, "path": str(path)}
-    try:
-        rep = read_json(path, allow_nan=True)  # reports of older versions hold NaN for n/m values
-    except FileFormatError as exc:
-        return {**entry, "note": str(exc)}
-    info = (rep.get("models") or {}).get(name)
-    entry["dataset"] = rep.get("dataset")
-    if info is None:
-        return {**entry, "note": f"the report evaluates no model named {name!r}"}
-    if info.get("fingerprint") != fp:
-        return {**entry, "note": f"the report evaluated another version of {name!r} (fingerprint "
-                                 f"{info.get('fingerprint')}), not this model: its results are left out"}
-    entry["flip_test"] = ((rep.get("config") or {}).get("evaluation") or {}).get("flip")
-    entry["criterion"] = (rep.get("compatibility") or {}).get(name)
-    entry["results"] = [r for r in rep.get("results", []) if name in (r["query_model"], r["gallery_model"])]
-    chain = rep.get("chain")
-    if chain and name in chain.get("models", []):
-        i = chain["models"].index(name)
-        entry["chain"] = {"models": chain["models"], **{
-            m: {"row": v["matrix"][i], "criterion": v["criterion"][i]}
-            for m, v in chain.items() if m != "models"}}
-    return entry
 
 
 def _merge_exports(card_path: Path, card: dict[str, Any], out: Path) -> dict[str, Any]:
