@@ -153,7 +153,9 @@ def test_remove(world, capsys):
 @pytest.mark.parametrize(("extra", "message"), [
     (["--limit", "-5"], "backfill: limit must be an integer >= 0, got -5"),
     (["--batch-size", "0"], "argument --batch-size: must be a positive integer, got '0'"),
-    (["--images", "MISSING"], "no image for 18 gallery item(s)")])
+    (["--images", "MISSING"], "no image for 18 gallery item(s)"),
+    (["--limit", "5"], "no passed certificate"),
+    (["--limit", "5", "--order", "benefit"], "or pass --unsearchable-while-partial")])
 def test_a_backfill_refused_is_one_line_and_writes_nothing(world, capsys, extra, message):
     root, old = world
     new = tiny_model(root / "new.safetensors", 12, 2)

@@ -13,7 +13,7 @@ import torch
 
 from bctkit.data.sources import ArraySource
 from bctkit.errors import DataError
-from bctkit.gallery.backfill import backfill, backfill_order
+from bctkit.gallery.backfill import PartialBackfillRefused, backfill, backfill_order
 from bctkit.gallery.checks import GalleryError
 from bctkit.gallery.forecast import expected_accuracy
 from bctkit.gallery.store import GalleryStore
@@ -22,6 +22,7 @@ from bctkit.models.factory import build_backbone
 from bctkit.models.heads import HeadConfig
 from bctkit.models.store import load_model, save_model
 from tests.gallery.crash import kill_at, stopped_at
+from tests.gallery.test_search import cert
 
 N, DIM_OLD, DIM_NEW = 20_000, 8, 12
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,13 +146,13 @@ def test_orders_and_partial_runs(world):
         by_norm = [ids[i] for i in np.argsort(norms, kind="stable")]
         assert backfill_order(store, model.fingerprint, "benefit") == by_norm
         res = backfill(store, model, images(root), order="benefit", batch_size=1000, progress=False,
-                       limit=2500)
+                       limit=2500, unsearchable_while_partial=True)
         assert (res.embedded, res.batches) == (2500, 3)
         assert store.count(model.fingerprint) == 2500 and store.count("old-fp") == N - 2500
         assert set(store.ids(model.fingerprint)) == set(by_norm[:2500])
         assert backfill_order(store, model.fingerprint, "benefit") == by_norm[2500:]
         res = backfill(store, model, images(root), order="benefit", batch_size=1000, progress=False,
-                       limit=100)
+                       limit=100, unsearchable_while_partial=True)
         assert (res.embedded, res.already) == (100, 2500)
 
 
@@ -163,13 +164,70 @@ def test_an_item_without_its_image_is_named(world):
         backfill(store, load_model(new_path), few, progress=False)
 
 
-def test_expected_accuracy_reads_the_report_curve(world):
+def test_a_partial_backfill_without_a_passed_certificate_is_refused(world):
+    """Refused before anything is embedded or written, unless allowed by keyword; a certificate new ->
+    old in the store, or a limit that covers every item left, lets it run."""
     root, new_path = world
-    path = copy_store(root, "status")
+    path = copy_store(root, "partial")
     model = load_model(new_path)
     with GalleryStore.open(path) as store:
-        backfill(store, model, images(root), batch_size=5000, progress=False, limit=5000)
+        with pytest.raises(PartialBackfillRefused) as err:
+            backfill(store, model, images(root), batch_size=5000, progress=False, limit=5000)
+        msg = str(err.value)
+        assert "\n" not in msg and model.fingerprint in msg and "old-fp" in msg
+        for remedy in ("certify", "separate store", "full backfill", "--unsearchable-while-partial"):
+            assert remedy in msg
+        assert isinstance(err.value, GalleryError)
+        assert model.fingerprint not in store.versions() and store.count("old-fp") == N
+        res = backfill(store, model, images(root), batch_size=5000, progress=False, limit=10,
+                       unsearchable_while_partial=True)
+        assert res.embedded == 10
+        with pytest.raises(PartialBackfillRefused):
+            backfill(store, model, images(root), batch_size=5000, progress=False, limit=10)
+        store.add_certificate(cert(model.fingerprint, DIM_NEW, "old-fp", DIM_OLD, [0, 8], [0, 8]))
+        assert backfill(store, model, images(root), batch_size=5000, progress=False, limit=10).embedded == 10
+    path = copy_store(root, "full")
+    with GalleryStore.open(path) as store:
+        res = backfill(store, model, images(root), batch_size=5000, progress=False, limit=N)
+        assert (res.embedded, store.count(model.fingerprint)) == (N, N)
+        assert store.backfill_orders() == {model.fingerprint: ["random"]}
+
+
+REPORT_CURVES = {"random": {"fractions": [0.0, 0.5, 1.0], "values": [0.2, 0.6, 0.7]},
+                 "benefit": {"fractions": [0.0, 0.5, 1.0], "values": [0.3, 0.8, 0.9]}}
+
+
+@pytest.mark.parametrize("order, expected", [("random", "40.00 %"), ("benefit", "55.00 %")])
+def test_expected_accuracy_reads_the_report_curve(world, order, expected):
+    """The curve of the order the backfill used (0.2 + (0.25 / 0.5) * 0.4 for random, 0.3 + 0.5 * 0.5
+    for benefit); none for an order the report has no curve of."""
+    root, new_path = world
+    path = copy_store(root, f"status-{order}")
+    model = load_model(new_path)
+    with GalleryStore.open(path) as store:
+        store.add_version(model.fingerprint, DIM_NEW)
+        store.add_certificate(cert(model.fingerprint, DIM_NEW, "old-fp", DIM_OLD, [0, 8], [0, 8]))
+        backfill(store, model, images(root), order=order, batch_size=5000, progress=False, limit=5000)
+        assert store.backfill_orders() == {model.fingerprint: [order]}
         report = {"models": {"bct": {"fingerprint": model.fingerprint}, "old": {"fingerprint": "old-fp"}},
-                  "backfill": {"bct": {"random": {"fractions": [0.0, 0.5, 1.0], "values": [0.2, 0.6, 0.7]}}}}
+                  "backfill": {"bct": dict(REPORT_CURVES)}}
         (line,) = expected_accuracy(store, report)
-    assert "25.0 % of items backfilled" in line and "40.00 %" in line  # 0.2 + (0.25 / 0.5) * 0.4
+        assert "25.0 % of items backfilled" in line and expected in line and f"{order}-order" in line
+        report["backfill"]["bct"].pop(order)
+        (line,) = expected_accuracy(store, report)
+        assert "expected top-1 of" not in line and f"no {order}-order backfill curve" in line
+
+
+def test_expected_accuracy_predicts_only_allowed_searches(world):
+    """After a partial backfill without a certificate the store refuses the new queries: no
+    prediction for them, a line saying why."""
+    root, new_path = world
+    path = copy_store(root, "status-refused")
+    model = load_model(new_path)
+    with GalleryStore.open(path) as store:
+        backfill(store, model, images(root), batch_size=5000, progress=False, limit=5000,
+                 unsearchable_while_partial=True)
+        report = {"models": {"bct": {"fingerprint": model.fingerprint}, "old": {"fingerprint": "old-fp"}},
+                  "backfill": {"bct": dict(REPORT_CURVES)}}
+        (line,) = expected_accuracy(store, report)
+    assert "expected top-1 of" not in line and "refuses" in line and "bct" in line

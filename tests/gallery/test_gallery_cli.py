@@ -55,8 +55,18 @@ def test_gallery_commands_end_to_end(setup, capsys):
     hits = json.loads((root / "hits.json").read_text())["queries"]
     assert len(hits) == 6 and all(len(h["results"]) == 4 for h in hits)
     assert {r["version"] for h in hits for r in h["results"]} == {fp_old}
-    assert main(["gallery", "backfill", store, "--model", str(new), "--images", str(root / "gallery"),
-                 "--limit", "9", "--seed", "1", "--quiet"]) == 0
+    # a second store without the certificate: a partial backfill is refused, unless explicitly allowed
+    other = str(root / "other")
+    assert main(["gallery", "create", other]) == 0
+    assert main(["gallery", "add", other, "--model", str(old), *images]) == 0
+    partial = ["--model", str(new), "--images", str(root / "gallery"), "--limit", "9", "--seed", "1",
+               "--quiet"]
+    capsys.readouterr()
+    assert main(["gallery", "backfill", other, *partial]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--unsearchable-while-partial" in err
+    assert main(["gallery", "backfill", other, *partial, "--unsearchable-while-partial"]) == 0
+    assert main(["gallery", "backfill", store, *partial]) == 0
     with GalleryStore.open(store) as s:
         assert s.count(fp_new) == 9 and s.count(fp_old) == 9
         assert sorted(s.ids()) == sorted(f"p{k}/{j}.png" for k in range(6) for j in range(3))

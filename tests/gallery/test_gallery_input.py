@@ -204,6 +204,32 @@ def test_a_refused_search_declares_nothing_and_embeds_nothing(world, capsys, mon
                  "--quiet", "-k", "2"]) == 0
 
 
+def test_after_a_partial_backfill_without_certificate_neither_model_searches_nor_embeds(world, capsys,
+                                                                                        monkeypatch):
+    """The case of issue 27: a partial backfill allowed without a certificate leaves a store neither
+    model may search; both are refused before any query is embedded, naming the other version."""
+    root = world["root"]
+    store = str(root / "s")
+    assert main(["gallery", "create", store]) == 0
+    common = ["--images", str(world["grey"]), "--quiet"]
+    assert main(["gallery", "add", store, "--model", str(world["old"]), *common]) == 0
+    assert main(["gallery", "backfill", store, "--model", str(world["new"]), *common, "--limit", "2",
+                 "--unsearchable-while-partial"]) == 0
+    before = _versions(store)
+    assert [v["count"] for v in before.values()] == [2, 2]
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded queries of a search that is refused")
+
+    monkeypatch.setattr(embed_module, "iter_features", no_embedding)
+    capsys.readouterr()
+    for model, other in (("new", "fp_old"), ("old", "fp_new")):
+        assert main(["gallery", "search", store, "--model", str(world[model]), *common]) == 2
+        err = _error(capsys)
+        assert "certificate" in err and world[f"fp_{model}"] in err and world[other] in err
+    assert _versions(store) == before
+
+
 def _full_disk_sqlite(monkeypatch):
     """SQLite runs out of room (SQLITE_FULL) as on a full disk: the database may hold one page."""
     real = store_module.connect

@@ -56,10 +56,15 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--order", choices=["random", "benefit"], default="random",
                    help="random (seeded) or benefit: smallest old-embedding norm first (default random)")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--limit", type=int, help="stop after this many items (a partial backfill)")
+    b.add_argument("--limit", type=int, help="stop after this many items (a partial backfill: refused "
+                                             "unless the store holds a passed certificate new -> old)")
+    b.add_argument("--unsearchable-while-partial", action="store_true",
+                   help="allow a partial backfill without a passed certificate: the new model cannot "
+                        "search the store until the backfill ends")
     st = gs.add_parser("status", help="items per model version, and the expected accuracy now")
     st.add_argument("store")
-    st.add_argument("--report", help="a run's report.json: the expected top-1 from its backfill curve")
+    st.add_argument("--report", help="a run's report.json: the expected top-1 from its backfill curve of "
+                                                   "the order the backfill used")
 
 
 def _model_and_images(p: argparse.ArgumentParser) -> None:
@@ -109,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
             from bctkit.gallery.backfill import backfill
 
             res = backfill(store, _model(args.model), _images(args.images), order=args.order, seed=args.seed,
-                           batch_size=args.batch_size, progress=not args.quiet, limit=args.limit)
+                           batch_size=args.batch_size, progress=not args.quiet, limit=args.limit,
+                           unsearchable_while_partial=args.unsearchable_while_partial)
             print(f"gallery: backfilled {res.embedded} items in {res.batches} batches ({res.already} done "
                   f"before); {_shares(store)}")
             return 0

@@ -15,6 +15,14 @@ Orders (``order``):
   order. Items not yet re-embedded keep their old embeddings, so a restarted run ranks them as
   the first run did.
 
+A partial backfill (``limit`` short of the items left) leaves a store of two versions; without a
+passed certificate new -> old in the store the new model cannot search it (its queries would
+compare with old items on no vouched coordinates) until the backfill ends. Such a backfill is
+refused (:class:`PartialBackfillRefused`) before anything is embedded, unless
+``unsearchable_while_partial`` says that is intended. A full backfill is always allowed. The order
+is recorded in the store (:meth:`GalleryStore.record_backfill_order`), with the first batch, so
+``gallery status --report`` reads the report's curve of that order.
+
 One backfill at a time per store: a backfill holds an exclusive ``flock`` on the store's folder
 while it runs, and a second one is refused at once (two running together would each re-embed the
 items the other is re-embedding). The kernel drops the lock when its process dies, so a SIGKILLed
@@ -38,9 +46,14 @@ from bctkit.data.sources.base import DataSource
 from bctkit.errors import ConfigError, DataError
 from bctkit.gallery.checks import GalleryError
 from bctkit.gallery.embed import Embedder, as_embedder, embed_batches, version_of
+from bctkit.gallery.search import search_blocker
 from bctkit.gallery.store import GalleryStore
 
 Order = Literal["random", "benefit"]
+
+
+class PartialBackfillRefused(GalleryError):
+    """A partial backfill would leave a store its new model cannot search (no passed certificate)."""
 
 
 @dataclass
@@ -69,13 +82,14 @@ def backfill_order(store: GalleryStore, new_version: str, order: Order, seed: in
 
 
 def backfill(store: GalleryStore, model: Embedder, images: DataSource, *, order: Order = "random",
-             seed: int = 0, batch_size: int = 256, progress: bool = True, limit: int | None = None
-             ) -> BackfillResult:
+             seed: int = 0, batch_size: int = 256, progress: bool = True, limit: int | None = None,
+             unsearchable_while_partial: bool = False) -> BackfillResult:
     """Re-embed the store's items with ``model`` (its version is its fingerprint, declared with the
     first batch), reading each item's image from ``images`` by key (an item's id is its image's key
     in the source, as ``bctkit gallery add`` stores them). ``limit``: stop after that many items (a
-    partial backfill; run again to continue). A second backfill of the store while one runs is
-    refused."""
+    partial backfill; run again to continue), refused without a passed certificate for the new
+    model's queries on every other version's items unless ``unsearchable_while_partial``. A second
+    backfill of the store while one runs is refused."""
     _check_count(batch_size, "batch size", 1)
     if limit is not None:
         _check_count(limit, "limit", 0)
@@ -84,7 +98,9 @@ def backfill(store: GalleryStore, model: Embedder, images: DataSource, *, order:
     with _exclusive(store):
         todo = backfill_order(store, version, order, seed)
         already = store.count() - len(todo)
-        if limit is not None:
+        if limit is not None and limit < len(todo):
+            if not unsearchable_while_partial:
+                _check_searchable(store, version, name, limit, len(todo))
             todo = todo[:limit]
         rows = _rows_of(todo, images)
         done = batches = 0
@@ -96,6 +112,8 @@ def backfill(store: GalleryStore, model: Embedder, images: DataSource, *, order:
                     if not batches:  # declared with the first batch: a failure before writes nothing
                         store.add_version(version, dim, name=name, layout=layout)
                     store.replace(part, feats, version)  # one atomic commit per batch
+                    if not batches:
+                        store.record_backfill_order(version, order)
                 done += len(part)
                 batches += 1
                 bar.update(len(part))
@@ -106,6 +124,19 @@ def _check_count(value: object, what: str, least: int) -> None:
     """Refuse ``value`` unless it is an integer >= ``least``."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
         raise ConfigError(f"backfill: {what} must be an integer >= {least}, got {value!r}")
+
+
+def _check_searchable(store: GalleryStore, version: str, name: str | None, limit: int, left: int) -> None:
+    """Refuse a partial backfill after which ``version``'s queries could not search the store."""
+    blocked = search_blocker(store, version)
+    if blocked is not None:
+        label = f"{name} ({version})" if name else version
+        raise PartialBackfillRefused(
+            f"backfill: limit {limit} re-embeds {limit} of the {left} items left, and the store holds no "
+            f"passed certificate for {label} queries on the {blocked.count} items of {blocked.label}: the "
+            "partly backfilled store could not be searched by the new model; certify first (bctkit "
+            "gallery certify STORE CERT.json with a passed certificate), use a separate store, run a "
+            "full backfill (no --limit), or pass --unsearchable-while-partial")
 
 
 @contextlib.contextmanager

@@ -1,5 +1,7 @@
 """What a partly backfilled gallery should deliver now: each new version's share of the items and
-the top-1 a run's report predicts at that share (its random-order partial-backfill curve)."""
+the top-1 a run's report predicts at that share, from the report's partial-backfill curve of the
+order the store's backfill used. Only for searches the store allows: a version whose queries the
+store refuses (no passed certificate for another version's items) gets a line saying so instead."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from bctkit.errors import FileFormatError
+from bctkit.gallery.search import search_blocker
 
 __all__ = ["check_report", "expected_accuracy"]
 
@@ -29,32 +32,49 @@ def check_report(report: Any, where: str = "report") -> dict[str, Any]:
     if not isinstance(backfill, dict):
         raise refuse("'backfill' must be an object")
     for name, orders in backfill.items():
-        curve = orders.get("random") if isinstance(orders, dict) else None
-        if curve is None:
-            continue
-        xs, ys = (curve.get(k) if isinstance(curve, dict) else None for k in ("fractions", "values"))
-        if not (isinstance(xs, list) and isinstance(ys, list) and xs and len(xs) == len(ys)
-                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in xs + ys)):
-            raise refuse(f"'backfill.{name}.random' must hold 'fractions' and 'values', lists of numbers "
-                         "of one length")
+        if not isinstance(orders, dict):
+            raise refuse(f"'backfill.{name}' must be an object of curves by order")
+        for order, curve in orders.items():
+            xs, ys = (curve.get(k) if isinstance(curve, dict) else None for k in ("fractions", "values"))
+            if not (isinstance(xs, list) and isinstance(ys, list) and xs and len(xs) == len(ys)
+                    and all(isinstance(v, int | float) and not isinstance(v, bool) for v in xs + ys)):
+                raise refuse(f"'backfill.{name}.{order}' must hold 'fractions' and 'values', lists of "
+                             "numbers of one length")
     return report
 
 
 def expected_accuracy(store: Any, report: Any, where: str = "report") -> list[str]:
-    """For each version the report evaluated as a new model: its share of the gallery and the top-1
-    the report's random-order partial-backfill curve gives at that share (linear interpolation).
-    A ``report`` that is not a run's report is refused (:func:`check_report`; ``where`` names it)."""
+    """For each version holding items that the report evaluated as a new model: its share of the
+    gallery and the top-1 the report's partial-backfill curve of the order the store's backfill used
+    gives at that share (linear interpolation); a line without a prediction where the store refuses
+    that version's queries, where the store recorded no single order or the report has no curve of
+    it. A ``report`` that is not a run's report is refused (:func:`check_report`; ``where`` names it)."""
     report = check_report(report, where)
     by_fp = {info.get("fingerprint"): name for name, info in report["models"].items()}
     total = store.count()
+    used = store.backfill_orders()
     lines = []
     for fp, info in store.versions().items():
         name = by_fp.get(fp)
-        curve = report.get("backfill", {}).get(name or "", {}).get("random")
-        if not curve or not total:
+        curves = report.get("backfill", {}).get(name or "")
+        if not curves or not total or not info["count"]:
             continue
         share = info["count"] / total
-        top1 = float(np.interp(share, curve["fractions"], curve["values"]))
-        lines.append(f"{name}: {100 * share:.1f} % of items backfilled; expected top-1 of {name} queries "
-                     f"{100 * top1:.2f} % (the report's random-order backfill curve at that share)")
+        head = f"{name}: {100 * share:.1f} % of items backfilled; "
+        blocked = search_blocker(store, fp)
+        orders = used.get(fp, [])
+        if blocked is not None:
+            lines.append(f"{head}the store refuses {name} queries (no passed certificate for the "
+                         f"{blocked.count} items of {blocked.label}): no expected top-1")
+        elif len(orders) != 1:
+            told = "no backfill order" if not orders else f"backfills in several orders ({', '.join(orders)})"
+            lines.append(f"{head}the store records {told} for {name}: no expected top-1")
+        elif orders[0] not in curves:
+            lines.append(f"{head}the report has no {orders[0]}-order backfill curve (it has "
+                         f"{', '.join(curves)}): no expected top-1")
+        else:
+            curve = curves[orders[0]]
+            top1 = float(np.interp(share, curve["fractions"], curve["values"]))
+            lines.append(f"{head}expected top-1 of {name} queries {100 * top1:.2f} % (the report's "
+                         f"{orders[0]}-order backfill curve at that share)")
     return lines

@@ -61,15 +61,21 @@ def search_items(conn: sqlite3.Connection, indexes: IndexSet, view: View, versio
     return SearchResult(ids, scores, vers)
 
 
-def check_search_allowed(store: Any, fingerprint: str, name: str | None = None) -> None:
-    """Refuse queries of version ``fingerprint`` (declared in ``store`` or not; ``name`` for the
-    message) that may not search every version holding items, decided from the declared versions
-    and stored certificates alone: a caller checks before it declares the version or embeds a query."""
+def search_blocker(store: Any, fingerprint: str) -> Version | None:
+    """The first version holding items of ``store`` that queries of version ``fingerprint`` (declared
+    or not) may not search, or None; from the declared versions and stored certificates alone."""
     versions = [Version(i, fp, info["name"], info["dim"], info["layout"], info["count"])
                 for i, (fp, info) in enumerate(store.versions().items())]
     certified = {c["gallery"]["fingerprint"] for c in store.certificates()
                  if c["query"]["fingerprint"] == fingerprint}
-    blocked = _uncertified(fingerprint, versions, certified)
+    return _uncertified(fingerprint, versions, certified)
+
+
+def check_search_allowed(store: Any, fingerprint: str, name: str | None = None) -> None:
+    """Refuse queries of version ``fingerprint`` (declared in ``store`` or not; ``name`` for the
+    message) that may not search every version holding items, decided from the declared versions
+    and stored certificates alone: a caller checks before it declares the version or embeds a query."""
+    blocked = search_blocker(store, fingerprint)
     if blocked is not None:
         raise _refused(f"{name} ({fingerprint})" if name else fingerprint, blocked)
 

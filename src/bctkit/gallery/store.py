@@ -6,10 +6,10 @@ call writes one or a few rows of table ``segments`` holding its items' int64 key
 assigned in insertion order, so a lower key is an earlier insertion), ids, metadata and float32
 vectors, or a tombstone; ``versions`` holds the declared model versions with their item counts;
 ``certificates`` the compatibility certificates; ``meta`` the format version, the FAISS factory
-string, the next key and a commit counter. SQLite's rollback journal with ``synchronous=FULL``
-makes every mutating call one atomic, durable transaction (the counter is bumped inside it): a
-crash (SIGKILL, power loss) at any point leaves the last committed state, restored by SQLite on
-the next open.
+string, the next key, a commit counter and the orders each version's backfills used. SQLite's
+rollback journal with ``synchronous=FULL`` makes every mutating call one atomic, durable
+transaction (the counter is bumped inside it): a crash (SIGKILL, power loss) at any point leaves
+the last committed state, restored by SQLite on the next open.
 
 Each open store keeps an in-memory view of the items (id -> key, per key its live segment, row and
 version), built at open from the segments' keys and ids (not their vectors) and brought up to date
@@ -74,6 +74,7 @@ from bctkit.gallery.transactions import Transactions
 from bctkit.storage import _fsync_dir
 
 __all__ = ["CERTIFICATE_FORMAT", "FORMAT_VERSION", "GalleryError", "GalleryStore", "SearchResult"]
+ORDER_KEY = "backfill_order:"  # meta key prefix: + version -> JSON list of the orders its backfills used
 
 
 class GalleryStore(Transactions):
@@ -235,6 +236,23 @@ class GalleryStore(Transactions):
         """The stored certificates, in the order they were added."""
         with self._read() as conn:
             return [json.loads(r[0]) for r in conn.execute("SELECT body FROM certificates ORDER BY seq")]
+
+    def record_backfill_order(self, version: str, order: str) -> None:
+        """Note that a backfill re-embedded items with ``version`` in ``order`` (kept in first-use order)."""
+        if order in self.backfill_orders().get(version, []):
+            return
+        with self._write("record_backfill_order") as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key=?", (ORDER_KEY + version,)).fetchone()
+            orders = [*json.loads(row[0]), order] if row else [order]
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                         (ORDER_KEY + version, json.dumps(list(dict.fromkeys(orders)))))
+
+    def backfill_orders(self) -> dict[str, list[str]]:
+        """version -> the orders its backfills used (``gallery status --report`` reads their curves)."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT key, value FROM meta WHERE substr(key, 1, ?) = ?",
+                                (len(ORDER_KEY), ORDER_KEY))
+            return {k[len(ORDER_KEY):]: json.loads(v) for k, v in rows}
 
     # ---- items ------------------------------------------------------------------------------------
 
