@@ -85,6 +85,24 @@ def test_missing_and_unexpected_keys():
     _fails(renamed, r"7 missing key\(s\): stem.0.weight.*; 7 unexpected key\(s\): conv_stem.0.weight")
 
 
+@pytest.mark.parametrize("file_arch, config_arch, message", [
+    ("iresnet18", "iresnet50", "the file holds an iresnet18 (layers 2-2-2-2); the config says iresnet50 "
+                               "(layers 3-4-14-3)"),
+    ("iresnet34", "iresnet18", "the file holds an iresnet34 (layers 3-4-6-3); the config says iresnet18 "
+                               "(layers 2-2-2-2)"),
+    ("resnet50", "resnet101", "the file holds a resnet50 (layers 3-4-6-3); the config says resnet101 "
+                              "(layers 3-4-23-3)")])
+def test_a_depth_mismatch_names_the_depth_of_the_file(tmp_path, file_arch, config_arch, message):
+    """Counted from the layer blocks of the file's keys (layerS.N.*), not a list of hundreds of keys."""
+    kw = {"image_size": 112} if file_arch.startswith("iresnet") else {}
+    src = build_backbone(BackboneConfig(arch=file_arch, **kw)).state_dict()
+    torch.save(src, tmp_path / "model.pt")
+    module = build_backbone(BackboneConfig(arch=config_arch, **kw))
+    err = _fails(tmp_path / "model.pt", "does not fit", module)
+    assert err.startswith(f"{tmp_path / 'model.pt'}: {message}")
+    assert len(err) < 400
+
+
 def test_shape_mismatch(tmp_path):
     sd = _net(0).state_dict()
     sd["fc.weight"] = torch.zeros(9, sd["fc.weight"].shape[1])

@@ -54,6 +54,24 @@ def test_partial_fc_shards_merge_to_the_full_matrix(tmp_path):
         load_classifier(ClassifierConfig(weights=paths[:2], label_map="identity", num_classes=10), 6)
 
 
+def test_raw_tensor_shards_of_older_arcface_torch(tmp_path):
+    """Older arcface_torch saved each rank's Partial FC weight as one bare tensor
+    (``rank_{r}_softmax_weight.pt``): read as data only (weights_only) and merged like dict shards."""
+    full = torch.randn(10, 6)
+    paths = []
+    for rank, (start, count) in enumerate(arcface_ranges(len(full), 3)):
+        paths.append(str(tmp_path / f"rank_{rank}_softmax_weight.pt"))
+        torch.save(full[start:start + count].clone(), paths[-1])
+    got = load_classifier(ClassifierConfig(weights=paths, label_map="identity"), 6)
+    assert torch.equal(got, full)
+    torch.save(torch.zeros(4, dtype=torch.int64), tmp_path / "ints.pt")
+    with pytest.raises(FileFormatError, match=r"ints.pt: 'weight' is torch.int64 \[4\]; expected a float"):
+        load_classifier(ClassifierConfig(weights=str(tmp_path / "ints.pt"), label_map="identity"), 4)
+    torch.save([torch.zeros(2, 4)], tmp_path / "list.pt")
+    with pytest.raises(FileFormatError, match=r"list.pt: holds a list, not a state dict"):
+        load_classifier(ClassifierConfig(weights=str(tmp_path / "list.pt"), label_map="identity"), 4)
+
+
 def test_one_matrix_in_each_format(tmp_path):
     full = torch.randn(5, 4)
     np.save(tmp_path / "w.npy", full.numpy())

@@ -9,6 +9,7 @@ of its shape, and no other key may come. Every failure is a one-line :class:`Fil
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -19,14 +20,19 @@ from safetensors.torch import load_file
 from torch import nn
 
 from bctkit.errors import FileFormatError
+from bctkit.models.iresnet import IRESNET_LAYERS
+from bctkit.models.resnet import RESNET_LAYERS, Bottleneck
 
 SHOWN = 5  # keys listed in a missing / unexpected message
+STAGE_KEY = re.compile(r"layer(\d+)\.(\d+)\.")
 
 
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | Path, bare: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a state-dict file on the CPU. A training checkpoint (``{"state_dict": ...}``, or
     arcface_torch's ``{"state_dict_backbone": ...}``) is unwrapped and a ``module.`` prefix on every
-    key (DataParallel / DDP) removed."""
+    key (DataParallel / DDP) removed. ``bare``: the name a torch file holding one bare tensor gets
+    (older arcface_torch's ``rank_{r}_softmax_weight.pt``), read as data only like any torch file;
+    without it such a file is refused."""
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{path}: no such file")
@@ -38,6 +44,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise FileFormatError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
     elif suffix in (".pt", ".pth"):
         tensors = _torch_load(path)
+        if bare is not None and isinstance(tensors, torch.Tensor):
+            tensors = {bare: tensors}
     else:
         raise FileFormatError(f"{path}: unknown weights format {suffix or '(no suffix)'!r}; "
                               "give a .safetensors, .pt or .pth file")
@@ -70,6 +78,10 @@ def load_backbone_weights(
             parts.append(f"{len(missing)} missing key(s): {_some(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_some(unexpected)}")
+        hint = depth_mismatch(list(given), list(own), getattr(getattr(module, "config", None), "arch", None))
+        if hint:
+            raise FileFormatError(f"{name}: {hint} (does not fit {type(module).__name__}: {len(missing)} "
+                                  f"missing, {len(unexpected)} unexpected key(s))")
         raise FileFormatError(f"{name}: does not fit {type(module).__name__} ({'; '.join(parts)})")
     for key, mine in own.items():
         if given[key].shape != mine.shape:
@@ -78,6 +90,45 @@ def load_backbone_weights(
                 f"{list(mine.shape)}"
             )
     module.load_state_dict(given, strict=not prefixes)
+
+
+def stage_depths(keys: Iterable[str]) -> tuple[int, ...]:
+    """Blocks per stage of a ResNet-style state dict (keys ``layer<S>.<N>.*``, stages from 1), or ()
+    when the keys have no such stages."""
+    blocks: dict[int, int] = {}
+    for key in keys:
+        m = STAGE_KEY.match(key)
+        if m:
+            stage, block = int(m[1]), int(m[2])
+            blocks[stage] = max(blocks.get(stage, 0), block + 1)
+    if sorted(blocks) != list(range(1, len(blocks) + 1)):
+        return ()
+    return tuple(blocks[s] for s in sorted(blocks))
+
+
+def depth_mismatch(given: list[str], own: list[str], arch: str | None) -> str:
+    """'the file holds an iresnet18 (layers 2-2-2-2); the config says iresnet50 (layers 3-4-14-3)'
+    when the file's keys and the module's differ in their blocks per stage, else ''. The file's
+    depth is named from the family of ``arch`` (the config's); a depth of no named arch is shown as
+    its layers only."""
+    have, want = stage_depths(given), stage_depths(own)
+    if not have or not want or have == want:
+        return ""
+    names: dict[tuple[int, ...], str] = {}
+    if arch and arch.startswith("iresnet"):
+        names = {layers: n for n, layers in IRESNET_LAYERS.items()}
+    elif arch and arch.startswith("resnet"):
+        bottleneck = any(".conv3." in k for k in given)
+        names = {depths: n for n, (block, depths) in RESNET_LAYERS.items()
+                 if (block is Bottleneck) == bottleneck}
+
+    def fmt(d: tuple[int, ...]) -> str:
+        return "layers " + "-".join(map(str, d))
+
+    holds = names.get(have)
+    what = (f"{'an' if holds[0] in 'aeiou' else 'a'} {holds} ({fmt(have)})" if holds
+            else f"a network of {fmt(have)}")
+    return f"the file holds {what}; the config says {arch or 'another depth'} ({fmt(want)})"
 
 
 def _torch_load(path: Path) -> object:

@@ -22,7 +22,8 @@ def shard_rows(total: int, world: int, rank: int) -> int:
 
 
 def _matrix(path: Path) -> torch.Tensor:
-    """The one 2-D tensor of a classifier file (the ``weight`` entry of a state dict)."""
+    """The one 2-D tensor of a classifier file (the ``weight`` entry of a state dict, or the file's
+    one bare tensor)."""
     if path.suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
@@ -31,8 +32,8 @@ def _matrix(path: Path) -> torch.Tensor:
         except (OSError, ValueError) as exc:
             raise FileFormatError(f"{path}: not a readable .npy array ({exc})") from None
         tensors = {"weight": torch.from_numpy(np.asarray(arr))}
-    else:
-        tensors = load_state_dict_file(path)
+    else:  # a bare tensor: older arcface_torch's rank_{r}_softmax_weight.pt
+        tensors = load_state_dict_file(path, bare="weight")
     name = "weight" if "weight" in tensors else next(iter(tensors)) if len(tensors) == 1 else None
     if name is None:
         raise FileFormatError(f"{path}: holds {sorted(tensors)[:5]}; expected one [classes, d] matrix "
