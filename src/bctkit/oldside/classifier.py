@@ -47,7 +47,8 @@ def _matrix(path: Path) -> torch.Tensor:
 
 def load_classifier(cfg: ClassifierConfig, dim: int) -> torch.Tensor:
     """[classes, dim] float32 weights; several files are Partial FC shards in rank order, checked
-    against the contiguous split of their total so that a missing or misordered shard is named."""
+    against the contiguous split of their total so that a missing shard, or one on a rank of another
+    size, is named (shards of equal size in the wrong order cannot be told apart by their sizes)."""
     paths = [Path(p) for p in cfg.weights]
     shards = [_matrix(p) for p in paths]
     for path, w in zip(paths, shards, strict=True):
