@@ -34,9 +34,9 @@ class TrainSample:
     classifier, -1 for none)."""
 
     def __init__(self, run: Run, feed: Feed, new_to_old: np.ndarray, models: dict[str, LoadedModel],
-                 names: list[str]) -> None:
+                 names: list[str], size: int = SAMPLE_SIZE) -> None:
         self.run, self.feed, self.models, self.names = run, feed, models, set(names)
-        self.rows = sample_rows(len(feed))
+        self.rows = sample_rows(len(feed), size)
         self.known = np.asarray(new_to_old)[feed.source.labels[self.rows]] >= 0
         self.sub = feed.with_source(feed.source.subset(self.rows))
         self.done: dict[str, torch.Tensor] = {}
