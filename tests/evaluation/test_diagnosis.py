@@ -125,6 +125,12 @@ def test_training_cosines_split_by_known_classes():
         expect = sum(_loop_cosine(new[i], old[i]) for i in rows) / len(rows)
         assert tr[key] == pytest.approx(expect, abs=1e-6)
     assert tr["images"] == 30 and tr["note"] == "a sample"
+    [d] = diagnose(_report(False, 0.2, 1.0), f, None,
+                   lambda q, g: train if (q, g) == ("bct", "old") else None)
+    assert d["hubness"] is None and d["train"] == tr  # no gallery split: no hubness
+    md = "\n".join(markdown_lines([d]))
+    assert "Hubness" not in md and "training images (30, a sample)" in md
+    assert f"classes the old classifier knew {tr['known']:.3f} (12 images)" in md
     few = TrainFeatures(train.new, train.old, np.arange(30) < 5)
     assert measure(f["bct"], f["old"], None, few)["train"]["known"] is None  # 5 < MIN_GROUP images
 

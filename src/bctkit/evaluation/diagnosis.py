@@ -153,8 +153,9 @@ def measure(new: FeatureSet, old: FeatureSet, protocol: Protocol | None,
     if isinstance(protocol, EvalProtocol):
         g_idx, p_idx = protocol.split()
         rows, labels = g_idx.numpy(), protocol.labels[g_idx]
-        hub = {"cross": hubness(top1_positions(q[p_idx], g[g_idx]), rows, labels),
-               "old_self": hubness(top1_positions(g[p_idx], g[g_idx]), rows, labels)}
+        if len(g_idx) and len(p_idx):  # hubness needs a gallery and probes
+            hub = {"cross": hubness(top1_positions(q[p_idx], g[g_idx]), rows, labels),
+                   "old_self": hubness(top1_positions(g[p_idx], g[g_idx]), rows, labels)}
     return {"hubness": hub, "test": test,
             "train": None if train is None else _train_cosines(train, q.shape[1], g.shape[1])}
 
