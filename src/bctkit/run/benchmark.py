@@ -65,7 +65,7 @@ class Run:
         self.reuse_old = reuse_old  # a finished old model file (see _old_model_file) to copy in
         self.overwrite = overwrite
         self.models_info: dict[str, dict[str, Any]] = {}
-        self.trained_on: tuple[Feed, np.ndarray] | None = None  # the methods' training set, new_to_old
+        self.trained_on: tuple[Feed, np.ndarray] | None = None  # the methods' data, its new_to_old
 
     def adopt_old(self, src: Path, key: str, dest: Path) -> LoadedModel:
         """The finished old model ``src`` of another run, copied into this run. It must have been
@@ -396,10 +396,9 @@ class Run:
         }
         if data.notes:
             extra["data_notes"] = data.notes
-        sample = None if self.trained_on is None else TrainSample(
-            self, *self.trained_on, models, [m.display_name for m in cfg.methods])
         report = evaluate_suite(features, protocol, reports, self.models_info, extra, backfill=ev.backfill,
-                                chain=chain, log=self.log, progress=self.progress, train_features=sample)
+                                chain=chain, log=self.log, progress=self.progress,
+                                train_features=TrainSample.of(self, models))
         self.log(f"[report] {reports / 'report.md'}")
         barrier()
         return report

@@ -41,6 +41,13 @@ class TrainSample:
         self.sub = feed.with_source(feed.source.subset(self.rows))
         self.done: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def of(cls, run: Run, models: dict[str, LoadedModel]) -> TrainSample | None:
+        """The sample of ``run``'s methods' training set (None before the run trained them)."""
+        if run.trained_on is None:
+            return None
+        return cls(run, *run.trained_on, models, [m.display_name for m in run.cfg.methods])
+
     def embed(self, name: str) -> torch.Tensor:
         """Model ``name``'s features of the sample (given features: their rows of the sample)."""
         if name not in self.done:
