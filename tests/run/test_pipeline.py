@@ -10,6 +10,7 @@ import yaml
 
 from bctkit.cli import main
 from bctkit.errors import ConfigError
+from bctkit.evaluation.diagnosis import NEAR_MARGIN
 from bctkit.features import FeatureSet, load_features
 from bctkit.models.store import load_model
 from bctkit.run.config import load_config
@@ -88,6 +89,15 @@ def test_report_schema(tiny_run):
     assert {"roc.png", "cmc.png", "backfill.png"} <= set(on_disk["plots"])
     md = (out / "r" / "report.md").read_text()
     assert "| l2 |" in md and ("✓" in md or "✗" in md)
+    # every failed or nearly failed claim is diagnosed, with a sample of the new models' training images
+    near = [c["query"] for c in on_disk["certificate_results"]
+            if not c["passed"] or c["cross"] - c["old_self"] < NEAR_MARGIN]
+    assert [d["query"] for d in on_disk["diagnosis"]] == near
+    for d in on_disk["diagnosis"]:
+        train = d["train"]
+        assert train["images"] == on_disk["allocation"]["new_images"]  # 72 images, below the sample size
+        assert train["known_images"] + train["unseen_images"] == train["images"]
+        assert f"### {d['query']} → old" in md and d["advice"] in md
     # the Models table shows every option a method ran with, defaults included (the config gave none)
     assert "| l2 | l2 | weight=10.0, threshold=0.0, normalize=True, squared=False |" in md
     assert on_disk["models"]["l2-weak"]["params"] == {"weight": 10.0, "threshold": 0.2, "normalize": True,

@@ -107,6 +107,11 @@ def test_checkpoint_upgrade_end_to_end(files, tmp_path, capsys):
     new = load_features(tmp_path / "run" / "features" / "bct.safetensors")
     assert new.feats.shape == (EVAL_IDS * PER, DIM)
     assert any(r["query_model"] == "bct" and r["gallery_model"] == "old" for r in report["results"])
+    # random old weights: the claims fail, and their diagnosis compares the models on the training
+    # images too, split by the 6 classes (of 10) the old classifier knew
+    assert [d["query"] for d in report["diagnosis"]] == ["bct", "l2"]
+    for d in report["diagnosis"]:
+        assert (d["train"]["images"], d["train"]["known_images"]) == (TRAIN_IDS * PER, 6 * PER)
     run_pipeline(cfg, tmp_path / "run", resume=True, progress=False)
     assert "[bct] reusing finished model" in capsys.readouterr().err
 
@@ -282,5 +287,7 @@ def test_upgrade_with_a_seeded_test_split(files, tmp_path, capsys, kind):
     report = run_pipeline(load_config_tree(data, tmp_path), tmp_path / "run", progress=False)
     how = report["allocation"]
     assert (how["new_classes"], how["new_images"]) == (7, 35)
+    for d in report["diagnosis"]:  # given features: their rows of the training sample
+        assert d["train"]["unseen_images"] == (0 if kind == "checkpoint" else 35)
     assert how["shared_classes"] == (7 if kind == "checkpoint" else 0)
     assert set(report["models"]) == {"old", *(m["method"] for m in data["methods"])}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bctkit import __version__
+from bctkit.evaluation.diagnosis import markdown_lines as diagnosis_lines
 from bctkit.evaluation.plots import plot_summary
 from bctkit.evaluation.protocols import rate_name
 from bctkit.storage import write_json, write_text
@@ -150,6 +151,7 @@ def markdown(report: dict[str, Any]) -> str:
         protocols.setdefault(r["protocol"].split(";")[0], r["n"])
     lines += ["Protocols (n = probes, queries or pairs behind each number):", ""]
     lines += [f"- {p} (n = {n})" for p, n in protocols.items()] + [""]
+    lines += diagnosis_lines(report.get("diagnosis", []))
     compat = report.get("compatibility", {})
     gain_metrics = [m for m in dict.fromkeys((*report.get("headline", ()), *GAIN_METRICS)) if m in metrics]
     if compat and gain_metrics:

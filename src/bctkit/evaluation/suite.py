@@ -18,6 +18,7 @@ from bctkit.evaluation.analysis import (
     write_plots,
 )
 from bctkit.evaluation.certificate import certificates_for_report, write_certificates
+from bctkit.evaluation.diagnosis import TrainProvider, diagnose
 from bctkit.evaluation.protocols import EvalProtocol, Protocol, evaluate_models
 from bctkit.evaluation.report import write_report
 from bctkit.features import FeatureSet, load_features
@@ -29,12 +30,15 @@ def evaluate_suite(
     features: dict[str, FeatureSet], protocol: Protocol, out_dir: Path,
     models_info: dict[str, dict[str, Any]], extra: dict[str, Any] | None = None, backfill: bool = True,
     chain: list[str] | None = None, log: Callable[[str], None] | None = None, progress: bool = False,
+    train_features: TrainProvider | None = None,
 ) -> dict[str, Any]:
     """All metrics for every comparable (query, gallery) pair, the compatibility analysis, plots,
     compatibility certificates (``out_dir``/certificates, listed in report["certificates"] relative to
     ``out_dir``), report.json and report.md in ``out_dir``. ``features`` must contain "old". ``chain``: model
     names of a sequence of upgrades, oldest first, for the multi-model metrics. ``log`` receives a
-    line per stage and ``progress`` shows a bar over the model pairs (metrics can take a while)."""
+    line per stage and ``progress`` shows a bar over the model pairs (metrics can take a while).
+    ``report["diagnosis"]``: each claim that failed or nearly failed, diagnosed (evaluation.diagnosis);
+    ``train_features`` gives a pair's features of training images, called only for those claims."""
     if "old" not in features:
         raise DataError("evaluation needs the old model's features (name 'old')")
     say = log or (lambda _msg: None)
@@ -71,6 +75,9 @@ def evaluate_suite(
          "metric": c["criterion"]["metric"], "cross": c["criterion"]["cross"],
          "old_self": c["criterion"]["old_self"], "passed": c["passed"], "sha256": c["sha256"]}
         for p, c in zip(written, certs, strict=True)]
+    report["diagnosis"] = diagnose(report, features, protocol, train_features)
+    if report["diagnosis"]:
+        say(f"[diagnosis] {len(report['diagnosis'])} claim(s) failed or nearly failed: see report.md")
     write_report(out_dir, report)
     return report
 

@@ -37,6 +37,7 @@ from bctkit.run.cache import OldFeatureCache, as_tensor
 from bctkit.run.config import MethodConfig, ModelConfig, RunConfig
 from bctkit.run.keys import KEY, config_differences, model_seed, read_config, run_key
 from bctkit.run.prechecks import check_devices, check_inputs
+from bctkit.run.trainsample import TrainSample
 from bctkit.storage import check_writable_dir, write_json, write_text
 from bctkit.training import TrainConfig, train_model
 from bctkit.training.checkpoint import checkpoint_run_id
@@ -64,6 +65,7 @@ class Run:
         self.reuse_old = reuse_old  # a finished old model file (see _old_model_file) to copy in
         self.overwrite = overwrite
         self.models_info: dict[str, dict[str, Any]] = {}
+        self.trained_on: tuple[Feed, np.ndarray] | None = None  # the methods' data, its new_to_old
 
     def adopt_old(self, src: Path, key: str, dest: Path) -> LoadedModel:
         """The finished old model ``src`` of another run, copied into this run. It must have been
@@ -340,6 +342,7 @@ class Run:
             models[method.display_name] = self.compat_model(
                 method.display_name, method, new_set, alloc.new_to_old, old, paragon, data_key
             )
+        self.trained_on = new_set, alloc.new_to_old
         chain = self.train_chain(feed, alloc, paragon, data_key, models) if cfg.chain else None
         return models, chain, alloc.summary()
 
@@ -394,7 +397,8 @@ class Run:
         if data.notes:
             extra["data_notes"] = data.notes
         report = evaluate_suite(features, protocol, reports, self.models_info, extra, backfill=ev.backfill,
-                                chain=chain, log=self.log, progress=self.progress)
+                                chain=chain, log=self.log, progress=self.progress,
+                                train_features=TrainSample.of(self, models))
         self.log(f"[report] {reports / 'report.md'}")
         barrier()
         return report

@@ -102,5 +102,6 @@ class UpgradeRun(Run):
         for method in cfg.methods:
             models[method.display_name] = self.compat_model(method.display_name, method, feed, new_to_old,
                                                             old, paragon, data_key)
+        self.trained_on = feed, new_to_old
         return models, None, how
 
