@@ -19,7 +19,7 @@ import torch
 
 from bctkit.data import SyntheticSpec, make_synthetic
 from bctkit.engine.compute import Engine
-from bctkit.engine.distributed import is_main
+from bctkit.engine.distributed import close_process_group, is_main
 from bctkit.features import iter_features
 from bctkit.losses import CompatContext, build_term
 from bctkit.models import BackboneConfig, HeadConfig
@@ -98,6 +98,7 @@ def main() -> None:
             save_tensors(out / f"{method}.safetensors", tensors, {})
             (out / f"{method}.json").write_text(json.dumps({"steps": steps, "history": result.history}))
     np.save(out / f"done-{engine.rank}.npy", np.zeros(1))
+    close_process_group()  # as the CLI does: a gloo group left to the interpreter's exit can abort it
 
 
 if __name__ == "__main__":
