@@ -90,7 +90,7 @@ def extract_to_file(model: str | os.PathLike[str], data: str | os.PathLike[str] 
     plan = {"key": key, "out": str(out), "rows": n, "chunk_rows": rows_per_chunk, "chunks": len(chunks),
             "meta": meta}
     try:
-        _write_chunks(parts, chunks, key, plan, net.dim, progress,
+        _write_chunks(parts, chunks, plan, net.dim, progress,
                       lambda rows: _chunk_share(net, feed, rows, batch_size, flip, engine))
     except BaseException:
         if is_main() and not any(parts.glob("chunk-*.safetensors")):  # nothing to resume from
@@ -107,10 +107,11 @@ def extract_to_file(model: str | os.PathLike[str], data: str | os.PathLike[str] 
     return out
 
 
-def _write_chunks(parts: Path, chunks: list[tuple[int, int]], key: str, plan: dict[str, Any], dim: int,
+def _write_chunks(parts: Path, chunks: list[tuple[int, int]], plan: dict[str, Any], dim: int,
                   progress: bool, embed: Callable[[tuple[int, int]], torch.Tensor]) -> None:
-    """Embed (``embed(rows)``: this rank's share) and write every chunk not already in ``parts``."""
-    done = None
+    """Embed (``embed(rows)``: this rank's share) and write every chunk not already in ``parts``
+    (``plan``: the extraction's key, rows and chunks, written beside them)."""
+    key, done = plan["key"], None
     if is_main():
         write_json(parts / "plan.json", plan)
         done = [k for k, rows in enumerate(chunks) if _chunk_ok(parts, k, rows, key, dim)]
