@@ -111,9 +111,22 @@ def test_depths(arch, blocks):
     assert net.fc.in_features == 512 * 49 and net.fc.out_features == 64
 
 
-def test_fixed_input_size():
-    with pytest.raises(ValidationError, match="iresnet50 takes 112x112 images"):
-        BackboneConfig(arch="iresnet50", image_size=224)
+@pytest.mark.parametrize("size", [100, 120, [112, 96]])
+def test_input_size_is_square_multiple_of_16(size):
+    with pytest.raises(ValidationError, match="iresnet50 takes square images with a side that is a multiple"):
+        BackboneConfig(arch="iresnet50", image_size=size)
+
+
+def test_smaller_input_keeps_the_names_and_sizes_the_fc_to_its_map():
+    """A 32x32 iresnet18 (the CPU upgrade demo's) has every parameter of the 112x112 one under the
+    same name and shape, except the fc, which reads a 2x2 map instead of 7x7."""
+    small = build_backbone(BackboneConfig(arch="iresnet18", embedding_dim=64, image_size=32))
+    ref = build_backbone(BackboneConfig(arch="iresnet18", embedding_dim=64))
+    a, b = small.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k].shape != b[k].shape] == ["fc.weight"]
+    assert small.fc.in_features == 512 * 4
+    assert small.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 64)
 
 
 def test_iresnet200_depth_without_building_it():

@@ -129,7 +129,7 @@ def test_image_size_forms():
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [
-    ({"arch": "iresnet50", "image_size": 128}, "image_size=128"),
+    ({"arch": "iresnet50", "image_size": 120}, "image_size=120"),
     ({"arch": "iresnet18", "image_size": [112, 96]}, "image_size="),
     ({"arch": "resnet50", "patch_size": 16}, "patch_size=16"),
     ({"arch": "iresnet50", "patch_size": 8}, "patch_size=8"),

@@ -38,8 +38,14 @@ def add_parser(sub: Any) -> None:
                                        "extended-data allocation; --full: the five allocations")
     demo.add_argument("--full", action="store_true",
                       help="the five-allocation study on twice the characters (demo-full), OUT/summary.md")
-    demo.add_argument("--quick", action="store_true", help="reduced demo: l2 and bct only, fewer identities")
-    demo.add_argument("--out", default="bctkit-demo", help="run directory (default: ./bctkit-demo)")
+    demo.add_argument("--quick", action="store_true", help="reduced demo: l2 and bct only, fewer "
+                      "identities (with --upgrade: a few identities, for a smoke test)")
+    demo.add_argument("--upgrade", action="store_true",
+                      help="the README's upgrade walk-through on files it writes: an arcface_torch-format "
+                           "old model and a RecordIO set -> a new model with a passed certificate, its ONNX "
+                           "export and a half-backfilled gallery (default --out ./bctkit-upgrade-demo)")
+    demo.add_argument("--out", default="bctkit-demo",
+                      help="run directory (default: ./bctkit-demo; with --upgrade ./bctkit-upgrade-demo)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--scenarios", nargs="+", metavar="SCENARIO",
                       help="allocations to run (default: extended-data; --full: all five)")
@@ -54,6 +60,10 @@ def run(args: argparse.Namespace) -> int:
     from bctkit.run import launch
     from bctkit.run.config import load_config, packaged_config
 
+    if args.command == "demo" and args.upgrade:
+        from bctkit.cli.demo_upgrade import run_upgrade_demo
+
+        return run_upgrade_demo(args)
     if args.command == "run":
         path = Path(args.config)
         if not path.exists() and path.suffix == "" and len(path.parts) == 1:

@@ -126,8 +126,8 @@ RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 VIT_ARCHS = ("vit_tiny", "vit_small")
 
 SMALL_WIDTH = 16  # r8/r14/r20/r18's default ``width``; every dump of their configs carries it
-IRESNET_IMAGE_SIZE = 112
-IRESNET_FINAL_MAP = 7  # IRESNET_IMAGE_SIZE after the four stride-2 stages
+IRESNET_IMAGE_SIZE = 112  # arcface_torch's, and its published weights'
+IRESNET_STRIDE = 16  # four stride-2 stages: a 112x112 image leaves a 7x7 map
 VIT_PATCH = 16  # vit_*'s default ``patch_size``
 
 TIMM_ARCH = re.compile(r"timm:[A-Za-z0-9_.\-]+")
@@ -155,13 +155,21 @@ def _check_small(cfg: BackboneConfig) -> None:
         raise ValueError(f"image_size={list(cfg.image_size)}: {cfg.arch} takes square images; give one int")
 
 
+def iresnet_final_map(cfg: BackboneConfig) -> int:
+    """The side of the map an IResNet's fc reads: 7 for arcface_torch's 112x112 images."""
+    return cfg.input_shape[1] // IRESNET_STRIDE
+
+
 def check_iresnet(cfg: BackboneConfig) -> None:
-    """The fc reads a 7x7 map, so only 112x112 images fit."""
-    size, final = IRESNET_IMAGE_SIZE, IRESNET_FINAL_MAP
-    if cfg.input_shape[1:] != (size, size):
+    """The fc reads the last stage's whole map, so the image is square with a side that is a multiple
+    of 16; arcface_torch's networks (and published weights) take 112 (a 7x7 map)."""
+    _, h, w = cfg.input_shape
+    if h != w or h % IRESNET_STRIDE:
+        size = IRESNET_IMAGE_SIZE
         raise ValueError(
-            f"image_size={cfg.image_size}: {cfg.arch} takes {size}x{size} images (its fc reads "
-            f"a {final}x{final} map); set image_size: {size}"
+            f"image_size={cfg.image_size}: {cfg.arch} takes square images with a side that is a "
+            f"multiple of {IRESNET_STRIDE} ({size}x{size} for arcface_torch's weights, whose fc reads "
+            f"a 7x7 map); set image_size: {size}"
         )
 
 

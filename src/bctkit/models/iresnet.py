@@ -5,7 +5,8 @@ Layout: stem conv1 (3x3, 64) - bn1 - prelu; four stages layer1..layer4 of pre-ac
 :class:`IBasicBlock` (64, 128, 256, 512 channels, each stage starting with a stride-2 block whose
 shortcut is ``downsample`` = 1x1 conv + BN); then bn2 - flatten - dropout - fc (512*7*7 ->
 ``embedding_dim``) - ``features`` (BatchNorm1d with its scale fixed to 1). A 112x112 input leaves a
-7x7 map, so the image size is fixed.
+7x7 map (arcface_torch's fixed size); other square sizes that are multiples of 16 give an fc of
+512*(size/16)**2 inputs with the same parameter names (the CPU upgrade demo uses 32x32).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from bctkit.models.base import EmbeddingNet
-from bctkit.models.config import IRESNET_FINAL_MAP, BackboneConfig, check_iresnet
+from bctkit.models.config import BackboneConfig, check_iresnet, iresnet_final_map
 
 # Blocks per stage (the published depths count 2 convolutions per block, plus stem and fc), for
 # the names of config.IRESNET_ARCHS.
@@ -51,7 +52,8 @@ class IBasicBlock(nn.Module):
 
 class IResNet(EmbeddingNet):
     """arcface_torch's IResNet for ``config.arch`` in :data:`IRESNET_LAYERS`; ``forward`` gives the
-    ``embedding_dim`` (arcface_torch's ``num_features``) embedding of a 112x112 image."""
+    ``embedding_dim`` (arcface_torch's ``num_features``) embedding of a 112x112 image (or the
+    config's other size, see :func:`~bctkit.models.config.check_iresnet`)."""
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__(cfg)
@@ -66,7 +68,7 @@ class IResNet(EmbeddingNet):
         self.layer4 = _stage(256, 512, n4)
         self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.fc = nn.Linear(512 * IRESNET_FINAL_MAP * IRESNET_FINAL_MAP, cfg.embedding_dim)
+        self.fc = nn.Linear(512 * iresnet_final_map(cfg) ** 2, cfg.embedding_dim)
         self.features = nn.BatchNorm1d(cfg.embedding_dim, eps=1e-5)
         # arcface_torch's initialisation: N(0, 0.1) convolutions, unit BN, a frozen unit BN1d scale.
         for m in self.modules():

@@ -28,7 +28,7 @@ from bctkit.losses import validate_params
 from bctkit.losses.base import method_class
 from bctkit.models.config import BackboneConfig
 from bctkit.oldside.config import OldConfig, check_old_classifier, check_upgrade
-from bctkit.training.config import ModelConfig, TrainConfig
+from bctkit.training.config import ModelConfig, TrainConfig, margin_defaults
 
 RESERVED_NAMES = ("old", "paragon")
 
@@ -123,6 +123,9 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         check_upgrade(self)
+        for m in [*self.methods, *self.chain]:  # a method's own train section trains the new head
+            if m.train is not None:
+                object.__setattr__(m, "train", margin_defaults(self.new.head, m.train))
         # An external old model reads images through its own transform (checked when it is loaded).
         sides = [] if self.old.external else [("old", self.old.backbone)]
         sides.append(("new", self.new.backbone))

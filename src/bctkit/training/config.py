@@ -25,8 +25,12 @@ class _Strict(BaseModel):
 
 
 class OptimizerConfig(_Strict):
+    """``lr_batch``: the global batch size ``lr`` is given for; each step then uses
+    ``lr * train.batch_size / lr_batch`` (arcface_torch's rule with 512). None: ``lr`` as given."""
+
     name: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0)
+    lr_batch: int | None = Field(None, ge=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     nesterov: bool = False
@@ -95,6 +99,13 @@ class TrainConfig(_Strict):
         "resumes where it stopped (the checkpoint after every epoch is always written); not part of "
         "a run's key, since it does not change the result"))
 
+    @property
+    def base_lr(self) -> float:
+        """The learning rate before the schedule's factor: ``optimizer.lr``, scaled to the batch
+        when ``optimizer.lr_batch`` is set."""
+        opt = self.optimizer
+        return opt.lr if opt.lr_batch is None else opt.lr * self.batch_size / opt.lr_batch
+
     @model_serializer(mode="wrap")
     def _drop_unset(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
         """Dumps leave out ``checkpoint_every`` when unset, ``device`` when auto and ``precision`` when
@@ -103,6 +114,9 @@ class TrainConfig(_Strict):
         what training produces beyond floating-point rounding."""
         data = handler(self)
         key = (info.context or {}).get("key")
+        opt = data.get("optimizer")
+        if isinstance(opt, dict) and opt.get("lr_batch") is None:
+            opt.pop("lr_batch", None)
         if self.checkpoint_every is None or key:
             data.pop("checkpoint_every", None)
         if self.device == "auto" or key:
@@ -147,9 +161,47 @@ class TrainConfig(_Strict):
         return self
 
 
+MARGIN_HEADS = ("arcface", "cosface")
+MARGIN_CLIP = 5.0  # arcface_torch: clip_grad_norm_(backbone.parameters(), 5)
+MARGIN_LR_BATCH = 512  # arcface_torch: lr = cfg.lr / 512 * batch_size * world_size
+
+
+def margin_defaults(head: HeadConfig, train: TrainConfig) -> TrainConfig:
+    """``train`` with arcface_torch's safeguards filled in where the config left them unset, for a
+    margin head (ArcFace, CosFace): a margin at s 64 on a randomly initialised network makes the
+    first steps' loss and gradients large, and without warm-up and clipping training can diverge
+    or collapse. Unset ``grad_clip`` becomes 5; unset ``schedule.warmup_epochs`` becomes 1 (half an
+    epoch for a one-epoch run; not a share of the epochs, so a larger ``epochs`` changes nothing
+    else); an unset ``optimizer.lr`` (with no ``lr_batch``) becomes 0.1 per 512
+    images of global batch. Options the config sets, even to null or 0, are kept as given."""
+    if head.type not in MARGIN_HEADS:
+        return train
+    update: dict[str, Any] = {}
+    if "grad_clip" not in train.model_fields_set:
+        update["grad_clip"] = MARGIN_CLIP
+    sch, opt = train.schedule, train.optimizer
+    if "schedule" not in train.model_fields_set or "warmup_epochs" not in sch.model_fields_set:
+        update["schedule"] = sch.model_copy(update={"warmup_epochs": 1.0 if train.epochs > 1 else 0.5})
+    if "optimizer" not in train.model_fields_set or not {"lr", "lr_batch"} & opt.model_fields_set:
+        update["optimizer"] = opt.model_copy(update={"lr_batch": MARGIN_LR_BATCH})
+    if not update:
+        return train
+    # Validated again (and marked as set), so a dump reloads to the same values.
+    return TrainConfig.model_validate({**train.model_dump(), **{k: (v.model_dump() if isinstance(v, BaseModel)
+                                                                     else v) for k, v in update.items()}})
+
+
 class ModelConfig(_Strict):
-    """What a trained model is: its backbone, its classification head and how it is trained."""
+    """What a trained model is: its backbone, its classification head and how it is trained (with
+    :func:`margin_defaults` for a margin head)."""
 
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _margin_defaults(self) -> ModelConfig:
+        train = margin_defaults(self.head, self.train)
+        if train is not self.train:
+            object.__setattr__(self, "train", train)
+        return self

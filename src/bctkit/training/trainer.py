@@ -180,7 +180,7 @@ def train_model(
     per_step = min(bs, n)
     old_labels = ctx.new_to_old.cpu()[torch.from_numpy(labels_np)] if ctx is not None else None
     last = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
-    lr = cfg.optimizer.lr
+    lr = cfg.base_lr
     for epoch in range(start, last):
         first = start_step if epoch == start else 0
         if term is not None and first == 0:
@@ -196,7 +196,7 @@ def train_model(
         for batch, mine, (images, y, idx) in zip(batches, local, reads, strict=True):
             it = batch.step
             step = epoch * steps + it
-            lr = cfg.optimizer.lr * lr_factor(cfg.schedule, step, steps, cfg.epochs)
+            lr = cfg.base_lr * lr_factor(cfg.schedule, step, steps, cfg.epochs)
             for group in opt.param_groups:
                 group["lr"] = lr
             if seed_steps:
