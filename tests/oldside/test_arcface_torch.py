@@ -30,9 +30,9 @@ def test_the_importer_reads_back_the_same_model(tmp_path):
     net = build_backbone(cfg).eval()
     classifier = torch.randn(5, 16)
     model, shards = write_arcface_torch(tmp_path, net.state_dict(), classifier, ranks=2)
+    head = {"weights": [str(p) for p in shards], "num_classes": 5, "label_map": "identity"}
     old = OldConfig.model_validate({"source": "checkpoint", "backbone": cfg.model_dump(),
-                                    "weights": str(model), "classifier": {"weights": [str(p) for p in shards], "num_classes": 5,
-                                                   "label_map": "identity"}})
+                                    "weights": str(model), "classifier": head})
     back = checkpoint_backbone(old, (3, 32, 32))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
