@@ -131,3 +131,27 @@ def test_resume_says_where_it_continues(tmp_path, tiny):
     train_model(tiny, BB, HEAD, cfg, progress=False, checkpoint=ckpt, resume=True, run_id="r", desc="paragon",
                 log=said.append)
     assert said == [f"[paragon] resuming from {ckpt} at epoch 2 of 2"]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_extends_continues_a_finished_run_under_the_longer_schedule(tmp_path, tiny, schedule):
+    """A finished 2-epoch run's final checkpoint continued to 3 epochs (``extends``): its epochs are
+    kept and the third runs at the 3-epoch schedule's rates; at a constant rate the result is the
+    3-epoch run's, under a cosine one it is not."""
+    short, long = (_cfg(epochs=e).model_copy(update={"schedule": ScheduleConfig(name=schedule)})
+                   for e in (2, 3))
+    ckpt = tmp_path / "c.safetensors"
+    done = train_model(tiny, BB, HEAD, short, progress=False, checkpoint=ckpt, run_id="two")
+    with pytest.raises(TrainingError, match="another configuration"):
+        train_model(tiny, BB, HEAD, long, progress=False, checkpoint=ckpt, resume=True, run_id="three")
+    more = train_model(tiny, BB, HEAD, long, progress=False, checkpoint=ckpt, resume=True, run_id="three",
+                       extends="two")
+    assert more.resumed_from_epoch == 2 and len(more.history) == 3 and more.history[:2] == done.history
+    assert json.loads(ckpt.with_suffix(".json").read_text())["run_id"] == "three"
+    steps = 3  # 48 images / batch 16
+    assert more.history[2]["lr"] == pytest.approx(0.05 * lr_factor(long.schedule, 3 * steps - 1, steps, 3))
+    scratch = train_model(tiny, BB, HEAD, long, progress=False)
+    if schedule == "constant":
+        _same_weights(scratch, more)
+    else:
+        assert not torch.equal(scratch.head.weight, more.head.weight)

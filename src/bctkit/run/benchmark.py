@@ -30,12 +30,12 @@ from bctkit.features import FeatureSet, extract_share
 from bctkit.losses import CompatContext, CompatibilityTerm, build_term
 from bctkit.losses.base import method_class
 from bctkit.models.config import BackboneConfig, embedding_layout
-from bctkit.models.heads import HeadConfig
 from bctkit.models.store import LoadedModel, load_model, save_model
 from bctkit.oldside.external import preprocess_of
 from bctkit.run.cache import OldFeatureCache, as_tensor
 from bctkit.run.config import MethodConfig, ModelConfig, RunConfig
-from bctkit.run.keys import KEY, config_differences, model_seed, read_config, run_key
+from bctkit.run.continuation import KeyOf, adopt, plan_continuation, refuse_replacing, stored_key
+from bctkit.run.keys import KEY, model_seed, read_config, run_key
 from bctkit.run.prechecks import check_devices, check_inputs
 from bctkit.run.trainsample import TrainSample
 from bctkit.storage import check_writable_dir, write_json, write_text
@@ -65,52 +65,48 @@ class Run:
         self.reuse_old = reuse_old  # a finished old model file (see _old_model_file) to copy in
         self.overwrite = overwrite
         self.models_info: dict[str, dict[str, Any]] = {}
+        self.previous_config: dict[str, Any] | None = None  # the run folder's config before this run
+        self.continued: list[str] = []  # the models this run trained further (more train.epochs)
         self.trained_on: tuple[Feed, np.ndarray] | None = None  # the methods' data, its new_to_old
-
-    def adopt_old(self, src: Path, key: str, dest: Path) -> LoadedModel:
-        """The finished old model ``src`` of another run, copied into this run. It must have been
-        trained on this run's data and allocation with this run's old-model config."""
-        loaded = load_model(src)
-        if loaded.meta.get("run_id") != key:
-            raise ConfigError(
-                f"--reuse-old-from {src.parents[2]}: {src} was trained on other data, another allocation "
-                f"or another old-model config than this run's (run id {loaded.meta.get('run_id')}, "
-                f"this run needs {key})"
-            )
-        if src.resolve() != dest.resolve() and is_main():
-            save_model(dest, loaded.backbone, loaded.head, HeadConfig(**loaded.meta["head"]), loaded.meta)
-        barrier()
-        self.log(f"[old] reusing {src}")
-        self._record("old", loaded)
-        return loaded
 
     def train_or_load(
         self, name: str, train_set: Feed, model_cfg: ModelConfig, train_cfg: TrainConfig,
-        key: str, term: CompatibilityTerm | None = None, ctx: CompatContext | None = None,
+        key_of: KeyOf, term: CompatibilityTerm | None = None, ctx: CompatContext | None = None,
         method: MethodConfig | None = None, prev: LoadedModel | None = None,
     ) -> LoadedModel:
+        """Model ``name``: with ``resume`` the finished one of this configuration (``key_of(train_cfg)``),
+        or the finished one of fewer ``train.epochs`` trained further, or else trained here (from its
+        checkpoint of this configuration when there is one)."""
         folder = self.out / "models" / name
-        path = folder / "model.safetensors"
+        path, ckpt = folder / "model.safetensors", folder / "checkpoint.safetensors"
+        key = key_of(train_cfg)
         if name == "old" and self.reuse_old is not None:
-            return self.adopt_old(self.reuse_old, key, path)
+            adopted = adopt(self.reuse_old, key, path)
+            self.log(f"[old] reusing {self.reuse_old}")
+            return self._record(name, adopted)
+        plan = None
         if self.resume and path.exists():
             loaded = load_model(path)
-            if loaded.meta.get("run_id") == key:
+            if stored_key(loaded.meta) == key:
                 self.log(f"[{name}] reusing finished model {path}")
-                self._record(name, loaded)
-                return loaded
-        if path.exists() and not self.overwrite:
-            self.refuse_replacing(name, path, key)
-        self.log(f"[{name}] training on {len(train_set)} images, {train_set.source.num_classes} classes")
-        ckpt = folder / "checkpoint.safetensors"
-        resume = self.resume and ckpt.exists()
-        if resume and checkpoint_run_id(ckpt) != key:
-            self.log(f"[{name}] checkpoint is from another configuration; training from scratch")
-            resume = False
+                return self._record(name, loaded)
+            plan = plan_continuation(loaded.meta, train_cfg, key_of, ckpt, self.overwrite)
+        if path.exists() and not self.overwrite and plan is None:
+            refuse_replacing(name, path, key, self.previous_config, self.cfg, self.continued)
+        run_id, resume, extends = key, self.resume and checkpoint_run_id(ckpt) == key, None
+        if plan is not None:
+            run_id, resume, extends = plan.run_id, True, plan.extends
+            self.log(f"[{name}] continuing the finished model from epoch {plan.epochs} to {train_cfg.epochs} "
+                     "(only train.epochs changed)")
+            self.continued.append(name)
+        else:
+            self.log(f"[{name}] training on {len(train_set)} images, {train_set.source.num_classes} classes")
+            if self.resume and ckpt.exists() and not resume:
+                self.log(f"[{name}] checkpoint is from another configuration; training from scratch")
         t0 = time.perf_counter()
         result = train_model(
             train_set, model_cfg.backbone, model_cfg.head, train_cfg, term=term, ctx=ctx,
-            checkpoint=ckpt, resume=resume, run_id=key,
+            checkpoint=ckpt, resume=resume, run_id=run_id, extends=extends,
             desc=name, progress=self.progress, init_seed=model_seed(train_cfg.seed, name), log=self.log,
         )
         compat_dims, prefixes, compatible_with = None, None, None
@@ -122,7 +118,9 @@ class Run:
             compatible_with = prev.meta["name"]
         meta = {
             "name": name,
-            "run_id": key,
+            "run_id": run_id,
+            "config_key": key,
+            "continued_from": [] if plan is None else plan.continued_from,
             "method": None if method is None else method.method,
             # every option the method ran with, defaults included (the config may give only some)
             "params": None if method is None or term is None else term.params.model_dump(mode="json"),
@@ -130,7 +128,7 @@ class Run:
             "train_images": len(train_set),
             "train_data": train_set.source.fingerprint(),
             "preprocessing": train_set.spec(),
-            "train_seconds": round(time.perf_counter() - t0, 1),
+            "train_seconds": round(time.perf_counter() - t0 + (plan.train_seconds if plan else 0.0), 1),
             "compat_dims": compat_dims,
             "compat_prefixes": prefixes,
             "layout": embedding_layout(model_cfg.backbone),
@@ -140,24 +138,10 @@ class Run:
         if is_main():
             save_model(path, result.backbone, result.head, model_cfg.head, meta)
         barrier()
-        loaded = load_model(path)
-        self._record(name, loaded)
-        return loaded
+        return self._record(name, load_model(path))
 
-    def refuse_replacing(self, name: str, path: Path, key: str) -> None:
-        """A finished model of another configuration is never replaced without ``overwrite``."""
-        stored = checkpoint_run_id(path)
-        if stored is None or stored == key:
-            return
-        previous = getattr(self, "previous_config", None)
-        diff = config_differences(previous, self.cfg) if previous else []
-        more = " ..." if len(diff) > 5 else ""
-        what = f" (the run's config differs in {', '.join(diff[:5])}{more})" if diff else ""
-        raise ConfigError(
-            f"{path} is the finished {name} model of another configuration{what}; it would be replaced: "
-            "use another --out, or --overwrite to replace it")
-
-    def _record(self, name: str, model: LoadedModel) -> None:
+    def _record(self, name: str, model: LoadedModel) -> LoadedModel:
+        """Enter ``model`` in the report's models; returns it."""
         m = model.meta
         self.models_info[name] = {
             "method": m.get("method"),
@@ -172,6 +156,9 @@ class Run:
             "final_loss": m["history"][-1]["loss"] if m.get("history") else None,
             "train_seconds": m.get("train_seconds"),
         }
+        if m.get("continued_from"):
+            self.models_info[name]["continued_from"] = m["continued_from"]
+        return model
 
     def cached_features(self, model: LoadedModel, images: Feed) -> torch.Tensor:
         """A frozen model's features of training images (un-augmented), from the shared
@@ -218,10 +205,15 @@ class Run:
         deps: dict[str, Any] = {"old": None if method.method == "independent" else prev.fingerprint}
         if term.needs_paragon_features and paragon is not None:
             deps["paragon"] = paragon.fingerprint
-        key = run_key({**set_key, "model": model_cfg.model_dump(context=KEY),
-                    "train": train_cfg.model_dump(context=KEY), "method": method.model_dump(context=KEY),
-                    **deps})
-        return self.train_or_load(name, train_set, model_cfg, train_cfg, key, term, ctx, method, prev)
+
+        def key_of(train: TrainConfig) -> str:
+            # model_cfg holds new.train too, which is train_cfg unless the method has its own
+            model = model_cfg if method.train is not None else model_cfg.model_copy(update={"train": train})
+            return run_key({**set_key, "model": model.model_dump(context=KEY),
+                            "train": train.model_dump(context=KEY), "method": method.model_dump(context=KEY),
+                            **deps})
+
+        return self.train_or_load(name, train_set, model_cfg, train_cfg, key_of, term, ctx, method, prev)
 
     def train_chain(
         self, pool: Feed, alloc: Allocation, paragon: LoadedModel | None, data_key: dict[str, Any],
@@ -330,7 +322,8 @@ class Run:
                     "allocation": cfg.allocation.model_dump()}
         old = self.train_or_load(
             "old", old_set, cfg.old, cfg.old.train,
-            run_key({**data_key, "model": cfg.old.model_dump(context=KEY)}),
+            lambda train: run_key({**data_key, "model": cfg.old.model_copy(update={"train": train})
+                                   .model_dump(context=KEY)}),
         )
         models: dict[str, LoadedModel] = {"old": old}
         paragon = None

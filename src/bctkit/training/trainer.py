@@ -94,6 +94,7 @@ def train_model(
     checkpoint: Path | None = None,
     resume: bool = False,
     run_id: str = "",
+    extends: str | None = None,
     desc: str = "train",
     progress: bool = True,
     stop_after_epoch: int | None = None,
@@ -108,7 +109,10 @@ def train_model(
 
     A checkpoint is written atomically after every epoch (and every ``cfg.checkpoint_every`` steps
     inside one); with ``resume`` an existing checkpoint of the same ``run_id`` is continued, from
-    the step it was written at, giving the same weights as an uninterrupted run.
+    the step it was written at, giving the same weights as an uninterrupted run. ``extends``: the
+    run id of a finished run with fewer epochs and otherwise this configuration, whose final
+    checkpoint ``resume`` may also continue, to ``cfg.epochs`` (the schedule is this config's:
+    :func:`lr_factor` depends only on the step and the total epochs).
     ``stop_after_epoch`` / ``stop_after_step`` (a global step count) end early, as an interruption
     would, for tests and staged runs. ``init_seed`` (default ``cfg.seed``) seeds initialisation and
     dropout; batch order and augmentation always follow ``cfg.seed``.
@@ -149,7 +153,9 @@ def train_model(
         prec.load_state_dict(meta.get("scaler") or {})
         if isinstance(head, ShardedHead):
             _shard_state(opt, head)
-        if meta.get("run_id") != run_id:
+        if meta.get("run_id") != run_id and not (
+                extends is not None and meta.get("run_id") == extends
+                and not meta.get("step") and int(meta["epoch"]) < cfg.epochs):
             raise TrainingError(
                 f"{checkpoint}: checkpoint belongs to another configuration; delete it or drop --resume"
             )
