@@ -131,8 +131,10 @@ def test_resume_keys_ignore_eval_set_and_paragon_ignores_old(tiny_run, tmp_path)
     assert rep["results"][0]["n"] > 0 and "8 ids" in rep["results"][0]["protocol"]
     logs.clear()
     weaker_old = load_config(cfg_path, ["old.train.epochs=1"])
+    # a one-epoch run warms its margin head up over half an epoch (the default 1 must end before it)
     with pytest.raises(ConfigError, match=r"finished old model of another configuration \(the run's config "
-                                          r"differs in data.eval_classes, old.train.epochs\).*--overwrite"):
+                                          r"differs in data.eval_classes, old.train.epochs, "
+                                          r"old.train.schedule.warmup_epochs\).*--overwrite"):
         run_pipeline(weaker_old, run_dir, resume=True, progress=False, log=logs.append)
     run_pipeline(weaker_old, run_dir, resume=True, progress=False, log=logs.append, overwrite=True)
     reused = [line for line in logs if "reusing finished model" in line]

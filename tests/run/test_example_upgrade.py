@@ -1,0 +1,38 @@
+"""The upgrade example's config: the README's walk-through is the packaged `upgrade-demo` config,
+and the demo fills in its paths and sizes."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bctkit.run.config import load_config, packaged_config
+from bctkit.run.example_upgrade import FULL, QUICK, _write_config
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def test_readme_walk_through_config_is_the_packaged_one():
+    block = re.search(r"```yaml\n# upgrade\.yaml\n(.*?)```", README.read_text(), re.S)
+    assert block is not None, "README lost the walk-through's upgrade.yaml block"
+    assert yaml.safe_load(block.group(1)) == yaml.safe_load(packaged_config("upgrade-demo").read_text())
+
+
+@pytest.mark.parametrize("size", [FULL, QUICK])
+def test_written_config_points_at_the_example_and_loads(tmp_path, size):
+    path = _write_config(tmp_path, size)
+    text = path.read_text()
+    assert "DEMO/" not in text and "# the form of its classifier" in text  # comments kept
+    cfg = load_config(path, [])
+    root = tmp_path.resolve()
+    assert cfg.data.recordio.path == str(root / "data" / "train")
+    assert cfg.old.weights == str(root / "old" / "model.pt")
+    assert cfg.old.classifier.weights == [str(root / "old" / f"softmax_fc_gpu_{r}.pt") for r in (0, 1)]
+    assert cfg.old.classifier.num_classes == size.train_ids
+    assert cfg.data.eval_images_per_class == size.test_images_per_id
+    train = cfg.new.train
+    assert (train.epochs, train.batch_size) == ((6, 128) if size == FULL else (size.old_epochs, 32))
+    # the new model's safeguards come from the margin-head defaults, not the file
+    assert train.grad_clip == 5.0 and train.schedule.warmup_epochs == 1.0
+    assert train.base_lr == pytest.approx(0.1 * train.batch_size / 512)
