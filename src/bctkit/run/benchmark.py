@@ -100,7 +100,11 @@ class Run:
                      "(only train.epochs changed)")
             self.continued.append(name)
         else:
-            self.log(f"[{name}] training on {len(train_set)} images, {train_set.source.num_classes} classes")
+            opt = train_cfg.optimizer
+            scaled = (f" (= {opt.lr:g} x batch {train_cfg.batch_size} / {opt.lr_batch})"
+                      if opt.lr_batch else "")
+            self.log(f"[{name}] training on {len(train_set)} images, {train_set.source.num_classes} classes, "
+                     f"lr {train_cfg.base_lr:g}{scaled}")
             if self.resume and ckpt.exists() and not resume:
                 self.log(f"[{name}] checkpoint is from another configuration; training from scratch")
         t0 = time.perf_counter()
