@@ -193,8 +193,11 @@ def test_a_partial_backfill_without_a_passed_certificate_is_refused(world):
         assert store.backfill_orders() == {model.fingerprint: ["random"]}
 
 
-REPORT_CURVES = {"random": {"fractions": [0.0, 0.5, 1.0], "values": [0.2, 0.6, 0.7]},
-                 "benefit": {"fractions": [0.0, 0.5, 1.0], "values": [0.3, 0.8, 0.9]}}
+# As a run's report.json holds them: the curves by order, beside what they measure.
+REPORT_CURVES = {"metric": "top1", "by": "class", "area_rule": "trapezoid over p", "seed": 0,
+                 "protocol": "1:N closed-set top-1, 48 probes by bct, gallery of 12 images",
+                 "random": {"fractions": [0.0, 0.5, 1.0], "values": [0.2, 0.6, 0.7], "area": 0.5},
+                 "benefit": {"fractions": [0.0, 0.5, 1.0], "values": [0.3, 0.8, 0.9], "area": 0.7}}
 
 
 @pytest.mark.parametrize("order, expected", [("random", "40.00 %"), ("benefit", "55.00 %")])
@@ -216,6 +219,8 @@ def test_expected_accuracy_reads_the_report_curve(world, order, expected):
         report["backfill"]["bct"].pop(order)
         (line,) = expected_accuracy(store, report)
         assert "expected top-1 of" not in line and f"no {order}-order backfill curve" in line
+        other = "benefit" if order == "random" else "random"
+        assert line.endswith(f"(it has {other}): no expected top-1")  # curves only, not 'metric' etc.
 
 
 def test_expected_accuracy_predicts_only_allowed_searches(world):

@@ -35,6 +35,8 @@ def check_report(report: Any, where: str = "report") -> dict[str, Any]:
         if not isinstance(orders, dict):
             raise refuse(f"'backfill.{name}' must be an object of curves by order")
         for order, curve in orders.items():
+            if isinstance(curve, str | int | float) and not isinstance(curve, bool):
+                continue  # what the curves measure: 'metric', 'by', 'protocol', 'seed', ...
             xs, ys = (curve.get(k) if isinstance(curve, dict) else None for k in ("fractions", "values"))
             if not (isinstance(xs, list) and isinstance(ys, list) and xs and len(xs) == len(ys)
                     and all(isinstance(v, int | float) and not isinstance(v, bool) for v in xs + ys)):
@@ -56,7 +58,8 @@ def expected_accuracy(store: Any, report: Any, where: str = "report") -> list[st
     lines = []
     for fp, info in store.versions().items():
         name = by_fp.get(fp)
-        curves = report.get("backfill", {}).get(name or "")
+        curves = {order: curve for order, curve in report.get("backfill", {}).get(name or "", {}).items()
+                  if isinstance(curve, dict)}
         if not curves or not total or not info["count"]:
             continue
         share = info["count"] / total
