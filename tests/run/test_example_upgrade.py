@@ -32,7 +32,8 @@ def test_written_config_points_at_the_example_and_loads(tmp_path, size):
     assert cfg.old.classifier.num_classes == size.train_ids
     assert cfg.data.eval_images_per_class == size.test_images_per_id
     train = cfg.new.train
-    assert (train.epochs, train.batch_size) == ((6, 128) if size == FULL else (size.old_epochs, 32))
+    assert (train.epochs, train.batch_size) == (size.new_epochs, size.new_batch)
+    assert (FULL.new_epochs, FULL.new_batch) == (6, 128)  # the packaged file's own
     # warm-up and clipping come from the margin-head defaults; the rate is the file's, unscaled
     assert train.grad_clip == 5.0 and train.schedule.warmup_epochs == 1.0
     assert train.optimizer.lr_batch is None and train.base_lr == 0.1

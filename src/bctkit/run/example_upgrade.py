@@ -41,20 +41,23 @@ GALLERY_PER_ID = 2  # held-out images per identity enrolled in the gallery; the 
 @dataclass(frozen=True)
 class ExampleSize:
     """How large the example is: identities and images of the training set and the held-out set,
-    the old model's training epochs, and the characters drawn from (None: all CJK ideographs, whose
-    font scan the glyphs demo shares; a small range scans in seconds)."""
+    the old and new models' training epochs and the new model's batch, and the characters drawn from
+    (None: all CJK ideographs, whose font scan the glyphs demo shares; a small range scans in
+    seconds)."""
 
     train_ids: int
     images_per_id: int
     test_ids: int
     test_images_per_id: int
     old_epochs: int
+    new_epochs: int = 6
+    new_batch: int = 128
     char_ranges: tuple[str, ...] | None = None
 
 
 FULL = ExampleSize(train_ids=200, images_per_id=15, test_ids=100, test_images_per_id=10, old_epochs=10)
 QUICK = ExampleSize(train_ids=24, images_per_id=8, test_ids=12, test_images_per_id=5, old_epochs=2,
-                    char_ranges=("4E00-4FFF",))
+                    new_batch=32, char_ranges=("4E00-4FFF",))
 
 
 def old_model_config(epochs: int) -> ModelConfig:
@@ -165,10 +168,9 @@ def _write_config(out: Path, size: ExampleSize) -> Path:
     paths in place of ``DEMO`` (and, for a reduced example, its sizes)."""
     text = packaged_config("upgrade-demo").read_text()
     swaps = [("num_classes: 200 ", f"num_classes: {size.train_ids} "),
-             ("eval_images_per_class: 10\n", f"eval_images_per_class: {size.test_images_per_id}\n")]
-    if size != FULL:
-        swaps.append(("train: {epochs: 6, batch_size: 128,",
-                      f"train: {{epochs: {size.old_epochs}, batch_size: 32,"))
+             ("eval_images_per_class: 10\n", f"eval_images_per_class: {size.test_images_per_id}\n"),
+             ("train: {epochs: 6, batch_size: 128,",
+              f"train: {{epochs: {size.new_epochs}, batch_size: {size.new_batch},")]
     for old, new in swaps:
         if text.count(old) != 1:
             raise RuntimeError(f"packaged upgrade-demo.yaml: expected one {old.strip()!r}")
