@@ -34,7 +34,6 @@ from bctkit.training import train_model
 from bctkit.training.config import ModelConfig
 
 OLD_RANKS = 2  # Partial FC shards of the old model, as a 2-GPU arcface_torch run leaves them
-OLD_SHARE = 0.5  # of each training identity's images the old model was trained on
 GALLERY_PER_ID = 2  # held-out images per identity enrolled in the gallery; the rest are queries
 
 
@@ -50,27 +49,34 @@ class ExampleSize:
     test_ids: int
     test_images_per_id: int
     old_epochs: int
+    old_batch: int = 64
     new_epochs: int = 6
     new_batch: int = 128
     char_ranges: tuple[str, ...] | None = None
+    glyph_options: tuple[tuple[str, float], ...] = ()  # GlyphsConfig overrides, e.g. milder distortion
+    image_size: int = 32  # a multiple of 16 (the iresnets' stride)
+    old_share: float = 0.5  # of each training identity's images the old model was trained on
 
 
 FULL = ExampleSize(train_ids=200, images_per_id=15, test_ids=100, test_images_per_id=10, old_epochs=10)
-QUICK = ExampleSize(train_ids=24, images_per_id=8, test_ids=12, test_images_per_id=5, old_epochs=2,
-                    new_batch=32, char_ranges=("4E00-4FFF",))
+# The reduced example the tests run (about a minute): few identities, so a small batch for enough
+# steps, and milder distortions so that a model learns them in those steps.
+QUICK = ExampleSize(train_ids=24, images_per_id=12, test_ids=16, test_images_per_id=6, old_epochs=10,
+                    old_batch=16, new_epochs=8, new_batch=16, char_ranges=("4E00-4FFF",),
+                    glyph_options=(("occlusion_prob", 0.0), ("noise", 0.0), ("blur", 0.3),
+                                   ("rotation_deg", 4.0), ("shear_deg", 4.0), ("stroke_prob", 0.0)))
 
 
-def old_model_config(epochs: int) -> ModelConfig:
+def old_model_config(epochs: int, batch: int = 64, image_size: int = 32) -> ModelConfig:
     """The production model: arcface_torch's iresnet18 with an ArcFace head, at 32x32 so it trains
     on a CPU; warm-up and clipping are the margin-head defaults, the rate the glyphs demo's."""
     return ModelConfig.model_validate({
-        "backbone": {"arch": "iresnet18", "embedding_dim": 128, "image_size": 32},
+        "backbone": {"arch": "iresnet18", "embedding_dim": 128, "image_size": image_size},
         "head": {"type": "arcface", "s": 32, "m": 0.3},
-        "train": {"epochs": epochs, "batch_size": 64, "optimizer": {"lr": 0.1}, "seed": 1},
+        "train": {"epochs": epochs, "batch_size": batch, "optimizer": {"lr": 0.1}, "seed": 1},
     })
 
 
-TRANSFORM = TransformConfig(color="rgb", resize=32)
 
 
 def prepare(out: Path, size: ExampleSize = FULL, *, progress: bool = True,
@@ -78,9 +84,10 @@ def prepare(out: Path, size: ExampleSize = FULL, *, progress: bool = True,
     """Write the example's data, old model and config under ``out``; returns the config's path."""
     out = Path(out)
     glyphs: dict[str, Any] = {"num_classes": size.train_ids, "images_per_class": size.images_per_id,
-                              "size": 32, "min_faces": 15, "seed": 0}
+                              "size": size.image_size, "min_faces": 15, "seed": 0}
     if size.char_ranges:
         glyphs["char_ranges"] = list(size.char_ranges)
+    glyphs.update(dict(size.glyph_options))
     data_cfg = DataConfig.model_validate({"dataset": "glyphs", "glyphs": glyphs,
                                           "eval_classes": size.test_ids,
                                           "eval_images_per_class": size.test_images_per_id})
@@ -95,11 +102,11 @@ def prepare(out: Path, size: ExampleSize = FULL, *, progress: bool = True,
         _write_folders(data_dir, data.held_out)
         _record(data_dir, inputs)
     old_dir = out / "old"
-    model_cfg = old_model_config(size.old_epochs)
+    model_cfg = old_model_config(size.old_epochs, size.old_batch, size.image_size)
     old_inputs = {"data": _recorded(data_dir, inputs), "model": model_cfg.model_dump(mode="json"),
-                  "share": OLD_SHARE, "ranks": OLD_RANKS}
+                  "share": size.old_share, "ranks": OLD_RANKS}
     if _recorded(old_dir, old_inputs) is None:
-        _train_old(data_dir / "train", old_dir, model_cfg, progress, log)
+        _train_old(data_dir / "train", old_dir, model_cfg, size.old_share, progress, log)
         _record(old_dir, old_inputs)
     return _write_config(out, size)
 
@@ -148,13 +155,14 @@ def _write_folders(data_dir: Path, source: DataSource) -> None:
                 tmp.write_bytes(data)
 
 
-def _train_old(train_dir: Path, old_dir: Path, model_cfg: ModelConfig, progress: bool,
+def _train_old(train_dir: Path, old_dir: Path, model_cfg: ModelConfig, share: float, progress: bool,
                log: Callable[[str], None]) -> None:
-    """Train the production model on :data:`OLD_SHARE` of every identity's images, as read from the
+    """Train the production model on ``share`` of every identity's images, as read from the
     RecordIO set, and write it in arcface_torch's layout."""
     source = RecordIOSource(train_dir)
-    part = allocate(source.labels, "extended-data", OLD_SHARE, seed=666)
-    feed = Feed(source.subset(part.old_indices, part.old_labels), Preprocess(TRANSFORM))
+    part = allocate(source.labels, "extended-data", share, seed=666)
+    transform = TransformConfig(color="rgb", resize=model_cfg.backbone.input_shape[1])
+    feed = Feed(source.subset(part.old_indices, part.old_labels), Preprocess(transform))
     log(f"[example] training the old model (arcface_torch iresnet18, ArcFace) on "
         f"{len(part.old_indices)} images of {source.num_classes} identities")
     result = train_model(feed, model_cfg.backbone, model_cfg.head, model_cfg.train,
@@ -170,10 +178,12 @@ def _write_config(out: Path, size: ExampleSize) -> Path:
     swaps = [("num_classes: 200 ", f"num_classes: {size.train_ids} "),
              ("eval_images_per_class: 10\n", f"eval_images_per_class: {size.test_images_per_id}\n"),
              ("train: {epochs: 6, batch_size: 128,",
-              f"train: {{epochs: {size.new_epochs}, batch_size: {size.new_batch},")]
+              f"train: {{epochs: {size.new_epochs}, batch_size: {size.new_batch},"),
+             ("image_size: 32}", f"image_size: {size.image_size}}}"),  # old and new backbones
+             ("resize: 32}", f"resize: {size.image_size}}}")]
     for old, new in swaps:
-        if text.count(old) != 1:
-            raise RuntimeError(f"packaged upgrade-demo.yaml: expected one {old.strip()!r}")
+        if text.count(old) != (2 if old.startswith("image_size") else 1):
+            raise RuntimeError(f"packaged upgrade-demo.yaml: unexpected count of {old.strip()!r}")
         text = text.replace(old, new)
     path = out / "upgrade.yaml"
     write_text(path, text.replace("DEMO/", f"{out.resolve()}/"))
