@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bctkit.errors import ConfigError
 from bctkit.run.config import load_config, packaged_config
-from bctkit.run.example_upgrade import FULL, QUICK, _write_config
+from bctkit.run.example_upgrade import FULL, QUICK, _record, _recorded, _start, _write_config
 
 README = Path(__file__).parents[2] / "README.md"
 
@@ -37,3 +38,24 @@ def test_written_config_points_at_the_example_and_loads(tmp_path, size):
     # warm-up and clipping come from the margin-head defaults; the rate is the file's, unscaled
     assert train.grad_clip == 5.0 and train.schedule.warmup_epochs == 1.0
     assert train.optimizer.lr_batch is None and train.base_lr == 0.1
+
+
+def test_a_folder_is_rewritten_whole_and_a_foreign_one_refused(tmp_path):
+    """An example's folder written for other sizes (or half written) is emptied before it is written
+    again, so none of its files stay among the new ones; a folder the demo did not write is refused
+    and left as it is."""
+    ours = tmp_path / "data"
+    _start(ours)
+    (ours / "id0099").mkdir()
+    (ours / "id0099" / "0.png").write_bytes(b"old")
+    assert _recorded(ours, {"a": 1}) is None  # incomplete
+    _record(ours, {"a": 1})
+    assert _recorded(ours, {"a": 1}) is not None and _recorded(ours, {"a": 2}) is None
+    _start(ours)
+    assert sorted(p.name for p in ours.iterdir()) == ["written.json"]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"mine exists and was not written by `bctkit demo --upgrade`"):
+        _start(foreign)
+    assert (foreign / "keep.txt").read_text() == "x"

@@ -11,6 +11,7 @@ reused (the old model is trained once)."""
 from __future__ import annotations
 
 import io
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from bctkit.data.sources.recordio import RecordIOSource
 from bctkit.data.sources.recordio_writer import write_insightface
 from bctkit.data.transforms import Preprocess, TransformConfig
 from bctkit.engine.loader import Feed
+from bctkit.errors import ConfigError, FileFormatError
 from bctkit.oldside.arcface_torch import write_arcface_torch
 from bctkit.run.config import packaged_config
 from bctkit.run.keys import run_key
@@ -77,8 +79,6 @@ def old_model_config(epochs: int, batch: int = 64, image_size: int = 32) -> Mode
     })
 
 
-
-
 def prepare(out: Path, size: ExampleSize = FULL, *, progress: bool = True,
             log: Callable[[str], None] = print) -> Path:
     """Write the example's data, old model and config under ``out``; returns the config's path."""
@@ -94,6 +94,7 @@ def prepare(out: Path, size: ExampleSize = FULL, *, progress: bool = True,
     data_dir = out / "data"
     inputs = {"glyphs": glyphs, "test": [size.test_ids, size.test_images_per_id]}
     if _recorded(data_dir, inputs) is None:
+        _start(data_dir)
         data = load_data(data_cfg, progress=progress)
         log(f"[example] writing {len(data.pool)} training images ({data.pool.num_classes} identities) as "
             f"RecordIO, {len(data.held_out)} held-out images ({data.held_out.num_classes} identities) "
@@ -106,6 +107,7 @@ def prepare(out: Path, size: ExampleSize = FULL, *, progress: bool = True,
     old_inputs = {"data": _recorded(data_dir, inputs), "model": model_cfg.model_dump(mode="json"),
                   "share": size.old_share, "ranks": OLD_RANKS}
     if _recorded(old_dir, old_inputs) is None:
+        _start(old_dir)
         _train_old(data_dir / "train", old_dir, model_cfg, size.old_share, progress, log)
         _record(old_dir, old_inputs)
     return _write_config(out, size)
@@ -116,9 +118,28 @@ def _recorded(folder: Path, inputs: dict[str, Any]) -> str | None:
     key = run_key(inputs)
     try:
         done = read_json(folder / "written.json")
-    except Exception:  # absent or unreadable: write it again
+    except (FileFormatError, OSError):  # absent or unreadable: write it again
         return None
     return key if isinstance(done, dict) and done.get("key") == key else None
+
+
+def _clear(folder: Path) -> None:
+    """Empty a folder of an earlier example (of other sizes) before it is written again, so no file
+    of it is left among the new ones; a folder this module did not write is refused, not removed."""
+    if not folder.exists():
+        return
+    if not (folder / "written.json").is_file() and any(folder.iterdir()):
+        raise ConfigError(f"{folder} exists and was not written by `bctkit demo --upgrade`; "
+                          "choose another --out")
+    shutil.rmtree(folder)
+
+
+def _start(folder: Path) -> None:
+    """Claim ``folder`` before writing it: cleared, with a record that says it is incomplete (an
+    interrupted write is then cleared and redone by the next run)."""
+    _clear(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "written.json", {"key": None})
 
 
 def _record(folder: Path, inputs: dict[str, Any]) -> None:
