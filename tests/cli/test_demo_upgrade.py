@@ -69,6 +69,8 @@ def test_the_walk_through_ends_in_a_passed_certificate_and_a_half_backfilled_gal
     half = json.loads((out / "hits-half-backfilled.json").read_text())["queries"]
     assert len({hit["version"] for row in half for hit in row["results"]}) == 2  # a mixed-version search
     assert "expected top-1 of bct queries" in proc.stdout  # status read the run's report
+    line = f"certificate: top1 cross {100 * crit['cross']:.2f} % > old self {100 * crit['old_self']:.2f} %"
+    assert line in (out / "summary.md").read_text()
 
 
 def test_the_old_model_is_in_arcface_torch_layout_and_the_data_is_recordio(demo):

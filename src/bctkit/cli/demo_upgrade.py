@@ -101,8 +101,8 @@ def _summary(out: Path, cert: dict[str, Any], before: float, half: float, items:
     lines = [
         "# bctkit demo --upgrade",
         "",
-        f"- certificate: {crit['metric']} cross {crit['cross']:.2f} > old self {crit['old_self']:.2f}: "
-        "passed",
+        f"- certificate: {crit['metric']} cross {100 * crit['cross']:.2f} % > old self "
+        f"{100 * crit['old_self']:.2f} %: passed",
         f"- gallery of {items} old-model items; new-model queries (ONNX export), top-1 of the query's "
         f"identity: {before:.2f} % before any backfill, {half:.2f} % with {items // 2} items backfilled",
         f"- {total / 60:.1f} min in all ({prepared / 60:.1f} min writing the example's data and old model)",
