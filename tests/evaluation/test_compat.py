@@ -111,15 +111,19 @@ def backfill_data(seed: int = 0, d: int = 8):
     return q_new, g_old, g_new, gid, qid
 
 
-def brute_curve(q_new, g_old, g_new, gid, qid, metric, fractions, by):
-    """Definition with 'distance' order, recomputed with loops and sklearn."""
-    dist = [1 - float(a @ b) for a, b in zip(unit(g_old), unit(g_new), strict=True)]
+def brute_curve(q_new, g_old, g_new, gid, qid, metric, fractions, by, how="distance"):
+    """Definition with the 'distance' order (largest 1 - cos(old, new) first) or the 'benefit' order
+    (smallest raw old norm first), recomputed with loops and sklearn."""
+    if how == "distance":
+        key = [-(1 - float(a @ b)) for a, b in zip(unit(g_old), unit(g_new), strict=True)]
+    else:
+        key = [float(np.sqrt(sum(float(v) ** 2 for v in row))) for row in g_old]
     if by == "class":
         classes = sorted(set(gid.tolist()))
-        unit_dist = {c: np.mean([dist[i] for i in range(len(gid)) if gid[i] == c]) for c in classes}
-        order = sorted(classes, key=lambda c: -unit_dist[c])
+        unit_key = {c: np.mean([key[i] for i in range(len(gid)) if gid[i] == c]) for c in classes}
+        order = sorted(classes, key=lambda c: unit_key[c])
     else:
-        order = sorted(range(len(gid)), key=lambda i: -dist[i])
+        order = sorted(range(len(gid)), key=lambda i: key[i])
     values = []
     for p in fractions:
         chosen = set(order[: int(round(p * len(order)))])
@@ -139,15 +143,16 @@ def brute_curve(q_new, g_old, g_new, gid, qid, metric, fractions, by):
     return np.array(values)
 
 
+@pytest.mark.parametrize("how", ["distance", "benefit"])
 @pytest.mark.parametrize("metric", ["top1", "map"])
 @pytest.mark.parametrize("by", ["class", "item"])
-def test_backfill_distance_order_matches_brute_force(metric: str, by: str) -> None:
+def test_backfill_ordered_curves_match_brute_force(metric: str, by: str, how: str) -> None:
     q_new, g_old, g_new, gid, qid = backfill_data(1)
     fractions = np.linspace(0, 1, 11)
     fr, vals, area = partial_backfill_curve(
-        q_new, g_old, g_new, gid, qid, metric=metric, by=by, order="distance", block_queries=9
+        q_new, g_old, g_new, gid, qid, metric=metric, by=by, order=how, block_queries=9
     )
-    want = brute_curve(q_new, g_old, g_new, gid, qid, metric, fractions, by)
+    want = brute_curve(q_new, g_old, g_new, gid, qid, metric, fractions, by, how)
     np.testing.assert_allclose(fr, fractions)
     np.testing.assert_allclose(vals, want, atol=1e-9)
     trap = sum((fr[i + 1] - fr[i]) * (vals[i + 1] + vals[i]) / 2 for i in range(len(fr) - 1))

@@ -81,7 +81,7 @@ def run_upgrade_demo(args: argparse.Namespace) -> int:
     _step(["gallery", "search", str(gallery), "--model", onnx, "--images", str(data / "queries"), "-k", "5",
            "--out", str(hits_old), *quiet])
     _step(["gallery", "backfill", str(gallery), "--model", str(new), "--images", str(data / "gallery"),
-           "--order", "random", "--limit", str(items // 2), *quiet])
+           "--order", "benefit", "--limit", str(items // 2), *quiet])
     _step(["gallery", "search", str(gallery), "--model", onnx, "--images", str(data / "queries"), "-k", "5",
            "--out", str(hits_half), *quiet])
     report = report_dir(run, "test") / "report.json"

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from bctkit.evaluation.compat import (
+    BACKFILL_ORDER_NAMES,
     chain_metrics,
     compatibility_matrix,
     criterion,
@@ -92,7 +93,7 @@ def backfill_curves(
             continue
         q_cross, _, dims = view
         curves = {}
-        for order in ("random", "distance"):
+        for order in BACKFILL_ORDER_NAMES:
             fr, vals, area = partial_backfill_curve(
                 fs.feats[p_idx], old_fs.feats[g_idx], fs.feats[g_idx], labels[g_idx], labels[p_idx],
                 metric="top1", by="class", order=order, seed=seed, query_cross=q_cross[p_idx],
@@ -133,10 +134,10 @@ def write_plots(
         written.append(fname)
     if backfill:
         curves = {f"{n} ({order})": (b[order]["fractions"], b[order]["values"])
-                  for n, b in backfill.items() for order in ("random", "distance")}
-        lines = {f"{n} ({order})": {"color": colour.get(n, "black"),
-                                    "linestyle": "-" if order == "random" else ":"}
-                 for n in backfill for order in ("random", "distance")}
+                  for n, b in backfill.items() for order in BACKFILL_ORDER_NAMES if order in b}
+        dashes = {"random": "-", "distance": ":", "benefit": "--"}
+        lines = {f"{n} ({order})": {"color": colour.get(n, "black"), "linestyle": dashes[order]}
+                 for n in backfill for order in BACKFILL_ORDER_NAMES}
         plot_backfill(curves, out_dir / "backfill.png", title="Partial backfill by class", ylabel="top-1",
                       styles=lines)
         written.append("backfill.png")

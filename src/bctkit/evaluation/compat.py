@@ -106,6 +106,10 @@ def chain_metrics(m: np.ndarray, am_include_diagonal: bool = False) -> dict[str,
     return out
 
 
+BACKFILL_ORDER_NAMES = ("random", "distance", "benefit")
+"""The partial-backfill orders a run's report measures (``benefit`` is ``bctkit gallery backfill``'s)."""
+
+
 def _backfill_order(
     gallery_old: torch.Tensor,
     gallery_new: torch.Tensor,
@@ -113,19 +117,23 @@ def _backfill_order(
     n_units: int,
     order: str,
     seed: int,
+    old_norms: torch.Tensor,
 ) -> np.ndarray:
     """Order in which units (classes or items) are backfilled; see partial_backfill_curve."""
     if order == "random":
         return np.random.default_rng(seed).permutation(n_units)
-    if order != "distance":
-        raise DataError(f"unknown backfill order {order!r}; expected 'random' or 'distance'")
-    d = min(gallery_old.shape[1], gallery_new.shape[1])
-    old = torch.nn.functional.normalize(gallery_old[:, :d], dim=1)
-    new = torch.nn.functional.normalize(gallery_new[:, :d], dim=1)
-    dist = (1.0 - (old * new).sum(1)).to(torch.float64)
-    per_unit = torch.zeros(n_units, dtype=torch.float64).index_add_(0, units, dist)
+    if order not in ("distance", "benefit"):
+        raise DataError(f"unknown backfill order {order!r}; expected 'random', 'distance' or 'benefit'")
+    if order == "benefit":
+        value, sign = old_norms.to(torch.float64), 1.0  # smallest old-embedding norm first
+    else:
+        d = min(gallery_old.shape[1], gallery_new.shape[1])
+        old = torch.nn.functional.normalize(gallery_old[:, :d], dim=1)
+        new = torch.nn.functional.normalize(gallery_new[:, :d], dim=1)
+        value, sign = (1.0 - (old * new).sum(1)).to(torch.float64), -1.0  # largest change first
+    per_unit = torch.zeros(n_units, dtype=torch.float64).index_add_(0, units, value)
     per_unit /= torch.bincount(units, minlength=n_units).to(torch.float64)
-    return np.argsort(-per_unit.numpy(), kind="stable")
+    return np.argsort(sign * per_unit.numpy(), kind="stable")
 
 
 def _ranked_ap(rel: torch.Tensor) -> torch.Tensor:
@@ -156,7 +164,9 @@ def partial_backfill_curve(
     gallery items when ``by="item"``) take their new features; the rest keep the old ones.
     Ordering: "random" = a seeded permutation; "distance" = largest old/new change first, the
     change of an item being 1 - cos(old, new) over the first min(d_o, d_n) coordinates and that of
-    a class the mean over its items. Queries are compared with old items through ``query_cross``
+    a class the mean over its items; "benefit" = smallest L2 norm of the (un-normalised) old
+    embedding first, a class's being the mean over its items (``bctkit gallery backfill --order
+    benefit``), ties in unit order. Queries are compared with old items through ``query_cross``
     (default: ``query_new``; pass the compatible sub-embedding when d_n != d_o) and with new items
     through ``query_new``. metric "top1": closed-set rank-1 accuracy over probes whose identity is
     in the gallery; "map": mAP over queries with a relevant item. Cosine similarity throughout.
@@ -198,8 +208,9 @@ def partial_backfill_curve(
     else:
         units = torch.arange(g_old.shape[0])
     n_units = int(units.max()) + 1
+    old_norms = torch.as_tensor(np.asarray(gallery_old), dtype=torch.float64).norm(dim=1)  # raw
     rank_of_unit = np.empty(n_units, dtype=np.int64)
-    rank_of_unit[_backfill_order(g_old, g_new, units, n_units, order, seed)] = np.arange(n_units)
+    rank_of_unit[_backfill_order(g_old, g_new, units, n_units, order, seed, old_norms)] = np.arange(n_units)
     item_rank = torch.as_tensor(rank_of_unit)[units]
     counts = [int(round(p * n_units)) for p in fr]
 

@@ -36,8 +36,10 @@ BACKFILL_ORDERS = {
     "distance": "the classes whose embedding changed most from the old to the new model first (mean "
                 "1 - cos(old, new) over the compared coordinates): it needs every item's new "
                 "embedding, so it is a reference for the best an ordering could do, not one a live "
-                "backfill can follow; `bctkit gallery backfill --order benefit` (smallest old-embedding "
-                "norm first, known before re-embedding) is the gallery's stand-in and is not measured here",
+                "backfill can follow",
+    "benefit": "the classes whose old embeddings have the smallest L2 norm first (mean over the class's "
+               "items), what `bctkit gallery backfill --order benefit` does with only what is known "
+               "before re-embedding",
 }
 """One sentence per partial-backfill order of the report."""
 
@@ -197,7 +199,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"- {order}: {text}." for order, text in BACKFILL_ORDERS.items()] + [""]
         rows = []
         for name, b in backfill.items():
-            for order in BACKFILL_ORDERS:
+            for order in (o for o in BACKFILL_ORDERS if o in b):  # reports before benefit lack it
                 vals = b[order]["values"]
                 rows.append([name, order, fmt_percent(vals[0]), fmt_percent(vals[len(vals) // 2]),
                              fmt_percent(vals[-1]), f"{100 * b[order]['area']:.2f}"])
