@@ -15,8 +15,9 @@ import sys
 import pytest
 import torch
 
-from bctkit.cli.demo_upgrade import top1
+from bctkit.cli.demo_upgrade import fresh_gallery, top1
 from bctkit.data.sources.recordio import RecordIOSource
+from bctkit.errors import ConfigError
 from bctkit.evaluation.certificate import verify_certificate
 from bctkit.gallery import GalleryStore
 from bctkit.run.example_upgrade import GALLERY_PER_ID, QUICK
@@ -93,3 +94,19 @@ def test_a_second_run_reuses_everything(demo):
     said = proc.stdout + proc.stderr
     assert "reusing finished model" in said and "training the old model" not in said
     assert (out / "old" / "model.pt").stat().st_mtime_ns == before
+
+
+def test_only_an_earlier_demo_store_is_removed(demo, tmp_path):
+    """The demo rebuilds its gallery every run; a folder of the same name that is not a store is
+    refused and kept."""
+    out, _, _ = demo
+    copy = tmp_path / "gallery"
+    subprocess.run(["cp", "-a", str(out / "gallery"), str(copy)], check=True)
+    fresh_gallery(copy)
+    assert not copy.exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")
+    with pytest.raises(ConfigError, match=r"mine exists and is not a gallery store of an earlier demo"):
+        fresh_gallery(mine)
+    assert (mine / "keep.txt").read_text() == "x"

@@ -16,6 +16,7 @@ from typing import Any
 
 from bctkit.errors import BctkitError, ConfigError
 from bctkit.evaluation.report import report_dir
+from bctkit.gallery.schema import DB_NAME
 from bctkit.run.example_upgrade import FULL, QUICK, prepare
 from bctkit.storage import read_json, write_json, write_text
 
@@ -46,6 +47,17 @@ def top1(hits_file: Path) -> float:
     return 100.0 * good / max(len(rows), 1)
 
 
+def fresh_gallery(path: Path) -> None:
+    """Remove the store an earlier demo run left at ``path`` (the demo rebuilds it every run); a folder
+    there that is not a gallery store is refused, not removed."""
+    if not path.exists():
+        return
+    if not (path / DB_NAME).is_file():
+        raise ConfigError(f"{path} exists and is not a gallery store of an earlier demo; "
+                          "choose another --out")
+    shutil.rmtree(path)
+
+
 def run_upgrade_demo(args: argparse.Namespace) -> int:
     """Write the example files, then every step of the walk-through; returns 0 when the new model
     passed its certificate and every step ran (a failed claim stops at the gate with exit 3)."""
@@ -71,7 +83,7 @@ def run_upgrade_demo(args: argparse.Namespace) -> int:
     export = out / "export" / "bct"
     _step(["export", str(new), "--format", "onnx", "--out", str(export)])
     gallery = out / "gallery"
-    shutil.rmtree(gallery, ignore_errors=True)  # the demo's own store: rebuilt on every run
+    fresh_gallery(gallery)
     items = sum(1 for _ in (data / "gallery").rglob("*.png"))
     hits_old, hits_half = out / "hits-before-backfill.json", out / "hits-half-backfilled.json"
     onnx = str(export / "model.onnx")  # the served model searches
