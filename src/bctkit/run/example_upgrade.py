@@ -104,7 +104,7 @@ def prepare(out: Path, size: ExampleSize = FULL, *, progress: bool = True,
         _record(data_dir, inputs)
     old_dir = out / "old"
     model_cfg = old_model_config(size.old_epochs, size.old_batch, size.image_size)
-    old_inputs = {"data": _recorded(data_dir, inputs), "model": model_cfg.model_dump(mode="json"),
+    old_inputs = {"data": run_key(inputs), "model": model_cfg.model_dump(mode="json"),
                   "share": size.old_share, "ranks": OLD_RANKS}
     if _recorded(old_dir, old_inputs) is None:
         _start(old_dir)
