@@ -86,3 +86,29 @@ def test_bad_input(labels):
         allocate(labels, "open-data", ratio=1.5)
     with pytest.raises(DataError, match="non-negative"):
         allocate(np.array([0, -1, 2]), "open-data")
+
+
+def test_first_classes_in_dataset_order():
+    """BT^2's split: the old model sees the first half of the classes by id (CIFAR-100's 0-49), the
+    new model all of them; the pool's order of images does not matter."""
+    rng = np.random.default_rng(1)
+    labels = rng.permutation(np.repeat(np.arange(100), 3))
+    a = allocate(labels, "extended-class", 0.5, seed=5, class_order="first")
+    assert a.old_classes.tolist() == list(range(50))
+    assert np.array_equal(a.old_indices, np.flatnonzero(labels < 50))
+    assert np.array_equal(a.new_indices, np.arange(len(labels)))
+    assert a.new_to_old.tolist() == list(range(50)) + [-1] * 50
+    assert a.summary()["classes"] == "first in dataset order"
+    other_seed = allocate(labels, "extended-class", 0.5, seed=6, class_order="first")
+    assert np.array_equal(other_seed.old_indices, a.old_indices)  # no draw: the seed plays no part
+    drawn = allocate(labels, "extended-class", 0.5, seed=5)
+    assert drawn.old_classes.tolist() != list(range(50)) and "classes" not in drawn.summary()
+    oc = allocate(labels, "open-class", 0.3, class_order="first")
+    assert oc.old_classes.tolist() == list(range(30)) and oc.new_classes.tolist() == list(range(30, 100))
+
+
+def test_first_classes_refused_for_data_splits():
+    with pytest.raises(DataError, match="applies to a class split, not to extended-data"):
+        allocate(np.repeat(np.arange(4), 2), "extended-data", class_order="first")
+    with pytest.raises(DataError, match="class_order must be one of"):
+        allocate(np.repeat(np.arange(4), 2), "extended-class", class_order="last")

@@ -136,3 +136,14 @@ def test_merge_keys_may_override_what_they_merge(tmp_path):
                     "new:\n  train:\n    <<: *t\n    epochs: 3\n")
     cfg = load_config(path)
     assert (cfg.old.train.epochs, cfg.new.train.epochs, cfg.new.train.batch_size) == (2, 3, 16)
+
+
+def test_allocation_class_order():
+    """allocation.classes: first is checked against the scenario at load time, and the default is left
+    out of the dump (run keys of configs written before the option stay the same)."""
+    cfg = load_config(packaged_config("demo-quick"), ["allocation.scenario=extended-class",
+                                                       "allocation.classes=first"])
+    assert cfg.allocation.model_dump()["classes"] == "first"
+    assert "classes" not in load_config(packaged_config("demo-quick")).allocation.model_dump()
+    with pytest.raises(ConfigError, match="allocation.classes='first' chooses the classes of a class split"):
+        load_config(packaged_config("demo-quick"), ["allocation.classes=first"])

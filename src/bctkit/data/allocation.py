@@ -11,6 +11,10 @@ from bctkit.errors import DataError
 
 Scenario = Literal["extended-data", "open-data", "extended-class", "open-class", "identical-data"]
 SCENARIOS: tuple[str, ...] = get_args(Scenario)
+ClassOrder = Literal["random", "first"]
+"""How a class split chooses its classes: a seeded random draw (UniBCT's allocations), or the first
+ones in the dataset's class order (BT^2's and BCT's old model: CIFAR-100's classes 0-49, ImageNet's
+first 500 synsets)."""
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,7 @@ class Allocation:
     scenario: str
     ratio: float
     seed: int
+    class_order: str
     old_indices: np.ndarray
     new_indices: np.ndarray
     old_labels: np.ndarray
@@ -47,6 +52,7 @@ class Allocation:
             "scenario": self.scenario,
             "ratio": self.ratio,
             "seed": self.seed,
+            **({"classes": "first in dataset order"} if self.class_order == "first" else {}),
             "old_images": len(self.old_indices),
             "old_classes": self.num_old_classes,
             "new_images": len(self.new_indices),
@@ -56,11 +62,13 @@ class Allocation:
         }
 
 
-def class_split(labels: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask over pool items: True for the seeded random ``ratio`` of class ids."""
+def class_split(labels: np.ndarray, ratio: float, rng: np.random.Generator, order: str = "random"
+                ) -> np.ndarray:
+    """Boolean mask over pool items: True for ``ratio`` of the class ids, a seeded random draw or
+    (``order="first"``) the lowest ids, i.e. the first classes in the dataset's order."""
     classes = np.unique(labels)
     k = min(max(1, int(np.floor(ratio * len(classes)))), len(classes) - 1)
-    chosen = rng.permutation(classes)[:k]
+    chosen = classes[:k] if order == "first" else rng.permutation(classes)[:k]
     return np.isin(labels, chosen)
 
 
@@ -93,12 +101,13 @@ def label_map(new_classes: np.ndarray, old_classes: np.ndarray) -> np.ndarray:
 
 
 def allocate(
-    labels: np.ndarray, scenario: str, ratio: float = 0.3, seed: int = 666
+    labels: np.ndarray, scenario: str, ratio: float = 0.3, seed: int = 666, class_order: str = "random"
 ) -> Allocation:
     """Split a labelled pool into old and new training sets for ``scenario``.
 
-    Class split: a seeded random floor(ratio * C) class ids (at least one, at most C - 1) are
-    "30 %-class". Data split: inside every class floor(ratio * n_c) images, at least one, are
+    Class split: floor(ratio * C) class ids (at least one, at most C - 1) are "30 %-class", drawn
+    at random (seeded) or, with ``class_order="first"``, the lowest ids (the dataset's first classes:
+    BT^2's 50 of CIFAR-100's 100). Data split: inside every class floor(ratio * n_c) images, at least one, are
     "30 %-data"; a singleton class is in both data parts.
     """
     labels = np.asarray(labels)
@@ -110,6 +119,11 @@ def allocate(
         raise DataError(f"allocate: unknown scenario {scenario!r}; expected one of {list(SCENARIOS)}")
     if not 0.0 < ratio < 1.0:
         raise DataError(f"allocate: ratio must be in (0, 1), got {ratio}")
+    if class_order not in get_args(ClassOrder):
+        raise DataError(f"allocate: class_order must be one of {list(get_args(ClassOrder))}, "
+                        f"got {class_order!r}")
+    if class_order != "random" and not scenario.endswith("-class"):
+        raise DataError(f"allocate: class_order={class_order!r} applies to a class split, not to {scenario}")
     if "class" in scenario and len(np.unique(labels)) < 2:
         raise DataError("allocate: a class split needs at least two classes")
     rng = np.random.default_rng(seed)
@@ -120,7 +134,7 @@ def allocate(
             scenario
         ]
     else:
-        old_mask = class_split(labels, ratio, rng)
+        old_mask = class_split(labels, ratio, rng, class_order)
         new_mask = everything if scenario == "extended-class" else ~old_mask
     old_idx = np.flatnonzero(old_mask)
     new_idx = np.flatnonzero(new_mask)
@@ -128,6 +142,6 @@ def allocate(
     new_classes, new_labels = _relabel(labels, new_idx)
     new_to_old = label_map(new_classes, old_classes)
     return Allocation(
-        scenario, ratio, seed, old_idx, new_idx, old_labels, new_labels, old_classes,
+        scenario, ratio, seed, class_order, old_idx, new_idx, old_labels, new_labels, old_classes,
         new_classes, new_to_old,
     )

@@ -236,7 +236,8 @@ class Run:
             if v.ratio is None:
                 idx, classes, labels = alloc.new_indices, alloc.new_classes, alloc.new_labels
             else:
-                part = allocate(pool.source.labels, cfg.allocation.scenario, v.ratio, cfg.allocation.seed)
+                part = allocate(pool.source.labels, cfg.allocation.scenario, v.ratio, cfg.allocation.seed,
+                                cfg.allocation.classes)
                 idx, classes, labels = part.old_indices, part.old_classes, part.old_labels
             train_set = pool.with_source(pool.source.subset(idx, labels))
             set_key = {**data_key, "chain_ratio": v.ratio}
@@ -315,7 +316,8 @@ class Run:
         check_inputs(cfg, feed.input_shape)
         check_identities(pool, cfg.allocation.scenario, eval_set, cfg.evaluation.gallery_per_class)
         self.write_config()
-        alloc = allocate(pool.labels, cfg.allocation.scenario, cfg.allocation.ratio, cfg.allocation.seed)
+        alloc = allocate(pool.labels, cfg.allocation.scenario, cfg.allocation.ratio, cfg.allocation.seed,
+                         cfg.allocation.classes)
         self.log(f"[allocation] {alloc.summary()}")
         old_set = feed.with_source(pool.subset(alloc.old_indices, alloc.old_labels))
         new_set = feed.with_source(pool.subset(alloc.new_indices, alloc.new_labels))

@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from bctkit.data.allocation import Scenario
+from bctkit.data.allocation import ClassOrder, Scenario
 from bctkit.data.datasets import DataConfig
 from bctkit.errors import ConfigError
 from bctkit.losses import validate_params
@@ -41,6 +41,23 @@ class AllocationConfig(_Strict):
     scenario: Scenario = "extended-data"
     ratio: float = Field(0.3, gt=0, lt=1)
     seed: int = 666
+    # class splits: "random" (seeded draw) or "first" (the dataset's first classes, BT^2 / BCT)
+    classes: ClassOrder = "random"
+
+    @model_validator(mode="after")
+    def _class_order(self) -> AllocationConfig:
+        if self.classes != "random" and not self.scenario.endswith("-class"):
+            raise ValueError(f"allocation.classes={self.classes!r} chooses the classes of a class split; "
+                             f"scenario {self.scenario} splits every class's images")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_default_order(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """The default is left out of dumps, so run keys made before the option existed still match."""
+        data = handler(self)
+        if self.classes == "random":
+            data.pop("classes", None)
+        return data
 
 
 class MethodConfig(_Strict):
