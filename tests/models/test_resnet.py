@@ -192,3 +192,32 @@ def test_forward_matches_torchvision_description(arch, layers, bottleneck):
         ref = reference_forward(net.state_dict(), x, layers, bottleneck)
     assert got.shape == (2, 24)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), (got - ref).abs().max()
+
+
+def test_gem_pooling_against_the_formula(tmp_path):
+    """pool: gem — the pooled vector is (mean x^p)^(1/p) per channel (x clamped to 1e-6), computed
+    here in float64 from the trunk's map; p is the learnable ``pool.p`` (3 at first) and gets a
+    gradient; a torchvision trunk loads with skip=("fc.", "pool."); avg stays torchvision's."""
+    torch.manual_seed(0)
+    cfg = BackboneConfig(arch="resnet18", embedding_dim=16, pool="gem")
+    net = build_backbone(cfg).eval()
+    assert "pool.p" in net.state_dict() and float(net.pool.p) == 3.0
+    assert not hasattr(net, "avgpool")
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        fmap = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
+        net.pool.p.fill_(2.5)
+        got = net(x)
+    m = fmap.double().clamp(min=1e-6)
+    pooled = (m ** 2.5).mean(dim=(2, 3)) ** (1 / 2.5)
+    want = pooled @ net.fc.weight.double().T + net.fc.bias.double()
+    assert torch.allclose(got.double(), want, rtol=1e-4, atol=1e-5)
+    net.train()
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert net.pool.p.grad is not None and torch.isfinite(net.pool.p.grad).all()
+    sd = build_backbone(BackboneConfig(arch="resnet18", embedding_dim=16)).state_dict()
+    load_backbone_weights(net, sd, skip=("fc.", "pool."))
+    assert "pool" not in BackboneConfig(arch="resnet18").model_dump()
+    assert BackboneConfig(arch="resnet18", pool="gem").model_dump()["pool"] == "gem"
+    with pytest.raises(ValueError, match="pool=gem applies only to resnet18/resnet34/resnet50/resnet101"):
+        BackboneConfig(arch="iresnet18", pool="gem")

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -27,7 +27,7 @@ from pydantic import (
 
 # Keys left out of a config's dump while unset, so that configs written before they existed keep
 # their fingerprints and run keys.
-OPTIONAL_KEYS = ("width", "bt2", "patch_size")
+OPTIONAL_KEYS = ("width", "bt2", "patch_size", "pool")
 
 IMAGE_SIDES = (8, 1024)  # smallest and largest image side a config may give
 
@@ -61,6 +61,9 @@ class BackboneConfig(BaseModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bt2: BT2Layout | None = Field(None, description="wrap the backbone in BT^2's basis transformation")
     patch_size: int | None = Field(None, ge=1, le=64, description="vit_* only: patch side (default 16)")
+    pool: Literal["avg", "gem"] | None = Field(None, description=(
+        "resnet* only: the global pooling, avg (torchvision's, the default) or gem (generalized mean "
+        "with a learnable exponent p, as image-retrieval models and UniBCT's landmark models use)"))
 
     @model_validator(mode="before")
     @classmethod
@@ -253,6 +256,9 @@ def check_config(cfg: BackboneConfig) -> None:
     if fam.name != "vit" and cfg.patch_size is not None:
         raise ValueError(f"patch_size={cfg.patch_size} applies only to {'/'.join(VIT_ARCHS)}, "
                          f"not {cfg.arch}; remove it")
+    if fam.name != "resnet" and cfg.pool is not None:
+        raise ValueError(f"pool={cfg.pool} applies only to {'/'.join(RESNET_ARCHS)}, not {cfg.arch}; "
+                         "remove it")
     if fam.check is not None:
         fam.check(cfg)
 

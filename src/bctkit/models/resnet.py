@@ -6,6 +6,11 @@ Layout: stem conv1 (7x7, stride 2, 64) - bn1 - ReLU - 3x3 max pool; layer1..laye
 :class:`BasicBlock` (resnet18/34) or :class:`Bottleneck` (resnet50/101, 4x expanded output), the
 first block of layers 2-4 strided, a ``downsample`` (1x1 conv + BN) wherever the shape changes;
 adaptive average pool (any input size or aspect ratio) - dropout - ``fc`` to ``embedding_dim``.
+
+``pool: gem`` replaces the average pool by :class:`GeM` (generalized mean pooling, Radenovic et al.,
+TPAMI 2018), the pooling of image-retrieval networks and of UniBCT's landmark models, as the module
+``pool`` with cirtorch's parameter name ``pool.p``. A torchvision trunk loads into such a network with
+``skip=("fc.", "pool.")`` (p keeps its initial 3).
 """
 
 from __future__ import annotations
@@ -15,6 +20,19 @@ from torch import nn
 
 from bctkit.models.base import EmbeddingNet
 from bctkit.models.config import BackboneConfig
+
+
+class GeM(nn.Module):
+    """Generalized mean pooling over the spatial map: (mean over h, w of x^p)^(1/p), per channel,
+    with x clamped to ``eps`` and a learnable p (p = 1: average pooling, p -> inf: max pooling)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.full((1,), p))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1), keepdim=True).pow(1.0 / self.p)
 
 
 class BasicBlock(nn.Module):
@@ -83,7 +101,10 @@ class TorchvisionResNet(EmbeddingNet):
         self.layer2 = _stage(block, 64 * e, 128, n2, 2)
         self.layer3 = _stage(block, 128 * e, 256, n3, 2)
         self.layer4 = _stage(block, 256 * e, 512, n4, 2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        if cfg.pool == "gem":
+            self.pool: nn.Module = GeM()
+        else:
+            self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(512 * e, cfg.embedding_dim)
         # torchvision's initialisation: He (fan-out) convolutions, unit BN.
@@ -97,7 +118,8 @@ class TorchvisionResNet(EmbeddingNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.fc(self.dropout(self.avgpool(x).flatten(1)))
+        pooled = self.pool(x) if self.config.pool == "gem" else self.avgpool(x)
+        return self.fc(self.dropout(pooled.flatten(1)))
 
 
 def _shortcut(cin: int, cout: int, stride: int) -> nn.Sequential | None:
