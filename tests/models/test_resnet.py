@@ -201,7 +201,7 @@ def test_gem_pooling_against_the_formula(tmp_path):
     torch.manual_seed(0)
     cfg = BackboneConfig(arch="resnet18", embedding_dim=16, pool="gem")
     net = build_backbone(cfg).eval()
-    assert "pool.p" in net.state_dict() and float(net.pool.p) == 3.0
+    assert "pool.p" in net.state_dict() and float(net.pool.p.detach()) == 3.0
     assert not hasattr(net, "avgpool")
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad():

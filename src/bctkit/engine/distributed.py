@@ -14,6 +14,7 @@ batch one process would see.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
@@ -78,8 +79,12 @@ def init_from_env(device: torch.device, timeout_s: float = 1800.0) -> bool:
 
 
 def close_process_group() -> None:
-    """Leave the process group after a successful run (every rank reaches this)."""
+    """Leave the process group after a successful run (every rank reaches this). Objects that still
+    hold the group (a DistributedDataParallel wrapper's reducer, kept by a reference cycle) are
+    collected first, so that the group's threads are joined here and not during the interpreter's
+    exit, where a rank could abort ('terminate called without an active exception')."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
