@@ -23,7 +23,6 @@ from bctkit.engine.compute import Engine
 from bctkit.engine.distributed import barrier, gather_rows, is_main, rank0_first
 from bctkit.engine.loader import Feed
 from bctkit.errors import ConfigError
-from bctkit.evaluation.protocols import EvalProtocol
 from bctkit.evaluation.report import report_dir
 from bctkit.evaluation.suite import evaluate_suite
 from bctkit.features import FeatureSet, extract_share
@@ -37,6 +36,7 @@ from bctkit.run.config import MethodConfig, ModelConfig, RunConfig
 from bctkit.run.continuation import KeyOf, adopt, plan_continuation, refuse_replacing, stored_key
 from bctkit.run.keys import KEY, model_seed, read_config, run_key
 from bctkit.run.prechecks import check_devices, check_inputs
+from bctkit.run.testsets import describe_held_out, evaluate_test_sets, run_protocol
 from bctkit.run.trainsample import TrainSample
 from bctkit.storage import check_writable_dir, write_json, write_text
 from bctkit.training import TrainConfig, train_model
@@ -281,7 +281,11 @@ class Run:
             if is_main() and not self.wrote_since(started):
                 self.undo_config(kept)
             raise
-        return self.evaluate(models, chain, how, feed.with_source(eval_set), data, reports)
+        report = self.evaluate(models, chain, how, feed.with_source(eval_set), data, reports)
+        if cfg.evaluation.test_sets:
+            report["test_sets"] = evaluate_test_sets(cfg, out / "models", list(models), reports, chain,
+                                                     self.log, self.progress)
+        return report
 
     def write_config(self) -> None:
         """Record the run's config in its report folder: the first file a run writes, once its data
@@ -382,14 +386,9 @@ class Run:
             barrier()
             return {}
         ev = cfg.evaluation
-        protocol = EvalProtocol(eval_set.name, eval_labels, ev.gallery_per_class, tuple(ev.fars),
-                                tuple(ev.topk), tuple(ev.fpirs), ev.retrieval)
+        protocol = run_protocol(cfg, eval_set, eval_labels)
         extra = {
-            "dataset": f"{eval_set.name}: {len(eval_set)} images of {eval_set.num_classes} "
-                       f"identities never used in training" + (
-                           "" if cfg.evaluation.split == "test" else
-                           " (validation split: for choosing settings, not the test identities)")
-                       + describe_notes(data.notes),
+            "dataset": describe_held_out(cfg, eval_set) + describe_notes(data.notes),
             "allocation": how,
             "config": cfg.model_dump(mode="json"),
         }

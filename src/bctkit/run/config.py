@@ -28,6 +28,7 @@ from bctkit.losses import validate_params
 from bctkit.losses.base import method_class
 from bctkit.models.config import BackboneConfig
 from bctkit.oldside.config import OldConfig, check_old_classifier, check_upgrade
+from bctkit.run.testsets import TestSetConfig, check_test_sets
 from bctkit.training.config import ModelConfig, TrainConfig, margin_defaults
 
 RESERVED_NAMES = ("old", "paragon")
@@ -96,6 +97,20 @@ class EvalConfig(_Strict):
     # Which held-out identities to evaluate on: "validation" (data.validation_classes) is for
     # choosing settings; its reports go to RUN_DIR/validation, beside the test reports.
     split: Literal["test", "validation"] = "test"
+    # How the held-out set is evaluated (run.testsets.RUN_PROTOCOLS): split, or loo (leave-one-out).
+    protocol: Literal["split", "loo"] = "split"
+    # Test sets read from disk that every model is evaluated on after the run (run.testsets).
+    test_sets: list[TestSetConfig] = Field(default_factory=list)
+
+    @model_serializer(mode="wrap")
+    def _omit_defaults(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Options at their defaults are left out, so configs dumped before they existed compare equal."""
+        data = handler(self)
+        if self.protocol == "split":
+            data.pop("protocol", None)
+        if not self.test_sets:
+            data.pop("test_sets", None)
+        return data
 
     @model_validator(mode="after")
     def _ranges(self) -> EvalConfig:
@@ -140,6 +155,7 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         check_upgrade(self)
+        check_test_sets(self)
         for m in [*self.methods, *self.chain]:  # a method's own train section trains the new head
             if m.train is not None:
                 object.__setattr__(m, "train", margin_defaults(self.new.head, m.train))
