@@ -35,7 +35,8 @@ def test_run_evaluates_its_models_on_each_test_set(tmp_path, capsys):
     folder = out / "test_sets" / "qg"
     assert report["test_sets"]["qg"]["report"] == str(folder / "report.md")
     in_run = json.loads((folder / "report.json").read_text())
-    assert {(r["query_model"], r["gallery_model"]) for r in in_run["results"]} >= {("l2", "old"), ("old", "old")}
+    pairs = {(r["query_model"], r["gallery_model"]) for r in in_run["results"]}
+    assert pairs >= {("l2", "old"), ("old", "old")}
     assert [c["query"] for c in report["test_sets"]["qg"]["certificates"]] == ["l2"]
     models = out / "models"
     assert main(["evaluate", "--protocol", "retrieval", "--data", str(queries), str(gallery),
@@ -56,7 +57,8 @@ def test_test_set_refusals_at_load_time(tmp_path):
     with pytest.raises(ConfigError, match="unknown test-set protocol 'nope'"):
         load_config(quick, ["evaluation.test_sets=[{protocol: nope, data: [x]}]"])
     with pytest.raises(ConfigError, match="'market' names two test sets"):
-        load_config(quick, ["evaluation.test_sets=[{protocol: market, data: [a]}, {protocol: market, data: [b]}]"])
+        load_config(quick, ["evaluation.test_sets=[{protocol: market, data: [a]}, "
+                            "{protocol: market, data: [b]}]"])
     with pytest.raises(ConfigError, match="must be a plain folder name"):
         load_config(quick, ["evaluation.test_sets=[{protocol: market, data: [a], name: ../x}]"])
     with pytest.raises(ConfigError, match="evaluation.test_sets.0.data"):
