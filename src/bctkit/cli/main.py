@@ -9,12 +9,13 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import NoReturn
 
-from bctkit.cli import aggregate, certificate, evaluate, export, extract, gallery, methods, run
+from bctkit.cli import aggregate, certificate, evaluate, export, extract, gallery, methods, recipes, run
 from bctkit.engine.distributed import close_process_group, is_distributed, rank
 from bctkit.errors import BctkitError
 
 # Each command module registers its subcommand(s) and carries them out; order = order in --help.
-COMMANDS: tuple[ModuleType, ...] = (run, evaluate, aggregate, export, extract, methods, certificate, gallery)
+COMMANDS: tuple[ModuleType, ...] = (run, evaluate, aggregate, export, extract, methods, certificate, gallery,
+                                    recipes)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -28,6 +28,7 @@ from bctkit.losses import validate_params
 from bctkit.losses.base import method_class
 from bctkit.models.config import BackboneConfig
 from bctkit.oldside.config import OldConfig, check_old_classifier, check_upgrade
+from bctkit.run.recipes import check_required
 from bctkit.run.testsets import TestSetConfig, check_test_sets
 from bctkit.training.config import ModelConfig, TrainConfig, margin_defaults
 
@@ -390,7 +391,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML{where}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return parse_config(apply_overrides(tree, overrides or []), source)
+    tree = apply_overrides(tree, overrides or [])
+    check_required(tree, source)
+    return parse_config(tree, source)
 
 
 def packaged_config(name: str) -> Path:
