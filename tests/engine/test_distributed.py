@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not TORC
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1"}
 
 
 def run_worker(out: Path, methods: list[str], procs: int, *extra: str, timeout: int = 300) -> None:
