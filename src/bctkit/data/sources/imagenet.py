@@ -82,7 +82,7 @@ def read_synsets(path: Path, need_ids: bool) -> tuple[list[str], dict[int, str]]
                             f"{seen[synset]})")
         seen[synset] = lineno
         synsets.append(synset)
-        if len(parts) >= 2 and parts[1].isdigit():
+        if len(parts) >= 2 and parts[1].isascii() and parts[1].isdigit():
             ilsvrc = int(parts[1])
             if ilsvrc in id_line:
                 raise DataError(f"{path}:{lineno}: ILSVRC2012_ID {ilsvrc} is listed again (first on line "
@@ -139,7 +139,7 @@ def _ground_truth(path: Path, ids: dict[int, str], mapping: Path, images: dict[s
     by_number: list[str] = []
     for lineno, raw in enumerate(lines, 1):
         text = raw.strip()
-        if not text.isdigit():
+        if not (text.isascii() and text.isdigit()):
             raise DataError(f"{path}:{lineno}: expected an ILSVRC2012_ID (an integer "
                             f"{min(ids)}..{max(ids)}), got {text!r}")
         if int(text) not in ids:

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
 from bctkit.data.sources.base import PathSource, PathTable
 from bctkit.data.sources.scan_cache import cached_scan
@@ -41,6 +42,14 @@ class ListConfig(BaseModel):
 
     file: str
     root: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_root(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Dumps leave ``root`` out when unset, so configs written before it existed still match."""
+        data = handler(self)
+        if data.get("root") is None:
+            data.pop("root", None)
+        return data
 
 
 def parse_list(file: Path, root: Path | None = None) -> dict[str, np.ndarray]:
