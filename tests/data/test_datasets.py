@@ -105,3 +105,48 @@ def test_skip_corrupt_and_min_images(tmp_path):
     assert "id02/img1.jpg" not in keys
     again = load_data(DataConfig(**base, skip_corrupt=True, min_images=2), progress=False)
     assert np.array_equal(again.pool.labels, data.pool.labels)  # from the check's cache
+
+
+def test_the_papers_formats_as_config_sections(tmp_path):
+    """cifar, imagenet_val and gldv2 are data.dataset / data.eval formats like the others."""
+    from tests.data.sources.cifar_files import make_splits, write_binary
+
+    splits = make_splits("cifar10", train=10, test=4)
+    write_binary(tmp_path / "cifar", "cifar10", splits)
+    cifar = {"root": str(tmp_path / "cifar")}
+    test = {"dataset": "cifar", "cifar": {**cifar, "split": "test"}}
+    cfg = DataConfig(dataset="cifar", cifar=cifar, eval=test)
+    data = load_data(cfg, progress=False)
+    assert data.pool.labels.tolist() == splits["train"].fine.tolist()
+    assert data.held_out.labels.tolist() == splits["test"].fine.tolist()
+    assert data.held_out.name == "CIFAR-10 test"
+    dump = cfg.model_dump(mode="json")
+    assert dump["cifar"] == {**cifar, "variant": "auto", "form": "auto", "labels": "fine", "split": "train"}
+    assert dump["eval"]["cifar"]["split"] == "test" and not {"list", "gldv2", "imagenet_val"} & set(dump)
+    assert RunConfig(data=cfg).data.eval.cifar.split == "test"
+    with pytest.raises(ValidationError, match=r"data\.dataset is cifar: set data\.cifar: \{root: DIR"):
+        DataConfig(dataset="cifar")
+    with pytest.raises(ValidationError, match=r"imagenet_val is set but dataset is gldv2"):
+        SourceConfig(dataset="gldv2", gldv2={"root": "r"}, imagenet_val={"root": "v", "labels": "l",
+                                                                        "synsets": "s"})
+    with pytest.raises(ValidationError, match="coarse needs variant cifar100"):
+        SourceConfig(dataset="cifar", cifar={"root": "r", "variant": "cifar10", "labels": "coarse"})
+    gld = tmp_path / "gld"
+    image = gld / "train" / "a" / "b" / "c" / "abcdef.jpg"
+    image.parent.mkdir(parents=True)
+    image.write_bytes(encoded_images(1, 2)[1][2])
+    (gld / "train_clean.csv").write_text("landmark_id,images\n42,abcdef\n")
+    src = SourceConfig(dataset="gldv2", gldv2={"root": str(gld)}).open()
+    assert src.labels.tolist() == [0] and src.label_name(0) == "42"
+    val = tmp_path / "val"
+    val.mkdir()
+    (val / "ILSVRC2012_val_00000001.JPEG").write_bytes(image.read_bytes())
+    (tmp_path / "gt.txt").write_text("2\n")
+    (tmp_path / "map_clsloc.txt").write_text("n02119789 1 kit_fox\nn01440764 2 tench\n")
+    section = {"root": str(val), "labels": str(tmp_path / "gt.txt"),
+               "synsets": str(tmp_path / "map_clsloc.txt")}
+    src = SourceConfig(dataset="imagenet_val", imagenet_val=section).open()
+    assert src.labels.tolist() == [0] and src.label_name(0) == "n01440764"
+    listed = SourceConfig(dataset="list", list={"file": str(tmp_path / "l.txt"), "root": str(gld)})
+    (tmp_path / "l.txt").write_text("/train/a/b/c/abcdef.jpg 3\n")
+    assert listed.open().labels.tolist() == [3]

@@ -3,8 +3,12 @@
 ``data.dataset`` names the format; a section of the same name says where the data is::
 
     data: {dataset: imagefolder, imagefolder: {root: /data/faces}}
-    data: {dataset: list, list: {file: /data/train.txt}}
+    data: {dataset: list, list: {file: /data/train.txt}}   # optional root: where its paths are
     data: {dataset: recordio, recordio: {path: /data/ms1mv3}}
+    data: {dataset: cifar, cifar: {root: /data/cifar, variant: cifar100, split: train}}
+    data: {dataset: imagenet_val, imagenet_val: {root: /data/val, labels: LOC_val_solution.csv,
+                                                 synsets: LOC_synset_mapping.txt}}
+    data: {dataset: gldv2, gldv2: {root: /data/gldv2}}     # root/train/a/b/c/<id>.jpg + train_clean.csv
 
 Evaluation (test) and validation identities never appear in training. They come from a separate
 source (``data.eval`` / ``data.validation``, same pattern), or from a seeded identity split of the
@@ -17,6 +21,7 @@ among those with at least ``eval_images_per_class`` images, each contributing it
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +40,10 @@ from bctkit.data.glyphs import GlyphsConfig, load_glyphs
 from bctkit.data.noise import flip_labels
 from bctkit.data.screening import drop_corrupt, drop_small_identities
 from bctkit.data.sources.base import DataSource
+from bctkit.data.sources.cifar import CifarConfig, CifarSource
+from bctkit.data.sources.gldv2 import GLDv2Config, GLDv2Source
 from bctkit.data.sources.imagefolder import ImageFolderConfig, ImageFolderSource, image_extensions
+from bctkit.data.sources.imagenet import ImageNetValConfig, ImageNetValSource
 from bctkit.data.sources.listfile import ListConfig, ListSource
 from bctkit.data.sources.recordio import RecordIOConfig, RecordIOSource
 from bctkit.data.synthetic import SyntheticSpec, make_synthetic
@@ -44,8 +52,18 @@ from bctkit.data.workers import auto_workers
 from bctkit.errors import ConfigError, DataError
 
 Split = Literal["test", "validation"]
-FileFormat = Literal["imagefolder", "list", "recordio"]
-FILE_FORMATS: tuple[str, ...] = ("imagefolder", "list", "recordio")
+FileFormat = Literal["imagefolder", "list", "recordio", "cifar", "imagenet_val", "gldv2"]
+_OPENERS: dict[str, tuple[str, Callable[[Any], DataSource]]] = {  # format: (config example, opener)
+    "imagefolder": ("{root: DIR}", lambda s: ImageFolderSource(s.root)),
+    "list": ("{file: FILE}", lambda s: ListSource(s.file, root=s.root)),
+    "recordio": ("{path: DIR}", lambda s: RecordIOSource(s.path, s.prefix)),
+    "cifar": ("{root: DIR, split: train}",
+              lambda s: CifarSource(s.root, s.variant, s.form, s.labels, s.split)),
+    "imagenet_val": ("{root: DIR, labels: FILE, synsets: FILE}",
+                     lambda s: ImageNetValSource(s.root, s.labels, s.synsets, s.train)),
+    "gldv2": ("{root: DIR}", lambda s: GLDv2Source(s.root, s.csv)),
+}
+FILE_FORMATS: tuple[str, ...] = tuple(_OPENERS)
 
 
 class SyntheticConfig(BaseModel):
@@ -69,8 +87,7 @@ def _check_section(obj: BaseModel, dataset: str, where: str) -> None:
     for fmt in FILE_FORMATS:
         given = getattr(obj, fmt) is not None
         if fmt == dataset and not given:
-            example = {"imagefolder": "{root: DIR}", "list": "{file: FILE}", "recordio": "{path: DIR}"}[fmt]
-            raise ValueError(f"{where}dataset is {fmt}: set {where}{fmt}: {example}")
+            raise ValueError(f"{where}dataset is {fmt}: set {where}{fmt}: {_OPENERS[fmt][0]}")
         if fmt != dataset and given:
             raise ValueError(f"{where}{fmt} is set but {where}dataset is {dataset}")
 
@@ -85,6 +102,9 @@ class SourceConfig(BaseModel):
     imagefolder: ImageFolderConfig | None = None
     list: ListConfig | None = None
     recordio: RecordIOConfig | None = None
+    cifar: CifarConfig | None = None
+    imagenet_val: ImageNetValConfig | None = None
+    gldv2: GLDv2Config | None = None
 
     @model_validator(mode="after")
     def _one_section(self) -> SourceConfig:
@@ -101,11 +121,7 @@ class SourceConfig(BaseModel):
 
 def open_file_source(fmt: str, section: Any) -> DataSource:
     """Open the file dataset of format ``fmt`` described by its config ``section``."""
-    if fmt == "imagefolder":
-        return ImageFolderSource(section.root)
-    if fmt == "list":
-        return ListSource(section.file)
-    return RecordIOSource(section.path, section.prefix)
+    return _OPENERS[fmt][1](section)
 
 
 def open_dataset(path: str | os.PathLike[str]) -> DataSource:
@@ -141,12 +157,16 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: Literal["synthetic", "glyphs", "imagefolder", "list", "recordio"] = "synthetic"
+    dataset: Literal["synthetic", "glyphs", "imagefolder", "list", "recordio", "cifar", "imagenet_val",
+                     "gldv2"] = "synthetic"
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     glyphs: GlyphsConfig = Field(default_factory=GlyphsConfig)
     imagefolder: ImageFolderConfig | None = None
     list: ListConfig | None = None
     recordio: RecordIOConfig | None = None
+    cifar: CifarConfig | None = None
+    imagenet_val: ImageNetValConfig | None = None
+    gldv2: GLDv2Config | None = None
     eval: SourceConfig | None = Field(None, description="separate test identities (default: a split)")
     validation: SourceConfig | None = Field(None, description="separate validation identities")
     eval_classes: int = Field(100, ge=2)

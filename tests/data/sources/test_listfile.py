@@ -75,3 +75,49 @@ def test_missing_and_empty_lists(tmp_path):
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9.png 1\n")
     with pytest.raises(DataError, match="not UTF-8"):
         ListSource(tmp_path / "latin.txt")
+
+
+def test_root_places365_lines(tmp_path, items):
+    """Places365's lists write paths relative to the data root with a leading slash."""
+    data = tmp_path / "data_large"
+    for rel, (_, _, raw) in zip(["a/abbey/00000000.jpg", "a/abbey/00000001.jpg", "b/bar/00000000.jpg"],
+                                items, strict=False):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_bytes(raw)
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    train = _write(lists / "places365_train_standard.txt",
+                   ["/a/abbey/00000000.jpg 0", "/a/abbey/00000001.jpg 0", "/b/bar/00000000.jpg 1"])
+    src = ListSource(train, root=data)
+    assert src.labels.tolist() == [0, 0, 1] and src.key(2) == "b/bar/00000000.jpg"
+    assert src.describe(0) == str(data / "a/abbey/00000000.jpg")
+    assert np.array_equal(src.decode(1), decoded(items[1][2]))
+    val = tmp_path / "val_large"
+    val.mkdir()
+    (val / "Places365_val_00000001.jpg").write_bytes(items[1][2])
+    vsrc = ListSource(_write(lists / "places365_val.txt", ["Places365_val_00000001.jpg 165"]), root=val)
+    assert vsrc.labels.tolist() == [165] and np.array_equal(vsrc.decode(0), decoded(items[1][2]))
+    with pytest.raises(DataError, match=r"places365_train_standard\.txt:1: .*a/abbey/00000000\.jpg: image "
+                                        "file not found"):
+        ListSource(train)  # without root: /a/abbey/... is absolute
+    with pytest.raises(DataError, match=r"nowhere: folder not found \(data\.list\.root"):
+        ListSource(train, root=tmp_path / "nowhere")
+
+
+def test_root_is_part_of_the_cache_key(tmp_path, items):
+    """The same list under two roots: each parse checks its own root's files, sizes come from it."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for root, raw in ((one, items[0][2]), (two, items[1][2])):
+        (root / "x").mkdir(parents=True)
+        (root / "x" / "img.png").write_bytes(raw)
+    path = _write(tmp_path / "l.txt", ["/x/img.png 4"])
+    first = ListSource(path, root=one)
+    second = ListSource(path, root=two)
+    assert not first.from_cache and not second.from_cache and ListSource(path, root=one).from_cache
+    assert first.fingerprint() != second.fingerprint()  # the files' sizes differ
+    assert np.array_equal(second.decode(0), decoded(items[1][2]))
+    (two / "x" / "img.png").unlink()
+    three = tmp_path / "three"
+    three.mkdir()
+    with pytest.raises(DataError, match=r"l\.txt:1: .*three/x/img\.png: image file not found"):
+        ListSource(path, root=three)
