@@ -109,10 +109,10 @@ class LeaveOneOutProtocol(Protocol):
         if query.shape[0] != n or gallery.shape[0] != n:
             raise DataError(f"{self.dataset}: features have {query.shape[0]} / {gallery.shape[0]} rows; "
                             f"expected {n} (one per image)")
-        desc = (f"leave-one-out, {self.dataset}: each of {self.with_match} images (of {n}; "
-                f"{len(np.unique(np.asarray(self.labels)))} classes) with another image of its class "
-                f"searches the {n - 1} others, its own gallery row removed; full ranking, ties by "
-                f"gallery row; {dims}")
+        classes = len(np.unique(np.asarray(self.labels)))
+        desc = (f"leave-one-out, {self.dataset}: each image with another of its class ({self.with_match} of "
+                f"{n}, {classes} classes) searches the {n - 1} others, its own gallery row removed; full "
+                f"ranking, ties by gallery row; {dims}")
         ranks = sorted(set(self.ks) | {k for k in CMC_CURVE_RANKS if k <= n - 1})
         per = full_ranking(query, self.labels, gallery, self.labels, exclude_self=True, block=self.block)
         summary = summarize(per, ks=ranks)
