@@ -61,11 +61,13 @@ def test_pairs_uses_its_own_default_fars(world, tmp_path):  # noqa: F811
     (["--protocol", "pairs", "--data", "x.bin", "--fpirs", "0.1"],
      "--fpirs applies only to --protocol split, ijbb or ijbc, not to --protocol pairs"),
     (["--protocol", "pairs", "--data", "x.bin", "--topk", "1"],
-     "--topk applies only to --protocol split, ijbb, ijbc, retrieval or market, not to --protocol pairs"),
+     "--topk applies only to --protocol split, ijbb, ijbc, retrieval, market or loo, not to --protocol "
+     "pairs"),
     (["--protocol", "market", "--data", "x", "--fars", "0.1"],
      "--fars applies only to --protocol split, ijbb, ijbc or pairs, not to --protocol market"),
     (["--protocol", "pairs", "--data", "x.bin", "--block", "64"],
-     "--block applies only to --protocol retrieval or market, not to --protocol pairs"),
+     "--block applies only to --protocol retrieval, market, loo, roxford, rparis or gldv2, not to --protocol "
+     "pairs"),
     (["--protocol", "retrieval", "--data", "a", "b", "--ap", "trapezoid"],
      "--ap applies only to --protocol market, not to --protocol retrieval"),
     (["--protocol", "market", "--data", "x", "--tar-mode", "insightface"],
@@ -73,7 +75,11 @@ def test_pairs_uses_its_own_default_fars(world, tmp_path):  # noqa: F811
     (["--tar-mode", "exact"], "--tar-mode applies only to --protocol ijbb, ijbc or pairs, not to --protocol "
                               "split"),
     (["--protocol", "split", "--precision", "fp32"],
-     "--precision applies only to a test-set --protocol (ijbb, ijbc, pairs, retrieval, market)"),
+     "--precision applies only to a test-set --protocol (ijbb, ijbc, pairs, retrieval, market, loo, roxford, "
+     "rparis, gldv2)"),
+    (["--protocol", "roxford", "--data", "x", "--topk", "1"],
+     "--topk applies only to --protocol split, ijbb, ijbc, retrieval, market or loo, not to --protocol "
+     "roxford"),
     (["--protocol", "pairs", "--data", "x.bin", "--no-backfill"],
      "--no-backfill applies only to --protocol split, not to --protocol pairs"),
 ])

@@ -1,8 +1,9 @@
 """``bctkit evaluate``: the command-line face of evaluation (argument parsing and printing only).
 
 Two forms. ``--protocol split`` (the default) evaluates saved feature files of one labelled image set
-with the run's own split. ``--protocol ijbb | ijbc | pairs | retrieval | market --data ...`` evaluates
-models or feature files on a test set read from disk (:mod:`bctkit.evaluation.testset`).
+with the run's own split. ``--protocol ijbb | ijbc | pairs | retrieval | market | loo | roxford | rparis
+| gldv2 --data ...`` evaluates models or feature files on a test set read from disk
+(:mod:`bctkit.evaluation.testset`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ TEST_SETS = tuple(PROTOCOLS)
 OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "fars": (("split", "ijbb", "ijbc", "pairs"), None),
     "fpirs": (("split", "ijbb", "ijbc"), None),
-    "topk": (("split", "ijbb", "ijbc", "retrieval", "market"), None),
+    "topk": (("split", "ijbb", "ijbc", "retrieval", "market", "loo"), None),
     "gallery_per_class": (("split",), 1),
     "tests": (("split",), ["all"]),
     "no_backfill": (("split",), False),
@@ -33,7 +34,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {
     "tar_mode": (("ijbb", "ijbc", "pairs"), "exact"),
     "score_weighting": (("ijbb", "ijbc"), False),
     "folds": (("pairs",), 10),
-    "block": (("retrieval", "market"), 1024),
+    "block": (("retrieval", "market", "loo", "roxford", "rparis", "gldv2"), 1024),
     "index": (("retrieval", "market"), None),
     "nprobe": (("retrieval", "market"), None),
     "query_folder": (("market",), "query"),
@@ -50,7 +51,8 @@ NAMES = ("evaluate",)
 def add_parser(sub: Any) -> None:
     """Register ``evaluate`` on the CLI's subparsers."""
     ev = sub.add_parser("evaluate", help="evaluate models or feature files: the run's split of one image "
-                                         "set, or a test set (IJB-B/C, pair .bin, query/gallery, Market)")
+                                         "set, or a test set (IJB-B/C, pair .bin, query/gallery, Market, "
+                                         "leave-one-out, ROxford/RParis, GLDv2)")
     ev.add_argument("--protocol", default="split", choices=["split", *PROTOCOLS],
                     help="split (default): feature files of one labelled image set, the first images of "
                          "each identity as the gallery; "
@@ -69,7 +71,7 @@ def add_parser(sub: Any) -> None:
     ev.add_argument("--fpirs", type=float, nargs="+",
                     help="TPIR@FPIR rates (split, ijbb/ijbc; default 1e-2 1e-1)")
     ev.add_argument("--topk", type=int, nargs="+",
-                    help="CMC ranks (split default 1 5; ijbb/ijbc, retrieval, market default 1 5 10)")
+                    help="CMC ranks (split, loo default 1 5; ijbb/ijbc, retrieval, market default 1 5 10)")
     ev.add_argument("--chain", action="store_true",
                     help="the models form a chain of upgrades: --old, then each --new in order "
                          "(AC, AM, BC, FC in the report)")
@@ -97,7 +99,8 @@ def add_parser(sub: Any) -> None:
     tests.add_argument("--score-weighting", action="store_true", default=None,
                        help="ijbb/ijbc: weight each image by its detector score before pooling")
     tests.add_argument("--folds", type=int, help="pairs: folds of the k-fold accuracy (default 10)")
-    tests.add_argument("--block", type=int, help="retrieval/market: query rows per block (default 1024)")
+    tests.add_argument("--block", type=int, help="retrieval, market, loo, roxford, rparis, gldv2: query rows "
+                                                 "per block (default 1024)")
     tests.add_argument("--index", help="retrieval/market: a FAISS factory string (e.g. IVF1024,Flat, "
                                        "HNSW32) for top-k, reported with its recall against exact search")
     tests.add_argument("--nprobe", type=int, help="retrieval/market: nprobe of an IVF --index")

@@ -20,7 +20,7 @@ from bctkit.storage import write_json, write_text
 GROUPS = (
     ("1:N identification", ("top", "tpir@")),
     ("1:1 verification", ("tar@", "auc", "acc")),
-    ("Retrieval", ("map",)),
+    ("Retrieval", ("map", "mp@")),
 )
 """The self/cross tables: title and metric-name prefixes. Spreads and other measures that are not
 compatibility metrics (names in :data:`NOT_JUDGED`, or matched by no group) get one more table,

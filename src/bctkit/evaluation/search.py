@@ -20,14 +20,17 @@ from bctkit.errors import DataError
 ArrayLike = torch.Tensor | np.ndarray
 
 
-def as_feature_matrix(x: ArrayLike, name: str) -> torch.Tensor:
-    """Return ``x`` as a 2-D float32 CPU tensor; DataError when it is not a feature matrix."""
+def as_feature_matrix(x: ArrayLike, name: str, keep_half: bool = False) -> torch.Tensor:
+    """Return ``x`` as a 2-D float32 CPU tensor; DataError when it is not a feature matrix.
+    ``keep_half``: float16 / bfloat16 stay as they are (no float32 copy of a huge gallery; the
+    consumer converts one block at a time)."""
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     if t.ndim != 2:
         raise DataError(f"{name} must be a 2-D (n, d) feature matrix, got shape {tuple(t.shape)}")
     if not torch.is_floating_point(t):
         t = t.to(torch.float32)
-    t = t.detach().to("cpu", torch.float32)
+    half = keep_half and t.dtype in (torch.float16, torch.bfloat16)
+    t = t.detach().to("cpu", t.dtype if half else torch.float32)
     step = max(1, (1 << 22) // max(1, t.shape[1]))  # check in row chunks: bounded temporary memory
     for s in range(0, t.shape[0], step):
         if not torch.isfinite(t[s : s + step]).all():
@@ -130,12 +133,14 @@ def topk_search(
     block_queries: int = 2048,
     block_gallery: int = 32768,
     exclude_self: bool = False,
+    cosine: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k by inner product: (scores (Nq, k) float32, indices (Nq, k) int64), best first.
 
     Equal scores rank the lower gallery index first. k is clamped to the gallery size.
     ``exclude_self`` drops gallery item i from query i's results (query and gallery are the same
-    set; needs equal lengths). Memory stays bounded by the blocks.
+    set; needs equal lengths). ``cosine``: rows are scaled to unit length one block at a time (no
+    normalised copy of the gallery). Memory stays bounded by the blocks.
     """
     q = as_feature_matrix(queries, "queries")
     g = as_feature_matrix(gallery, "gallery")
@@ -157,10 +162,14 @@ def topk_search(
     tile = torch.empty((min(block_queries, n_q), min(block_gallery, n_g)), dtype=torch.float32)
     for qs in range(0, n_q, block_queries):
         qb = q[qs : qs + block_queries]
+        if cosine:
+            qb = torch.nn.functional.normalize(qb, dim=1)
         best_s: torch.Tensor | None = None
         best_i: torch.Tensor | None = None
         for gs in range(0, n_g, block_gallery):
             gb = g[gs : gs + block_gallery]
+            if cosine:
+                gb = torch.nn.functional.normalize(gb, dim=1)
             # reuse one buffer for every tile (partial tiles use a contiguous prefix of it)
             sc = tile.view(-1)[: qb.shape[0] * gb.shape[0]].view(qb.shape[0], gb.shape[0])
             torch.mm(qb, gb.T, out=sc)

@@ -1,6 +1,7 @@
 """Evaluate models, or their feature files, on a test set read from disk (``bctkit evaluate
---protocol``): IJB-B / IJB-C, an insightface pair set (.bin), query/gallery lists or folders, and
-Market-1501 / DukeMTMC-reID.
+--protocol``): IJB-B / IJB-C, an insightface pair set (.bin), query/gallery lists or folders,
+Market-1501 / DukeMTMC-reID, leave-one-out over one labelled set, revisited Oxford / Paris (+ R1M)
+and GLDv2's retrieval test.
 
 Each model is given as a model (anything ``bctkit extract`` reads: a run's model, an imported old
 model, an export) or as a feature file of the test set's images. A model's features are extracted
@@ -36,7 +37,15 @@ PROTOCOLS = {
     "retrieval": "query and gallery images: --data QUERY GALLERY (each a 'path label' list, a folder "
                  "root/<identity>/<image> or a RecordIO set)",
     "market": "Market-1501 / DukeMTMC-reID: --data ROOT (query/, bounding_box_test/)",
+    "loo": "leave-one-out over one labelled set (each image queries all the others; BCT, BT^2): --data "
+           "PATH (a 'path label' list, a folder root/<class>/<image> or a RecordIO set)",
+    "roxford": "revisited Oxford: --data ROOT [DISTRACTORS] (ROOT: gnd_roxford5k.pkl, jpg/; DISTRACTORS: "
+               "a folder of images or a list file, e.g. R1M)",
+    "rparis": "revisited Paris: --data ROOT [DISTRACTORS] (ROOT: gnd_rparis6k.pkl, jpg/)",
+    "gldv2": "GLDv2 retrieval: --data ROOT (test/, index/, retrieval_solution_v2.1.csv, index.csv)",
 }
+DATA_PATHS = {"retrieval": (2, 2), "roxford": (1, 2), "rparis": (1, 2)}
+"""(fewest, most) --data paths of the protocols that do not take exactly one."""
 
 
 @dataclass(frozen=True)
@@ -67,8 +76,9 @@ def build_protocol(name: str, data: Sequence[str], opts: TestSetOptions) -> Prot
 
     if name not in PROTOCOLS:
         raise ConfigError(f"--protocol {name!r}: expected one of {sorted(PROTOCOLS)} (or split)")
-    want = 2 if name == "retrieval" else 1
-    if len(data) != want:
+    low, high = DATA_PATHS.get(name, (1, 1))
+    if not low <= len(data) <= high:
+        want = str(low) if low == high else f"{low} or {high}"
         raise ConfigError(f"--protocol {name} needs --data with {want} path(s) ({PROTOCOLS[name]}), "
                           f"got {len(data)}")
     for p in data:
@@ -90,6 +100,19 @@ def build_protocol(name: str, data: Sequence[str], opts: TestSetOptions) -> Prot
         from bctkit.evaluation.protocols.reid import ReIDProtocol
 
         return ReIDProtocol.from_root(data[0], query=opts.query_folder, options=ranking, ap=opts.ap)
+    if name == "loo":
+        from bctkit.evaluation.protocols.loo import LeaveOneOutProtocol
+
+        return LeaveOneOutProtocol.from_path(data[0], ks=opts.topk or (1, 5), block=opts.block)
+    if name in ("roxford", "rparis"):
+        from bctkit.evaluation.protocols.revisited import RevisitedProtocol
+
+        return RevisitedProtocol.from_root(data[0], "roxford5k" if name == "roxford" else "rparis6k",
+                                           distractors=data[1] if len(data) > 1 else None, block=opts.block)
+    if name == "gldv2":
+        from bctkit.evaluation.protocols.gldv2 import GLDv2Protocol
+
+        return GLDv2Protocol.from_root(data[0], block=opts.block)
     from bctkit.data.datasets import open_dataset
     from bctkit.evaluation.protocols.retrieval import QueryGalleryProtocol
 

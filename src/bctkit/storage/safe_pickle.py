@@ -4,7 +4,8 @@ without running anything they name.
 A pickle is a program: every class or function it names (a "global") is imported and called while
 it loads. :func:`load_pickle` admits no global at all by default, so only what the pickle machine
 builds by itself comes out (dicts, lists, tuples, strings, bytes, numbers, booleans, None; bytes in
-protocol 2 are spelled ``_codecs.encode(text, "latin1")``, admitted for latin1 only). With
+protocol 2 are spelled ``_codecs.encode(text, "latin1")``, admitted for latin1 only, and empty bytes
+``__builtin__.bytes()``, admitted without arguments only). With
 ``arrays=True`` it also admits exactly what numpy needs to rebuild a numeric array or scalar
 (``numpy.core.multiarray._reconstruct``, ``numpy.ndarray``, ``numpy.dtype``, the scalar
 constructor and protocol 5's ``_frombuffer``), and refuses object dtypes, whose elements would be
@@ -69,6 +70,13 @@ def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()`` as protocol-2 pickles use it to spell b"" (an empty numpy array's data)."""
+    if args:
+        raise pickle.UnpicklingError("names builtins.bytes with arguments")
+    return b""
+
+
 class _Restricted(pickle.Unpickler):
     def __init__(self, file: io.BufferedIOBase, arrays: bool, encoding: str) -> None:
         super().__init__(file, encoding=encoding)
@@ -77,6 +85,8 @@ class _Restricted(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "_codecs" and name == "encode":
             return _latin1_bytes
+        if module in ("__builtin__", "builtins") and name == "bytes":
+            return _empty_bytes
         if self.arrays:
             if module in _NUMPY_MODULES and name == "_reconstruct":
                 return _reconstruct
