@@ -23,7 +23,8 @@ SMALL = {"arch": "r8", "width": 4, "embedding_dim": 8, "image_size": 16, "in_cha
 SHRINK = [f"old.backbone={json.dumps(SMALL)}", f"new.backbone={json.dumps(SMALL)}",
           "old.train.epochs=1", "new.train.epochs=1", "old.train.batch_size=16", "new.train.batch_size=16",
           "data.transform.resize=16", "data.transform.crop=null", "data.num_workers=0",
-          "evaluation.batch_size=64"]
+          "evaluation.batch_size=64", "old.train.schedule={name: constant}",
+          "new.train.schedule={name: constant}"]
 
 
 @pytest.fixture(autouse=True)
@@ -148,3 +149,62 @@ def test_bct_places365(tmp_path):
         f"data.eval.list.file={tmp_path / 'places365_val.txt'}", f"data.eval.list.root={val}"])
     assert rep["allocation"]["old_classes"] == 2
     assert {"bct", "l2"} <= {r["query_model"] for r in rep["results"]}
+
+
+def gldv2_train(root: Path, landmarks: list[int], per: int, seed: int) -> Path:
+    """root/train/a/b/c/<id>.jpg and root/train_clean.csv (``landmark_id,images``)."""
+    rng = np.random.default_rng(seed)
+    rows = ["landmark_id,images"]
+    for lm in landmarks:
+        ids = [f"{lm:03x}{j:x}{seed:x}abc{j}" for j in range(per)]
+        for image_id in ids:
+            path = root / "train" / image_id[0] / image_id[1] / image_id[2] / f"{image_id}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(image_bytes(rng))
+        rows.append(f"{lm},{' '.join(ids)}")
+    (root / "train_clean.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_unibct_gldv2_with_its_three_test_sets(tmp_path):
+    from tests.evaluation.protocols.test_gldv2 import SOLUTION
+    from tests.evaluation.protocols.test_gldv2 import write_root as write_gldv2_test
+    from tests.evaluation.protocols.test_revisited import write_root as write_revisited
+
+    train = gldv2_train(tmp_path / "gldv2", [7, 19, 23, 140, 141, 300, 301, 302], per=6, seed=3)
+    rox = write_revisited(tmp_path / "roxford5k")
+    rpar = write_revisited(tmp_path / "rparis6k")
+    (rpar / "gnd_roxford5k.pkl").rename(rpar / "gnd_rparis6k.pkl")
+    gld_test = write_gldv2_test(tmp_path / "gld-test", SOLUTION)
+    unibct = [f"methods.{i}.params.{k}" for i in (2, 3) for k in ("warmup_epochs=0", "rebuild_epochs=[0]")]
+    rep = run_recipe("unibct-gldv2", tmp_path / "run", [
+        f"data.gldv2.root={train}", "data.eval_classes=2", "data.eval_images_per_class=3", *unibct,
+        "evaluation.topk=[1]",
+        f"evaluation.test_sets.0.data.0={rox}", f"evaluation.test_sets.1.data.0={rpar}",
+        f"evaluation.test_sets.2.data.0={gld_test}"])
+    assert set(rep["test_sets"]) == {"roxford", "rparis", "gldv2"}
+    for name, metric in (("roxford", "map_medium"), ("rparis", "map_hard"), ("gldv2", "map@100_private")):
+        sub = json.loads((tmp_path / "run" / "test_sets" / name / "report.json").read_text())
+        pairs = {(r["query_model"], r["gallery_model"]) for r in sub["results"] if r["metric"] == metric}
+        assert {("unibct", "old"), ("unibct-avg", "old"), ("old", "old")} <= pairs, name
+        claims = {c["query"] for c in rep["test_sets"][name]["certificates"]}
+        assert claims == {"l2", "contrastive", "unibct-avg", "unibct"}
+
+
+def test_mixbct_ms1mv3_with_ijbc(tmp_path):
+    from bctkit.data.sources.recordio_writer import write_insightface
+    from tests.data.sources.test_ijb import make_ijb
+
+    rng = np.random.default_rng(5)
+    images = [(image_bytes(rng, side=16), c) for c in range(8) for _ in range(6)]
+    write_insightface(tmp_path / "ms1mv3", images)
+    make_ijb(tmp_path / "IJBC")
+    unibct = [f"methods.2.params.{k}" for k in ("warmup_epochs=0", "rebuild_epochs=[0]")]
+    rep = run_recipe("mixbct-ms1mv3", tmp_path / "run", [
+        f"data.recordio.path={tmp_path / 'ms1mv3'}", "data.eval_classes=2", "data.eval_images_per_class=3",
+        "evaluation.topk=[1]",
+        *unibct, f"evaluation.test_sets.0.data.0={tmp_path / 'IJBC'}", "evaluation.test_sets.0.topk=[1]"])
+    sub = json.loads((tmp_path / "run" / "test_sets" / "ijbc" / "report.json").read_text())
+    queries = {r["query_model"] for r in sub["results"] if r["gallery_model"] == "old"}
+    assert queries >= {"mixbct", "bct", "old"}
+    assert rep["allocation"]["scenario"] == "extended-data"

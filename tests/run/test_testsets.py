@@ -34,6 +34,9 @@ def test_run_evaluates_its_models_on_each_test_set(tmp_path, capsys):
     report = run_pipeline(load_config(path), out, progress=False, log=lambda _m: None)
     folder = out / "test_sets" / "qg"
     assert report["test_sets"]["qg"]["report"] == str(folder / "report.md")
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["test_sets"] == json.loads(json.dumps(report["test_sets"]))
+    assert "| qg | [test_sets/qg/report.md](test_sets/qg/report.md) | " in (out / "report.md").read_text()
     in_run = json.loads((folder / "report.json").read_text())
     pairs = {(r["query_model"], r["gallery_model"]) for r in in_run["results"]}
     assert pairs >= {("l2", "old"), ("old", "old")}

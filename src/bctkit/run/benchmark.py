@@ -36,7 +36,7 @@ from bctkit.run.config import MethodConfig, ModelConfig, RunConfig
 from bctkit.run.continuation import KeyOf, adopt, plan_continuation, refuse_replacing, stored_key
 from bctkit.run.keys import KEY, model_seed, read_config, run_key
 from bctkit.run.prechecks import check_devices, check_inputs
-from bctkit.run.testsets import describe_held_out, evaluate_test_sets, run_protocol
+from bctkit.run.testsets import describe_held_out, evaluate_test_sets, note_test_sets, run_protocol
 from bctkit.run.trainsample import TrainSample
 from bctkit.storage import check_writable_dir, write_json, write_text
 from bctkit.training import TrainConfig, train_model
@@ -285,6 +285,8 @@ class Run:
         if cfg.evaluation.test_sets:
             report["test_sets"] = evaluate_test_sets(cfg, out / "models", list(models), reports, chain,
                                                      self.log, self.progress)
+            if is_main():
+                note_test_sets(reports, report["test_sets"])
         return report
 
     def write_config(self) -> None:

@@ -12,6 +12,7 @@ plots and certificates to ``REPORTS/test_sets/<name>``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,11 +32,12 @@ from bctkit.evaluation.testset import (
     build_protocol,
     evaluate_testset,
 )
+from bctkit.storage import write_json, write_text
 
 if TYPE_CHECKING:
     from bctkit.run.config import RunConfig
 
-__all__ = ["RUN_PROTOCOLS", "TestSetConfig", "evaluate_test_sets", "run_protocol"]
+__all__ = ["RUN_PROTOCOLS", "TestSetConfig", "evaluate_test_sets", "note_test_sets", "run_protocol"]
 
 RUN_PROTOCOLS = ("split", "loo")
 """Protocols over the run's own held-out set: ``split`` (the first ``gallery_per_class`` images of each
@@ -46,13 +48,14 @@ retrieval: every image queries all the others, top-k and mAP over the whole rank
 class TestSetConfig(BaseModel):
     """One test set every model of the run is evaluated on: ``protocol`` and its ``data`` paths as
     ``bctkit evaluate --protocol PROTOCOL --data PATH...`` takes them; ``name``: its report folder
-    (default: the protocol)."""
+    (default: the protocol); ``topk``: CMC ranks (default: the protocol's own)."""
 
     model_config = ConfigDict(extra="forbid")
 
     protocol: str
     data: list[str] = Field(min_length=1)
     name: str | None = None
+    topk: list[int] | None = Field(None, min_length=1)
 
     @field_validator("protocol")
     @classmethod
@@ -90,10 +93,8 @@ def run_protocol(cfg: RunConfig, eval_set: DataSource, labels: torch.Tensor) -> 
     ev = cfg.evaluation
     if ev.protocol == "loo":
         from bctkit.evaluation.protocols.loo import LeaveOneOutProtocol
-        from bctkit.evaluation.protocols.retrieval import RankingOptions
 
-        return LeaveOneOutProtocol(eval_set.name, np.asarray(labels), source=eval_set,
-                                   options=RankingOptions(ks=tuple(ev.topk)))
+        return LeaveOneOutProtocol(eval_set.name, np.asarray(labels), source=eval_set, ks=tuple(ev.topk))
     return EvalProtocol(eval_set.name, labels, ev.gallery_per_class, tuple(ev.fars), tuple(ev.topk),
                         tuple(ev.fpirs), ev.retrieval)
 
@@ -120,7 +121,8 @@ def evaluate_test_sets(cfg: RunConfig, models_dir: Path, names: list[str], repor
         missing = [str(f) for f in files.values() if not f.is_file()]
         if missing:
             raise ConfigError(f"evaluation.test_sets: no model file {missing[0]}")
-        protocol = build_protocol(ts.protocol, ts.data, TestSetOptions())  # the protocol's own rates
+        opts = TestSetOptions(topk=None if ts.topk is None else tuple(ts.topk))  # else the protocol's own
+        protocol = build_protocol(ts.protocol, ts.data, opts)
         folder = reports / "test_sets" / ts.display_name
         log(f"[test set] {ts.display_name}: {ts.protocol} on {' '.join(ts.data)}")
         ex = ExtractOptions(flip=ev.flip, batch_size=ev.batch_size, workers=cfg.data.workers(),
@@ -132,3 +134,19 @@ def evaluate_test_sets(cfg: RunConfig, models_dir: Path, names: list[str], repor
                                     "certificates": report.get("certificate_results", [])}
             log(f"[test set] {ts.display_name}: {folder / 'report.md'}")
     return out
+
+
+def note_test_sets(reports: Path, done: dict[str, Any]) -> None:
+    """Add the test sets' reports and claims to the run's report.json and report.md."""
+    path = reports / "report.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["test_sets"] = done
+    write_json(path, data)
+    lines = ["", "## Test sets", "", "| test set | report | claims passed |", "|---|---|---|"]
+    for name, item in done.items():
+        certs = item["certificates"]
+        passed = sum(bool(c["passed"]) for c in certs)
+        rel = Path(item["report"]).relative_to(reports)
+        lines.append(f"| {name} | [{rel}]({rel}) | {passed} of {len(certs)} |")
+    md = reports / "report.md"
+    write_text(md, md.read_text(encoding="utf-8").rstrip("\n") + "\n" + "\n".join(lines) + "\n")
