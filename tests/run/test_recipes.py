@@ -208,3 +208,19 @@ def test_mixbct_ms1mv3_with_ijbc(tmp_path):
     queries = {r["query_model"] for r in sub["results"] if r["gallery_model"] == "old"}
     assert queries >= {"mixbct", "bct", "old"}
     assert rep["allocation"]["scenario"] == "extended-data"
+
+
+def test_a_truncated_cifar_file_stops_the_recipe_in_one_line(tmp_path, capsys):
+    """The binary form's records are 1 coarse + 1 fine label byte and 3072 pixel bytes; a file cut
+    inside a record is refused before anything trains, naming the file, exit 2."""
+    folder = tmp_path / "cifar-100-binary"
+    folder.mkdir()
+    record = bytes([3, 17]) + bytes(range(256)) * 12
+    (folder / "train.bin").write_bytes(record * 4 + record[:100])
+    (folder / "test.bin").write_bytes(record * 2)
+    code = main(["run", "bt2-cifar100", "--out", str(tmp_path / "run"), "--quiet",
+                 "--set", f"data.cifar.root={tmp_path}", "--set", f"data.eval.cifar.root={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert str(folder / "train.bin") in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "run" / "models").exists()
