@@ -30,13 +30,22 @@ from bctkit.errors import DataError
 
 __all__ = [
     "CorruptImageError", "DataSource", "PathSource", "PathTable", "SubsetSource", "decode_image",
-    "hash_array", "to_chw",
+    "hash_array", "listed_file_size", "to_chw",
 ]
 
 
 class CorruptImageError(DataError):
     """An image that cannot be decoded (corrupt, truncated, unsupported); ``data.skip_corrupt``
     drops such images instead of stopping."""
+
+
+def listed_file_size(path: Path, where: str) -> int:
+    """Size of an image file a list names; a one-line DataError naming ``where`` (file:line) and the
+    path when it is missing."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        raise DataError(f"{where}: {path}: image file not found") from None
 
 
 def hash_array(arr: np.ndarray) -> str:

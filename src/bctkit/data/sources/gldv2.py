@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from bctkit.data.sources.base import PathSource, PathTable
+from bctkit.data.sources.base import PathSource, PathTable, listed_file_size
 from bctkit.data.sources.scan_cache import cached_scan
 from bctkit.errors import DataError
 
@@ -84,10 +84,7 @@ def parse_clean_csv(file: Path, root: Path) -> dict[str, np.ndarray]:
                                 f"{image_row[image_id]})")
             image_row[image_id] = lineno
             rel = image_path(image_id)
-            try:
-                sizes.append(os.stat(root / rel).st_size)
-            except FileNotFoundError:
-                raise DataError(f"{file}:{lineno}: {root / rel}: image file not found") from None
+            sizes.append(listed_file_size(root / rel, f"{file}:{lineno}"))
             paths.append(rel)
             landmarks.append(landmark)
     if not paths:

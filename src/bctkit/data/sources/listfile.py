@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
 
-from bctkit.data.sources.base import PathSource, PathTable
+from bctkit.data.sources.base import PathSource, PathTable, listed_file_size
 from bctkit.data.sources.scan_cache import cached_scan
 from bctkit.errors import DataError
 
@@ -88,11 +88,7 @@ def parse_list(file: Path, root: Path | None = None) -> dict[str, np.ndarray]:
             raise DataError(f"{file}:{lineno}: label {label_text!r} is not an integer") from None
         if label < 0:
             raise DataError(f"{file}:{lineno}: label {label} is negative; labels must be >= 0")
-        full = base / path
-        try:
-            sizes.append(os.stat(full).st_size)
-        except FileNotFoundError:
-            raise DataError(f"{file}:{lineno}: {full}: image file not found") from None
+        sizes.append(listed_file_size(base / path, f"{file}:{lineno}"))
         paths.append(path)
         labels.append(label)
     if not paths:
