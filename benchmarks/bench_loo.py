@@ -5,8 +5,8 @@ Prints one JSON line. Data (seeded, the same in both children): ImageNet-val-sha
 ``classes`` classes (50 each at full size); an image's feature = its class centre + noise, drawn
 twice (the query model's and the gallery model's features), so the test is a cross test.
 
-Each method runs in its own child process, so its peak memory (ru_maxrss of the child less its peak
-once the data is built) is its own:
+Each method runs in its own child process, so its peak memory (the child's peak RSS, VmHWM, reset
+once the data is built, less its RSS then) is its own:
 
 - ``loo``: LeaveOneOutProtocol.evaluate_pair: blockwise.full_ranking with exclude_self, top-1/5 and
   mAP, exact, in (block x 2^24/block) score tiles.
