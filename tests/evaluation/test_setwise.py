@@ -48,3 +48,30 @@ def test_bad_sets_are_one_line_errors():
         set_ranking(q, g, [[0], [5]])
     with pytest.raises(DataError, match=r"sets\[0\] names a gallery index twice"):
         set_ranking(q, g, [[1, 1], []])
+
+
+def test_listed_scores_that_differ_from_the_tiles_are_redone(monkeypatch):
+    import bctkit.evaluation.setwise as setwise
+
+    rng = np.random.default_rng(5)
+    q, g = rng.normal(size=(4, 6)).astype(np.float32), rng.normal(size=(90, 6)).astype(np.float32)
+    sets = [rng.choice(90, 12, replace=False) for _ in range(4)]
+    exact = setwise._listed_scores
+    calls = []
+
+    def off_by_one(*args):  # as if another BLAS path had rounded every listed score differently
+        calls.append(1)
+        return torch.nextafter(exact(*args), torch.tensor(2.0))
+
+    monkeypatch.setattr(setwise, "_listed_scores", off_by_one)
+    got = set_ranking(q, g, sets, block_gallery=7)
+    assert calls == [1]
+    for (items, ahead), (want_items, want_ahead) in zip(got, reference(q, g, sets), strict=True):
+        assert items.tolist() == want_items.tolist() and ahead.tolist() == want_ahead.tolist()
+
+
+def test_a_non_finite_gallery_row_is_named():
+    g = np.ones((20, 3), np.float16)
+    g[13, 1] = np.inf
+    with pytest.raises(DataError, match="gallery_feats row 13 contains NaN or Inf"):
+        set_ranking(np.ones((1, 3), np.float32), g, [[0]], block_gallery=5)

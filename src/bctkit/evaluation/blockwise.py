@@ -18,15 +18,13 @@ binary search over exact integer keys); a difference array turns those positions
 
 Junk, removed from every ranking before anything is counted: the query's own item (``exclude_self``),
 items with the query's identity and camera (when cameras are given), and ``gallery_junk`` items.
-The same counting over explicit per-query item sets instead of identities is
-:mod:`bctkit.evaluation.setwise`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -58,10 +56,9 @@ def _score_keys(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    """Rows as float32 scaled to unit length, row by row (a row's result does not depend on the other
-    rows), so the gallery is normalised (and a half-precision one converted) one block at a time
-    instead of copied whole."""
-    return torch.nn.functional.normalize(x.to(torch.float32), dim=1)
+    """Rows scaled to unit length, row by row (a row's result does not depend on the other rows),
+    so the gallery is normalised one block at a time instead of copied whole."""
+    return torch.nn.functional.normalize(x, dim=1)
 
 
 def _check(q: torch.Tensor, g: torch.Tensor, qid: torch.Tensor, gid: torch.Tensor, exclude_self: bool,
@@ -109,13 +106,11 @@ def _pair_scores(qb: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, cols: to
     return out
 
 
-def _count_ahead(qb: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                 negative: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], block_gallery: int,
+def _block_ranks(qb: torch.Tensor, g: torch.Tensor, qid_b: torch.Tensor, gid: torch.Tensor,
+                 junk: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_gallery: int,
                  tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For the block's (row, gallery index) pairs: (rows, cols, ahead), pairs sorted by row and, within
-    a row, from the last ranked to the first; ``ahead`` = the gallery items ``negative(row, index)``
-    says count that are ranked ahead of the pair's item (score higher, or equal with a lower index).
-    ``negative`` must be False for the pairs themselves."""
+    """For the block's relevant pairs: (row, 1-based position among the row's relevant items in
+    rank order, 1-based rank among non-junk items), pairs sorted by row."""
     scores = _pair_scores(qb, g, rows, cols, tile)
     # ascending order = ranked later: lower score first, equal scores by decreasing gallery index
     primary = (rows.to(torch.int64) << 32) | _score_keys(scores)
@@ -138,7 +133,7 @@ def _count_ahead(qb: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, cols: to
         mask = torch.ge(sc, row_min[:, None], out=above[: sc.numel()].view(sc.shape))
         r, c = torch.nonzero(mask, as_tuple=True)
         gc = c + gs
-        neg = negative(r, gc)
+        neg = (gid[gc] != qid_b[r]) & ~junk[gc]
         r, c, gc = r[neg], c[neg], gc[neg]
         if not r.numel():
             continue
@@ -147,24 +142,11 @@ def _count_ahead(qb: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, cols: to
         tied = torch.nonzero(torch.searchsorted(primary, key, side="right") > pos).flatten()
         if tied.numel():
             pos[tied] = torch.searchsorted(secondary, (pos[tied] << 32) | (_LOW32 - gc[tied]), side="left")
-        # the item is ahead of the row's pairs at sorted positions [row_start, pos)
+        # the item is ahead of the row's relevant items at sorted positions [row_start, pos)
         diff += torch.bincount(row_start[r], minlength=n + 1) - torch.bincount(pos, minlength=n + 1)
-    return rows, cols, torch.cumsum(diff[:n], 0)
-
-
-def _block_ranks(qb: torch.Tensor, g: torch.Tensor, qid_b: torch.Tensor, gid: torch.Tensor,
-                 junk: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, block_gallery: int,
-                 tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For the block's relevant pairs: (row, 1-based position among the row's relevant items in
-    rank order, 1-based rank among non-junk items), pairs sorted by row."""
-
-    def negative(r: torch.Tensor, gc: torch.Tensor) -> torch.Tensor:
-        return (gid[gc] != qid_b[r]) & ~junk[gc]
-
-    rows, _, ahead = _count_ahead(qb, g, rows, cols, negative, block_gallery, tile)
-    per_row = torch.bincount(rows, minlength=qb.shape[0])
-    row_end = torch.cumsum(per_row, 0)
-    hit = row_end[rows] - torch.arange(rows.numel())  # 1-based position among the row's relevant items
+    ahead = torch.cumsum(diff[:n], 0)
+    row_end = row_start + per_row
+    hit = row_end[rows] - torch.arange(n)  # 1-based position among the row's relevant items
     return rows, hit, hit + ahead
 
 
@@ -187,27 +169,20 @@ def _per_query(rows: torch.Tensor, hit: torch.Tensor, rank: torch.Tensor, n_rows
             "first": torch.where(n_rel > 0, first, math.nan)}
 
 
-def _blocks(counts: torch.Tensor, block: int) -> Iterator[tuple[int, int]]:
-    """Ranges [start, stop) of at most ``block`` queries and MAX_PAIRS pairs (``counts`` per query;
-    at least one query): few identities with huge galleries keep the pair arrays bounded."""
-    ends = torch.cumsum(counts, 0)
-    start = 0
-    while start < len(counts):
-        before = int(ends[start - 1]) if start else 0
-        fit = int(torch.searchsorted(ends, before + MAX_PAIRS, side="right"))
-        stop = min(start + block, max(fit, start + 1), len(counts))
-        yield start, stop
-        start = stop
-
-
 def _query_blocks(q_order: torch.Tensor, qid: torch.Tensor, g_sorted: torch.Tensor, block: int
                   ) -> Iterator[torch.Tensor]:
     """Query indices in blocks of at most ``block`` queries and MAX_PAIRS same-identity gallery
-    items (:func:`_blocks`)."""
+    items (at least one query): few identities with huge galleries keep the pair arrays bounded."""
     ids = qid[q_order]
     same = torch.searchsorted(g_sorted, ids, side="right") - torch.searchsorted(g_sorted, ids, side="left")
-    for start, stop in _blocks(same, block):
+    ends = torch.cumsum(same, 0)
+    start = 0
+    while start < len(q_order):
+        before = int(ends[start - 1]) if start else 0
+        fit = int(torch.searchsorted(ends, before + MAX_PAIRS, side="right"))
+        stop = min(start + block, max(fit, start + 1), len(q_order))
         yield q_order[start:stop]
+        start = stop
 
 
 def full_ranking(

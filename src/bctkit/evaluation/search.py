@@ -20,17 +20,14 @@ from bctkit.errors import DataError
 ArrayLike = torch.Tensor | np.ndarray
 
 
-def as_feature_matrix(x: ArrayLike, name: str, keep_half: bool = False) -> torch.Tensor:
-    """Return ``x`` as a 2-D float32 CPU tensor; DataError when it is not a feature matrix.
-    ``keep_half``: float16 / bfloat16 stay as they are (no float32 copy of a huge gallery; the
-    consumer converts one block at a time)."""
+def as_feature_matrix(x: ArrayLike, name: str) -> torch.Tensor:
+    """Return ``x`` as a 2-D float32 CPU tensor; DataError when it is not a feature matrix."""
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
     if t.ndim != 2:
         raise DataError(f"{name} must be a 2-D (n, d) feature matrix, got shape {tuple(t.shape)}")
     if not torch.is_floating_point(t):
         t = t.to(torch.float32)
-    half = keep_half and t.dtype in (torch.float16, torch.bfloat16)
-    t = t.detach().to("cpu", t.dtype if half else torch.float32)
+    t = t.detach().to("cpu", torch.float32)
     step = max(1, (1 << 22) // max(1, t.shape[1]))  # check in row chunks: bounded temporary memory
     for s in range(0, t.shape[0], step):
         if not torch.isfinite(t[s : s + step]).all():

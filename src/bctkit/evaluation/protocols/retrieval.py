@@ -153,8 +153,8 @@ class QueryGalleryProtocol(Protocol):
             return []
         return [f"{n} of {self.n_query} queries are also gallery images (the same files): each matches "
                 "itself, so self tests (top-1, mAP) are inflated up to 100 % and a new model's cross test "
-                "is judged against that; give query and gallery images that differ (bctkit has no "
-                "leave-one-out protocol yet)"]
+                "is judged against that; give query and gallery images that differ, or evaluate one set "
+                "leave-one-out (--protocol loo)"]
 
     def _counts(self) -> dict[str, int]:
         q, g = self.labels[: self.n_query], self.labels[self.n_query :]
