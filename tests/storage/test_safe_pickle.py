@@ -86,3 +86,16 @@ def test_truncated_and_missing(tmp_path, protocol):
     assert "\n" not in str(err.value)
     with pytest.raises(FileFormatError, match=r"none\.pkl: not found"):
         load_pickle(tmp_path / "none.pkl")
+
+
+def test_empty_bytes_and_empty_arrays_of_protocol_2():
+    """Protocol 2 spells empty bytes ``bytes()`` (e.g. inside an empty numpy array): read."""
+    data = pickle.dumps({"a": np.array([], np.int64), "b": np.array([3, 4]), "c": b""}, protocol=2)
+    got = loads_pickle(data, "x", arrays=True)
+    assert got["a"].tolist() == [] and got["b"].tolist() == [3, 4] and got["c"] == b""
+    assert loads_pickle(pickle.dumps(b"", protocol=2), "x") == b""
+
+
+def test_bytes_with_arguments_is_refused():
+    with pytest.raises(UnsafePickleError, match="x: refused, the pickle names builtins.bytes with arguments"):
+        loads_pickle(b"\x80\x02c__builtin__\nbytes\nK\x05\x85R.", "x")

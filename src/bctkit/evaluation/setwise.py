@@ -47,7 +47,12 @@ def _keys(scores: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.normalize(x.to(torch.float32), dim=1)
+    """Rows as float32 scaled to unit length: ``torch.nn.functional.normalize``'s arithmetic, in place
+    on the float32 copy when the rows had to be converted."""
+    if x.dtype == torch.float32:
+        return torch.nn.functional.normalize(x, dim=1)
+    x = x.to(torch.float32)
+    return x.div_(x.norm(2, 1, keepdim=True).clamp_min_(1e-12))
 
 
 def _gallery(x: ArrayLike) -> torch.Tensor:
@@ -95,18 +100,19 @@ def _walk(qb: torch.Tensor, g: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     listed score (the listed items themselves, and true ties) is its exact key located instead."""
     n_rows, width = table.shape[0], table.shape[1] + 1
     hist = torch.zeros(n_rows * width, dtype=torch.int64)
-    offsets = (torch.arange(n_rows) * width)[:, None]
+    offsets = (torch.arange(n_rows, dtype=torch.int32) * width)[:, None]
     seen = torch.empty(rows.numel(), dtype=torch.float32)
     for gs in range(0, g.shape[0], step):
         sc = qb @ _unit(g[gs : gs + step]).T
         if not np.isfinite(float(sc.sum())):  # scores lie in [-1, 1]: only NaN / Inf features reach here
             bad = gs + int(torch.nonzero(~torch.isfinite(sc).all(0))[0])
             raise DataError(f"gallery_feats row {bad} contains NaN or Inf; expected finite features")
-        pos = torch.searchsorted(table, sc)
-        tied = torch.nonzero(table.gather(1, pos.clamp(max=table.shape[1] - 1)) == sc, as_tuple=True)
-        if tied[0].numel():
+        pos = torch.searchsorted(table, sc, out_int32=True)
+        equal = table.gather(1, pos.clamp(max=table.shape[1] - 1).long()) == sc
+        if bool(equal.any()):
+            tied = torch.nonzero(equal, as_tuple=True)
             keys = _keys(sc[tied], tied[1] + gs)
-            pos[tied] = torch.searchsorted(key_table[tied[0]], keys[:, None]).flatten()
+            pos[tied] = torch.searchsorted(key_table[tied[0]], keys[:, None], out_int32=True).flatten()
         hist += torch.bincount((pos + offsets).flatten(), minlength=hist.numel())
         here = torch.nonzero((cols >= gs) & (cols < gs + sc.shape[1])).flatten()
         seen[here] = sc[rows[here], cols[here] - gs]
