@@ -118,10 +118,9 @@ class _BatchReader(torch.utils.data.Dataset):
         images = self._buffer(len(idx), slot)
         arrays = images.numpy()
         for j, i in enumerate(idx):  # one image at a time: a batch of decoded images stays out of cache
-            one = self.preprocess(self.source.read(int(i)))
-            if one.shape != self.shape:
-                self._wrong_shape(int(idx[j]), one.shape)
-            arrays[j] = one
+            shape = self.preprocess.into(self.source.read(int(i)), arrays[j])
+            if shape != self.shape:
+                self._wrong_shape(int(i), shape)
         return images
 
     def _buffer(self, n: int, slot: int | None) -> torch.Tensor:
