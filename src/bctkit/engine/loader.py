@@ -8,6 +8,9 @@ and extraction alike.
 - Work split: a worker decodes, preprocesses and augments one whole batch into a uint8
   [B, C, H, W] array (augmentation randomness is seeded by (seed, epoch, step)); the main process
   normalises it on the model's device (:meth:`bctkit.data.transforms.Preprocess.normalize`).
+- Memory: each read's workers decode into a pool of reused shared-memory batch buffers made before
+  they start (:mod:`bctkit.data.slots`); the main process gets a tensor over a buffer, which goes back
+  to its worker once that tensor and its views are dropped (a worker with none free uses a fresh one).
 - Errors: a bctkit error in a worker (a corrupt image, a wrong size) comes back as the same one-line
   error in the main process, not as a worker traceback (the worker plumbing is
   :mod:`bctkit.data.workers`).
