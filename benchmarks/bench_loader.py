@@ -6,7 +6,11 @@ like photographs). ``ratio_vs_bare_x_workers`` = images/s / (bare images/s x max
 issue's goal is >= 0.9 (all of a worker's time goes to decoding). Each case runs ``--rounds`` times,
 interleaved with the others, and the median is reported. ``bare_2_processes`` splits the bare loop
 over two forked processes: what two decoding processes reach on this machine at all (on a 2-core
-machine the main process also needs the cores the two workers use).
+machine the main process also needs the cores the two workers use). ``fresh_buffers_workers_N`` is the
+path before issue 30, run side by side: each worker batch in a fresh shared-memory segment instead of a
+reused slot (:mod:`bctkit.data.slots`). ``cpu_ratio_vs_bare`` = images per CPU-second of all the
+processes (main + workers) / the bare loop's: the share of the CPU time that goes to decoding, which a
+loaded machine leaves readable where wall-clock ratios drift.
 
     python benchmarks/bench_loader.py [--images 16000] [--rounds 5] [--tmpdir DIR]
 """
@@ -14,11 +18,13 @@ machine the main process also needs the cores the two workers use).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +33,7 @@ from PIL import Image
 
 from bctkit.data.sources import ImageFolderSource
 from bctkit.data.transforms import Preprocess, TransformConfig
+from bctkit.engine import loader as loader_module
 from bctkit.engine.loader import Feed, sequential_batches
 
 
@@ -70,14 +77,43 @@ def bare_parallel(paths: list[Path], transform: TransformConfig | None, processe
         return len(paths) / (time.perf_counter() - t0)
 
 
-def loader(source: ImageFolderSource, workers: int, transform: TransformConfig, batch: int) -> float:
+@contextlib.contextmanager
+def fresh_buffers(on: bool) -> Iterator[None]:
+    """With ``on``: no slot pool, so every worker batch goes into fresh shared memory (as before)."""
+    pool = loader_module.SlotPool
+    if on:
+        loader_module.SlotPool = lambda *args: None  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        loader_module.SlotPool = pool  # type: ignore[misc]
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the loader's joined workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def loader(source: ImageFolderSource, workers: int, transform: TransformConfig, batch: int,
+           fresh: bool = False) -> tuple[float, float]:
+    """(images/s, images per CPU-second of the main process and its workers)."""
     feed = Feed(source, Preprocess(transform), workers=workers)
     feed.input_shape  # noqa: B018  (decode the first image outside the timing, as a run does once)
-    t0 = time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     n = 0
-    for images, _, _ in feed.read(sequential_batches(len(source), batch)):
-        n += len(images)
-    return n / (time.perf_counter() - t0)
+    with fresh_buffers(fresh):
+        for images, _, _ in feed.read(sequential_batches(len(source), batch)):
+            n += len(images)
+    wall = time.perf_counter() - t0  # the workers are joined once the last batch is read
+    return n / wall, n / (cpu_seconds() - c0)
+
+
+def bare_cpu(paths: list[Path], transform: TransformConfig | None) -> tuple[float, float]:
+    """(images/s, images per CPU-second) of the bare loop."""
+    c0 = cpu_seconds()
+    rate = bare(paths, transform)
+    return rate, len(paths) / (cpu_seconds() - c0)
 
 
 def main() -> None:
@@ -101,13 +137,20 @@ def main() -> None:
                  "decode+resize96+crop88": TransformConfig(color="rgb", resize=96, crop=88)}
         for name, transform in cases.items():
             bare_t = None if name == "decode" else transform
-            runs: dict[str, list[float]] = {"bare": [], "bare_2_processes": []}
-            runs.update({f"w{w}": [] for w in (0, 1, 2)})
+            runs: dict[str, list[float]] = {"bare_2_processes": []}
+            keys = ["bare", "w0", "w1", "w2", "fresh1", "fresh2"]
+            runs.update({k: [] for k in keys})
+            runs.update({f"{k}_cpu": [] for k in keys})
             for _ in range(args.rounds):  # interleaved, so drifts of a shared machine hit every case
-                runs["bare"].append(bare(paths, bare_t))
+                timed = {"bare": bare_cpu(paths, bare_t)}
                 runs["bare_2_processes"].append(bare_parallel(paths, bare_t, 2))
                 for w in (0, 1, 2):
-                    runs[f"w{w}"].append(loader(source, w, transform, args.batch))
+                    timed[f"w{w}"] = loader(source, w, transform, args.batch)
+                for w in (1, 2):
+                    timed[f"fresh{w}"] = loader(source, w, transform, args.batch, fresh=True)
+                for k, (rate, cpu_rate) in timed.items():
+                    runs[k].append(rate)
+                    runs[f"{k}_cpu"].append(cpu_rate)
             med = {k: float(np.median(v)) for k, v in runs.items()}
             row: dict = {"bare_images_per_s": round(med["bare"], 1),
                          "bare_2_processes_images_per_s": round(med["bare_2_processes"], 1)}
@@ -115,8 +158,17 @@ def main() -> None:
                 row[f"workers_{w}"] = {
                     "images_per_s": round(med[f"w{w}"], 1),
                     "ratio_vs_bare_x_workers": round(med[f"w{w}"] / (med["bare"] * max(1, w)), 3),
+                    "cpu_ratio_vs_bare": round(med[f"w{w}_cpu"] / med["bare_cpu"], 3),
                 }
             row["workers_2"]["ratio_vs_bare_2_processes"] = round(med["w2"] / med["bare_2_processes"], 3)
+            for w in (1, 2):
+                row[f"fresh_buffers_workers_{w}"] = {
+                    "images_per_s": round(med[f"fresh{w}"], 1),
+                    "ratio_vs_bare_x_workers": round(med[f"fresh{w}"] / (med["bare"] * w), 3),
+                    "cpu_ratio_vs_bare": round(med[f"fresh{w}_cpu"] / med["bare_cpu"], 3),
+                }
+            row["fresh_buffers_workers_2"]["ratio_vs_bare_2_processes"] = round(
+                med["fresh2"] / med["bare_2_processes"], 3)
             out[name] = row
     out["loadavg_1m_at_end"] = os.getloadavg()[0]
     print(json.dumps(out))

@@ -63,3 +63,19 @@ def test_augment_batch_flip_and_crop():
         assert np.array_equal(out[i], padded[:, dy[i]:dy[i] + 6, dx[i]:dx[i] + 7]), i
     assert 0 < flip.sum() < 8
     assert np.array_equal(augment_batch(x, False, 0, np.random.default_rng(0)), x)
+
+
+@pytest.mark.parametrize("cfg", [{}, {"color": "rgb"}, {"color": "bgr"}, {"color": "grey"},
+                                 {"color": "bgr", "resize": [9, 7], "crop": [6, 5]}])
+def test_into_writes_the_bytes_of_a_call(cfg):
+    rng = np.random.default_rng(3)
+    pre = Preprocess(TransformConfig(**cfg))
+    for img in (Image.fromarray(rng.integers(0, 256, (11, 8, 3), dtype=np.uint8)),
+                Image.fromarray(rng.integers(0, 256, (11, 8), dtype=np.uint8)),
+                rng.integers(0, 256, (3, 11, 8), dtype=np.uint8)):
+        want = pre(img)
+        batch = np.zeros((2, *want.shape), dtype=np.uint8)
+        assert pre.into(img, batch[1]) == want.shape
+        assert np.array_equal(batch[1], want) and not batch[0].any()
+        other = np.zeros((want.shape[0], want.shape[1] + 1, want.shape[2]), dtype=np.uint8)
+        assert pre.into(img, other) == want.shape and not other.any()  # a wrong size is left alone

@@ -95,8 +95,30 @@ class Preprocess:
         self._mode = {"rgb": "RGB", "bgr": "RGB", "grey": "L"}.get(c.color)
 
     def __call__(self, img: Image.Image | np.ndarray) -> np.ndarray:
+        chw = to_chw(self.image(img))
+        return np.ascontiguousarray(chw[::-1]) if self.cfg.color == "bgr" else chw
+
+    def into(self, img: Image.Image | np.ndarray, out: np.ndarray) -> tuple[int, ...]:
+        """Preprocess ``img`` straight into ``out`` (uint8 [C, H, W], C-ordered) when its shape is
+        out's, and return that shape (out is left alone when it differs): the bytes of ``self(img)``,
+        an RGB image copied once instead of twice."""
+        img = self.image(img)
+        if isinstance(img, Image.Image) and img.mode == "RGB" and out.flags.c_contiguous:
+            shape: tuple[int, ...] = (3, img.height, img.width)
+            if shape == out.shape:  # Pillow keeps RGB as RGBX: its bytes, channel by channel
+                px = np.frombuffer(img.tobytes("raw", "RGBX"), np.uint8).reshape(-1, 4)
+                out.reshape(3, -1)[...] = (px[:, 2::-1] if self.cfg.color == "bgr" else px[:, :3]).T
+            return shape
+        chw = to_chw(img)
+        chw = chw[::-1] if self.cfg.color == "bgr" else chw
+        if chw.shape == out.shape:
+            out[...] = chw
+        return chw.shape
+
+    def image(self, img: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+        """The colour, resize and crop steps, before the [C, H, W] layout (identity: ``img`` as is)."""
         if self.identity:
-            return to_chw(img)
+            return img
         if isinstance(img, np.ndarray):
             img = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
         if self._mode is not None and img.mode != self._mode:
@@ -111,8 +133,7 @@ class Preprocess:
                 raise DataError(f"crop {ch}x{cw} is larger than the {h}x{w} image; set data.transform.resize")
             top, left = (h - ch) // 2, (w - cw) // 2
             img = img.crop((left, top, left + cw, top + ch))
-        chw = to_chw(img)
-        return np.ascontiguousarray(chw[::-1]) if c.color == "bgr" else chw
+        return img
 
     def spec(self, input_shape: tuple[int, int, int]) -> dict[str, Any]:
         """The preprocessing as saved with a model: the config plus the [C, H, W] input it yields."""

@@ -17,10 +17,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from bctkit.data.slots import SlotBatch
 from bctkit.data.sources.base import CorruptImageError, DataSource
 from bctkit.errors import BctkitError
 
-__all__ = ["WorkerFailure", "auto_workers", "find_corrupt", "run_batches"]
+__all__ = ["PREFETCH", "WorkerFailure", "auto_workers", "find_corrupt", "run_batches"]
+
+PREFETCH = 4
+"""Batches queued per worker ahead of the one being read."""
 
 
 def auto_workers() -> int:
@@ -51,14 +55,17 @@ def _collate(item: Any) -> Any:
 def run_batches(dataset: torch.utils.data.Dataset, batches: Sequence[Any], workers: int, pin: bool
                 ) -> Iterator[Any]:
     """``dataset.__getitems__(batch)`` of each of ``batches`` in order, in at most ``workers`` worker
-    processes (0: in this one); a :class:`WorkerFailure` it returns is raised here."""
+    processes (0: in this one); a :class:`WorkerFailure` it returns is raised here, a
+    :class:`~bctkit.data.slots.SlotBatch` becomes its tensors."""
     workers = min(workers, len(batches))
     loader = DataLoader(
         dataset, batch_sampler=batches, collate_fn=_collate, num_workers=workers, pin_memory=pin,
-        generator=torch.Generator().manual_seed(0), prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(0), prefetch_factor=PREFETCH if workers else None,
     )
     for out in loader:
-        if isinstance(out, WorkerFailure):
+        if isinstance(out, SlotBatch):
+            out = out.take()
+        elif isinstance(out, WorkerFailure):
             out.raise_()
         yield out
 

@@ -8,6 +8,9 @@ and extraction alike.
 - Work split: a worker decodes, preprocesses and augments one whole batch into a uint8
   [B, C, H, W] array (augmentation randomness is seeded by (seed, epoch, step)); the main process
   normalises it on the model's device (:meth:`bctkit.data.transforms.Preprocess.normalize`).
+- Memory: each read's workers decode into a pool of reused shared-memory batch buffers made before
+  they start (:mod:`bctkit.data.slots`); the main process gets a tensor over a buffer, which goes back
+  to its worker once that tensor and its views are dropped (a worker with none free uses a fresh one).
 - Errors: a bctkit error in a worker (a corrupt image, a wrong size) comes back as the same one-line
   error in the main process, not as a worker traceback (the worker plumbing is
   :mod:`bctkit.data.workers`).
@@ -23,10 +26,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from bctkit.data.slots import SlotBatch, SlotPool, shared_buffer
 from bctkit.data.sources.array import ArraySource
 from bctkit.data.sources.base import DataSource
 from bctkit.data.transforms import Preprocess, augment_batch
-from bctkit.data.workers import WorkerFailure, find_corrupt, run_batches
+from bctkit.data.workers import PREFETCH, WorkerFailure, find_corrupt, run_batches
 from bctkit.errors import BctkitError, DataError
 
 __all__ = ["Batch", "Feed", "as_feed", "epoch_batches", "sequential_batches"]
@@ -66,47 +70,66 @@ def sequential_batches(n: int, batch_size: int) -> list[Batch]:
 
 
 class _BatchReader(torch.utils.data.Dataset):
-    """What a worker runs: Batch -> (uint8 images, labels, indices)."""
+    """What a worker runs: Batch -> (uint8 images, labels, indices), or a SlotBatch naming the slot of
+    ``pool`` the images were written into."""
 
     def __init__(self, source: DataSource, preprocess: Preprocess, shape: tuple[int, int, int],
-                 hflip: bool, crop_pad: int, seed: int) -> None:
+                 hflip: bool, crop_pad: int, seed: int, pool: SlotPool | None = None) -> None:
         self.source, self.preprocess, self.shape = source, preprocess, shape
-        self.hflip, self.crop_pad, self.seed = hflip, crop_pad, seed
+        self.hflip, self.crop_pad, self.seed, self.pool = hflip, crop_pad, seed, pool
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitems__(self, batch: Batch) -> Any:
+        slot = self.pool.claim() if self.pool is not None else None
         try:
-            return self._read(batch)
-        except BctkitError as exc:
-            return WorkerFailure(exc)
+            return self._read(batch, slot)
+        except BaseException as exc:
+            if slot is not None:
+                self.pool.release(slot)  # type: ignore[union-attr]
+            if isinstance(exc, BctkitError):
+                return WorkerFailure(exc)
+            raise
 
-    def _read(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _read(self, batch: Batch, slot: int | None) -> Any:
         idx = batch.indices
+        images = self._decode(idx, slot)
+        if self.hflip or self.crop_pad:
+            rng = np.random.default_rng([self.seed, batch.epoch, batch.step, 0x617567])
+            arrays = images.numpy()
+            arrays[:] = augment_batch(arrays, self.hflip, self.crop_pad, rng, batch.offset,
+                                      batch.total or len(idx))
+        labels = self.source.labels[idx]
+        indices = np.asarray(idx, dtype=np.int64)
+        if slot is not None:
+            return SlotBatch(self.pool, slot, len(idx), (labels, indices))  # type: ignore[arg-type]
+        return images, torch.from_numpy(labels), torch.from_numpy(indices)
+
+    def _decode(self, idx: np.ndarray, slot: int | None) -> torch.Tensor:
+        """The batch's images, uint8 [B, C, H, W] (in ``slot`` when given)."""
         if self.source.reads_batches and self.preprocess.identity:
             raw = self.source.read_many(idx)
             if raw.shape[1:] != self.shape:
                 self._wrong_shape(int(idx[0]), raw.shape[1:])
-            if raw.strides == _c_strides(raw.shape, raw.itemsize):
-                out = torch.from_numpy(raw)
-            else:  # e.g. gathered from stack[:, None]: channels-last strides would change torch's kernels
-                out = _batch_buffer(raw.shape)
-                out.numpy()[...] = raw
-        else:
-            out = _batch_buffer((len(idx), *self.shape))
-            images = out.numpy()
-            for j, i in enumerate(idx):  # one image at a time: a batch of decoded images stays out of cache
-                one = self.preprocess(self.source.read(int(i)))
-                if one.shape != self.shape:
-                    self._wrong_shape(int(idx[j]), one.shape)
-                images[j] = one
-        if self.hflip or self.crop_pad:
-            rng = np.random.default_rng([self.seed, batch.epoch, batch.step, 0x617567])
-            out.numpy()[:] = augment_batch(out.numpy(), self.hflip, self.crop_pad, rng, batch.offset,
-                                           batch.total or len(idx))
-        labels = torch.from_numpy(self.source.labels[idx])
-        return out, labels, torch.from_numpy(np.asarray(idx, dtype=np.int64))
+            if slot is None and raw.strides == _c_strides(raw.shape, raw.itemsize):
+                return torch.from_numpy(raw)
+            # a slot, or e.g. gathered from stack[:, None]: channels-last strides would change torch's kernels
+            images = self._buffer(len(idx), slot)
+            images.numpy()[...] = raw
+            return images
+        images = self._buffer(len(idx), slot)
+        arrays = images.numpy()
+        for j, i in enumerate(idx):  # one image at a time: a batch of decoded images stays out of cache
+            shape = self.preprocess.into(self.source.read(int(i)), arrays[j])
+            if shape != self.shape:
+                self._wrong_shape(int(i), shape)
+        return images
+
+    def _buffer(self, n: int, slot: int | None) -> torch.Tensor:
+        if slot is not None:
+            return torch.from_numpy(self.pool.array(slot, n))  # type: ignore[union-attr]
+        return _batch_buffer((n, *self.shape))
 
     def _wrong_shape(self, i: int, shape: tuple[int, ...]) -> None:
         raise DataError(
@@ -132,9 +155,7 @@ def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
     nothing."""
     if torch.utils.data.get_worker_info() is None:
         return torch.from_numpy(np.empty(shape, dtype=np.uint8))  # numpy's malloc reuses freed blocks
-    numel = int(np.prod(shape))
-    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel, device="cpu")
-    return torch.empty(0, dtype=torch.uint8).new(storage).view(shape)
+    return shared_buffer(shape)
 
 
 class Feed:
@@ -190,8 +211,13 @@ class Feed:
         augmentation when ``hflip`` / ``crop_pad`` are set."""
         if not batches:
             return
-        reader = _BatchReader(self.source, self.preprocess, self.input_shape, hflip, crop_pad, seed)
-        yield from run_batches(reader, batches, self.workers, self.pin_memory)
+        workers = min(self.workers, len(batches))
+        pool = None
+        if workers:  # reused slots per worker: the batches it has queued, one being read, one spare
+            rows = max(len(b.indices) for b in batches)
+            pool = SlotPool(workers, PREFETCH + 2, (rows, *self.input_shape))
+        reader = _BatchReader(self.source, self.preprocess, self.input_shape, hflip, crop_pad, seed, pool)
+        yield from run_batches(reader, batches, workers, self.pin_memory)
 
     def find_corrupt(self, batch_size: int = 256, progress: bool = True) -> np.ndarray:
         """Indices of the images that cannot be decoded (decodes every image once, in the workers)."""
