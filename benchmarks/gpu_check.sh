@@ -91,7 +91,7 @@ from bctkit.data.transforms import TransformConfig
 e = os.environ
 root = Path(sys.argv[1])
 make_folder(root, int(e["IMAGES"]), identities=50)
-rate = loader(ImageFolderSource(root), int(e["WORKERS"]), TransformConfig(color="rgb"), 64)
+rate = loader(ImageFolderSource(root), int(e["WORKERS"]), TransformConfig(color="rgb"), 64)[0]
 print(json.dumps({"check": "loader_images_per_s", "workers": int(e["WORKERS"]), "images": int(e["IMAGES"]),
                   "img_s": round(rate, 1)}))
 PY
