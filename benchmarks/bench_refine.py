@@ -20,7 +20,7 @@ floor does no gathering, so it is below what any class-ordered reading of shuffl
 
 Prints one JSON line: wall seconds plus user/system CPU seconds (the latter are the better guide
 on a shared, busy host). Not part of the test suite. Usage:
-    python benchmarks/bench_refine.py [--small] [--no-ms1m | --only-ms1m] [--threads 2]
+    python benchmarks/bench_refine.py [--small] [--no-ms1m | --only-ms1m] [--no-naive] [--threads 2]
         [--chunk-size N (default: the library's)] [--tmpdir /work/tmp]
         [--data-dir DIR (keep and reuse Part B files)]
 """
@@ -261,6 +261,12 @@ def run_part_a(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
         common = ["--classes", str(args.classes), "--per-class", str(args.per_class)]
         fast = _run_worker([*common, "--worker", "a_bctkit", "--out", f"{tmp}/fast.npy"], args)
+        if not args.naive:
+            return {"classes": args.classes, "per_class": args.per_class, "dim": args.dim,
+                    "bctkit_s": round(fast["seconds"], 3), "floor_s": round(fast["floor"]["floor_s"], 3),
+                    "bctkit_over_floor": round(fast["seconds"] / fast["floor"]["floor_s"], 2),
+                    "bctkit_user_sys_s": [round(fast["user_s"], 2), round(fast["sys_s"], 2)],
+                    "bctkit_peak_rss_mb": round(fast["peak_rss_mb"])}
         slow = _run_worker([*common, "--worker", "a_naive", "--out", f"{tmp}/slow.npy"], args)
         diff = np.abs(np.load(f"{tmp}/fast.npy") - np.load(f"{tmp}/slow.npy")).max()
     return {
@@ -287,6 +293,8 @@ def main() -> None:
     parser.add_argument("--small", action="store_true", help="quick sanity run, Part A only")
     parser.add_argument("--no-ms1m", dest="ms1m", action="store_false", help="skip Part B")
     parser.add_argument("--only-ms1m", action="store_true", help="skip Part A")
+    parser.add_argument("--no-naive", dest="naive", action="store_false",
+                        help="Part A without the naive loop (bctkit and the floor only)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--seed", type=int, default=666)

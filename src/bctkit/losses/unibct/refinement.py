@@ -126,7 +126,7 @@ def _propagation_weights(
     dim = -1 if normalize == "row" else -2
     singleton = (counts == 1).to(new.device)
     if valid is not None:  # padding is excluded along the softmax; its other side is zeroed after
-        sim.masked_fill_(~valid.unsqueeze(dim - 1 if dim == -1 else -1), float("-inf"))
+        sim.masked_fill_(~valid.unsqueeze(-2 if dim == -1 else -1), float("-inf"))
     e = torch.softmax(sim, dim=dim)
     del gram, sim
     if valid is not None or bool(singleton.any()):  # padding and singletons (0/0) become zeros
@@ -195,7 +195,7 @@ def refinement_weights(
 
 def _class_chunks(
     readers: list[RowReader], y: torch.Tensor, counts: torch.Tensor, num_classes: int,
-    chunk_size: int,
+    plan: list[tuple[torch.Tensor, int]],
 ) -> Iterator[tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor, list[torch.Tensor]]]:
     """Yield (class ids, padded size m, valid (B, m) or None, source rows (B*m,), rows per reader
     as (B, m, d) views) for each chunk of :func:`_plan_chunks`, classes sorted by size.
@@ -205,7 +205,6 @@ def _class_chunks(
     """
     order = torch.argsort(y, stable=True)
     first_of_class = torch.cumsum(counts, 0) - counts
-    plan = _plan_chunks(counts, chunk_size)
     chunk_rows = [int(counts[cls].sum()) for cls, _ in plan]
     groups = [prefetch_groups(r.x, chunk_rows) for r in readers]
     for i, (cls, m) in enumerate(plan):
@@ -224,8 +223,8 @@ def _class_chunks(
         yield cls, m, valid, src, rows
 
 
-def _max_chunk_rows(counts: torch.Tensor, chunk_size: int) -> int:
-    return max((cls.numel() * m for cls, m in _plan_chunks(counts, chunk_size)), default=0)
+def _max_rows(plan: list[tuple[torch.Tensor, int]]) -> int:
+    return max((cls.numel() * m for cls, m in plan), default=0)
 
 
 def _weights_pass(
@@ -235,8 +234,9 @@ def _weights_pass(
 ) -> torch.Tensor:
     """Pass 1 of the refinement, by class chunks over the new features (inputs already checked)."""
     weights = torch.zeros(len(y), dtype=dtype, device=device)
-    reader = RowReader(new_feats, _max_chunk_rows(counts, chunk_size), dtype, device)
-    for cls, _, valid, src, (new,) in _class_chunks([reader], y, counts, num_classes, chunk_size):
+    plan = _plan_chunks(counts, chunk_size)
+    reader = RowReader(new_feats, _max_rows(plan), dtype, device)
+    for cls, _, valid, src, (new,) in _class_chunks([reader], y, counts, num_classes, plan):
         valid_dev = None if valid is None else valid.to(device)
         w = _propagation_weights(new, valid_dev, counts[cls], lam, tau, normalize, src)
         if valid is None:
@@ -255,10 +255,10 @@ def _fused_pass(
     """Both passes in one sweep over class chunks: the chunk's weights w (B, m) from its new rows,
     then prototypes = w / |v0| times its gathered old rows, one batched (1 x m) @ (m x d_o) product
     per chunk (no scatter-add). Padding slots have zero weight."""
-    max_rows = _max_chunk_rows(counts, chunk_size)
-    readers = [RowReader(x, max_rows, dtype, device) for x in (new_feats, old_feats)]
+    plan = _plan_chunks(counts, chunk_size)
+    readers = [RowReader(x, _max_rows(plan), dtype, device) for x in (new_feats, old_feats)]
     out = torch.zeros(num_classes, d_old, dtype=dtype, device=device)
-    for cls, _, valid, src, (new, old) in _class_chunks(readers, y, counts, num_classes, chunk_size):
+    for cls, _, valid, src, (new, old) in _class_chunks(readers, y, counts, num_classes, plan):
         valid_dev = None if valid is None else valid.to(device)
         coef = _propagation_weights(new, valid_dev, counts[cls], lam, tau, normalize, src)
         norms = torch.linalg.vector_norm(old, dim=2)
@@ -297,12 +297,14 @@ def refine_prototypes(
     One sweep over chunks of classes of similar size (as :func:`refinement_weights`): per chunk the
     new and old rows are gathered together, the weights w come from the new rows (prototype =
     sum_i w_i n(v0_i)) and the prototypes are one batched (1 x m) @ (m x d_o) product with the old
-    rows, so there is no per-class Python loop and no scatter-add. Only the current chunk's rows are
-    read and converted to ``dtype`` (memmaps: read ahead in file order for runs of chunks), so the
-    inputs may be float16 ``np.memmap`` files larger than RAM; rows are checked for NaN/Inf as they
-    are read. Memory is O(rows_max * (d_n + d_o + m_max) + n) with rows_max = max(chunk_size,
-    largest class), plus the memmap read-ahead (bounded by ``storage.rows``); the O(n) part is the
-    labels, their sort order and a few index vectors.
+    rows, so there is no per-class Python loop and no scatter-add. An ``np.memmap`` of old features
+    is instead read once, sequentially, after the weights, and summed per class (``index_add_``):
+    gathering it would need a second read-ahead buffer and re-read its pages. Only the current
+    chunk's or block's rows are read and converted to ``dtype`` (memmaps: read ahead in file order
+    for runs of chunks), so the inputs may be float16 ``np.memmap`` files larger than RAM; rows are
+    checked for NaN/Inf as they are read. Memory is O(rows_max * (d_n + d_o + m_max) + n) with
+    rows_max = max(chunk_size, largest class), plus the memmap read-ahead (bounded by
+    ``storage.rows``); the O(n) part is the labels, their sort order and a few index vectors.
     ``allow_empty=True`` gives classes without samples a zero row instead of a DataError.
     """
     n, d_old = check_features("old_feats", old_feats)
@@ -313,6 +315,11 @@ def refine_prototypes(
     y = labels_tensor(labels, n, num_classes)
     counts = class_counts(y, num_classes, allow_empty)
     device = device_of(old_feats, new_feats)
+    if isinstance(old_feats, np.memmap):  # read sequentially, once: no second read-ahead buffer
+        weights = _weights_pass(new_feats, y, counts, num_classes, lam, tau, normalize, chunk_size,
+                                dtype, device)
+        return _weighted_pass(old_feats, weights, y, num_classes, d_old, normalize_inputs, chunk_size,
+                              dtype, device)
     return _fused_pass(old_feats, new_feats, y, counts, num_classes, d_old, normalize_inputs, lam, tau,
                        normalize, chunk_size, dtype, device)
 
