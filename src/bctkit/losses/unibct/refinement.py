@@ -35,8 +35,9 @@ from bctkit.storage.rows import RowReader, prefetch_groups
 __all__ = ["refine_prototypes", "refinement_weights", "weight_summary", "weighted_means"]
 
 _EPS = 1e-12  # as F.normalize: a zero row stays zero
-_CHUNK_ROWS = 32768  # default padded rows per chunk: few, large batched ops (per-op overhead)
-_EDGE_BUDGET = 1 << 24  # at most this many (B, m, m) elements per chunk (64 MiB in float32)
+_CHUNK_ROWS = 4096  # default chunk_size: classes are padded per chunk of this many rows
+_BATCH_ROWS = 32768  # chunks of equal padded size run together, up to this many rows
+_EDGE_BUDGET = 1 << 24  # at most this many (B, m, m) elements per batch (64 MiB in float32)
 
 
 def _plan_chunks(counts: torch.Tensor, chunk_size: int) -> list[tuple[torch.Tensor, int]]:
@@ -44,9 +45,8 @@ def _plan_chunks(counts: torch.Tensor, chunk_size: int) -> list[tuple[torch.Tens
 
     Classes are sorted by size; a chunk holds consecutive classes and is padded to its largest
     class. A chunk is closed early when adding the next size would leave it less than 3/4 real
-    rows, so padding wastes little work, and holds at most ``_EDGE_BUDGET`` edge-matrix elements
-    (B * m * m). A class larger than ``chunk_size`` gets a chunk alone. Returns (class ids, padded
-    size) per chunk. Loops over distinct sizes, not over classes.
+    rows, so padding wastes little work. A class larger than ``chunk_size`` gets a chunk alone.
+    Returns (class ids, padded size) per chunk. Loops over distinct sizes, not over classes.
     """
     present = (counts > 0).nonzero().squeeze(1)
     if present.numel() == 0:
@@ -59,7 +59,7 @@ def _plan_chunks(counts: torch.Tensor, chunk_size: int) -> list[tuple[torch.Tens
     bounds: list[tuple[int, int, int]] = []
     begin, cur, cur_real, last_m = 0, 0, 0, 0
     for m, k in zip(uniq.tolist(), group_len.tolist(), strict=True):
-        cap = max(1, min(chunk_size // m, _EDGE_BUDGET // (m * m)))
+        cap = max(1, chunk_size // m)
         if cur and cur < cap:
             take = min(k, cap - cur)
             if cur_real + take * m < 0.75 * (cur + take) * m:
@@ -74,6 +74,31 @@ def _plan_chunks(counts: torch.Tensor, chunk_size: int) -> list[tuple[torch.Tens
     if cur:
         bounds.append((begin, begin + cur, last_m))
     return [(cls_sorted[b:e], m) for b, e, m in bounds]
+
+
+def _batch_chunks(
+    plan: list[tuple[torch.Tensor, int]], batch_rows: int
+) -> list[tuple[torch.Tensor, int]]:
+    """Merge consecutive chunks of equal padded size m into batches of at most ``batch_rows`` padded
+    rows and ``_EDGE_BUDGET`` edge-matrix elements (B * m * m). Every class keeps the padded size
+    its chunk gave it, so the per-class arithmetic (and result) does not change; only fewer, larger
+    batched ops run, which matters most on a busy host where each threaded op can wait for a core.
+    """
+    batches: list[tuple[list[torch.Tensor], int, int]] = []
+    for cls, m in plan:
+        if batches and batches[-1][1] == m:
+            parts, _, b = batches[-1]
+            if (b + cls.numel()) * m <= batch_rows and (b + cls.numel()) * m * m <= _EDGE_BUDGET:
+                parts.append(cls)
+                batches[-1] = (parts, m, b + cls.numel())
+                continue
+        batches.append(([cls], m, cls.numel()))
+    return [(torch.cat(parts), m) for parts, m, _ in batches]
+
+
+def _plan(counts: torch.Tensor, chunk_size: int) -> list[tuple[torch.Tensor, int]]:
+    """The chunk plan of :func:`_plan_chunks`, batched by :func:`_batch_chunks`."""
+    return _batch_chunks(_plan_chunks(counts, chunk_size), max(chunk_size, _BATCH_ROWS))
 
 
 def _solve_systems(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -234,7 +259,7 @@ def _weights_pass(
 ) -> torch.Tensor:
     """Pass 1 of the refinement, by class chunks over the new features (inputs already checked)."""
     weights = torch.zeros(len(y), dtype=dtype, device=device)
-    plan = _plan_chunks(counts, chunk_size)
+    plan = _plan(counts, chunk_size)
     reader = RowReader(new_feats, _max_rows(plan), dtype, device)
     for cls, _, valid, src, (new,) in _class_chunks([reader], y, counts, num_classes, plan):
         valid_dev = None if valid is None else valid.to(device)
@@ -255,7 +280,7 @@ def _fused_pass(
     """Both passes in one sweep over class chunks: the chunk's weights w (B, m) from its new rows,
     then prototypes = w / |v0| times its gathered old rows, one batched (1 x m) @ (m x d_o) product
     per chunk (no scatter-add). Padding slots have zero weight."""
-    plan = _plan_chunks(counts, chunk_size)
+    plan = _plan(counts, chunk_size)
     readers = [RowReader(x, _max_rows(plan), dtype, device) for x in (new_feats, old_feats)]
     out = torch.zeros(num_classes, d_old, dtype=dtype, device=device)
     for cls, _, valid, src, (new, old) in _class_chunks(readers, y, counts, num_classes, plan):
