@@ -216,13 +216,13 @@ def test_singletons_in_a_padded_chunk_and_unpadded_chunks_match_direct_equations
 
 
 def test_batches_merge_equal_sizes_within_limits(monkeypatch: pytest.MonkeyPatch) -> None:
-    from bctkit.losses.unibct import refinement
+    from bctkit.losses.unibct import chunks
 
-    monkeypatch.setattr(refinement, "_EDGE_BUDGET", 300)
+    monkeypatch.setattr(chunks, "_EDGE_BUDGET", 300)
     counts = torch.tensor([5] * 12 + [11, 11] + [3, 2])
     plan = _plan_chunks(counts, 10)
     padded = {int(c): m for cls, m in plan for c in cls}
-    batches = refinement._batch_chunks(plan, 40)
+    batches = chunks.batch_chunks(plan, 40)
     assert len(batches) < len(plan)
     assert sorted(torch.cat([cls for cls, _ in batches]).tolist()) == list(range(len(counts)))
     for cls, m in batches:
@@ -232,12 +232,12 @@ def test_batches_merge_equal_sizes_within_limits(monkeypatch: pytest.MonkeyPatch
 
 def test_batching_changes_weights_by_rounding_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each class keeps its padded size, so batching only changes the batched LU's rounding."""
-    from bctkit.losses.unibct import refinement
+    from bctkit.losses.unibct import chunks
 
     old, new, labels = _data(SIZES * 3, seed=4)
     k = len(SIZES) * 3
     batched = refinement_weights(new, labels, k, chunk_size=40)
-    monkeypatch.setattr(refinement, "_BATCH_ROWS", 1)  # one batch per chunk
+    monkeypatch.setattr(chunks, "_BATCH_ROWS", 1)  # one batch per chunk
     torch.testing.assert_close(refinement_weights(new, labels, k, chunk_size=40), batched,
                                atol=1e-7, rtol=1e-6)
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from bctkit.errors import ConfigError, DataError
+from bctkit.losses.unibct.chunks import plan_batches
+from bctkit.losses.unibct.chunks import plan_chunks as _plan_chunks  # noqa: F401 (tests use it)
 from bctkit.losses.unibct.inputs import (
     Features,
     Labels,
@@ -36,69 +38,6 @@ __all__ = ["refine_prototypes", "refinement_weights", "weight_summary", "weighte
 
 _EPS = 1e-12  # as F.normalize: a zero row stays zero
 _CHUNK_ROWS = 4096  # default chunk_size: classes are padded per chunk of this many rows
-_BATCH_ROWS = 32768  # chunks of equal padded size run together, up to this many rows
-_EDGE_BUDGET = 1 << 24  # at most this many (B, m, m) elements per batch (64 MiB in float32)
-
-
-def _plan_chunks(counts: torch.Tensor, chunk_size: int) -> list[tuple[torch.Tensor, int]]:
-    """Group classes of similar size into chunks of at most ``chunk_size`` padded rows.
-
-    Classes are sorted by size; a chunk holds consecutive classes and is padded to its largest
-    class. A chunk is closed early when adding the next size would leave it less than 3/4 real
-    rows, so padding wastes little work. A class larger than ``chunk_size`` gets a chunk alone.
-    Returns (class ids, padded size) per chunk. Loops over distinct sizes, not over classes.
-    """
-    present = (counts > 0).nonzero().squeeze(1)
-    if present.numel() == 0:
-        return []
-    sizes = counts[present]
-    by_size = torch.argsort(sizes, stable=True)
-    cls_sorted, sizes_sorted = present[by_size], sizes[by_size]
-    uniq, group_len = torch.unique_consecutive(sizes_sorted, return_counts=True)
-
-    bounds: list[tuple[int, int, int]] = []
-    begin, cur, cur_real, last_m = 0, 0, 0, 0
-    for m, k in zip(uniq.tolist(), group_len.tolist(), strict=True):
-        cap = max(1, chunk_size // m)
-        if cur and cur < cap:
-            take = min(k, cap - cur)
-            if cur_real + take * m < 0.75 * (cur + take) * m:
-                bounds.append((begin, begin + cur, last_m))
-                begin, cur, cur_real = begin + cur, 0, 0
-        while k > 0:
-            if cur >= cap:
-                bounds.append((begin, begin + cur, last_m))
-                begin, cur, cur_real = begin + cur, 0, 0
-            take = min(k, cap - cur)
-            cur, cur_real, k, last_m = cur + take, cur_real + take * m, k - take, m
-    if cur:
-        bounds.append((begin, begin + cur, last_m))
-    return [(cls_sorted[b:e], m) for b, e, m in bounds]
-
-
-def _batch_chunks(
-    plan: list[tuple[torch.Tensor, int]], batch_rows: int
-) -> list[tuple[torch.Tensor, int]]:
-    """Merge consecutive chunks of equal padded size m into batches of at most ``batch_rows`` padded
-    rows and ``_EDGE_BUDGET`` edge-matrix elements (B * m * m). Every class keeps the padded size
-    its chunk gave it, so the per-class arithmetic (and result) does not change; only fewer, larger
-    batched ops run, which matters most on a busy host where each threaded op can wait for a core.
-    """
-    batches: list[tuple[list[torch.Tensor], int, int]] = []
-    for cls, m in plan:
-        if batches and batches[-1][1] == m:
-            parts, _, b = batches[-1]
-            if (b + cls.numel()) * m <= batch_rows and (b + cls.numel()) * m * m <= _EDGE_BUDGET:
-                parts.append(cls)
-                batches[-1] = (parts, m, b + cls.numel())
-                continue
-        batches.append(([cls], m, cls.numel()))
-    return [(torch.cat(parts), m) for parts, m, _ in batches]
-
-
-def _plan(counts: torch.Tensor, chunk_size: int) -> list[tuple[torch.Tensor, int]]:
-    """The chunk plan of :func:`_plan_chunks`, batched by :func:`_batch_chunks`."""
-    return _batch_chunks(_plan_chunks(counts, chunk_size), max(chunk_size, _BATCH_ROWS))
 
 
 def _solve_systems(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -259,7 +198,7 @@ def _weights_pass(
 ) -> torch.Tensor:
     """Pass 1 of the refinement, by class chunks over the new features (inputs already checked)."""
     weights = torch.zeros(len(y), dtype=dtype, device=device)
-    plan = _plan(counts, chunk_size)
+    plan = plan_batches(counts, chunk_size)
     reader = RowReader(new_feats, _max_rows(plan), dtype, device)
     for cls, _, valid, src, (new,) in _class_chunks([reader], y, counts, num_classes, plan):
         valid_dev = None if valid is None else valid.to(device)
@@ -280,7 +219,7 @@ def _fused_pass(
     """Both passes in one sweep over class chunks: the chunk's weights w (B, m) from its new rows,
     then prototypes = w / |v0| times its gathered old rows, one batched (1 x m) @ (m x d_o) product
     per chunk (no scatter-add). Padding slots have zero weight."""
-    plan = _plan(counts, chunk_size)
+    plan = plan_batches(counts, chunk_size)
     readers = [RowReader(x, _max_rows(plan), dtype, device) for x in (new_feats, old_feats)]
     out = torch.zeros(num_classes, d_old, dtype=dtype, device=device)
     for cls, _, valid, src, (new, old) in _class_chunks(readers, y, counts, num_classes, plan):
