@@ -196,6 +196,52 @@ def test_chunk_plan_forces_padding_and_several_chunks() -> None:
         assert cls.numel() == 1 or cls.numel() * m <= 64
 
 
+def test_singletons_in_a_padded_chunk_and_unpadded_chunks_match_direct_equations() -> None:
+    """Sizes 1 and 2 share a padded chunk when the 2s outnumber the 1s; equal sizes make chunks
+    without padding (no masks); both normalisations."""
+    sizes = [1, 2, 2, 1, 2, 2, 2, 3, 3, 3, 3]
+    old, new, labels = _data(sizes, seed=21)
+    counts = torch.tensor(sizes)
+    assert any(bool((counts[cls] == 1).any()) and m == 2 for cls, m in _plan_chunks(counts, 64))
+    assert any(bool((counts[cls] == m).all()) for cls, m in _plan_chunks(counts, 64))
+    for column in (False, True):
+        ref = _reference_refine(old, new, labels, len(sizes), lam=0.9, tau=0.05, column=column)
+        got = refine_prototypes(old, new, labels, len(sizes), chunk_size=64,
+                                normalize="column" if column else "row")
+        np.testing.assert_allclose(got.double().numpy(), ref, atol=1e-5, rtol=0)
+        w = refinement_weights(new, labels, len(sizes), chunk_size=64,
+                               normalize="column" if column else "row")
+        assert torch.isfinite(w).all()
+        torch.testing.assert_close(weighted_means(old, w, labels, len(sizes)), got, atol=1e-6, rtol=0)
+
+
+def test_batches_merge_equal_sizes_within_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bctkit.losses.unibct import chunks
+
+    monkeypatch.setattr(chunks, "_EDGE_BUDGET", 300)
+    counts = torch.tensor([5] * 12 + [11, 11] + [3, 2])
+    plan = _plan_chunks(counts, 10)
+    padded = {int(c): m for cls, m in plan for c in cls}
+    batches = chunks.batch_chunks(plan, 40)
+    assert len(batches) < len(plan)
+    assert sorted(torch.cat([cls for cls, _ in batches]).tolist()) == list(range(len(counts)))
+    for cls, m in batches:
+        assert all(padded[int(c)] == m for c in cls)  # every class keeps its padded size
+        assert cls.numel() == 1 or (cls.numel() * m <= 40 and cls.numel() * m * m <= 300)
+
+
+def test_batching_changes_weights_by_rounding_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each class keeps its padded size, so batching only changes the batched LU's rounding."""
+    from bctkit.losses.unibct import chunks
+
+    old, new, labels = _data(SIZES * 3, seed=4)
+    k = len(SIZES) * 3
+    batched = refinement_weights(new, labels, k, chunk_size=40)
+    monkeypatch.setattr(chunks, "_BATCH_ROWS", 1)  # one batch per chunk
+    torch.testing.assert_close(refinement_weights(new, labels, k, chunk_size=40), batched,
+                               atol=1e-7, rtol=1e-6)
+
+
 def test_refine_equals_limit_of_propagation() -> None:
     """The closed form equals the iteration V(t) = lam E V(t-1) + (1 - lam) V0 run to convergence."""
     old, new, labels = _data([6, 9], seed=5)

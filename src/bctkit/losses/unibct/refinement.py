@@ -13,12 +13,15 @@ are read per chunk of classes or per block (:mod:`bctkit.storage.rows`). Bad inp
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
 import torch
 
 from bctkit.errors import ConfigError, DataError
+from bctkit.losses.unibct.chunks import plan_batches
+from bctkit.losses.unibct.chunks import plan_chunks as _plan_chunks  # noqa: F401 (tests use it)
 from bctkit.losses.unibct.inputs import (
     Features,
     Labels,
@@ -34,42 +37,7 @@ from bctkit.storage.rows import RowReader, prefetch_groups
 __all__ = ["refine_prototypes", "refinement_weights", "weight_summary", "weighted_means"]
 
 _EPS = 1e-12  # as F.normalize: a zero row stays zero
-
-
-def _plan_chunks(counts: torch.Tensor, chunk_size: int) -> list[tuple[torch.Tensor, int]]:
-    """Group classes of similar size into chunks of at most ``chunk_size`` padded rows.
-
-    Classes are sorted by size; a chunk holds consecutive classes and is padded to its largest
-    class. A chunk is closed early when adding the next size would leave it less than 3/4 real
-    rows, so padding wastes little work. A class larger than ``chunk_size`` gets a chunk alone.
-    Returns (class ids, padded size) per chunk. Loops over distinct sizes, not over classes.
-    """
-    present = (counts > 0).nonzero().squeeze(1)
-    if present.numel() == 0:
-        return []
-    sizes = counts[present]
-    by_size = torch.argsort(sizes, stable=True)
-    cls_sorted, sizes_sorted = present[by_size], sizes[by_size]
-    uniq, group_len = torch.unique_consecutive(sizes_sorted, return_counts=True)
-
-    bounds: list[tuple[int, int, int]] = []
-    begin, cur, cur_real, last_m = 0, 0, 0, 0
-    for m, k in zip(uniq.tolist(), group_len.tolist(), strict=True):
-        cap = max(1, chunk_size // m)
-        if cur and cur < cap:
-            take = min(k, cap - cur)
-            if cur_real + take * m < 0.75 * (cur + take) * m:
-                bounds.append((begin, begin + cur, last_m))
-                begin, cur, cur_real = begin + cur, 0, 0
-        while k > 0:
-            if cur >= cap:
-                bounds.append((begin, begin + cur, last_m))
-                begin, cur, cur_real = begin + cur, 0, 0
-            take = min(k, cap - cur)
-            cur, cur_real, k, last_m = cur + take, cur_real + take * m, k - take, m
-    if cur:
-        bounds.append((begin, begin + cur, last_m))
-    return [(cls_sorted[b:e], m) for b, e, m in bounds]
+_CHUNK_ROWS = 4096  # default chunk_size: classes are padded per chunk of this many rows
 
 
 def _solve_systems(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -94,7 +62,7 @@ def _solve_systems(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _propagation_weights(
     new: torch.Tensor,
-    valid: torch.Tensor,
+    valid: torch.Tensor | None,
     counts: torch.Tensor,
     lam: float,
     tau: float,
@@ -108,7 +76,9 @@ def _propagation_weights(
     matrix E of Eq. 6 (softmax of S = cos / tau over each row, or column, with the diagonal and
     padding excluded), mean_rows((1 - lam) (I - lam E)^-1 V0) = w^T V0 where
     (I - lam E)^T w = (1 - lam) / m * 1: one right-hand side per class, no inverse, no (m x d)
-    solve. Padding rows/cols of E are zero and their right-hand side is zero, so their w is zero.
+    solve. ``valid`` (B, m) marks real slots, None when no slot is padding. Padding rows/cols of E
+    are zero and their right-hand side is zero, so their w is zero. All (B, m, m) work is done in
+    place on the Gram matrix: scale, mask, softmax, then I - lam E^T as a transposed view.
     """
     b, m, d = new.shape
     gram = torch.bmm(new, new.transpose(1, 2))
@@ -116,16 +86,26 @@ def _propagation_weights(
     check_norms("new_feats", new.view(b * m, d), sq_norms.reshape(-1), row_ids, overflow=True)
     inv = sq_norms.sqrt().clamp_min(_EPS).reciprocal()
     sim = gram.mul_(inv.unsqueeze(2) / tau).mul_(inv.unsqueeze(1))
-    eye = torch.eye(m, dtype=torch.bool, device=new.device)
-    edges = valid.unsqueeze(2) & valid.unsqueeze(1) & ~eye
-    sim.masked_fill_(~edges, float("-inf"))
-    e = torch.softmax(sim, dim=-1 if normalize == "row" else -2).masked_fill_(~edges, 0.0)
-    system = torch.eye(m, dtype=new.dtype, device=new.device) - lam * e.transpose(1, 2)
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    dim = -1 if normalize == "row" else -2
+    singleton = (counts == 1).to(new.device)
+    if valid is not None:  # padding is excluded along the softmax; its other side is zeroed after
+        sim.masked_fill_(~valid.unsqueeze(-2 if dim == -1 else -1), float("-inf"))
+    e = torch.softmax(sim, dim=dim)
+    del gram, sim
+    if valid is not None or bool(singleton.any()):  # padding and singletons (0/0) become zeros
+        ok = (valid if valid is not None else torch.ones(b, m, dtype=torch.bool, device=new.device))
+        ok = ok & ~singleton.unsqueeze(1)
+        e.masked_fill_(~ok.unsqueeze(-1 if dim == -1 else -2), 0.0)
+    system = e.mul_(-lam).transpose(1, 2)
+    system.diagonal(dim1=1, dim2=2).add_(1.0)
     cnt = counts.to(device=new.device, dtype=new.dtype)
-    rhs = valid.to(new.dtype) * ((1.0 - lam) / cnt).unsqueeze(1)
-    w = _solve_systems(system, rhs.unsqueeze(2)).squeeze(2)
-    singleton = (counts == 1).to(new.device).unsqueeze(1)
-    return torch.where(singleton, valid.to(new.dtype), w)
+    rhs = ((1.0 - lam) / cnt).unsqueeze(1).expand(b, m)
+    if valid is not None:
+        rhs = valid.to(new.dtype) * rhs
+    w = _solve_systems(system, rhs.unsqueeze(2).contiguous()).squeeze(2)
+    ones = torch.ones_like(w) if valid is None else valid.to(new.dtype)
+    return torch.where(singleton.unsqueeze(1), ones, w)
 
 
 def _check_chunk_size(chunk_size: int) -> None:
@@ -152,7 +132,7 @@ def refinement_weights(
     lam: float = 0.9,
     tau: float = 0.05,
     normalize: Literal["row", "column"] = "row",
-    chunk_size: int = 4096,
+    chunk_size: int = _CHUNK_ROWS,
     *,
     allow_empty: bool = False,
     dtype: torch.dtype = torch.float32,
@@ -177,35 +157,80 @@ def refinement_weights(
                          device_of(new_feats))
 
 
+def _class_chunks(
+    readers: list[RowReader], y: torch.Tensor, counts: torch.Tensor, num_classes: int,
+    plan: list[tuple[torch.Tensor, int]],
+) -> Iterator[tuple[torch.Tensor, int, torch.Tensor | None, torch.Tensor, list[torch.Tensor]]]:
+    """Yield (class ids, padded size m, valid (B, m) or None, source rows (B*m,), rows per reader
+    as (B, m, d) views) for each chunk of :func:`_plan_chunks`, classes sorted by size.
+
+    Rows are gathered per chunk; padding slots repeat the class's first sample (callers mask them).
+    Memmap inputs are read ahead, in file order, for runs of chunks (:func:`prefetch_groups`).
+    """
+    order = torch.argsort(y, stable=True)
+    first_of_class = torch.cumsum(counts, 0) - counts
+    chunk_rows = [int(counts[cls].sum()) for cls, _ in plan]
+    groups = [prefetch_groups(r.x, chunk_rows) for r in readers]
+    for i, (cls, m) in enumerate(plan):
+        for reader, group in zip(readers, groups, strict=True):
+            if i in group:
+                in_group = torch.zeros(num_classes, dtype=torch.bool)
+                in_group[torch.cat([c for c, _ in plan[i : group[i]]])] = True
+                reader.prefetch(in_group[y].nonzero().squeeze(1))
+        b, cnt = cls.numel(), counts[cls]
+        slots = torch.arange(m).unsqueeze(0)
+        padded = bool((cnt < m).any())
+        valid = slots < cnt.unsqueeze(1) if padded else None
+        starts = first_of_class[cls].unsqueeze(1)
+        src = order[(starts + (slots * valid if valid is not None else slots)).flatten()]
+        rows = [r.take(src).view(b, m, -1) for r in readers]
+        yield cls, m, valid, src, rows
+
+
+def _max_rows(plan: list[tuple[torch.Tensor, int]]) -> int:
+    return max((cls.numel() * m for cls, m in plan), default=0)
+
+
 def _weights_pass(
     new_feats: Features, y: torch.Tensor, counts: torch.Tensor, num_classes: int,
     lam: float, tau: float, normalize: Literal["row", "column"], chunk_size: int, dtype: torch.dtype,
     device: torch.device,
 ) -> torch.Tensor:
     """Pass 1 of the refinement, by class chunks over the new features (inputs already checked)."""
-    n = len(y)
-    order = torch.argsort(y, stable=True)
-    first_of_class = torch.cumsum(counts, 0) - counts
-    plan = _plan_chunks(counts, chunk_size)
-    max_rows = max((cls.numel() * m for cls, m in plan), default=0)
-    weights = torch.zeros(n, dtype=dtype, device=device)
-    new_reader = RowReader(new_feats, max_rows, dtype, device)
-    prefetch_at = prefetch_groups(new_feats, (int(counts[cls].sum()) for cls, _ in plan))
-    for i, (cls, m) in enumerate(plan):
-        if i in prefetch_at:
-            in_group = torch.zeros(num_classes, dtype=torch.bool)
-            in_group[torch.cat([c for c, _ in plan[i : prefetch_at[i]]])] = True
-            new_reader.prefetch(in_group[y].nonzero().squeeze(1))
-        b, cnt = cls.numel(), counts[cls]
-        slots = torch.arange(m).unsqueeze(0)
-        valid = slots < cnt.unsqueeze(1)
-        # padding slots repeat the class's first sample: masked out of E and given zero weight
-        src = order[(first_of_class[cls].unsqueeze(1) + slots * valid).flatten()]
-        new = new_reader.take(src).view(b, m, -1)
-        w = _propagation_weights(new, valid.to(device), cnt, lam, tau, normalize, src)
-        flat_valid = valid.flatten()
-        weights[src[flat_valid].to(device)] = w.flatten()[flat_valid.to(device)]
+    weights = torch.zeros(len(y), dtype=dtype, device=device)
+    plan = plan_batches(counts, chunk_size)
+    reader = RowReader(new_feats, _max_rows(plan), dtype, device)
+    for cls, _, valid, src, (new,) in _class_chunks([reader], y, counts, num_classes, plan):
+        valid_dev = None if valid is None else valid.to(device)
+        w = _propagation_weights(new, valid_dev, counts[cls], lam, tau, normalize, src)
+        if valid is None:
+            weights[src.to(device)] = w.flatten()
+        else:
+            flat_valid = valid.flatten()
+            weights[src[flat_valid].to(device)] = w.flatten()[flat_valid.to(device)]
     return weights
+
+
+def _fused_pass(
+    old_feats: Features, new_feats: Features, y: torch.Tensor, counts: torch.Tensor,
+    num_classes: int, d_old: int, normalize_inputs: bool, lam: float, tau: float,
+    normalize: Literal["row", "column"], chunk_size: int, dtype: torch.dtype, device: torch.device,
+) -> torch.Tensor:
+    """Both passes in one sweep over class chunks: the chunk's weights w (B, m) from its new rows,
+    then prototypes = w / |v0| times its gathered old rows, one batched (1 x m) @ (m x d_o) product
+    per chunk (no scatter-add). Padding slots have zero weight."""
+    plan = plan_batches(counts, chunk_size)
+    readers = [RowReader(x, _max_rows(plan), dtype, device) for x in (new_feats, old_feats)]
+    out = torch.zeros(num_classes, d_old, dtype=dtype, device=device)
+    for cls, _, valid, src, (new, old) in _class_chunks(readers, y, counts, num_classes, plan):
+        valid_dev = None if valid is None else valid.to(device)
+        coef = _propagation_weights(new, valid_dev, counts[cls], lam, tau, normalize, src)
+        norms = torch.linalg.vector_norm(old, dim=2)
+        check_norms("old_feats", old.view(-1, d_old), norms.view(-1), src, normalize_inputs)
+        if normalize_inputs:
+            coef = coef.div_(norms.clamp_min_(_EPS))
+        out[cls.to(device)] = torch.bmm(coef.unsqueeze(1), old).squeeze(1)
+    return out
 
 
 @torch.no_grad()
@@ -217,7 +242,7 @@ def refine_prototypes(
     lam: float = 0.9,
     tau: float = 0.05,
     normalize: Literal["row", "column"] = "row",
-    chunk_size: int = 4096,
+    chunk_size: int = _CHUNK_ROWS,
     normalize_inputs: bool = True,
     *,
     allow_empty: bool = False,
@@ -233,12 +258,17 @@ def refine_prototypes(
     ``normalize="column"`` reproduces the published pseudo-code (column softmax), whose result is
     exactly ``class_means``: for comparison only. The prototype is not re-normalised.
 
-    Pass 1 is :func:`refinement_weights` (a weight per sample, prototype = sum_i w_i n(v0_i)). The
-    old features are then read once, sequentially, in blocks, and accumulated with ``index_add_``
-    (they are never gathered). Only the current chunk's or block's rows are read and converted to
-    ``dtype``, so the inputs may be float16 ``np.memmap`` files larger than RAM; rows are checked for
-    NaN/Inf as they are read. Memory is O(rows_max * (d_n + m_max) + block * d_o + n) with
-    rows_max = max(chunk_size, largest class) and block = max(chunk_size, 8192).
+    One sweep over chunks of classes of similar size (as :func:`refinement_weights`): per chunk the
+    new and old rows are gathered together, the weights w come from the new rows (prototype =
+    sum_i w_i n(v0_i)) and the prototypes are one batched (1 x m) @ (m x d_o) product with the old
+    rows, so there is no per-class Python loop and no scatter-add. An ``np.memmap`` of old features
+    is instead read once, sequentially, after the weights, and summed per class (``index_add_``):
+    gathering it would need a second read-ahead buffer and re-read its pages. Only the current
+    chunk's or block's rows are read and converted to ``dtype`` (memmaps: read ahead in file order
+    for runs of chunks), so the inputs may be float16 ``np.memmap`` files larger than RAM; rows are
+    checked for NaN/Inf as they are read. Memory is O(rows_max * (d_n + d_o + m_max) + n) with
+    rows_max = max(chunk_size, largest class), plus the memmap read-ahead (bounded by
+    ``storage.rows``); the O(n) part is the labels, their sort order and a few index vectors.
     ``allow_empty=True`` gives classes without samples a zero row instead of a DataError.
     """
     n, d_old = check_features("old_feats", old_feats)
@@ -249,11 +279,13 @@ def refine_prototypes(
     y = labels_tensor(labels, n, num_classes)
     counts = class_counts(y, num_classes, allow_empty)
     device = device_of(old_feats, new_feats)
-    weights = _weights_pass(new_feats, y, counts, num_classes, lam, tau, normalize, chunk_size,
-                            dtype, device)
-
-    return _weighted_pass(old_feats, weights, y, num_classes, d_old, normalize_inputs, chunk_size, dtype,
-                          device)
+    if isinstance(old_feats, np.memmap):  # read sequentially, once: no second read-ahead buffer
+        weights = _weights_pass(new_feats, y, counts, num_classes, lam, tau, normalize, chunk_size,
+                                dtype, device)
+        return _weighted_pass(old_feats, weights, y, num_classes, d_old, normalize_inputs, chunk_size,
+                              dtype, device)
+    return _fused_pass(old_feats, new_feats, y, counts, num_classes, d_old, normalize_inputs, lam, tau,
+                       normalize, chunk_size, dtype, device)
 
 
 def _weighted_pass(
@@ -286,7 +318,7 @@ def weighted_means(
     labels: Labels,
     num_classes: int,
     normalize_inputs: bool = True,
-    chunk_size: int = 4096,
+    chunk_size: int = _CHUNK_ROWS,
     *,
     allow_empty: bool = False,
     dtype: torch.dtype = torch.float32,
