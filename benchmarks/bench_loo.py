@@ -28,22 +28,9 @@ import sys
 import time
 
 import torch
+from peak_memory import reset_peak, status_mib
 
 NOISE = 2.5  # per coordinate, against unit-variance centres: top-1 about 0.6, mAP about 0.2
-
-
-def status_mib(field: str) -> float:
-    """A /proc/self/status memory field (VmRSS, VmHWM = peak RSS), MiB."""
-    with open("/proc/self/status") as fh:
-        return next(int(ln.split()[1]) for ln in fh if ln.startswith(field + ":")) / 1024
-
-
-def reset_peak() -> float:
-    """Restart the peak-RSS count (Linux: clear_refs 5) at the current RSS, which is returned, MiB;
-    so building the data does not hide a smaller peak of the method measured after it."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    return status_mib("VmRSS")
 
 
 def make_data(n: int, d: int, classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

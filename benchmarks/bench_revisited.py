@@ -33,22 +33,9 @@ import time
 
 import numpy as np
 import torch
+from peak_memory import reset_peak, status_mib
 
 N_QUERY, N_DB, CHUNK = 70, 4993, 1 << 16
-
-
-def status_mib(field: str) -> float:
-    """A /proc/self/status memory field (VmRSS, VmHWM = peak RSS), MiB."""
-    with open("/proc/self/status") as fh:
-        return next(int(ln.split()[1]) for ln in fh if ln.startswith(field + ":")) / 1024
-
-
-def reset_peak() -> float:
-    """Restart the peak-RSS count (Linux: clear_refs 5) at the current RSS, which is returned, MiB;
-    so building the data does not hide a smaller peak of the method measured after it."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    return status_mib("VmRSS")
 
 
 def make_data(n_distractors: int, d: int) -> tuple[torch.Tensor, list[tuple[np.ndarray, ...]]]:
