@@ -116,19 +116,20 @@ def evaluate_test_sets(cfg: RunConfig, models_dir: Path, names: list[str], repor
     """Every model in ``names`` (files ``models_dir/<name>/model.safetensors``) on each of
     ``evaluation.test_sets``; returns {test set: {"report": path, "certificates": [...]}} (rank 0)."""
     ev, out = cfg.evaluation, {}
+    files = {name: models_dir / name / "model.safetensors" for name in names}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise ConfigError(f"evaluation.test_sets: no model file {missing[0]}")
+    models = {n: str(f) for n, f in files.items()}
+    ex = ExtractOptions(flip=ev.flip, batch_size=ev.batch_size, workers=cfg.data.workers(),
+                        device=cfg.new.train.device)
     for ts in ev.test_sets:
-        files = {name: models_dir / name / "model.safetensors" for name in names}
-        missing = [str(f) for f in files.values() if not f.is_file()]
-        if missing:
-            raise ConfigError(f"evaluation.test_sets: no model file {missing[0]}")
         opts = TestSetOptions(topk=None if ts.topk is None else tuple(ts.topk))  # else the protocol's own
         protocol = build_protocol(ts.protocol, ts.data, opts)
         folder = reports / "test_sets" / ts.display_name
         log(f"[test set] {ts.display_name}: {ts.protocol} on {' '.join(ts.data)}")
-        ex = ExtractOptions(flip=ev.flip, batch_size=ev.batch_size, workers=cfg.data.workers(),
-                            device=cfg.new.train.device)
-        report = evaluate_testset(protocol, {n: str(f) for n, f in files.items()}, folder, ex, chain=chain,
-                                  log=log, progress=progress, data=ts.data)
+        report = evaluate_testset(protocol, models, folder, ex, chain=chain, log=log, progress=progress,
+                                  data=ts.data)
         if is_main() and report is not None:
             out[ts.display_name] = {"report": str(folder / "report.md"),
                                     "certificates": report.get("certificate_results", [])}
