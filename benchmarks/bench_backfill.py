@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from bctkit.data.sources import ArraySource
+from bctkit.gallery.backends.sqlite.store import GalleryStore
 from bctkit.gallery.backfill import backfill
 from bctkit.gallery.embed import embed_all
-from bctkit.gallery.store import GalleryStore
 from bctkit.models.config import BackboneConfig
 from bctkit.models.factory import build_backbone
 from bctkit.models.heads import HeadConfig

@@ -35,7 +35,7 @@ import faiss
 import numpy as np
 
 from bctkit.gallery import GalleryStore
-from bctkit.gallery.indexes import normalize_rows
+from bctkit.gallery.ranking import normalize_rows
 
 
 def persist(index: faiss.Index, path: Path) -> float:

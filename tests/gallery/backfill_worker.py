@@ -5,8 +5,8 @@ import sys
 import numpy as np
 
 from bctkit.data.sources import ArraySource
+from bctkit.gallery.backends.sqlite.store import GalleryStore
 from bctkit.gallery.backfill import backfill
-from bctkit.gallery.store import GalleryStore
 from bctkit.models.store import load_model
 
 store_dir, model_path, images_path = sys.argv[1:4]

@@ -1,5 +1,5 @@
 """Kill a process at a defined point of a gallery store transaction (the store's test events, see
-:mod:`bctkit.gallery.transactions`), not after a time: the same point however loaded the machine is."""
+:mod:`bctkit.gallery.events`), not after a time: the same point however loaded the machine is."""
 
 import contextlib
 import os
@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bctkit.gallery.transactions import EVENTS_ENV, STOP_ENV
+from bctkit.gallery.events import EVENTS_ENV, STOP_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from bctkit.cli import main
-from bctkit.gallery.store import GalleryStore
+from bctkit.gallery.backends.sqlite.store import GalleryStore
 from bctkit.models.store import load_model
 from tests.gallery.crash import ROOT, kill_at
 from tests.gallery.test_backfill import tiny_model

@@ -13,10 +13,10 @@ import torch
 
 from bctkit.data.sources import ArraySource
 from bctkit.errors import DataError
+from bctkit.gallery.backends.sqlite.store import GalleryStore
 from bctkit.gallery.backfill import PartialBackfillRefused, backfill, backfill_order
 from bctkit.gallery.checks import GalleryError
 from bctkit.gallery.forecast import expected_accuracy
-from bctkit.gallery.store import GalleryStore
 from bctkit.models.config import BackboneConfig
 from bctkit.models.factory import build_backbone
 from bctkit.models.heads import HeadConfig

@@ -12,7 +12,7 @@ from bctkit.cli import main
 from bctkit.data.sources.recordio_writer import write_insightface
 from bctkit.evaluation.certificate import make_certificate, write_certificate
 from bctkit.features import FeatureSet
-from bctkit.gallery.store import GalleryStore
+from bctkit.gallery.backends.sqlite.store import GalleryStore
 from bctkit.models.store import load_model
 from tests.gallery.test_backfill import tiny_model
 

@@ -19,10 +19,10 @@ from bctkit.errors import BctkitError, ConfigError, DataError
 from bctkit.evaluation.certificate import make_certificate, write_certificate
 from bctkit.features import FeatureSet
 from bctkit.gallery import embed as embed_module
-from bctkit.gallery import store as store_module
+from bctkit.gallery.backends.sqlite import store as store_module
+from bctkit.gallery.backends.sqlite.store import GalleryStore
 from bctkit.gallery.backfill import backfill
 from bctkit.gallery.embed import embed_all, open_embedder
-from bctkit.gallery.store import GalleryStore
 from bctkit.models.store import load_model
 from tests.gallery.test_backfill import tiny_model
 

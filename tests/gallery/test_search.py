@@ -248,7 +248,7 @@ def test_empty_store_and_approximate_factory(tmp_path: Path) -> None:
 
 
 def test_index_cache_is_read_at_its_commit_only(tmp_path: Path, monkeypatch) -> None:
-    from bctkit.gallery import indexes
+    from bctkit.gallery.backends.sqlite import indexes
 
     monkeypatch.setattr(indexes, "CACHE_MIN_ITEMS", 0)
     rng = np.random.default_rng(6)
@@ -284,7 +284,7 @@ def test_index_cache_is_read_at_its_commit_only(tmp_path: Path, monkeypatch) -> 
 def test_index_cache_keeps_no_file_of_an_earlier_commit(tmp_path: Path, monkeypatch) -> None:
     """Files of blocks that are never rebuilt (here the old version's, once only new queries come)
     are pruned when any block is written at a later commit."""
-    from bctkit.gallery import indexes
+    from bctkit.gallery.backends.sqlite import indexes
 
     monkeypatch.setattr(indexes, "CACHE_MIN_ITEMS", 0)
     rng = np.random.default_rng(7)
@@ -314,7 +314,7 @@ def test_a_cached_index_of_other_vectors_is_rebuilt_not_trusted(tmp_path: Path, 
     its record."""
     import shutil
 
-    from bctkit.gallery import indexes
+    from bctkit.gallery.backends.sqlite import indexes
 
     monkeypatch.setattr(indexes, "CACHE_MIN_ITEMS", 0)
     rng = np.random.default_rng(8)

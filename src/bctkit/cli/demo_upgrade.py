@@ -16,7 +16,7 @@ from typing import Any
 
 from bctkit.errors import BctkitError, ConfigError
 from bctkit.evaluation.report import report_dir
-from bctkit.gallery.schema import DB_NAME
+from bctkit.gallery.backends.sqlite.schema import DB_NAME
 from bctkit.run.example_upgrade import FULL, QUICK, prepare
 from bctkit.storage import read_json, write_json, write_text
 

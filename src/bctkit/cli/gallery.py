@@ -94,7 +94,7 @@ def _model(path: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Carry out one ``bctkit gallery`` subcommand; returns the exit code."""
-    from bctkit.gallery.store import GalleryStore
+    from bctkit.gallery.backends.sqlite.store import GalleryStore
 
     cmd = args.gallery_command
     if cmd == "create":

@@ -44,10 +44,10 @@ from tqdm.auto import tqdm
 
 from bctkit.data.sources.base import DataSource
 from bctkit.errors import ConfigError, DataError
+from bctkit.gallery.backends.sqlite.store import GalleryStore
 from bctkit.gallery.checks import GalleryError
 from bctkit.gallery.embed import Embedder, as_embedder, embed_batches, version_of
 from bctkit.gallery.search import search_blocker
-from bctkit.gallery.store import GalleryStore
 
 Order = Literal["random", "benefit"]
 

@@ -36,15 +36,9 @@ class Version(NamedTuple):
         return f"{self.name} ({self.fingerprint})" if self.name else self.fingerprint
 
 
-def read_versions(conn: sqlite3.Connection) -> list[Version]:
-    """The declared versions, in declaration order."""
-    rows = conn.execute("SELECT vid, fingerprint, name, dim, layout, count FROM versions ORDER BY vid")
-    return [Version(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5]) for r in rows]
-
-
-def find_version(conn: sqlite3.Connection, fingerprint: Any, what: str) -> Version:
-    """The version ``fingerprint``; an unknown one is refused."""
-    for v in read_versions(conn):
+def find_version(versions: Sequence[Version], fingerprint: Any, what: str) -> Version:
+    """The version ``fingerprint`` among the declared ``versions``; an unknown one is refused."""
+    for v in versions:
         if v.fingerprint == fingerprint:
             return v
     raise GalleryError(f"{what}: unknown version {fingerprint!r}; declare it with add_version first")
@@ -117,7 +111,7 @@ def to_json(obj: Any, what: str) -> str:
         raise GalleryError(f"{what}: not JSON serialisable ({exc})") from None
 
 
-def check_certificate(conn: sqlite3.Connection, cert: Any) -> tuple[Version, Version, str, str]:
+def check_certificate(versions: Sequence[Version], cert: Any) -> tuple[Version, Version, str, str]:
     """(query version, gallery version, sha256, JSON body) of a passed certificate whose versions are
     declared with its dims; anything else is refused."""
     if not isinstance(cert, dict) or cert.get("format") != CERTIFICATE_FORMAT:
@@ -135,7 +129,7 @@ def check_certificate(conn: sqlite3.Connection, cert: Any) -> tuple[Version, Ver
         info = cert.get(side)
         if not isinstance(info, dict):
             raise GalleryError(f"{what}: no {side} model")
-        v = find_version(conn, info.get("fingerprint"), f"{what} {side}")
+        v = find_version(versions, info.get("fingerprint"), f"{what} {side}")
         if info.get("embedding_dim") != v.dim:
             raise GalleryError(f"{what}: {side} embedding_dim {info.get('embedding_dim')!r} but version "
                                f"{v.label} has dim {v.dim}")

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from bctkit.data.sources.base import DataSource
 from bctkit.errors import ConfigError, DataError
+from bctkit.gallery.backends.sqlite.store import GalleryStore
 from bctkit.gallery.checks import GalleryError, few
 from bctkit.gallery.embed import Embedder, as_embedder, embed_batches, version_of
-from bctkit.gallery.store import GalleryStore
 
 
 @dataclass

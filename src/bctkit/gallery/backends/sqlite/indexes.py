@@ -19,17 +19,15 @@ import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from bctkit.errors import BctkitError
+from bctkit.gallery.ranking import NO_KEY, normalize_rows
+from bctkit.gallery.search import Block
 
-NO_KEY = np.iinfo(np.int64).max
-"""Key of an empty result place (an approximate index found fewer than k items)."""
-
-Block = tuple[int, int, int]
 """(version id, first coordinate, end coordinate) of an index."""
 CACHE_MIN_ITEMS = 20_000
 """Indexes with fewer items are rebuilt on open rather than written to the store's index cache."""
@@ -45,13 +43,6 @@ def sampled_digest(path: Path, chunks: int = 256, size: int = 4096) -> str:
             fh.seek(length * i // chunks)
             h.update(fh.read(size))
     return h.hexdigest()
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """float32 C-ordered copy of ``x`` with unit L2 rows (an all-zero row stays zero)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))
-    return np.ascontiguousarray(x / np.maximum(norms, np.float32(1e-12))[:, None], dtype=np.float32)
 
 
 def new_index(factory: str, dim: int) -> object:
@@ -99,7 +90,7 @@ class IndexSet:
     def load(self, block: Block, count: int, source: Callable[[], str]) -> bool:
         """Read ``block``'s index written at this commit with ``count`` items, if there is one and
         its record (``<file>.json``) says it was built from this store's items (``source()``: the
-        store's :meth:`~bctkit.gallery.segments.View.digest`) and was this very file (its sampled
+        store's :meth:`.segments.View.digest`) and was this very file (its sampled
         digest): an index file of other vectors under the cache's name is rebuilt, not trusted."""
         path = self._file(block, count)
         if path is None or count < CACHE_MIN_ITEMS or not path.is_file():
@@ -229,22 +220,3 @@ def _tied_rows(scores: np.ndarray, keys: np.ndarray, k: int, depth: int, n: int)
     kth = scores[:, k - 1]
     tied = (scores[:, depth - 1] == kth) & (keys[:, k - 1] != NO_KEY)
     return np.nonzero(tied)[0]
-
-
-def merge(parts: Iterable[tuple[np.ndarray, np.ndarray, int]], n_queries: int, k: int
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Merge per-index rule-exact lists (scores, keys, version id) into one ranking of k places.
-
-    Returns (scores [Q, k], keys [Q, k], version ids [Q, k]); k is clamped to the places given.
-    """
-    parts = [p for p in parts if p[0].shape[1]]
-    if not parts:
-        return (np.zeros((n_queries, 0), np.float32), np.zeros((n_queries, 0), np.int64),
-                np.zeros((n_queries, 0), np.int64))
-    scores = np.concatenate([p[0] for p in parts], axis=1)
-    keys = np.concatenate([p[1] for p in parts], axis=1)
-    vids = np.concatenate([np.full(p[0].shape, p[2], np.int64) for p in parts], axis=1)
-    k = min(k, scores.shape[1])
-    order = np.lexsort((keys, -scores.astype(np.float64)), axis=-1)[:, :k]
-    return (np.take_along_axis(scores, order, 1).astype(np.float32, copy=False),
-            np.take_along_axis(keys, order, 1), np.take_along_axis(vids, order, 1))

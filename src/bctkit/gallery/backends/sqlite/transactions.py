@@ -1,21 +1,18 @@
 """The gallery store's transactions: SQLite errors as one-line errors, read snapshots that bring the
 in-memory view up to date, and atomic write transactions whose segments join the view once
-committed (:class:`bctkit.gallery.store.GalleryStore` inherits them).
+committed (:class:`bctkit.gallery.backends.sqlite.store.GalleryStore` inherits them).
 
 Every write transaction reports three events through :func:`event` (a no-op unless the
-environment variable :data:`EVENTS_ENV` names a file): ``begin`` (the write lock is held),
+environment variable :data:`..events.EVENTS_ENV` names a file): ``begin`` (the write lock is held),
 ``written`` (every row is written, nothing committed) and ``committed``. Crash tests stop a
-process at one of them (:data:`STOP_ENV`) and SIGKILL it there: the kill lands at a defined point
+process at one of them (:data:`..events.STOP_ENV`) and SIGKILL it there: the kill lands at a defined point
 of the transaction however loaded the machine is, where a kill timed by a clock may land anywhere.
 """
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
-import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,32 +21,11 @@ from typing import Any
 import numpy as np
 
 from bctkit.errors import FileFormatError
+from bctkit.gallery.backends.sqlite.indexes import IndexSet
+from bctkit.gallery.backends.sqlite.segments import Pending, View
 from bctkit.gallery.checks import GalleryError, first_line
+from bctkit.gallery.events import event
 from bctkit.gallery.idmap import Hashed
-from bctkit.gallery.indexes import IndexSet
-from bctkit.gallery.segments import Pending, View
-
-EVENTS_ENV = "BCTKIT_GALLERY_EVENTS"
-"""Environment variable: a file to which every write transaction appends its events, one line each
-(``<call> <point> <n>``: the n-th time this process reached that point of that call), for tests."""
-STOP_ENV = "BCTKIT_GALLERY_STOP"
-"""Environment variable: an event line (e.g. ``add written 3``) at which the process, once it has
-reported it, stops and waits to be killed (tests only; needs :data:`EVENTS_ENV`)."""
-_seen: Counter[tuple[str, str]] = Counter()
-
-
-def event(call: str, point: str) -> None:
-    """Report that this process reached ``point`` of a ``call`` transaction (see the module
-    docstring); without :data:`EVENTS_ENV` set this is one dictionary lookup."""
-    path = os.environ.get(EVENTS_ENV)
-    if not path:
-        return
-    _seen[call, point] += 1
-    line = f"{call} {point} {_seen[call, point]}"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line + "\n")
-    while os.environ.get(STOP_ENV) == line:  # wait here for the test's SIGKILL
-        time.sleep(1.0)
 
 
 class Helper:

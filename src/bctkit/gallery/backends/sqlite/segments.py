@@ -16,7 +16,7 @@ file, and a row of tens of MiB writes at well under the disk's speed; the vector
 written in place through incremental blob I/O (one copy fewer than binding them). Measured here
 on 1M x 128 float32 in 100k-item commits (64 KiB pages): 1.04 s in 51 MiB rows, 0.59 s in 1 MiB
 rows with bound bytes and a 256 MiB page cache, 0.44 s in place with an 8 MiB cache (see
-:mod:`bctkit.gallery.schema`); the same bytes written to a plain file and fsynced took 0.44-0.65 s.
+:mod:`.schema`); the same bytes written to a plain file and fsynced took 0.44-0.65 s.
 """
 
 from __future__ import annotations

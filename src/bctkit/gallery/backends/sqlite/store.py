@@ -1,7 +1,7 @@
 """A versioned gallery store on disk: items embedded by several model versions, searched together.
 
 Storage design: one SQLite database (standard library), ``<store>/gallery.sqlite``, is the truth.
-Items are written in bulk as segments (:mod:`bctkit.gallery.segments`): each add, replace or delete
+Items are written in bulk as segments (:mod:`.segments`): each add, replace or delete
 call writes one or a few rows of table ``segments`` holding its items' int64 keys (never reused;
 assigned in insertion order, so a lower key is an earlier insertion), ids, metadata and float32
 vectors, or a tombstone; ``versions`` holds the declared model versions with their item counts;
@@ -17,14 +17,14 @@ at the start of every call from the segments committed since, when the commit co
 write first takes SQLite's write lock (``BEGIN IMMEDIATE``) and then updates the view, so an add's
 id check sees every commit of every process and two processes can never add the same id.
 
-The FAISS indexes are derived data (:mod:`bctkit.gallery.indexes`): built in memory on the first
+The FAISS indexes are derived data (:mod:`.indexes`): built in memory on the first
 search that needs them, kept in sync after each of this process's commits, and dropped and rebuilt
 when the file's commit counter shows another process committed. Large ones are also written to
 ``<store>/indexes/``, tagged with the commit counter and item count, and read back by a later open
 at the same commit instead of being rebuilt; a stale or unreadable one, or one whose record does
 not match this store's items and its own file, is simply rebuilt.
 
-Opening checks the file (:mod:`bctkit.gallery.schema`) and writes nothing. Every error is one line:
+Opening checks the file (:mod:`.schema`) and writes nothing. Every error is one line:
 bad input, unknown ids or versions and refused searches raise :class:`GalleryError`; a missing,
 corrupt, older- or newer-format store raises :class:`~bctkit.errors.FileFormatError`. A call that
 raises writes nothing.
@@ -44,6 +44,20 @@ from pathlib import Path
 import numpy as np
 
 from bctkit.errors import FileFormatError
+from bctkit.gallery.backends.sqlite.indexes import IndexSet, factory_is_valid
+from bctkit.gallery.backends.sqlite.schema import (
+    DB_NAME,
+    FORMAT_VERSION,
+    PAGE_SIZE,
+    SCHEMA,
+    STORE_FORMAT,
+    check_format,
+    connect,
+    read_versions,
+)
+from bctkit.gallery.backends.sqlite.search import search_items
+from bctkit.gallery.backends.sqlite.segments import Pending, View, damaged, write_segments
+from bctkit.gallery.backends.sqlite.transactions import Transactions
 from bctkit.gallery.checks import (
     CERTIFICATE_FORMAT,
     GalleryError,
@@ -53,24 +67,11 @@ from bctkit.gallery.checks import (
     few,
     find_version,
     first_line,
-    read_versions,
     reason,
     to_json,
 )
 from bctkit.gallery.idmap import Hashed
-from bctkit.gallery.indexes import IndexSet, factory_is_valid
-from bctkit.gallery.schema import (
-    DB_NAME,
-    FORMAT_VERSION,
-    PAGE_SIZE,
-    SCHEMA,
-    STORE_FORMAT,
-    check_format,
-    connect,
-)
-from bctkit.gallery.search import SearchResult, search_items
-from bctkit.gallery.segments import Pending, View, damaged, write_segments
-from bctkit.gallery.transactions import Transactions
+from bctkit.gallery.search import SearchResult
 from bctkit.storage import _fsync_dir
 
 __all__ = ["CERTIFICATE_FORMAT", "FORMAT_VERSION", "GalleryError", "GalleryStore", "SearchResult"]
@@ -226,7 +227,7 @@ class GalleryStore(Transactions):
         """Store a verified compatibility certificate (query version -> gallery version). Only a passed
         one is taken; one certificate per ordered pair (a new one replaces the pair's old one)."""
         with self._read() as conn:
-            q, g, sha, body = check_certificate(conn, cert)
+            q, g, sha, body = check_certificate(read_versions(conn), cert)
         with self._write("add_certificate") as conn:
             conn.execute("DELETE FROM certificates WHERE query_vid=? AND gallery_vid=?", (q.vid, g.vid))
             conn.execute("INSERT INTO certificates (query_vid, gallery_vid, sha256, body) "
@@ -272,7 +273,7 @@ class GalleryStore(Transactions):
         already in the store is refused (the first few are named)."""
         ids, hashed = check_ids(ids, "add")
         with self._read() as conn:
-            v = find_version(conn, version, "add")
+            v = find_version(read_versions(conn), version, "add")
         vec = check_vectors(vectors, len(ids), v, "add")
         metas = None
         if metadata is not None:
@@ -301,7 +302,7 @@ class GalleryStore(Transactions):
         """Re-embed existing items with ``version`` in one atomic commit; keys and metadata are kept."""
         ids, hashed = check_ids(ids, "replace")
         with self._read() as conn:
-            v = find_version(conn, version, "replace")
+            v = find_version(read_versions(conn), version, "replace")
         vec = check_vectors(vectors, len(ids), v, "replace")
         if not ids:
             return
@@ -375,12 +376,12 @@ class GalleryStore(Transactions):
         with self._read() as conn:
             if version is None:
                 return int(conn.execute("SELECT coalesce(sum(count), 0) FROM versions").fetchone()[0])
-            return find_version(conn, version, "count").count
+            return find_version(read_versions(conn), version, "count").count
 
     def ids(self, version: str | None = None) -> list[str]:
         """The ids, of one version or of all, in insertion order."""
         with self._read() as conn:
-            vid = None if version is None else find_version(conn, version, "ids").vid
+            vid = None if version is None else find_version(read_versions(conn), version, "ids").vid
             return self._view.ids_of(self._view.live(vid))
 
     def verify(self) -> None:

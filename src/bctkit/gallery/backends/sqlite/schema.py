@@ -10,12 +10,13 @@ another process is writing the file, and a hot journal left by a crash has alrea
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
 from bctkit.errors import FileFormatError
-from bctkit.gallery.checks import first_line
+from bctkit.gallery.checks import Version, first_line
 
 DB_NAME = "gallery.sqlite"
 STORE_FORMAT = "bctkit-gallery"
@@ -106,3 +107,9 @@ def check_format(conn: sqlite3.Connection, db: Path, load: Callable[[sqlite3.Con
                 conn.execute("COMMIT")
     except sqlite3.Error as exc:
         raise FileFormatError(f"{db}: corrupt gallery store ({first_line(exc)})") from None
+
+
+def read_versions(conn: sqlite3.Connection) -> list[Version]:
+    """The declared versions, in declaration order."""
+    rows = conn.execute("SELECT vid, fingerprint, name, dim, layout, count FROM versions ORDER BY vid")
+    return [Version(r[0], r[1], r[2], r[3], json.loads(r[4]) if r[4] else None, r[5]) for r in rows]
