@@ -13,6 +13,8 @@ from bctkit.gallery.checks import GalleryError
 from bctkit.storage import read_json, write_json
 
 NAMES = ("gallery",)
+STORE_HELP = ("a folder (the SQLite store), milvus-lite:PATH.db[#COLLECTION] (Milvus Lite) or "
+              "milvus://HOST:PORT/COLLECTION | http(s)://HOST:PORT/COLLECTION (a Milvus server)")
 
 
 def _positive_int(text: str) -> int:
@@ -32,26 +34,30 @@ def add_parser(sub: Any) -> None:
     g = sub.add_parser("gallery", help="a versioned gallery: add, search across model versions, backfill")
     gs = g.add_subparsers(dest="gallery_command", required=True)
     c = gs.add_parser("create", help="create an empty gallery store (a new folder)")
-    c.add_argument("store")
+    c.add_argument("store", help=STORE_HELP)
     c.add_argument("--index", default="Flat",
-                   help="FAISS index factory string per version (default Flat: exact)")
+                   help="FAISS index factory string per version (default Flat: exact); on Milvus Flat, "
+                        "IVF_FLAT or HNSW")
+    c.add_argument("--dim", type=_positive_int,
+                   help="Milvus only: the largest embedding size any model version will have (default: "
+                        "the largest declared before the first add)")
     a = gs.add_parser("add", help="embed images with a model and add them (id: the image path in the source)")
-    a.add_argument("store")
+    a.add_argument("store", help=STORE_HELP)
     _model_and_images(a)
     r = gs.add_parser("remove", help="delete items by id, in one atomic commit")
-    r.add_argument("store")
+    r.add_argument("store", help=STORE_HELP)
     r.add_argument("ids", nargs="*", metavar="ID", help="item ids (the images' paths in their source)")
     r.add_argument("--ids", dest="ids_file", metavar="FILE", help="a UTF-8 file of item ids, one per line")
     ce = gs.add_parser("certify", help="allow mixing two versions: add verified compatibility certificates")
-    ce.add_argument("store")
+    ce.add_argument("store", help=STORE_HELP)
     ce.add_argument("certificates", nargs="+", help="certificate files (RUN/certificates/*.json)")
     s = gs.add_parser("search", help="embed query images with a model and search every version's items")
-    s.add_argument("store")
+    s.add_argument("store", help=STORE_HELP)
     _model_and_images(s)
     s.add_argument("-k", type=_positive_int, default=5, help="results per query (default 5)")
     s.add_argument("--out", help="write the results as JSON here")
     b = gs.add_parser("backfill", help="re-embed the items with a new model, batch by batch (resumable)")
-    b.add_argument("store")
+    b.add_argument("store", help=STORE_HELP)
     _model_and_images(b)
     b.add_argument("--order", choices=["random", "benefit"], default="random",
                    help="random (seeded) or benefit: smallest old-embedding norm first (default random)")
@@ -62,7 +68,7 @@ def add_parser(sub: Any) -> None:
                    help="allow a partial backfill without a passed certificate: the new model cannot "
                         "search the store until the backfill ends")
     st = gs.add_parser("status", help="items per model version, and the expected accuracy now")
-    st.add_argument("store")
+    st.add_argument("store", help=STORE_HELP)
     st.add_argument("--report", help="a run's report.json: the expected top-1 from its backfill curve of "
                                                    "the order the backfill used")
 
@@ -94,14 +100,14 @@ def _model(path: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Carry out one ``bctkit gallery`` subcommand; returns the exit code."""
-    from bctkit.gallery.backends.sqlite.store import GalleryStore
+    from bctkit.gallery.interface import create_gallery, open_gallery
 
     cmd = args.gallery_command
     if cmd == "create":
-        GalleryStore.create(args.store, index=args.index).close()
+        create_gallery(args.store, index=args.index, dim=args.dim).close()
         print(f"gallery: created {args.store} (index {args.index})")
         return 0
-    with GalleryStore.open(args.store) as store:
+    with open_gallery(args.store) as store:
         if cmd == "add":
             return _add(store, args)
         if cmd == "remove":

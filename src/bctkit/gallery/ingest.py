@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from bctkit.data.sources.base import DataSource
 from bctkit.errors import ConfigError, DataError
-from bctkit.gallery.backends.sqlite.store import GalleryStore
 from bctkit.gallery.checks import GalleryError, few
 from bctkit.gallery.embed import Embedder, as_embedder, embed_batches, version_of
+from bctkit.gallery.interface import Gallery
 
 
 @dataclass
@@ -38,7 +38,7 @@ class AddResult:
     version: str
 
 
-def add_images(store: GalleryStore, model: Embedder, images: DataSource, *, batch_size: int = 256,
+def add_images(store: Gallery, model: Embedder, images: DataSource, *, batch_size: int = 256,
                progress: bool = True) -> AddResult:
     """Embed ``images`` with ``model`` and add them (id: the image's key, metadata: its label) in
     commits of ``batch_size`` images; images already stored by this version are skipped (see the

@@ -32,13 +32,15 @@ raises writes nothing.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import secrets
 import shutil
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,7 @@ from bctkit.gallery.checks import (
     to_json,
 )
 from bctkit.gallery.idmap import Hashed
+from bctkit.gallery.interface import Gallery
 from bctkit.gallery.search import SearchResult
 from bctkit.storage import _fsync_dir
 
@@ -78,7 +81,7 @@ __all__ = ["CERTIFICATE_FORMAT", "FORMAT_VERSION", "GalleryError", "GalleryStore
 ORDER_KEY = "backfill_order:"  # meta key prefix: + version -> JSON list of the orders its backfills used
 
 
-class GalleryStore(Transactions):
+class GalleryStore(Transactions, Gallery):
     """A directory holding one gallery: ids, metadata and vectors of any number of model versions.
 
     Any number of processes may open one store (SQLite serialises their commits); one object belongs
@@ -165,18 +168,16 @@ class GalleryStore(Transactions):
             raise
         return cls(path, conn, factory, view)
 
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
     def close(self) -> None:
         """Close the database and drop the in-memory indexes (idempotent)."""
         if self._conn is not None:
             self._conn.close()
             self._conn = None
         self._indexes.clear()
-
-    def __enter__(self) -> GalleryStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # ---- versions and certificates ---------------------------------------------------------------
 
@@ -399,6 +400,38 @@ class GalleryStore(Transactions):
         if bad:
             raise FileFormatError(f"{self._db}: corrupt gallery store ({len(bad)} damaged item(s): vectors "
                                   f"holding NaN or Inf: {few(bad)})")
+
+    def scan(self, step: int = 65536) -> Iterator[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
+        """Every item in insertion order, in parts: (ids, versions, vector norms, priors); this store
+        records no priors (all -1: its backfill writes its batches in plan order, one commit each)."""
+        with self._read() as conn:
+            vers = {v.vid: v for v in read_versions(conn)}
+            keys = self._view.live()
+            for s in range(0, len(keys), step):
+                part = keys[s : s + step]
+                vids = self._view.vid[part]
+                norms = np.zeros(len(part), np.float64)
+                for u in np.unique(vids).tolist():
+                    where = np.flatnonzero(vids == u)
+                    vec = self._view.raw_vectors(conn, part[where], vers[u].dim).astype(np.float64)
+                    norms[where] = np.sqrt(np.einsum("ij,ij->i", vec, vec))
+                yield (self._view.ids_of(part), [vers[u].fingerprint for u in vids.tolist()], norms,
+                       np.full(len(part), -1.0))
+
+    @contextlib.contextmanager
+    def backfill_lock(self) -> Iterator[None]:
+        """An exclusive flock on the store's folder while a backfill runs; a second one is refused at
+        once. The kernel drops it when its process dies, so a SIGKILLed backfill leaves nothing stuck."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise GalleryError(f"{self.path}: another backfill is running on this store; wait for it "
+                                   "to end (or stop it: a killed backfill releases the store)") from None
+            yield
+        finally:
+            os.close(fd)
 
     # ---- search -----------------------------------------------------------------------------------
 

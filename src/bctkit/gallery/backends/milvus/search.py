@@ -1,0 +1,130 @@
+"""Mixed-version search of a Milvus gallery under the ranking rule.
+
+A block that compares a version's whole vector (its own queries, or a certificate over all of the
+gallery version's dims) is one filtered COSINE search in Milvus: the query's compared coordinates
+are normalised and zero-padded like the stored vectors, so the score is the cosine over exactly those
+coordinates. Milvus orders ties arbitrarily and may cut a tie at the k-th place, so each block is
+searched one place past k, and rows whose k-th score ties the last one returned are searched again
+with a doubled depth until the tie is resolved or the block is exhausted; the places then sort by
+(score, insertion key). A block over part of the gallery version's dims (a certificate's
+``gallery_dims`` short of its whole vector: the cosine of a sub-vector, which no stored index holds)
+is computed by reading that version's vectors in parts and keeping a running top-k: exact, and one
+read of the version per search.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bctkit.gallery.backends.milvus.client import call, iterate, padded
+from bctkit.gallery.checks import Version, check_vectors, find_version
+from bctkit.gallery.ranking import NO_KEY, merge, normalize_rows
+from bctkit.gallery.search import SearchResult, check_k, plan_blocks
+
+if TYPE_CHECKING:
+    from bctkit.gallery.backends.milvus.store import MilvusGallery
+
+MAX_DEPTH = 16384
+"""Milvus's largest top-k per search."""
+QUERIES = 1024
+"""Queries per search request."""
+
+
+def search_items(g: MilvusGallery, queries: Any, version: str, k: Any) -> SearchResult:
+    """Top-k of gallery ``g`` for ``version`` queries (see the module docstring)."""
+    k = check_k(k)
+    versions = g._versions()
+    v = find_version(versions, version, "search")
+    q = check_vectors(queries, None, v, "search: queries")
+    certs = {r["gallery_vid"]: r["body"] for r in g._certs() if r["query_vid"] == v.vid}
+    plan = plan_blocks(v, versions, certs)
+    by_vid = {u.vid: u for u in versions}
+    names: dict[int, str] = {}
+    parts = []
+    for (vid, ga, gb), (qa, qb) in plan:
+        u = by_vid[vid]
+        qn = normalize_rows(q[:, qa:qb])
+        if ga == 0 and gb == u.dim:
+            s, keys = _indexed(g, u, padded(qn, int(g.dim)), k, names)
+        else:
+            s, keys = _scanned(g, u, ga, gb, qn, k, names)
+        parts.append((s, keys, vid))
+    scores, keys, vids = merge(parts, len(q), k)
+    fps = {u.vid: u.fingerprint for u in versions}
+    ids = [[names.get(int(c), "") for c in row] for row in keys]
+    vers = [[fps[int(u)] if names.get(int(c)) else "" for c, u in zip(kr, ur, strict=True)]
+            for kr, ur in zip(keys, vids, strict=True)]
+    return SearchResult(ids, scores, vers)
+
+
+def _milvus_search(g: MilvusGallery, u: Version, q: np.ndarray, depth: int, names: dict[int, str]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, keys) [len(q), depth] of one filtered search, sorted by the rule, empty places padded."""
+    scores = np.full((len(q), depth), -np.inf, np.float32)
+    keys = np.full((len(q), depth), NO_KEY, np.int64)
+    for s in range(0, len(q), QUERIES):
+        res = call(f"{g.location}: search", g._c.search, g._items, data=list(q[s:s + QUERIES]), limit=depth,
+                   filter=f"version == {json.dumps(u.fingerprint)}", output_fields=["seq"],
+                   search_params={"metric_type": "COSINE"})
+        for r, hits in enumerate(res):
+            for c, h in enumerate(hits):
+                seq = int(h["entity"]["seq"])
+                names[seq] = h["id"]
+                scores[s + r, c] = h["distance"]
+                keys[s + r, c] = seq
+    order = np.lexsort((keys, -scores.astype(np.float64)), axis=-1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(keys, order, 1)
+
+
+def _indexed(g: MilvusGallery, u: Version, q: np.ndarray, k: int, names: dict[int, str]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Rule-exact top-k of version ``u``'s items through Milvus's index (see the module docstring)."""
+    k = min(k, u.count)
+    depth = min(k + 1, u.count)
+    scores, keys = _milvus_search(g, u, q, depth, names)
+    rows = np.arange(len(q))
+    while depth < u.count and k:
+        tied = rows[scores[rows, depth - 1] == scores[rows, k - 1]]
+        if not len(tied):
+            break
+        if depth >= MAX_DEPTH:  # beyond Milvus's top-k: the tied rows are read exactly
+            s2, k2 = _scanned(g, u, 0, u.dim, q[tied][:, : u.dim], k, names)
+            scores[tied, :k], keys[tied, :k] = s2, k2
+            break
+        depth = min(2 * depth, u.count, MAX_DEPTH)
+        s2, k2 = _milvus_search(g, u, q[tied], depth, names)
+        grown_s = np.full((len(q), depth), -np.inf, np.float32)
+        grown_k = np.full((len(q), depth), NO_KEY, np.int64)
+        grown_s[:, : scores.shape[1]], grown_k[:, : keys.shape[1]] = scores, keys
+        grown_s[tied], grown_k[tied] = s2, k2
+        scores, keys, rows = grown_s, grown_k, tied
+    return scores[:, :k], keys[:, :k]
+
+
+def _scanned(g: MilvusGallery, u: Version, ga: int, gb: int, q: np.ndarray, k: int, names: dict[int, str]
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of version ``u``'s items on their dims [ga, gb) for normalised queries ``q``."""
+    best = (np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), u.vid)
+    for part in iterate(g._c, g._items, ["id", "seq", "vec"], g.location,
+                        f"version == {json.dumps(u.fingerprint)}"):
+        vec = normalize_rows(np.asarray([e["vec"][ga:gb] for e in part], dtype=np.float32))
+        seq = np.asarray([e["seq"] for e in part], np.int64)
+        names.update((int(s), e["id"]) for s, e in zip(seq, part, strict=True))
+        scores = q @ vec.T
+        top = min(k, len(seq))
+        cut = np.argpartition(-scores, top - 1, axis=1)[:, :top] if top < len(seq) else None
+        if cut is not None:  # keep every place tied with the k-th score: the merge breaks ties by key
+            kth = np.take_along_axis(scores, cut, 1).min(axis=1, keepdims=True)
+            keep = scores >= kth
+            width = int(keep.sum(axis=1).max())
+            order = np.argsort(~keep, axis=1, kind="stable")[:, :width]
+            s = np.take_along_axis(np.where(keep, scores, -np.inf), order, 1)
+            kk = np.where(np.isfinite(s), seq[order], NO_KEY)
+        else:
+            s, kk = scores, np.broadcast_to(seq, scores.shape)
+        s_, k_, _ = merge([best, (s.astype(np.float32), kk, u.vid)], len(q), k)
+        best = (s_, k_, u.vid)
+    return best[0], best[1]
