@@ -172,7 +172,8 @@ class MilvusGallery(Gallery):
             return
         if self.dim is not None and dim > self.dim:
             raise GalleryError(f"add_version {fingerprint}: dim {dim}, but {self.location} holds vectors "
-                               f"of at most {self.dim} dims (fixed by its first add); create the gallery with "
+                               f"of at most {self.dim} dims (fixed by its first add); create the gallery "
+                               "with "
                                f"--dim {dim} or more for this model")
         vid = self._side.next_values("next_vid", 1)
         self._side.put({key: {"vid": vid, "fingerprint": fingerprint, "name": name, "dim": int(dim),
