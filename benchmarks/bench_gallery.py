@@ -17,7 +17,11 @@ searches.
 Each measurement is repeated (``--repeats``, interleaved raw / store) and the fastest is reported,
 which filters out other processes on a shared machine.
 
+With ``--backend milvus-lite`` it measures bctkit's Milvus gallery instead, against bare pymilvus on
+the same Milvus Lite and against the SQLite store (see ``bench_gallery_milvus.py``, which it runs).
+
 Usage: python benchmarks/bench_gallery.py [--n 1000000] [--dim 128] [--queries 1000] [--k 10]
+       [--backend sqlite|milvus-lite]
 """
 
 from __future__ import annotations
@@ -76,7 +80,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=100_000, help="items per add call (one commit each)")
     ap.add_argument("--repeats", type=int, default=3, help="measurements of each; the best is reported")
     ap.add_argument("--dir", default=None, help="folder for the store (default: a temporary one)")
+    ap.add_argument("--backend", choices=["sqlite", "milvus-lite"], default="sqlite",
+                    help="sqlite: the SQLite store against raw FAISS; milvus-lite: the Milvus gallery "
+                    "against bare pymilvus and the SQLite store")
     args = ap.parse_args()
+    if args.backend == "milvus-lite":
+        from bench_gallery_milvus import run  # beside this file
+
+        print(json.dumps(run(args)))
+        return
     rng = np.random.default_rng(0)
     vectors = normalize_rows(rng.standard_normal((args.n, args.dim), dtype=np.float32))
     queries = normalize_rows(rng.standard_normal((args.queries, args.dim), dtype=np.float32))
