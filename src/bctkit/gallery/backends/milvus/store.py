@@ -130,10 +130,12 @@ class MilvusGallery(Gallery):
 
     # ---- versions and certificates ---------------------------------------------------------------
 
-    def _versions(self) -> list[Version]:
+    def _versions(self, counted: bool = True) -> list[Version]:
+        """The declared versions; ``counted=False``: count -1 (not read: a filtered count scans every
+        item on Milvus Lite, for calls that use no count)."""
         recs = sorted(self._side.prefixed("version:").values(), key=lambda r: r["vid"])
         return [Version(r["vid"], r["fingerprint"], r["name"], r["dim"], r["layout"],
-                        self._count(r["fingerprint"])) for r in recs]
+                        self._count(r["fingerprint"]) if counted else -1) for r in recs]
 
     def _count(self, fp: str | None) -> int:
         if self.dim is None:
@@ -187,7 +189,7 @@ class MilvusGallery(Gallery):
         return sorted(self._side.prefixed("cert:").values(), key=lambda r: r["seq"])
 
     def add_certificate(self, cert: dict) -> None:
-        q, g, _, _ = check_certificate(self._versions(), cert)
+        q, g, _, _ = check_certificate(self._versions(counted=False), cert)
         seq = self._side.next_values("next_cert", 1)
         self._side.put({f"cert:{q.vid}:{g.vid}": {"seq": seq, "query_vid": q.vid, "gallery_vid": g.vid,
                                                   "body": cert}})
@@ -240,7 +242,7 @@ class MilvusGallery(Gallery):
     def add(self, ids: Sequence[str], vectors: np.ndarray, version: str,
             metadata: Sequence[dict] | None = None) -> None:
         ids = self._check_ids(ids, "add")
-        versions = self._versions()
+        versions = self._versions(counted=False)
         v = find_version(versions, version, "add")
         vec = check_vectors(vectors, len(ids), v, "add")
         metas = ["{}"] * len(ids)
@@ -273,7 +275,7 @@ class MilvusGallery(Gallery):
         prior the norm of the vector replaced (kept when it was already at ``version``: a batch
         written again)."""
         ids = self._check_ids(ids, "replace")
-        versions = self._versions()
+        versions = self._versions(counted=False)
         v = find_version(versions, version, "replace")
         vec = check_vectors(vectors, len(ids), v, "replace")
         if not ids:
@@ -306,7 +308,7 @@ class MilvusGallery(Gallery):
     def get(self, ids: Sequence[str]) -> tuple[np.ndarray | list[np.ndarray], list[str]]:
         ids = list(ids)
         found = self._fetch(ids, ["id", "version", "vec"], "get")
-        dims = {u.fingerprint: u.dim for u in self._versions()}
+        dims = {u.fingerprint: u.dim for u in self._versions(counted=False)}
         versions = [found[i]["version"] for i in ids]
         rows = [np.asarray(found[i]["vec"][: dims[ver]], dtype=np.float32) for i, ver in zip(ids, versions,
                                                                                              strict=True)]
@@ -328,13 +330,13 @@ class MilvusGallery(Gallery):
 
     def count(self, version: str | None = None) -> int:
         if version is not None:
-            find_version(self._versions(), version, "count")
+            find_version(self._versions(counted=False), version, "count")
         return self._count(version)
 
     def ids(self, version: str | None = None) -> list[str]:
         flt = ""
         if version is not None:
-            find_version(self._versions(), version, "ids")
+            find_version(self._versions(counted=False), version, "ids")
             flt = f"version == {json.dumps(version)}"
         if self.dim is None:
             return []
