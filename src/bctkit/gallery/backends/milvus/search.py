@@ -31,15 +31,23 @@ MAX_DEPTH = 16384
 """Milvus's largest top-k per search."""
 QUERIES = 1024
 """Queries per search request."""
+UNCOUNTED = 1 << 62
+"""The count of a version searched without counting its items first (FLAT index: an exact search
+that returns fewer places than asked has returned them all)."""
 
 
 def search_items(g: MilvusGallery, queries: Any, version: str, k: Any) -> SearchResult:
     """Top-k of gallery ``g`` for ``version`` queries (see the module docstring)."""
     k = check_k(k)
-    versions = g._versions()
+    versions = g._versions(counted=False)
     v = find_version(versions, version, "search")
     q = check_vectors(queries, None, v, "search: queries")
     certs = {r["gallery_vid"]: r["body"] for r in g._certs() if r["query_vid"] == v.vid}
+    if g._fmt.get("index") in ("Flat", "FLAT") and len(q):
+        versions = [u._replace(count=UNCOUNTED) if u.vid == v.vid or u.vid in certs else _counted(g, u)
+                    for u in versions]
+    else:
+        versions = g._versions()
     plan = plan_blocks(v, versions, certs)
     by_vid = {u.vid: u for u in versions}
     names: dict[int, str] = {}
@@ -58,6 +66,14 @@ def search_items(g: MilvusGallery, queries: Any, version: str, k: Any) -> Search
     vers = [[fps[int(u)] if names.get(int(c)) else "" for c, u in zip(kr, ur, strict=True)]
             for kr, ur in zip(keys, vids, strict=True)]
     return SearchResult(ids, scores, vers)
+
+
+def _counted(g: MilvusGallery, u: Version) -> Version:
+    """``u`` with its count when it holds items (one item read first: a filtered count scans them
+    all), 0 when it holds none."""
+    rows = call(f"{g.location}: read", g._c.query, g._items, filter=f"version == {json.dumps(u.fingerprint)}",
+                output_fields=["id"], limit=1) if g.dim is not None else []
+    return u._replace(count=g._count(u.fingerprint) if rows else 0)
 
 
 def _milvus_search(g: MilvusGallery, u: Version, q: np.ndarray, depth: int, names: dict[int, str]
@@ -85,6 +101,10 @@ def _indexed(g: MilvusGallery, u: Version, q: np.ndarray, k: int, names: dict[in
     k = min(k, u.count)
     depth = min(k + 1, u.count)
     scores, keys = _milvus_search(g, u, q, depth, names)
+    if u.count == UNCOUNTED:  # an exact search that returns fewer places than asked returned every item
+        found = int((keys != NO_KEY).sum(axis=1).max())
+        if found < depth:
+            u, k = u._replace(count=found), min(k, found)
     rows = np.arange(len(q))
     while depth < u.count and k:
         tied = rows[scores[rows, depth - 1] == scores[rows, k - 1]]
