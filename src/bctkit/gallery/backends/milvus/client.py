@@ -86,7 +86,7 @@ def items_schema(client: Any, dim: int) -> Any:
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX)
     schema.add_field("seq", DataType.INT64)
     schema.add_field("version", DataType.VARCHAR, max_length=FP_MAX)
-    schema.add_field("prior", DataType.FLOAT)
+    schema.add_field("prior", DataType.DOUBLE)
     schema.add_field("meta", DataType.VARCHAR, max_length=VALUE_MAX)
     schema.add_field("vec", DataType.FLOAT_VECTOR, dim=dim)
     return schema
@@ -201,3 +201,10 @@ def padded(vec: np.ndarray, dim: int) -> np.ndarray:
     out = np.zeros((len(vec), dim), np.float32)
     out[:, : vec.shape[1]] = vec
     return out
+
+
+def norms(vec: np.ndarray) -> np.ndarray:
+    """float64 L2 norms of the rows of ``vec`` (a version's own dims): the one computation behind
+    both a replace's recorded prior and a scan's norm, so a backfill plan ranks them alike."""
+    x = np.asarray(vec, dtype=np.float64)
+    return np.sqrt(np.einsum("ij,ij->i", x, x))

@@ -37,6 +37,7 @@ from bctkit.gallery.backends.milvus.client import (
     index_params,
     items_schema,
     iterate,
+    norms,
     padded,
 )
 from bctkit.gallery.checks import (
@@ -280,17 +281,13 @@ class MilvusGallery(Gallery):
             return
         old = self._fetch(ids, ["id", "seq", "version", "prior", "meta", "vec"], "replace")
         dims = {u.fingerprint: u.dim for u in versions}
+        prior = np.array([float(old[i]["prior"]) for i in ids])
+        for fp in {old[i]["version"] for i in ids} - {version}:
+            where = [r for r, i in enumerate(ids) if old[i]["version"] == fp]
+            prior[where] = norms(np.array([old[ids[r]]["vec"][: dims[fp]] for r in where], np.float32))
         full = padded(vec, int(self.dim))
-        rows = []
-        for r, i in enumerate(ids):
-            e = old[i]
-            if e["version"] == version:
-                prior = float(e["prior"])
-            else:
-                x = np.asarray(e["vec"][: dims[e["version"]]], dtype=np.float64)
-                prior = float(np.float32(np.sqrt(x @ x)))
-            rows.append({"id": i, "seq": e["seq"], "version": version, "prior": prior, "meta": e["meta"],
-                         "vec": full[r]})
+        rows = [{"id": i, "seq": old[i]["seq"], "version": version, "prior": float(prior[r]),
+                 "meta": old[i]["meta"], "vec": full[r]} for r, i in enumerate(ids)]
         self._write("replace", rows)
 
     def delete(self, ids: Sequence[str]) -> None:
@@ -345,10 +342,14 @@ class MilvusGallery(Gallery):
     def scan(self, step: int = 65536) -> Iterator[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
         if self.dim is None:
             return
-        seqs, ids, vers, norms, priors = [], [], [], [], []
+        dims = {u.fingerprint: u.dim for u in self._versions()}
+        seqs, ids, vers, sizes, priors = [], [], [], [], []
         for part in iterate(self._c, self._items, ["id", "seq", "version", "prior", "vec"], self.location):
-            vec = np.asarray([e["vec"] for e in part], dtype=np.float64)  # padding adds nothing to a norm
-            norms.append(np.sqrt(np.einsum("ij,ij->i", vec, vec)))
+            size = np.zeros(len(part))
+            for fp in {e["version"] for e in part}:
+                where = [r for r, e in enumerate(part) if e["version"] == fp]
+                size[where] = norms(np.array([part[r]["vec"][: dims[fp]] for r in where], np.float32))
+            sizes.append(size)
             for e in part:
                 seqs.append(e["seq"])
                 ids.append(e["id"])
@@ -357,7 +358,7 @@ class MilvusGallery(Gallery):
         if not seqs:
             return
         order = np.argsort(np.asarray(seqs, np.int64), kind="stable")
-        norm = np.concatenate(norms)[order]
+        norm = np.concatenate(sizes)[order]
         prior = np.asarray(priors, np.float64)[order]
         for s in range(0, len(order), step):
             o = order[s:s + step]
