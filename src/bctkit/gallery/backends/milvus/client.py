@@ -60,7 +60,7 @@ def connect(backend: str, where: str, timeout_s: float) -> Any:
     except ImportError:
         raise GalleryError("a Milvus store needs pymilvus and milvus-lite: pip install 'bctkit[milvus]'"
                            ) from None
-    logging.getLogger("pymilvus").setLevel(logging.ERROR)  # query_iterator warns on every Lite call
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # its errors are raised as one line here
     if backend == "milvus-lite":
         try:
             return MilvusClient(where)
@@ -158,6 +158,7 @@ def check_collections(client: Any, side: Side, items: str, where: str) -> dict:
             raise FileFormatError(f"{where}: collection {items!r} was not created by bctkit (no "
                                   f"{side.name!r} beside it); give a new collection name")
         raise FileFormatError(f"{where}: no bctkit gallery {items!r} (create it with bctkit gallery create)")
+    call(f"{where}: load {side.name}", client.load_collection, side.name)  # a reopened one is released
     fmt = side.get("format")
     if not isinstance(fmt, dict) or fmt.get("format") != FORMAT:
         raise FileFormatError(f"{where}: collection {side.name!r} holds no bctkit gallery format record")
@@ -170,6 +171,7 @@ def check_collections(client: Any, side: Side, items: str, where: str) -> dict:
         if set(fields) != set(ITEM_FIELDS):
             raise FileFormatError(f"{where}: collection {items!r} has fields {sorted(fields)}, not a bctkit "
                                   f"gallery's {sorted(ITEM_FIELDS)}")
+        call(f"{where}: load {items}", client.load_collection, items)
         dim = int(fields["vec"].get("params", {}).get("dim", -1))
         if dim != fmt.get("dim"):
             raise FileFormatError(f"{where}: collection {items!r} holds {dim}-d vectors but its bctkit "

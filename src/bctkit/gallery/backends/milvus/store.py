@@ -58,6 +58,8 @@ FETCH = 4096
 """Ids per get request."""
 WRITE_BYTES = 8 << 20
 """About this many vector bytes per upsert request (Milvus caps a request's size)."""
+WRITE_ROWS = 20_000
+"""At most this many entities per upsert request."""
 
 
 class MilvusGallery(Gallery):
@@ -224,7 +226,7 @@ class MilvusGallery(Gallery):
         """Upsert whole entities in requests of about :data:`WRITE_BYTES`, with the crash-test events
         (``written`` after the first request when there are several)."""
         event(call_name, "begin")
-        step = max(1, WRITE_BYTES // (4 * int(self.dim or 1)))
+        step = max(1, min(WRITE_ROWS, WRITE_BYTES // (4 * int(self.dim or 1))))
         for s in range(0, len(rows), step):
             call(f"{self.location}: {call_name}", self._c.upsert, self._items, rows[s:s + step])
             if s == 0 and len(rows) > step:
