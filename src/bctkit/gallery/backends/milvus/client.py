@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -39,6 +40,8 @@ INDEXES = {"Flat": ("FLAT", {}), "FLAT": ("FLAT", {}), "IVF_FLAT": ("IVF_FLAT", 
 """--index of a Milvus store -> (Milvus index type, its build parameters). Flat is exact."""
 ITEM_FIELDS = ["id", "seq", "version", "prior", "meta", "vec"]
 T = TypeVar("T")
+_LITE_OPEN: dict[str, int] = {}
+"""Open clients per Milvus Lite file in this process."""
 
 
 def call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -61,9 +64,14 @@ def connect(backend: str, where: str, timeout_s: float) -> Any:
         raise GalleryError("a Milvus store needs pymilvus and milvus-lite: pip install 'bctkit[milvus]'"
                            ) from None
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # its errors are raised as one line here
+    # Milvus Lite's embedded server logs a traceback for a call it does not implement (the timestamp
+    # query_iterator asks for first, then does without); the client still gets every error it must.
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
     if backend == "milvus-lite":
         try:
-            return MilvusClient(where)
+            client = MilvusClient(where)
+            _LITE_OPEN[os.path.abspath(where)] = _LITE_OPEN.get(os.path.abspath(where), 0) + 1
+            return client
         except MilvusException as exc:
             text = first_line(exc)
             if "Open local milvus failed" in text and "not exists" not in text:
@@ -76,6 +84,21 @@ def connect(backend: str, where: str, timeout_s: float) -> Any:
     except MilvusException as exc:
         raise GalleryError(f"{where}: cannot reach Milvus within {timeout_s:g} s "
                            f"({getattr(exc, 'message', first_line(exc))})") from None
+
+
+def disconnect(backend: str, where: str, client: Any) -> None:
+    """Close ``client``; the last client of a Milvus Lite file in this process also stops its embedded
+    server, which releases the file for other processes (closing a client alone does not)."""
+    client.close()
+    if backend != "milvus-lite":
+        return
+    path = os.path.abspath(where)
+    _LITE_OPEN[path] = _LITE_OPEN.get(path, 1) - 1
+    if _LITE_OPEN[path] <= 0:
+        del _LITE_OPEN[path]
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(path)
 
 
 def items_schema(client: Any, dim: int) -> Any:
