@@ -69,7 +69,7 @@ def ranked(store: Gallery, version: str, order: Order, seed: int = 0) -> tuple[l
     ids: list[str] = []
     versions: list[str] = []
     norms, priors = [], []
-    for part_ids, part_versions, part_norms, part_priors in store.scan():
+    for part_ids, part_versions, part_norms, part_priors in store.scan(norms=order == "benefit"):
         ids += part_ids
         versions += part_versions
         norms.append(part_norms)

@@ -228,7 +228,7 @@ def padded(vec: np.ndarray, dim: int) -> np.ndarray:
     return out
 
 
-def norms(vec: np.ndarray) -> np.ndarray:
+def vector_norms(vec: np.ndarray) -> np.ndarray:
     """float64 L2 norms of the rows of ``vec`` (a version's own dims): the one computation behind
     both a replace's recorded prior and a scan's norm, so a backfill plan ranks them alike."""
     x = np.asarray(vec, dtype=np.float64)

@@ -38,8 +38,8 @@ from bctkit.gallery.backends.milvus.client import (
     index_params,
     items_schema,
     iterate,
-    norms,
     padded,
+    vector_norms,
 )
 from bctkit.gallery.checks import (
     GalleryError,
@@ -287,7 +287,7 @@ class MilvusGallery(Gallery):
         prior = np.array([float(old[i]["prior"]) for i in ids])
         for fp in {old[i]["version"] for i in ids} - {version}:
             where = [r for r, i in enumerate(ids) if old[i]["version"] == fp]
-            prior[where] = norms(np.array([old[ids[r]]["vec"][: dims[fp]] for r in where], np.float32))
+            prior[where] = vector_norms(np.array([old[ids[r]]["vec"][: dims[fp]] for r in where], np.float32))
         full = padded(vec, int(self.dim))
         rows = [{"id": i, "seq": old[i]["seq"], "version": version, "prior": float(prior[r]),
                  "meta": old[i]["meta"], "vec": full[r]} for r, i in enumerate(ids)]
@@ -342,16 +342,18 @@ class MilvusGallery(Gallery):
         pairs = [(e["seq"], e["id"]) for part in parts for e in part]
         return [i for _, i in sorted(pairs)]
 
-    def scan(self, step: int = 65536) -> Iterator[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
+    def scan(self, step: int = 65536, norms: bool = True
+             ) -> Iterator[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
         if self.dim is None:
             return
         dims = {u.fingerprint: u.dim for u in self._versions()}
         seqs, ids, vers, sizes, priors = [], [], [], [], []
-        for part in iterate(self._c, self._items, ["id", "seq", "version", "prior", "vec"], self.location):
+        fields = ["id", "seq", "version", "prior", *(["vec"] if norms else [])]
+        for part in iterate(self._c, self._items, fields, self.location):
             size = np.zeros(len(part))
-            for fp in {e["version"] for e in part}:
+            for fp in {e["version"] for e in part} if norms else ():
                 where = [r for r, e in enumerate(part) if e["version"] == fp]
-                size[where] = norms(np.array([part[r]["vec"][: dims[fp]] for r in where], np.float32))
+                size[where] = vector_norms(np.array([part[r]["vec"][: dims[fp]] for r in where], np.float32))
             sizes.append(size)
             for e in part:
                 seqs.append(e["seq"])

@@ -401,7 +401,8 @@ class GalleryStore(Transactions, Gallery):
             raise FileFormatError(f"{self._db}: corrupt gallery store ({len(bad)} damaged item(s): vectors "
                                   f"holding NaN or Inf: {few(bad)})")
 
-    def scan(self, step: int = 65536) -> Iterator[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
+    def scan(self, step: int = 65536, norms: bool = True
+             ) -> Iterator[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
         """Every item in insertion order, in parts: (ids, versions, vector norms, priors); this store
         records no priors (all -1: its backfill writes its batches in plan order, one commit each)."""
         with self._read() as conn:
@@ -410,12 +411,12 @@ class GalleryStore(Transactions, Gallery):
             for s in range(0, len(keys), step):
                 part = keys[s : s + step]
                 vids = self._view.vid[part]
-                norms = np.zeros(len(part), np.float64)
-                for u in np.unique(vids).tolist():
+                size = np.zeros(len(part), np.float64)
+                for u in np.unique(vids).tolist() if norms else []:
                     where = np.flatnonzero(vids == u)
                     vec = self._view.raw_vectors(conn, part[where], vers[u].dim).astype(np.float64)
-                    norms[where] = np.sqrt(np.einsum("ij,ij->i", vec, vec))
-                yield (self._view.ids_of(part), [vers[u].fingerprint for u in vids.tolist()], norms,
+                    size[where] = np.sqrt(np.einsum("ij,ij->i", vec, vec))
+                yield (self._view.ids_of(part), [vers[u].fingerprint for u in vids.tolist()], size,
                        np.full(len(part), -1.0))
 
     @contextlib.contextmanager
