@@ -38,10 +38,13 @@ def stopped_at(cmd: list[str], stop: str, scratch: Path, group: bool = False) ->
             time.sleep(0.01)
         yield seen
         assert proc.poll() is None, "left its stop"
-        for pid in [proc.pid, *(_descendants(proc.pid) if group else [])]:
+        tree = [proc.pid, *(_descendants(proc.pid) if group else [])]
+        for pid in tree:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
+        for pid in tree[1:]:  # gone (their locks with them) before the caller starts another
+            _wait_gone(pid)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -67,3 +70,17 @@ def _descendants(pid: int) -> list[int]:
         out += kids
         todo += kids
     return out
+
+
+def _wait_gone(pid: int, timeout_s: float = 60.0) -> None:
+    """Wait until process ``pid`` has exited (gone, or a zombie: its files and locks are released)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} still alive {timeout_s:g} s after SIGKILL")
