@@ -79,11 +79,11 @@ def connect(backend: str, where: str, timeout_s: float) -> Any:
                                    "Milvus Lite admits one process at a time)") from None
             raise GalleryError(f"{where}: Milvus Lite could not open it ({getattr(exc, 'message', text)})"
                                ) from None
-    try:
-        return MilvusClient(uri=where, timeout=timeout_s)
+    try:  # a server that needs credentials takes them from MILVUS_TOKEN ("user:password" or an API key)
+        return MilvusClient(uri=where, token=os.environ.get("MILVUS_TOKEN", ""), timeout=timeout_s)
     except MilvusException as exc:
-        raise GalleryError(f"{where}: cannot reach Milvus within {timeout_s:g} s "
-                           f"({getattr(exc, 'message', first_line(exc))})") from None
+        raise GalleryError(f"{where}: could not connect to Milvus (waiting at most {timeout_s:g} s): "
+                           f"{first_line(Exception(getattr(exc, 'message', exc)))}") from None
 
 
 def disconnect(backend: str, where: str, client: Any) -> None:
