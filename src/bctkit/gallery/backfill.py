@@ -181,8 +181,9 @@ def _ranks(store: Gallery | None, model: Any, images: DataSource, every_rank_wri
                     store.add_version(version, dim, name=name, layout=layout)
                     store.record_backfill_order(version, order)
                 decided = {"batches": plan.batches, "pending": plan.pending, "already": plan.already}
-            except BctkitError as exc:
-                D.broadcast_object({"error": str(exc)})
+            except Exception as exc:  # the other ranks wait on this broadcast: tell them, then raise
+                D.broadcast_object({"error": str(exc) if isinstance(exc, BctkitError) else
+                                    f"backfill: rank 0 failed while planning ({type(exc).__name__})"})
                 raise
         decided = D.broadcast_object(decided)
         if "error" in decided:
