@@ -61,6 +61,7 @@ def connect(backend: str, where: str, timeout_s: float) -> Any:
         raise GalleryError("a Milvus store needs pymilvus and milvus-lite: pip install 'bctkit[milvus]'"
                            ) from None
     logging.getLogger("pymilvus").setLevel(logging.ERROR)  # query_iterator warns on every Lite call
+    logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)  # a failed open logs a traceback; we say it
     if backend == "milvus-lite":
         try:
             return MilvusClient(where)
@@ -158,6 +159,8 @@ def check_collections(client: Any, side: Side, items: str, where: str) -> dict:
             raise FileFormatError(f"{where}: collection {items!r} was not created by bctkit (no "
                                   f"{side.name!r} beside it); give a new collection name")
         raise FileFormatError(f"{where}: no bctkit gallery {items!r} (create it with bctkit gallery create)")
+    # a collection is released when the process that loaded it ends: load before reading
+    call(f"{where}: load {side.name}", client.load_collection, side.name)
     fmt = side.get("format")
     if not isinstance(fmt, dict) or fmt.get("format") != FORMAT:
         raise FileFormatError(f"{where}: collection {side.name!r} holds no bctkit gallery format record")
@@ -174,6 +177,7 @@ def check_collections(client: Any, side: Side, items: str, where: str) -> dict:
         if dim != fmt.get("dim"):
             raise FileFormatError(f"{where}: collection {items!r} holds {dim}-d vectors but its bctkit "
                                   f"record says {fmt.get('dim')}")
+        call(f"{where}: load {items}", client.load_collection, items)
     elif fmt.get("dim") is not None:
         raise FileFormatError(f"{where}: the items collection {items!r} of this gallery is missing")
     return fmt
