@@ -6,7 +6,10 @@ are normalised and zero-padded like the stored vectors, so the score is the cosi
 coordinates. Milvus orders ties arbitrarily and may cut a tie at the k-th place, so each block is
 searched one place past k, and rows whose k-th score ties the last one returned are searched again
 with a doubled depth until the tie is resolved or the block is exhausted; the places then sort by
-(score, insertion key). A block over part of the gallery version's dims (a certificate's
+(score, insertion key). The places' scores are computed again here from the vectors returned, as a
+scanned block computes them (:func:`cosines`): Milvus's kernel rounds differently, and items of two
+blocks whose compared vectors are equal up to scale must score exactly alike for the tie to go to
+the earlier insertion. A block over part of the gallery version's dims (a certificate's
 ``gallery_dims`` short of its whole vector: the cosine of a sub-vector, which no stored index holds)
 is computed by reading that version's vectors in parts and keeping a running top-k: exact, and one
 read of the version per search.
@@ -67,14 +70,17 @@ def _milvus_search(g: MilvusGallery, u: Version, q: np.ndarray, depth: int, name
     keys = np.full((len(q), depth), NO_KEY, np.int64)
     for s in range(0, len(q), QUERIES):
         res = call(f"{g.location}: search", g._c.search, g._items, data=list(q[s:s + QUERIES]), limit=depth,
-                   filter=f"version == {json.dumps(u.fingerprint)}", output_fields=["seq"],
+                   filter=f"version == {json.dumps(u.fingerprint)}", output_fields=["seq", "vec"],
                    search_params={"metric_type": "COSINE"})
         for r, hits in enumerate(res):
+            if not hits:
+                continue
             for c, h in enumerate(hits):
                 seq = int(h["entity"]["seq"])
                 names[seq] = h["id"]
-                scores[s + r, c] = h["distance"]
                 keys[s + r, c] = seq
+            vec = np.asarray([h["entity"]["vec"][: u.dim] for h in hits], dtype=np.float32)
+            scores[s + r, : len(hits)] = cosines(q[s + r: s + r + 1, : u.dim], vec)[0]
     order = np.lexsort((keys, -scores.astype(np.float64)), axis=-1)
     return np.take_along_axis(scores, order, 1), np.take_along_axis(keys, order, 1)
 
@@ -110,10 +116,10 @@ def _scanned(g: MilvusGallery, u: Version, ga: int, gb: int, q: np.ndarray, k: i
     best = (np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), u.vid)
     for part in iterate(g._c, g._items, ["id", "seq", "vec"], g.location,
                         f"version == {json.dumps(u.fingerprint)}"):
-        vec = normalize_rows(np.asarray([e["vec"][ga:gb] for e in part], dtype=np.float32))
+        vec = np.asarray([e["vec"][ga:gb] for e in part], dtype=np.float32)
         seq = np.asarray([e["seq"] for e in part], np.int64)
         names.update((int(s), e["id"]) for s, e in zip(seq, part, strict=True))
-        scores = q @ vec.T
+        scores = cosines(q, vec)
         top = min(k, len(seq))
         cut = np.argpartition(-scores, top - 1, axis=1)[:, :top] if top < len(seq) else None
         if cut is not None:  # keep every place tied with the k-th score: the merge breaks ties by key
@@ -128,3 +134,10 @@ def _scanned(g: MilvusGallery, u: Version, ga: int, gb: int, q: np.ndarray, k: i
         s_, k_, _ = merge([best, (s.astype(np.float32), kk, u.vid)], len(q), k)
         best = (s_, k_, u.vid)
     return best[0], best[1]
+
+
+def cosines(q: np.ndarray, vec: np.ndarray) -> np.ndarray:
+    """float32 cosines [len(q), len(vec)] of unit queries ``q`` with the rows of ``vec`` (normalised
+    here), summed in float64 and rounded once: rows equal up to a power-of-two scale score exactly
+    alike, whichever path (an index's candidates or a scan) and whatever batch read them."""
+    return (q.astype(np.float64) @ normalize_rows(vec).astype(np.float64).T).astype(np.float32)
