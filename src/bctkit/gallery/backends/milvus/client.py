@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -39,6 +40,8 @@ INDEXES = {"Flat": ("FLAT", {}), "FLAT": ("FLAT", {}), "IVF_FLAT": ("IVF_FLAT", 
 """--index of a Milvus store -> (Milvus index type, its build parameters). Flat is exact."""
 ITEM_FIELDS = ["id", "seq", "version", "prior", "meta", "vec"]
 T = TypeVar("T")
+_LITE_OPEN: dict[str, int] = {}
+"""Lite file (absolute path) -> clients of it open in this process."""
 
 
 def call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -64,7 +67,7 @@ def connect(backend: str, where: str, timeout_s: float) -> Any:
     logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)  # a failed open logs a traceback; we say it
     if backend == "milvus-lite":
         try:
-            return MilvusClient(where)
+            client = MilvusClient(where)
         except MilvusException as exc:
             text = first_line(exc)
             if "Open local milvus failed" in text and "not exists" not in text:
@@ -72,11 +75,31 @@ def connect(backend: str, where: str, timeout_s: float) -> Any:
                                    "Milvus Lite admits one process at a time)") from None
             raise GalleryError(f"{where}: Milvus Lite could not open it ({getattr(exc, 'message', text)})"
                                ) from None
+        key = os.path.abspath(where)
+        _LITE_OPEN[key] = _LITE_OPEN.get(key, 0) + 1
+        return client
     try:
         return MilvusClient(uri=where, timeout=timeout_s)
     except MilvusException as exc:
         raise GalleryError(f"{where}: cannot reach Milvus within {timeout_s:g} s "
                            f"({getattr(exc, 'message', first_line(exc))})") from None
+
+
+def disconnect(client: Any, backend: str, where: str) -> None:
+    """Close a client of :func:`connect`; the last one of a Lite file in this process also stops its
+    in-process server, which releases the file's lock (else no other process could open it until
+    this one exits)."""
+    client.close()
+    if backend != "milvus-lite":
+        return
+    key = os.path.abspath(where)
+    left = _LITE_OPEN.pop(key, 0) - 1
+    if left > 0:
+        _LITE_OPEN[key] = left
+        return
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(key)
 
 
 def items_schema(client: Any, dim: int) -> Any:

@@ -34,6 +34,7 @@ from bctkit.gallery.backends.milvus.client import (
     call,
     check_collections,
     connect,
+    disconnect,
     index_params,
     items_schema,
     iterate,
@@ -93,15 +94,19 @@ class MilvusGallery(Gallery):
         names = set(call(f"{spec}: list collections", client.list_collections))
         taken = [n for n in (spec.collection, f"{spec.collection}{SIDE_SUFFIX}") if n in names]
         if taken:
-            client.close()
+            disconnect(client, spec.backend, spec.where)
             raise GalleryError(f"{spec}: collection {taken[0]!r} exists; a new gallery needs a new "
                                "collection name")
         g = cls(spec, client, {"format": FORMAT, "format_version": FORMAT_VERSION, "index": index,
                                "dim": None, "min_dim": dim})
-        g._side.create()
-        if dim is not None:
-            g._create_items(dim)
-        g._side.put({"format": g._fmt})
+        try:
+            g._side.create()
+            if dim is not None:
+                g._create_items(dim)
+            g._side.put({"format": g._fmt})
+        except BaseException:
+            g.close()
+            raise
         return g
 
     @classmethod
@@ -113,13 +118,13 @@ class MilvusGallery(Gallery):
             fmt = check_collections(client, Side(client, f"{spec.collection}{SIDE_SUFFIX}", str(spec)),
                                     str(spec.collection), str(spec))
         except BaseException:
-            client.close()
+            disconnect(client, spec.backend, spec.where)
             raise
         return cls(spec, client, fmt)
 
     def close(self) -> None:
         if self._c is not None:
-            self._c.close()
+            disconnect(self._c, self.spec.backend, self.spec.where)
             self._c = None
 
     def _create_items(self, dim: int) -> None:
