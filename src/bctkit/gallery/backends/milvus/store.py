@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from bctkit.errors import FileFormatError
 from bctkit.gallery.backends.milvus.client import (
     FORMAT,
     FORMAT_VERSION,
@@ -113,6 +115,9 @@ class MilvusGallery(Gallery):
     def open(cls, spec: StoreSpec, *, timeout_s: float = 10.0) -> MilvusGallery:
         """Open an existing gallery; a collection bctkit did not create, or of another dimension than
         its record, is refused (nothing written)."""
+        if spec.backend == "milvus-lite" and not os.path.isdir(spec.where):  # Milvus Lite would create it
+            raise FileFormatError(f"{spec}: no Milvus Lite file {spec.where} (create it with bctkit gallery "
+                                  "create)")
         client = connect(spec.backend, spec.where, timeout_s)
         try:
             fmt = check_collections(client, Side(client, f"{spec.collection}{SIDE_SUFFIX}", str(spec)),
@@ -369,8 +374,6 @@ class MilvusGallery(Gallery):
             yield [ids[j] for j in o], [vers[j] for j in o], norm[s:s + step], prior[s:s + step]
 
     def verify(self) -> None:
-        from bctkit.errors import FileFormatError
-
         bad: list[str] = []
         if self.dim is not None:
             for part in iterate(self._c, self._items, ["id", "vec"], self.location):
