@@ -31,6 +31,16 @@ def new_store(tmp_path: Path, backend: str) -> Callable[..., str]:
     return lambda name="g": store_string(backend, tmp_path / name)
 
 
+def backfill_needs_sqlite(request: pytest.FixtureRequest, backend: str) -> None:
+    """Mark a test that runs ``gallery backfill`` as failing on Milvus for now: backfill.py locks the
+    store through its folder (``store.path``), which a Milvus gallery does not have, until backfill
+    goes through the interface (strict: the mark must go when that is done; ``raises``: any other
+    failure of the test still fails it)."""
+    if backend != "sqlite":
+        request.applymarker(pytest.mark.xfail(raises=AttributeError, strict=True,
+                                              reason="backfill.py uses store.path (being rewritten)"))
+
+
 def state(store: str) -> tuple:
     """Everything a gallery holds, read through the interface (and, for the SQLite store, the bytes
     of its database file): equal before and after a refused call when it wrote nothing."""
