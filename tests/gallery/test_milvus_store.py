@@ -76,7 +76,7 @@ def test_a_store_string_of_neither_form_is_refused(tmp_path: Path, capsys, store
     assert files(tmp_path) == []
 
 
-def test_opening_a_lite_file_that_does_not_exist_creates_nothing(tmp_path: Path, capsys) -> None:
+def test_a_lite_path_that_is_no_lite_store_is_refused_and_left_alone(tmp_path: Path, capsys) -> None:
     for store in (f"milvus-lite:{tmp_path}/new.db", f"milvus-lite:{tmp_path}/sub/new.db#g"):
         with pytest.raises(FileFormatError, match="no Milvus Lite file .*new.db") as info:
             open_gallery(store)
@@ -84,6 +84,14 @@ def test_opening_a_lite_file_that_does_not_exist_creates_nothing(tmp_path: Path,
         assert "no Milvus Lite file" in cli_error(capsys, ["status", store])
     assert "sub not exists" in cli_error(capsys, ["create", f"milvus-lite:{tmp_path}/sub/new.db"])
     assert files(tmp_path) == []
+    (tmp_path / "file.db").write_text("not a store\n")
+    for call in (create_gallery, open_gallery):
+        with pytest.raises(FileFormatError, match=r"file\.db: not a Milvus Lite store \(a file") as info:
+            call(f"milvus-lite:{tmp_path}/file.db")
+        one_line(info, FileFormatError)
+    for cmd in ("create", "status"):
+        assert "not a Milvus Lite store" in cli_error(capsys, [cmd, f"milvus-lite:{tmp_path}/file.db"])
+    assert files(tmp_path) == [tmp_path / "file.db"] and (tmp_path / "file.db").read_text() == "not a store\n"
 
 
 def test_an_unreachable_server_fails_within_the_timeout(capsys) -> None:

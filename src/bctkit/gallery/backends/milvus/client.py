@@ -66,6 +66,9 @@ def connect(backend: str, where: str, timeout_s: float) -> Any:
     logging.getLogger("pymilvus").setLevel(logging.ERROR)  # query_iterator warns on every Lite call
     logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)  # a failed open logs a traceback; we say it
     if backend == "milvus-lite":
+        if os.path.exists(where) and not os.path.isdir(where):
+            raise FileFormatError(f"{where}: not a Milvus Lite store (a file; Milvus Lite keeps a store in a "
+                                  "folder named PATH.db)")
         try:
             client = MilvusClient(where)
         except MilvusException as exc:

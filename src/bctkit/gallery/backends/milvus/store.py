@@ -115,7 +115,7 @@ class MilvusGallery(Gallery):
     def open(cls, spec: StoreSpec, *, timeout_s: float = 10.0) -> MilvusGallery:
         """Open an existing gallery; a collection bctkit did not create, or of another dimension than
         its record, is refused (nothing written)."""
-        if spec.backend == "milvus-lite" and not os.path.isdir(spec.where):  # Milvus Lite would create it
+        if spec.backend == "milvus-lite" and not os.path.exists(spec.where):  # Milvus Lite would create it
             raise FileFormatError(f"{spec}: no Milvus Lite file {spec.where} (create it with bctkit gallery "
                                   "create)")
         client = connect(spec.backend, spec.where, timeout_s)
