@@ -91,6 +91,36 @@ def test_add_replace_delete_round_trip_after_reopen(store: str) -> None:
         assert store.find(["x", "zz", "i3"]) == ["old-fp", None, "new-fp"]
 
 
+def test_scan_verify_and_backfill_orders(store: str) -> None:
+    """scan: every item in insertion order, in parts of ``step``, with its version, the float64
+    norm of its vector and its prior (the replaced vector's norm where the backend records priors,
+    else -1); backfill orders kept per version in first-use order."""
+    old, new = vecs(5, 8, 0), vecs(2, 12, 1)
+    with open_gallery(store) as g:
+        g.replace(["i3", "i1"], new, "new-fp")
+        g.record_backfill_order("new-fp", "random")
+        g.record_backfill_order("new-fp", "benefit")
+        g.record_backfill_order("new-fp", "random")
+        g.record_backfill_order("old-fp", "benefit")
+        records = g.records_prior
+    with open_gallery(store) as g:
+        g.verify()
+        assert g.backfill_orders() == {"new-fp": ["random", "benefit"], "old-fp": ["benefit"]}
+        parts = list(g.scan(step=2))
+    assert [len(p[0]) for p in parts] == [2, 2, 1]
+    ids = [i for p in parts for i in p[0]]
+    versions = [v for p in parts for v in p[1]]
+    norms = np.concatenate([p[2] for p in parts])
+    priors = np.concatenate([p[3] for p in parts])
+    assert ids == [f"i{n}" for n in range(5)]
+    assert versions == ["old-fp", "new-fp", "old-fp", "new-fp", "old-fp"]
+    want = [np.linalg.norm(v.astype(np.float64)) for v in (old[0], new[1], old[2], new[0], old[4])]
+    assert norms.dtype == np.float64 and np.allclose(norms, want, rtol=1e-6)
+    replaced = np.linalg.norm(old[[1, 3]].astype(np.float64), axis=1)
+    want_priors = [-1, replaced[0], -1, replaced[1], -1] if records else [-1] * 5
+    assert np.allclose(priors, want_priors, rtol=1e-6)
+
+
 def test_add_version_is_idempotent_and_fills_missing_fields(store: str) -> None:
     before = state(store)
     with open_gallery(store) as g:
