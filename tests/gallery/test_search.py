@@ -1,8 +1,8 @@
 """Mixed-version search against an independent brute-force reference (full score matrix in float64,
 stable sort: ties to the earlier insertion), a BT^2 layout through certificate dims, exact ties
 across versions and across the k-th place, refusals, and indexes following later commits. The
-refusals, certificates and approximate indexes run on every backend (mixed search on every backend:
-test_conformance_search.py)."""
+mixed search, ties, refusals, certificates and approximate indexes run on every backend (more
+mixed-version cases: test_conformance_search.py); the index cache is the SQLite store's."""
 
 import copy
 import shutil
@@ -138,33 +138,33 @@ def check(result, want: tuple[list, np.ndarray, list]) -> None:
 
 @pytest.mark.parametrize("n_queries", [3, 30])  # below and above FAISS's BLAS threshold
 @pytest.mark.parametrize("k", [1, 10, 50])
-def test_mixed_search_equals_brute_force(world, n_queries: int, k: int) -> None:
-    path, mirror, tie = world
+def test_mixed_search_equals_brute_force(any_world, n_queries: int, k: int) -> None:
+    path, mirror, tie = any_world
     rng = np.random.default_rng(k + n_queries)
     q_old = rng.standard_normal((n_queries, D_OLD)).astype(np.float32)
     q_old[0] = tie * 4  # ties at the top places, across versions
     q_new = rng.standard_normal((n_queries, D_NEW)).astype(np.float32)
     q_new[1, :D_OLD] = tie
-    with GalleryStore.open(path) as store:
+    with open_gallery(path) as store:
         for version, q in (("old", q_old), ("new", q_new)):
             check(store.search(q, version, k), reference(mirror, q, version, k, DIMS))
 
 
-def test_ties_across_the_kth_place_take_the_earliest_items(world) -> None:
-    path, mirror, tie = world
+def test_ties_across_the_kth_place_take_the_earliest_items(any_world) -> None:
+    path, mirror, tie = any_world
     q = np.stack([tie, -tie, tie * 0.5]).astype(np.float32)
     want = reference(mirror, q, "old", 6, DIMS)
     n_tied = sum(1 for _, ver, v in mirror.items if np.array_equal(v[:D_OLD] / np.linalg.norm(v[:D_OLD]),
                                                                    tie / np.linalg.norm(tie)))
     assert n_tied > 6 and len(set(want[1][0])) == 1  # the tie spans the 6th place
-    with GalleryStore.open(path) as store:
+    with open_gallery(path) as store:
         check(store.search(q, "old", 6), want)
 
 
-def test_k_beyond_the_gallery_returns_every_item(world) -> None:
-    path, mirror, _ = world
+def test_k_beyond_the_gallery_returns_every_item(any_world) -> None:
+    path, mirror, _ = any_world
     q = np.random.default_rng(1).standard_normal((4, D_NEW)).astype(np.float32)
-    with GalleryStore.open(path) as store:
+    with open_gallery(path) as store:
         res = store.search(q, "new", 10_000)
     ids, scores, versions = reference(mirror, q, "new", 10_000, DIMS)
     assert res.scores.shape == scores.shape == (4, len(mirror.items))
