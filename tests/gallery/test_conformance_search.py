@@ -194,3 +194,29 @@ def test_a_version_declared_without_items_searches_every_certified_version(tmp_p
         res = g.search(q, "c", 10)
         check(res, mirror, q, "c", 10)
         assert [row[0] for row in res.ids] == ["x2", "x4"]
+
+
+@pytest.mark.parametrize("k", [2, 5, 9, 30])
+def test_milvus_never_asks_past_its_top_k_limit(tmp_path: Path, monkeypatch, k: int) -> None:
+    """With Milvus's top-k limit (16384 on a server; Milvus Lite has none) lowered to 6: k below it,
+    at it and past it, and ties across the limit (12 equal items), give the brute-force ranking
+    without a search asking for more than 6 places (the rest read by scanning)."""
+    from bctkit.gallery.backends.milvus import search as milvus_search
+
+    monkeypatch.setattr(milvus_search, "MAX_DEPTH", 6)
+    rng = np.random.default_rng(k)
+    items = rng.standard_normal((40, 16)).astype(np.float32)
+    items[::3] = items[0] * np.float32(2.0)  # 14 exact duplicates of one direction, keys interleaved
+    mirror = Mirror()
+    mirror.add([f"x{i}" for i in range(40)], items, "a")
+    q = np.stack([items[0], -items[0], rng.standard_normal(16).astype(np.float32)])
+    with create_gallery(store_string("milvus-lite", tmp_path / "g")) as g:
+        g.add_version("a", 16)
+        g.add([f"x{i}" for i in range(40)], items, "a")
+        limits = []
+        search = g._c.search
+        monkeypatch.setattr(g._c, "search", lambda *a, **kw: limits.append(kw["limit"]) or search(*a, **kw))
+        res = g.search(q, "a", k)
+    assert max(limits, default=0) <= 6 and bool(limits) == (k < 6)  # k >= 6: the block is scanned
+    check(res, mirror, q, "a", k)
+    assert res.ids[0][: min(k, 14)] == [f"x{i}" for i in range(0, 40, 3)][: min(k, 14)]

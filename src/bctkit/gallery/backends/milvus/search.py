@@ -89,6 +89,8 @@ def _indexed(g: MilvusGallery, u: Version, q: np.ndarray, k: int, names: dict[in
              ) -> tuple[np.ndarray, np.ndarray]:
     """Rule-exact top-k of version ``u``'s items through Milvus's index (see the module docstring)."""
     k = min(k, u.count)
+    if k >= MAX_DEPTH:  # a Milvus server refuses a limit past MAX_DEPTH: the block is read exactly
+        return _scanned(g, u, 0, u.dim, q[:, : u.dim], k, names)
     depth = min(k + 1, u.count)
     scores, keys = _milvus_search(g, u, q, depth, names)
     rows = np.arange(len(q))
