@@ -1,8 +1,8 @@
 """Refusals of the Milvus backend, each one line from the library (GalleryError or FileFormatError)
 and exit 2 from ``bctkit gallery``, writing nothing: store strings of neither form, an unreachable
 server, collections bctkit did not create or whose dimension disagrees with its record, creating
-over a collection, a version wider than the collection, over-long ids, and a Lite file another
-process holds."""
+over a collection, a version wider than the collection, over-long ids, metadata and fingerprints,
+and a Lite file another process holds."""
 
 import subprocess
 import sys
@@ -20,7 +20,7 @@ from bctkit.errors import BctkitError, FileFormatError
 from bctkit.evaluation.certificate import make_certificate, write_certificate
 from bctkit.features import FeatureSet
 from bctkit.gallery import GalleryError, create_gallery, open_gallery, parse_store
-from bctkit.gallery.backends.milvus.client import ID_MAX, disconnect
+from bctkit.gallery.backends.milvus.client import FP_MAX, ID_MAX, VALUE_MAX, disconnect
 from tests.gallery.conftest import state
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -193,7 +193,7 @@ def test_a_version_wider_than_the_collection_is_refused(lite: str, tmp_path: Pat
         assert g.find(["x", "y"]) == ["old", "new"] and g.dim == 12
 
 
-def test_ids_longer_than_the_collection_takes_are_refused(lite: str, capsys) -> None:
+def test_ids_metadata_and_fingerprints_too_long_for_the_collection_are_refused(lite: str, capsys) -> None:
     before = state(lite)
     long = "x" * (ID_MAX + 1)
     with open_gallery(lite) as g:
@@ -201,6 +201,14 @@ def test_ids_longer_than_the_collection_takes_are_refused(lite: str, capsys) -> 
                      lambda: g.replace([long], np.ones((1, 8), np.float32), "old"),
                      lambda: g.delete(["a", long]), lambda: g.find([long])):
             with pytest.raises(GalleryError, match=f"ids longer than {ID_MAX} characters") as info:
+                call()
+            one_line(info)
+        for call, match in (
+                (lambda: g.add(["d"], np.ones((1, 8), np.float32), "old", [{"x": "y" * VALUE_MAX}]),
+                 f"metadata longer than {VALUE_MAX} characters of JSON for 'd'"),
+                (lambda: g.add_version('say "hi"', 8), "without quotes or backslashes"),
+                (lambda: g.add_version("f" * (FP_MAX + 1), 8), f"of at most {FP_MAX} characters")):
+            with pytest.raises(GalleryError, match=match) as info:
                 call()
             one_line(info)
         g.add(["y" * ID_MAX], np.ones((1, 8), np.float32), "old")  # the longest id taken
