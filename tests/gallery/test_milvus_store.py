@@ -76,6 +76,14 @@ def test_a_store_string_of_neither_form_is_refused(tmp_path: Path, capsys, store
     assert files(tmp_path) == []
 
 
+@pytest.mark.parametrize("store", [None, 3, b"g.db", ""])
+def test_a_store_that_is_not_a_string_is_refused(store) -> None:
+    for call in (parse_store, create_gallery, open_gallery):
+        with pytest.raises(GalleryError, match="expected a folder path, milvus-lite:PATH.db") as info:
+            call(store)
+        one_line(info)
+
+
 def test_a_lite_path_that_is_no_lite_store_is_refused_and_left_alone(tmp_path: Path, capsys) -> None:
     for store in (f"milvus-lite:{tmp_path}/new.db", f"milvus-lite:{tmp_path}/sub/new.db#g"):
         with pytest.raises(FileFormatError, match="no Milvus Lite file .*new.db") as info:
