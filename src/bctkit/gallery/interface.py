@@ -54,7 +54,10 @@ class StoreSpec:
 
 def parse_store(text: str | os.PathLike[str]) -> StoreSpec:
     """The backend a store string names; a string of neither form is refused in one line."""
-    s = os.fspath(text)
+    try:
+        s = os.fspath(text)
+    except TypeError:
+        s = None
     if not isinstance(s, str) or not s:
         raise GalleryError(f"store {text!r}: expected a folder path, milvus-lite:PATH.db, "
                            "milvus://HOST:PORT/COLLECTION or http(s)://HOST:PORT/COLLECTION")

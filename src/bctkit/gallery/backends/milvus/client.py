@@ -64,10 +64,14 @@ def connect(backend: str, where: str, timeout_s: float) -> Any:
         raise GalleryError("a Milvus store needs pymilvus and milvus-lite: pip install 'bctkit[milvus]'"
                            ) from None
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # its errors are raised as one line here
+    logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)  # a failed open logs a traceback; we say it
     # Milvus Lite's embedded server logs a traceback for a call it does not implement (the timestamp
     # query_iterator asks for first, then does without); the client still gets every error it must.
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
     if backend == "milvus-lite":
+        if os.path.exists(where) and not os.path.isdir(where):
+            raise FileFormatError(f"{where}: not a Milvus Lite store (a file; Milvus Lite keeps a store in a "
+                                  "folder named PATH.db)")
         try:
             client = MilvusClient(where)
             _LITE_OPEN[os.path.abspath(where)] = _LITE_OPEN.get(os.path.abspath(where), 0) + 1
@@ -86,7 +90,7 @@ def connect(backend: str, where: str, timeout_s: float) -> Any:
                            f"{first_line(Exception(getattr(exc, 'message', exc)))}") from None
 
 
-def disconnect(backend: str, where: str, client: Any) -> None:
+def disconnect(client: Any, backend: str, where: str) -> None:
     """Close ``client``; the last client of a Milvus Lite file in this process also stops its embedded
     server, which releases the file for other processes (closing a client alone does not)."""
     client.close()

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from bctkit.errors import FileFormatError
 from bctkit.gallery.backends.milvus.client import (
     FORMAT,
     FORMAT_VERSION,
@@ -97,33 +99,40 @@ class MilvusGallery(Gallery):
         names = set(call(f"{spec}: list collections", client.list_collections))
         taken = [n for n in (spec.collection, f"{spec.collection}{SIDE_SUFFIX}") if n in names]
         if taken:
-            disconnect(spec.backend, spec.where, client)
+            disconnect(client, spec.backend, spec.where)
             raise GalleryError(f"{spec}: collection {taken[0]!r} exists; a new gallery needs a new "
                                "collection name")
         g = cls(spec, client, {"format": FORMAT, "format_version": FORMAT_VERSION, "index": index,
                                "dim": None, "min_dim": dim})
-        g._side.create()
-        if dim is not None:
-            g._create_items(dim)
-        g._side.put({"format": g._fmt})
+        try:
+            g._side.create()
+            if dim is not None:
+                g._create_items(dim)
+            g._side.put({"format": g._fmt})
+        except BaseException:
+            g.close()
+            raise
         return g
 
     @classmethod
     def open(cls, spec: StoreSpec, *, timeout_s: float = 10.0) -> MilvusGallery:
         """Open an existing gallery; a collection bctkit did not create, or of another dimension than
         its record, is refused (nothing written)."""
+        if spec.backend == "milvus-lite" and not os.path.exists(spec.where):  # Milvus Lite would create it
+            raise FileFormatError(f"{spec}: no Milvus Lite file {spec.where} (create it with bctkit gallery "
+                                  "create)")
         client = connect(spec.backend, spec.where, timeout_s)
         try:
             fmt = check_collections(client, Side(client, f"{spec.collection}{SIDE_SUFFIX}", str(spec)),
                                     str(spec.collection), str(spec))
         except BaseException:
-            disconnect(spec.backend, spec.where, client)
+            disconnect(client, spec.backend, spec.where)
             raise
         return cls(spec, client, fmt)
 
     def close(self) -> None:
         if self._c is not None:
-            disconnect(self.spec.backend, self.spec.where, self._c)
+            disconnect(self._c, self.spec.backend, self.spec.where)
             self._c = None
 
     def _create_items(self, dim: int) -> None:
@@ -370,8 +379,6 @@ class MilvusGallery(Gallery):
             yield [ids[j] for j in o], [vers[j] for j in o], norm[s:s + step], prior[s:s + step]
 
     def verify(self) -> None:
-        from bctkit.errors import FileFormatError
-
         bad: list[str] = []
         if self.dim is not None:
             for part in iterate(self._c, self._items, ["id", "vec"], self.location):
