@@ -101,7 +101,7 @@ def timed_search(g: Any, queries: np.ndarray, k: int) -> tuple[float, list[list[
 
 def run(args: argparse.Namespace) -> dict:
     """Measure (see the module docstring); the JSON record."""
-    from pymilvus import MilvusClient
+    from bctkit.gallery.backends.milvus.client import connect, disconnect
 
     load0 = os.getloadavg()
     rng = np.random.default_rng(0)
@@ -112,7 +112,9 @@ def run(args: argparse.Namespace) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench-gallery-milvus-", dir=args.dir))
     db = root / "lite.db"
     try:
-        client = MilvusClient(str(db))  # bctkit's gallery opens the same Lite file through its own client
+        # a plain MilvusClient, opened through bctkit's connect so that closing a gallery of the same Lite
+        # file does not stop the embedded server under it (bctkit counts the clients of a Lite file)
+        client = connect("milvus-lite", str(db), 10.0)
         for rep in range(args.repeats):
             bare = f"bare_{rep}"
             bare_collection(client, bare, args.dim)
@@ -137,7 +139,7 @@ def run(args: argparse.Namespace) -> dict:
             client.drop_collection(f"bct_{rep}")
             client.drop_collection(f"bct_{rep}__bctkit")
             shutil.rmtree(root / f"sqlite{rep}")
-        client.close()
+        disconnect(client, "milvus-lite", str(db))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     best = {key: min(v) for key, v in t.items()}

@@ -15,9 +15,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
-def stopped_at(cmd: list[str], stop: str, scratch: Path) -> Iterator[list[str]]:
+def stopped_at(cmd: list[str], stop: str, scratch: Path, group: bool = False) -> Iterator[list[str]]:
     """Run ``cmd`` until it reports the store event ``stop`` (e.g. ``"add written 3"``), where it
-    waits; yields the events it reported, then SIGKILLs it. Fails when it exits before ``stop``."""
+    waits; yields the events it reported, then SIGKILLs it (``group``: with every process it started,
+    e.g. torchrun and its workers, which torchrun starts in sessions of their own). Fails when it
+    exits before ``stop``."""
     scratch.mkdir(parents=True, exist_ok=True)
     n = len(list(scratch.glob("events-*")))
     events, log = scratch / f"events-{n}", scratch / f"stderr-{n}"
@@ -36,15 +38,49 @@ def stopped_at(cmd: list[str], stop: str, scratch: Path) -> Iterator[list[str]]:
             time.sleep(0.01)
         yield seen
         assert proc.poll() is None, "left its stop"
-        proc.send_signal(signal.SIGKILL)
+        tree = [proc.pid, *(_descendants(proc.pid) if group else [])]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
+        for pid in tree[1:]:  # gone (their locks with them) before the caller starts another
+            _wait_gone(pid)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
 
 
-def kill_at(cmd: list[str], stop: str, scratch: Path) -> list[str]:
+def kill_at(cmd: list[str], stop: str, scratch: Path, group: bool = False) -> list[str]:
     """Run ``cmd`` and SIGKILL it once it reports the store event ``stop``; the events it reported."""
-    with stopped_at(cmd, stop, scratch) as seen:
+    with stopped_at(cmd, stop, scratch, group) as seen:
         return seen
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process descended from ``pid`` (read from /proc), parents before children."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _wait_gone(pid: int, timeout_s: float = 60.0) -> None:
+    """Wait until process ``pid`` has exited (gone, or a zombie: its files and locks are released)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} still alive {timeout_s:g} s after SIGKILL")

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from bctkit.cli import main
-from bctkit.gallery.backends.sqlite.store import GalleryStore
+from bctkit.gallery import open_gallery
 from bctkit.models.store import load_model
+from tests.gallery.conftest import state
 from tests.gallery.crash import ROOT, kill_at
 from tests.gallery.test_backfill import tiny_model
 
@@ -34,33 +35,42 @@ def digest(store: Path) -> str:
     return hashlib.sha256((store / "gallery.sqlite").read_bytes()).hexdigest()
 
 
-def add_cmd(store: Path, model: Path, images: Path, *extra: str) -> list[str]:
+def add_cmd(store: Path | str, model: Path, images: Path, *extra: str) -> list[str]:
     return ["gallery", "add", str(store), "--model", str(model), "--images", str(images), "--quiet", *extra]
 
 
-def contents(store: Path) -> tuple[list[str], list[str], np.ndarray, list[dict]]:
-    with GalleryStore.open(store) as s:
+def contents(store: Path | str) -> tuple[list[str], list[str], np.ndarray, list[dict]]:
+    with open_gallery(store) as s:
         ids = s.ids()
         vectors, versions = s.get(ids)
         return ids, versions, np.asarray(vectors), s.metadata(ids)
 
 
-def test_killed_add_is_finished_by_a_rerun(world, tmp_path):
+# kill points and the items stored after each (18 images, batches of 4: 4 4 4 4 2). SQLite: the
+# version's own transaction, after a commit, holding the write lock, mid-transaction; Milvus (no
+# transactions: each batch one upsert): before the first batch, after one, before the next.
+KILLS = {"sqlite": (("add_version committed 1", "add committed 2", "add begin 2", "add written 1"),
+                    [0, 8, 12, 12]),
+         "milvus-lite": (("add begin 1", "add committed 2", "add begin 2"), [0, 8, 12])}
+
+
+def test_killed_add_is_finished_by_a_rerun(world, tmp_path, backend, new_store):
     root, model = world
-    ref, killed = root / "ref", root / "killed"
+    ref, killed = new_store("ref"), new_store("killed")
     cli = [sys.executable, "-m", "bctkit"]
     for store in (ref, killed):
-        assert main(["gallery", "create", str(store)]) == 0
+        assert main(["gallery", "create", store]) == 0
     args = add_cmd(killed, model, root / "gallery", "--batch-size", "4")  # 5 batches: 4 4 4 4 2
     assert subprocess.run(cli + add_cmd(ref, model, root / "gallery", "--batch-size", "4"), cwd=ROOT,
                           capture_output=True).returncode == 0
     fp = load_model(model).fingerprint
     counts = []
-    for stop in ("add_version committed 1", "add committed 2", "add begin 2", "add written 1"):
+    stops, want = KILLS[backend]
+    for stop in stops:
         kill_at(cli + args, stop, tmp_path / "events")
-        with GalleryStore.open(killed) as s:
+        with open_gallery(killed) as s:
             counts.append(s.versions().get(fp, {}).get("count"))
-    assert counts == [0, 8, 12, 12]
+    assert counts == want
     done = subprocess.run(cli + args, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "added 6 items" in done.stdout and "12 already stored" in done.stdout
@@ -70,21 +80,21 @@ def test_killed_add_is_finished_by_a_rerun(world, tmp_path):
     assert ver_a == ver_b == [fp] * 18 and meta_a == meta_b == [{"label": f"p{k}"} for k in range(6)
                                                                 for _ in range(3)]
     np.testing.assert_allclose(vec_b, vec_a, rtol=1e-6, atol=1e-6)  # torch's kernels, same batches
-    before = digest(killed)
+    before = state(killed)
     assert main(add_cmd(killed, model, root / "gallery")) == 0  # all stored: nothing to write
-    assert digest(killed) == before
+    assert state(killed) == before
 
 
-def test_a_rerun_refuses_items_of_another_version_or_label(world, capsys):
+def test_a_rerun_refuses_items_of_another_version_or_label(world, capsys, backend, new_store):
     root, old = world
     new = tiny_model(root / "new.safetensors", 12, 2)
-    store = root / "store"
+    store = new_store("store")
     for name, moved in (("list.txt", -1), ("moved.txt", 2)):  # moved.txt: p2's images labelled 3
         lines = [f"p{k}/{j}.png {k + (k == moved)}" for k in range(6) for j in range(3)]
         (root / "gallery" / name).write_text("\n".join(lines) + "\n")
-    assert main(["gallery", "create", str(store)]) == 0
+    assert main(["gallery", "create", store, *([] if backend == "sqlite" else ["--dim", "12"])]) == 0
     assert main(add_cmd(store, old, root / "gallery" / "list.txt")) == 0
-    before = digest(store)
+    before = state(store)
     capsys.readouterr()
     assert main(add_cmd(store, new, root / "gallery" / "list.txt")) == 2
     err = capsys.readouterr().err.strip()
@@ -92,14 +102,14 @@ def test_a_rerun_refuses_items_of_another_version_or_label(world, capsys):
     assert main(add_cmd(store, old, root / "gallery" / "moved.txt")) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "3 image(s) already in the store with another label: 'p2/0.png'" in err
-    assert digest(store) == before
+    assert state(store) == before
 
 
 @pytest.mark.parametrize("bad", ["corrupt first image", "no images", "batch size 0"])
-def test_an_add_that_fails_before_adding_writes_nothing(world, capsys, bad):
+def test_an_add_that_fails_before_adding_writes_nothing(world, capsys, bad, new_store):
     root, model = world
-    store = root / "store"
-    assert main(["gallery", "create", str(store)]) == 0
+    store = new_store("store")
+    assert main(["gallery", "create", store]) == 0
     images, extra = root / "gallery", []
     if bad == "corrupt first image":
         (images / "p0" / "0.png").write_bytes(b"\x89PNG not really")
@@ -108,29 +118,29 @@ def test_an_add_that_fails_before_adding_writes_nothing(world, capsys, bad):
         images.write_text("")
     else:
         extra = ["--batch-size", "0"]
-    before = digest(store)
+    before = state(store)
     capsys.readouterr()
     assert main(add_cmd(store, model, images, *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err
-    assert digest(store) == before
-    with GalleryStore.open(store) as s:
+    assert state(store) == before
+    with open_gallery(store) as s:
         assert s.versions() == {}
 
 
-def test_remove(world, capsys):
+def test_remove(world, capsys, new_store):
     root, model = world
-    store = root / "store"
-    assert main(["gallery", "create", str(store)]) == 0
+    store = new_store("store")
+    assert main(["gallery", "create", store]) == 0
     assert main(add_cmd(store, model, root / "gallery")) == 0
     (root / "ids.txt").write_text("p1/0.png\r\n\np1/2.png\n")
     ids = ["p0/0.png", "p5/1.png", "--ids", str(root / "ids.txt")]
-    assert main(["gallery", "remove", str(store), *ids]) == 0
-    with GalleryStore.open(store) as s:
+    assert main(["gallery", "remove", store, *ids]) == 0
+    with open_gallery(store) as s:
         gone = {"p0/0.png", "p5/1.png", "p1/0.png", "p1/2.png"}
         assert s.ids() == [f"p{k}/{j}.png" for k in range(6) for j in range(3) if f"p{k}/{j}.png" not in gone]
         assert s.count() == 14
-    before = digest(store)
+    before = state(store)
     (root / "latin1.txt").write_bytes(b"p2/0.png\n\xe9\n")
     for argv, message in (
             (["p2/0.png", "nope.png", "p0/0.png"], "delete: 2 unknown id(s): 'nope.png', 'p0/0.png'"),
@@ -139,14 +149,14 @@ def test_remove(world, capsys):
             (["--ids", str(root / "missing.txt")], "missing.txt: no such file"),
             (["--ids", str(root / "latin1.txt")], "latin1.txt: not UTF-8 text")):
         capsys.readouterr()
-        assert main(["gallery", "remove", str(store), *argv]) == 2
+        assert main(["gallery", "remove", store, *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, err
-    assert digest(store) == before
+    assert state(store) == before
     capsys.readouterr()
     assert main(add_cmd(store, model, root / "gallery")) == 0  # the add again: puts back what was removed
     assert "added 4 items" in capsys.readouterr().out
-    with GalleryStore.open(store) as s:
+    with open_gallery(store) as s:
         assert sorted(s.ids()) == sorted(f"p{k}/{j}.png" for k in range(6) for j in range(3))
 
 

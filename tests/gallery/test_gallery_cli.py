@@ -1,5 +1,6 @@
-"""``bctkit gallery`` end to end on an image folder: add with the old model, new queries refused
-until a certificate allows them, then searching old items, a partial backfill, status."""
+"""``bctkit gallery`` end to end on an image folder (on every backend): add with the old model, new
+queries refused until a certificate allows them, then searching old items, a partial backfill,
+status."""
 
 import json
 
@@ -12,6 +13,7 @@ from bctkit.cli import main
 from bctkit.data.sources.recordio_writer import write_insightface
 from bctkit.evaluation.certificate import make_certificate, write_certificate
 from bctkit.features import FeatureSet
+from bctkit.gallery import open_gallery
 from bctkit.gallery.backends.sqlite.store import GalleryStore
 from bctkit.models.store import load_model
 from tests.gallery.test_backfill import tiny_model
@@ -38,10 +40,11 @@ def setup(tmp_path):
     return tmp_path, old, new, fp_old, fp_new
 
 
-def test_gallery_commands_end_to_end(setup, capsys):
+def test_gallery_commands_end_to_end(setup, capsys, backend, new_store):
     root, old, new, fp_old, fp_new = setup
-    store = str(root / "store")
-    assert main(["gallery", "create", store]) == 0
+    store = new_store("store")
+    wide = [] if backend == "sqlite" else ["--dim", "12"]  # a Milvus collection's dim is fixed
+    assert main(["gallery", "create", store, *wide]) == 0
     images = ["--images", str(root / "gallery"), "--quiet"]
     assert main(["gallery", "add", store, "--model", str(old), *images]) == 0
     search = ["gallery", "search", store, "--model", str(new), "--images", str(root / "queries"), "-k", "4",
@@ -56,8 +59,8 @@ def test_gallery_commands_end_to_end(setup, capsys):
     assert len(hits) == 6 and all(len(h["results"]) == 4 for h in hits)
     assert {r["version"] for h in hits for r in h["results"]} == {fp_old}
     # a second store without the certificate: a partial backfill is refused, unless explicitly allowed
-    other = str(root / "other")
-    assert main(["gallery", "create", other]) == 0
+    other = new_store("other")
+    assert main(["gallery", "create", other, *wide]) == 0
     assert main(["gallery", "add", other, "--model", str(old), *images]) == 0
     partial = ["--model", str(new), "--images", str(root / "gallery"), "--limit", "9", "--seed", "1",
                "--quiet"]
@@ -67,7 +70,7 @@ def test_gallery_commands_end_to_end(setup, capsys):
     assert "\n" not in err and "--unsearchable-while-partial" in err
     assert main(["gallery", "backfill", other, *partial, "--unsearchable-while-partial"]) == 0
     assert main(["gallery", "backfill", store, *partial]) == 0
-    with GalleryStore.open(store) as s:
+    with open_gallery(store) as s:
         assert s.count(fp_new) == 9 and s.count(fp_old) == 9
         assert sorted(s.ids()) == sorted(f"p{k}/{j}.png" for k in range(6) for j in range(3))
     assert main(search) == 0

@@ -19,11 +19,13 @@ from bctkit.errors import BctkitError, ConfigError, DataError
 from bctkit.evaluation.certificate import make_certificate, write_certificate
 from bctkit.features import FeatureSet
 from bctkit.gallery import embed as embed_module
+from bctkit.gallery import open_gallery
 from bctkit.gallery.backends.sqlite import store as store_module
 from bctkit.gallery.backends.sqlite.store import GalleryStore
 from bctkit.gallery.backfill import backfill
 from bctkit.gallery.embed import embed_all, open_embedder
 from bctkit.models.store import load_model
+from tests.gallery.conftest import state
 from tests.gallery.test_backfill import tiny_model
 
 
@@ -71,8 +73,13 @@ def _error(capsys) -> str:
 
 
 def _versions(store) -> dict:
-    with GalleryStore.open(store) as s:
+    with open_gallery(store) as s:
         return s.versions()
+
+
+def _create(store: str, backend: str) -> None:
+    """Create a store that takes both models (a Milvus collection is created 12-d)."""
+    assert main(["gallery", "create", store, *([] if backend == "sqlite" else ["--dim", "12"])]) == 0
 
 
 @pytest.mark.parametrize("images, got", [("big", "1x64x64"), ("rgb", "3x8x8")])
@@ -138,9 +145,9 @@ def test_status_report_must_be_a_run_report(world, capsys, content, expected):
     assert str(report) in err and "report.json" in err and expected in err
 
 
-def test_certify_refuses_a_failed_certificate_before_declaring_anything(world, capsys):
-    store = str(world["root"] / "s")
-    assert main(["gallery", "create", store]) == 0
+def test_certify_refuses_a_failed_certificate_before_declaring_anything(world, capsys, backend, new_store):
+    store = new_store("s")
+    _create(store, backend)
     capsys.readouterr()
     assert main(["gallery", "certify", store, str(world["failed"])]) == 2
     assert "criterion failed" in _error(capsys)
@@ -148,12 +155,12 @@ def test_certify_refuses_a_failed_certificate_before_declaring_anything(world, c
 
 
 @pytest.mark.parametrize("second", ["garbage", "nan", "failed", "other_dim"])
-def test_certify_verifies_every_file_before_storing_any(world, capsys, second):
+def test_certify_verifies_every_file_before_storing_any(world, capsys, second, backend, new_store):
     """A bad second certificate (unreadable, NaN, failed, or at odds with the first's dims) leaves
     the store as it was: the first is not stored, no version declared."""
     root = world["root"]
-    store = str(root / "s")
-    assert main(["gallery", "create", store]) == 0
+    store = new_store("s")
+    _create(store, backend)
     bad = root / "second.json"
     cert = json.loads(world["good"].read_text())
     if second == "garbage":
@@ -173,20 +180,20 @@ def test_certify_verifies_every_file_before_storing_any(world, capsys, second):
     capsys.readouterr()
     assert main(["gallery", "certify", store, str(world["good"]), str(bad)]) == 2
     assert str(bad) in _error(capsys)
-    with GalleryStore.open(store) as s:
+    with open_gallery(store) as s:
         assert s.versions() == {} and s.certificates() == []
     assert main(["gallery", "certify", store, str(world["good"])]) == 0
-    with GalleryStore.open(store) as s:
+    with open_gallery(store) as s:
         assert set(s.versions()) == {world["fp_old"], world["fp_new"]} and len(s.certificates()) == 1
 
 
-def test_a_refused_search_declares_nothing_and_embeds_nothing(world, capsys, monkeypatch):
-    root = world["root"]
-    store = str(root / "s")
-    assert main(["gallery", "create", store]) == 0
+def test_a_refused_search_declares_nothing_and_embeds_nothing(world, capsys, monkeypatch, backend,
+                                                              new_store):
+    store = new_store("s")
+    _create(store, backend)
     assert main(["gallery", "add", store, "--model", str(world["old"]), "--images", str(world["grey"]),
                  "--quiet"]) == 0
-    before = _versions(store)
+    before = state(store)
 
     def no_embedding(*args, **kwargs):
         raise AssertionError("embedded queries of a search that is refused")
@@ -197,7 +204,7 @@ def test_a_refused_search_declares_nothing_and_embeds_nothing(world, capsys, mon
                  "--quiet"]) == 2
     err = _error(capsys)
     assert "certificate" in err and world["fp_new"] in err and world["fp_old"] in err
-    assert _versions(store) == before
+    assert state(store) == before
     monkeypatch.undo()
     assert main(["gallery", "certify", store, str(world["good"])]) == 0
     assert main(["gallery", "search", store, "--model", str(world["new"]), "--images", str(world["grey"]),

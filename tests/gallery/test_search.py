@@ -1,13 +1,18 @@
 """Mixed-version search against an independent brute-force reference (full score matrix in float64,
 stable sort: ties to the earlier insertion), a BT^2 layout through certificate dims, exact ties
-across versions and across the k-th place, refusals, and indexes following later commits."""
+across versions and across the k-th place, refusals, and indexes following later commits. The
+mixed search, ties, refusals, certificates and approximate indexes run on every backend (more
+mixed-version cases: test_conformance_search.py); the index cache is the SQLite store's."""
 
+import copy
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bctkit.gallery import GalleryError, GalleryStore
+from bctkit.gallery import GalleryError, GalleryStore, create_gallery, open_gallery
+from tests.gallery.conftest import store_string
 
 D_OLD, D_NEW = 16, 20  # BT^2: the new model's first 16 dims are compatible with the old model
 
@@ -64,37 +69,63 @@ def reference(mirror: Mirror, queries: np.ndarray, version: str, k: int,
 DIMS = {("new", "old"): ([0, D_OLD], [0, D_OLD]), ("old", "new"): ([0, D_OLD], [0, D_OLD])}
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> tuple[Path, Mirror, np.ndarray]:
+def build(store, rng: np.random.Generator) -> tuple[Mirror, np.ndarray]:
     """Old items, some replaced by BT^2 new embeddings (keys kept), new items, and exact duplicates:
     ``tie`` (16 values) appears 14 times across both versions, keys interleaved."""
-    rng = np.random.default_rng(0)
-    path, mirror = tmp_path / "g", Mirror()
+    mirror = Mirror()
     tie = rng.standard_normal(D_OLD).astype(np.float32)
+    store.add_version("old", D_OLD, name="old")
+    store.add_version("new", D_NEW, name="new", layout={"bt2": {"compatible_dims": D_OLD}})
+    store.add_certificate(cert("new", D_NEW, "old", D_OLD, *DIMS[("new", "old")]))
+    store.add_certificate(cert("old", D_OLD, "new", D_NEW, *DIMS[("old", "new")]))
+    for step in range(3):
+        ids = [f"o{step}-{i}" for i in range(600)]
+        old = rng.standard_normal((600, D_OLD)).astype(np.float32)
+        old[[5, 77, 300]] = tie * np.float32(2**step)  # same direction, exact other scales: equal cosines
+        store.add(ids, old, "old")
+        mirror.add(ids, old, "old")
+        ids = [f"n{step}-{i}" for i in range(300)]
+        new = rng.standard_normal((300, D_NEW)).astype(np.float32)
+        new[[10, 200], :D_OLD] = tie
+        store.add(ids, new, "new")
+        mirror.add(ids, new, "new")
+    moved = [f"o{s}-{i}" for s in range(3) for i in range(0, 600, 7)]  # includes o*-77
+    vec = rng.standard_normal((len(moved), D_NEW)).astype(np.float32)
+    vec[[m.endswith("-77") for m in moved], :D_OLD] = tie
+    store.replace(moved, vec, "new")
+    mirror.replace(moved, vec, "new")
+    store.delete(["o1-5", "n2-3"])
+    mirror.delete(["o1-5", "n2-3"])
+    return mirror, tie
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> tuple[Path, Mirror, np.ndarray]:
+    """A SQLite store built by :func:`build`."""
+    path = tmp_path / "g"
     with GalleryStore.create(path) as store:
-        store.add_version("old", D_OLD, name="old")
-        store.add_version("new", D_NEW, name="new", layout={"bt2": {"compatible_dims": D_OLD}})
-        store.add_certificate(cert("new", D_NEW, "old", D_OLD, *DIMS[("new", "old")]))
-        store.add_certificate(cert("old", D_OLD, "new", D_NEW, *DIMS[("old", "new")]))
-        for step in range(3):
-            ids = [f"o{step}-{i}" for i in range(600)]
-            old = rng.standard_normal((600, D_OLD)).astype(np.float32)
-            old[[5, 77, 300]] = tie * np.float32(2**step)  # same direction, exact other scales: equal cosines
-            store.add(ids, old, "old")
-            mirror.add(ids, old, "old")
-            ids = [f"n{step}-{i}" for i in range(300)]
-            new = rng.standard_normal((300, D_NEW)).astype(np.float32)
-            new[[10, 200], :D_OLD] = tie
-            store.add(ids, new, "new")
-            mirror.add(ids, new, "new")
-        moved = [f"o{s}-{i}" for s in range(3) for i in range(0, 600, 7)]  # includes o*-77
-        vec = rng.standard_normal((len(moved), D_NEW)).astype(np.float32)
-        vec[[m.endswith("-77") for m in moved], :D_OLD] = tie
-        store.replace(moved, vec, "new")
-        mirror.replace(moved, vec, "new")
-        store.delete(["o1-5", "n2-3"])
-        mirror.delete(["o1-5", "n2-3"])
+        mirror, tie = build(store, np.random.default_rng(0))
     return path, mirror, tie
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Mirror, np.ndarray]]:
+    """backend -> a closed store built by :func:`build` (where, mirror, tie), built once and copied
+    by :func:`any_world`."""
+    return {}
+
+
+@pytest.fixture
+def any_world(built, backend: str, tmp_path: Path, tmp_path_factory) -> tuple[str, Mirror, np.ndarray]:
+    """A store of each backend built by :func:`build` (a copy of one built once), its mirror, tie."""
+    if backend not in built:
+        where = tmp_path_factory.mktemp("built") / "g"
+        with create_gallery(store_string(backend, where)) as store:
+            mirror, tie = build(store, np.random.default_rng(0))
+        built[backend] = (where if backend == "sqlite" else where.with_suffix(".db"), mirror, tie)
+    src, mirror, tie = built[backend]
+    shutil.copytree(src, tmp_path / src.name)
+    return store_string(backend, tmp_path / "g"), copy.deepcopy(mirror), tie
 
 
 def check(result, want: tuple[list, np.ndarray, list]) -> None:
@@ -107,33 +138,33 @@ def check(result, want: tuple[list, np.ndarray, list]) -> None:
 
 @pytest.mark.parametrize("n_queries", [3, 30])  # below and above FAISS's BLAS threshold
 @pytest.mark.parametrize("k", [1, 10, 50])
-def test_mixed_search_equals_brute_force(world, n_queries: int, k: int) -> None:
-    path, mirror, tie = world
+def test_mixed_search_equals_brute_force(any_world, n_queries: int, k: int) -> None:
+    path, mirror, tie = any_world
     rng = np.random.default_rng(k + n_queries)
     q_old = rng.standard_normal((n_queries, D_OLD)).astype(np.float32)
     q_old[0] = tie * 4  # ties at the top places, across versions
     q_new = rng.standard_normal((n_queries, D_NEW)).astype(np.float32)
     q_new[1, :D_OLD] = tie
-    with GalleryStore.open(path) as store:
+    with open_gallery(path) as store:
         for version, q in (("old", q_old), ("new", q_new)):
             check(store.search(q, version, k), reference(mirror, q, version, k, DIMS))
 
 
-def test_ties_across_the_kth_place_take_the_earliest_items(world) -> None:
-    path, mirror, tie = world
+def test_ties_across_the_kth_place_take_the_earliest_items(any_world) -> None:
+    path, mirror, tie = any_world
     q = np.stack([tie, -tie, tie * 0.5]).astype(np.float32)
     want = reference(mirror, q, "old", 6, DIMS)
     n_tied = sum(1 for _, ver, v in mirror.items if np.array_equal(v[:D_OLD] / np.linalg.norm(v[:D_OLD]),
                                                                    tie / np.linalg.norm(tie)))
     assert n_tied > 6 and len(set(want[1][0])) == 1  # the tie spans the 6th place
-    with GalleryStore.open(path) as store:
+    with open_gallery(path) as store:
         check(store.search(q, "old", 6), want)
 
 
-def test_k_beyond_the_gallery_returns_every_item(world) -> None:
-    path, mirror, _ = world
+def test_k_beyond_the_gallery_returns_every_item(any_world) -> None:
+    path, mirror, _ = any_world
     q = np.random.default_rng(1).standard_normal((4, D_NEW)).astype(np.float32)
-    with GalleryStore.open(path) as store:
+    with open_gallery(path) as store:
         res = store.search(q, "new", 10_000)
     ids, scores, versions = reference(mirror, q, "new", 10_000, DIMS)
     assert res.scores.shape == scores.shape == (4, len(mirror.items))
@@ -163,10 +194,10 @@ def test_indexes_follow_later_commits_of_this_and_other_processes(world) -> None
         check(store.search(q, "old", 20), reference(mirror, q, "old", 20, DIMS))
 
 
-def test_a_version_without_certificate_is_refused(world) -> None:
-    path, mirror, _ = world
+def test_a_version_without_certificate_is_refused(any_world) -> None:
+    path, mirror, _ = any_world
     q = np.random.default_rng(3).standard_normal((2, D_OLD)).astype(np.float32)
-    with GalleryStore.open(path) as store:
+    with open_gallery(path) as store:
         store.add_version("other", D_OLD, name="third")
         store.search(q, "old", 5)  # a version without items needs no certificate
         store.add(["t"], q[:1], "other")
@@ -192,15 +223,15 @@ def test_a_version_without_certificate_is_refused(world) -> None:
     (lambda s: s.search(np.full((1, D_OLD), np.nan, np.float32), "old", 5), "NaN or Inf"),
     (lambda s: s.search(np.ones((1, D_OLD), np.float32), "old", 0), "k must be a positive integer"),
 ])
-def test_bad_queries_are_one_line_errors(world, call, match: str) -> None:
-    path, _, _ = world
-    with GalleryStore.open(path) as store, pytest.raises(GalleryError, match=match) as info:
+def test_bad_queries_are_one_line_errors(any_world, call, match: str) -> None:
+    path, _, _ = any_world
+    with open_gallery(path) as store, pytest.raises(GalleryError, match=match) as info:
         call(store)
     assert "\n" not in str(info.value)
 
 
-def test_certificates_are_checked_stored_and_replaced(tmp_path: Path) -> None:
-    with GalleryStore.create(tmp_path / "g") as store:
+def test_certificates_are_checked_stored_and_replaced(new_store) -> None:
+    with create_gallery(new_store()) as store:
         store.add_version("a", 8)
         store.add_version("b", 10)
         for bad, match in [
@@ -220,7 +251,7 @@ def test_certificates_are_checked_stored_and_replaced(tmp_path: Path) -> None:
         second = {**cert("a", 8, "b", 10, [0, 8], [2, 10]), "sha256": "f" * 64}
         store.add_certificate(second)
         store.add_certificate(cert("b", 10, "a", 8, [0, 8], [0, 8]))
-    with GalleryStore.open(tmp_path / "g") as store:
+    with open_gallery(new_store()) as store:
         certs = store.certificates()
         assert [c["sha256"] for c in certs] == ["f" * 64, "b-a" * 4]
         rng = np.random.default_rng(4)
@@ -232,13 +263,16 @@ def test_certificates_are_checked_stored_and_replaced(tmp_path: Path) -> None:
         check(store.search(q, "a", 7), reference(mirror, q, "a", 7, {("a", "b"): ([0, 8], [2, 10])}))
 
 
-def test_empty_store_and_approximate_factory(tmp_path: Path) -> None:
-    with GalleryStore.create(tmp_path / "e") as store:
+APPROXIMATE = {"sqlite": "IVF4,Flat", "milvus-lite": "HNSW"}
+
+
+def test_empty_store_and_approximate_factory(new_store, backend: str) -> None:
+    with create_gallery(new_store("e")) as store:
         store.add_version("v", 8)
         res = store.search(np.ones((3, 8), np.float32), "v", 5)
         assert res.ids == [[], [], []] and res.scores.shape == (3, 0)
     rng = np.random.default_rng(5)
-    with GalleryStore.create(tmp_path / "ivf", index="IVF4,Flat") as store:
+    with create_gallery(new_store("ivf"), index=APPROXIMATE[backend]) as store:
         store.add_version("v", 8)
         items = rng.standard_normal((400, 8)).astype(np.float32)
         store.add([f"x{i}" for i in range(400)], items, "v")

@@ -1,7 +1,9 @@
-"""GalleryStore storage: round trips through reopen, one-line refusals that write nothing, refused
-newer-format and corrupt stores, and SIGKILL during a large add leaving the old or the new state."""
+"""Gallery storage: round trips through reopen and one-line refusals that write nothing (on every
+backend); the SQLite store's refused newer-format and corrupt files, and SIGKILL during a large add
+leaving the old or the new state."""
 
 import hashlib
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -13,7 +15,8 @@ import numpy as np
 import pytest
 
 from bctkit.errors import BctkitError, FileFormatError
-from bctkit.gallery import GalleryError, GalleryStore
+from bctkit.gallery import GalleryError, GalleryStore, create_gallery, open_gallery
+from tests.gallery.conftest import state, store_string
 from tests.gallery.crash import kill_at
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,24 +30,50 @@ def digest(path: Path) -> str:
     return hashlib.sha256((path / "gallery.sqlite").read_bytes()).hexdigest()
 
 
+def fill(store) -> None:
+    """Versions old (8-d, 5 items) and new (12-d, 0 items)."""
+    store.add_version("old-fp", 8, name="old")
+    store.add_version("new-fp", 12, name="new", layout={"compatible": [0, 8]})
+    store.add([f"i{n}" for n in range(5)], vecs(5, 8, 0), "old-fp", [{"n": n} for n in range(5)])
+
+
 @pytest.fixture
 def store_path(tmp_path: Path) -> Path:
-    """A store with versions old (8-d, 5 items) and new (12-d, 0 items)."""
+    """A SQLite store filled by :func:`fill`."""
     path = tmp_path / "g"
     with GalleryStore.create(path) as store:
-        store.add_version("old-fp", 8, name="old")
-        store.add_version("new-fp", 12, name="new", layout={"compatible": [0, 8]})
-        store.add([f"i{n}" for n in range(5)], vecs(5, 8, 0), "old-fp", [{"n": n} for n in range(5)])
+        fill(store)
     return path
 
 
-def test_add_replace_delete_round_trip_after_reopen(store_path: Path) -> None:
+@pytest.fixture(scope="module")
+def filled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """backend -> a closed store filled by :func:`fill`, built once and copied by :func:`store`."""
+    return {}
+
+
+@pytest.fixture
+def store(filled: dict[str, Path], backend: str, tmp_path: Path, tmp_path_factory) -> str:
+    """A store of each backend filled by :func:`fill` (its store string): a copy of one built once
+    (creating a Milvus collection takes about a second)."""
+    if backend not in filled:
+        where = tmp_path_factory.mktemp("filled") / "g"
+        with create_gallery(store_string(backend, where)) as g:
+            fill(g)
+        filled[backend] = where
+    src = filled[backend] if backend == "sqlite" else filled[backend].with_suffix(".db")
+    shutil.copytree(src, tmp_path / src.name)
+    return store_string(backend, tmp_path / "g")
+
+
+def test_add_replace_delete_round_trip_after_reopen(store: str) -> None:
     old, new = vecs(5, 8, 0), vecs(2, 12, 1)
-    with GalleryStore.open(store_path) as store:
+    where = store
+    with open_gallery(where) as store:
         store.replace(["i3", "i1"], new, "new-fp")
         store.delete(["i0"])
         store.add(["x"], vecs(1, 8, 2), "old-fp")
-    with GalleryStore.open(store_path) as store:
+    with open_gallery(where) as store:
         assert store.ids() == ["i1", "i2", "i3", "i4", "x"]
         assert store.ids("new-fp") == ["i1", "i3"] and store.ids("old-fp") == ["i2", "i4", "x"]
         assert store.count() == 5 and store.count("new-fp") == 2 and store.count("old-fp") == 3
@@ -59,14 +88,46 @@ def test_add_replace_delete_round_trip_after_reopen(store_path: Path) -> None:
         same, _ = store.get(["i4", "i2"])
         assert isinstance(same, np.ndarray) and np.array_equal(same, old[[4, 2]])
         assert store.metadata(["i3", "x", "i1"]) == [{"n": 3}, {}, {"n": 1}]
+        assert store.find(["x", "zz", "i3"]) == ["old-fp", None, "new-fp"]
 
 
-def test_add_version_is_idempotent_and_fills_missing_fields(store_path: Path) -> None:
-    with GalleryStore.open(store_path) as store:
-        before = digest(store_path)
-        store.add_version("old-fp", 8, name="old")
-        store.add_version("old-fp", 8)
-        assert digest(store_path) == before
+def test_scan_verify_and_backfill_orders(store: str) -> None:
+    """scan: every item in insertion order, in parts of ``step``, with its version, the float64
+    norm of its vector and its prior (the replaced vector's norm where the backend records priors,
+    else -1); backfill orders kept per version in first-use order."""
+    old, new = vecs(5, 8, 0), vecs(2, 12, 1)
+    with open_gallery(store) as g:
+        g.replace(["i3", "i1"], new, "new-fp")
+        g.record_backfill_order("new-fp", "random")
+        g.record_backfill_order("new-fp", "benefit")
+        g.record_backfill_order("new-fp", "random")
+        g.record_backfill_order("old-fp", "benefit")
+        records = g.records_prior
+    with open_gallery(store) as g:
+        g.verify()
+        assert g.backfill_orders() == {"new-fp": ["random", "benefit"], "old-fp": ["benefit"]}
+        parts = list(g.scan(step=2))
+    assert [len(p[0]) for p in parts] == [2, 2, 1]
+    ids = [i for p in parts for i in p[0]]
+    versions = [v for p in parts for v in p[1]]
+    norms = np.concatenate([p[2] for p in parts])
+    priors = np.concatenate([p[3] for p in parts])
+    assert ids == [f"i{n}" for n in range(5)]
+    assert versions == ["old-fp", "new-fp", "old-fp", "new-fp", "old-fp"]
+    want = [np.linalg.norm(v.astype(np.float64)) for v in (old[0], new[1], old[2], new[0], old[4])]
+    assert norms.dtype == np.float64 and np.allclose(norms, want, rtol=1e-6)
+    replaced = np.linalg.norm(old[[1, 3]].astype(np.float64), axis=1)
+    want_priors = [-1, replaced[0], -1, replaced[1], -1] if records else [-1] * 5
+    assert np.allclose(priors, want_priors, rtol=1e-6)
+
+
+def test_add_version_is_idempotent_and_fills_missing_fields(store: str) -> None:
+    before = state(store)
+    with open_gallery(store) as g:
+        g.add_version("old-fp", 8, name="old")
+        g.add_version("old-fp", 8)
+    assert state(store) == before
+    with open_gallery(store) as store:
         store.add_version("old-fp", 8, layout={"kind": "plain"})
         assert store.versions()["old-fp"]["layout"] == {"kind": "plain"}
         with pytest.raises(GalleryError, match="declared with dim 8, now 9"):
@@ -75,13 +136,13 @@ def test_add_version_is_idempotent_and_fills_missing_fields(store_path: Path) ->
             store.add_version("old-fp", 8, name="other")
 
 
-def one_line_refusal(path: Path, call, match: str, error: type[BaseException] = GalleryError) -> None:
-    """``call`` raises a one-line ``error`` matching ``match`` and the store file is unchanged."""
-    before = digest(path)
-    with GalleryStore.open(path) as store, pytest.raises(error, match=match) as info:
+def one_line_refusal(where: str, call, match: str, error: type[BaseException] = GalleryError) -> None:
+    """``call`` raises a one-line ``error`` matching ``match`` and the store is unchanged."""
+    before = state(where)
+    with open_gallery(where) as store, pytest.raises(error, match=match) as info:
         call(store)
     assert "\n" not in str(info.value) and isinstance(info.value, BctkitError)
-    assert digest(path) == before
+    assert state(where) == before
 
 
 BAD_INPUTS = [
@@ -117,9 +178,10 @@ BAD_INPUTS = [
 
 
 @pytest.mark.parametrize(("call", "match"), [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_is_a_one_line_error_and_writes_nothing(store_path: Path, call, match: str) -> None:
-    one_line_refusal(store_path, call, match)
-    with GalleryStore.open(store_path) as store:
+def test_bad_input_is_a_one_line_error_and_writes_nothing(store: str, call, match: str) -> None:
+    where = store
+    one_line_refusal(where, call, match)
+    with open_gallery(where) as store:
         assert store.ids() == [f"i{n}" for n in range(5)] and store.count("new-fp") == 0
 
 

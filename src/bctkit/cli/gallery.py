@@ -67,6 +67,9 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--unsearchable-while-partial", action="store_true",
                    help="allow a partial backfill without a passed certificate: the new model cannot "
                         "search the store until the backfill ends")
+    b.add_argument("--device", default="auto",
+                   help="auto, cpu, cuda, cuda:N: where the model embeds (under torchrun: each rank's own "
+                        "GPU with auto)")
     st = gs.add_parser("status", help="items per model version, and the expected accuracy now")
     st.add_argument("store", help=STORE_HELP)
     st.add_argument("--report", help="a run's report.json: the expected top-1 from its backfill curve of "
@@ -107,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
         create_gallery(args.store, index=args.index, dim=args.dim).close()
         print(f"gallery: created {args.store} (index {args.index})")
         return 0
+    if cmd == "backfill":  # before opening: under torchrun not every rank opens the store
+        return _backfill(args)
     with open_gallery(args.store) as store:
         if cmd == "add":
             return _add(store, args)
@@ -116,16 +121,30 @@ def run(args: argparse.Namespace) -> int:
             return _certify(store, args.certificates)
         if cmd == "search":
             return _search(store, args)
-        if cmd == "backfill":
-            from bctkit.gallery.backfill import backfill
+        return _status(store, args.report)
 
-            res = backfill(store, _model(args.model), _images(args.images), order=args.order, seed=args.seed,
-                           batch_size=args.batch_size, progress=not args.quiet, limit=args.limit,
-                           unsearchable_while_partial=args.unsearchable_while_partial)
+
+def _backfill(args: argparse.Namespace) -> int:
+    """``gallery backfill``, in one process or every torchrun process (see
+    :func:`bctkit.gallery.backfill.distributed_backfill`); rank 0 prints."""
+    from bctkit.engine.compute import Engine
+    from bctkit.engine.distributed import is_main
+    from bctkit.extract.model import open_model
+    from bctkit.gallery.backfill import distributed_backfill
+    from bctkit.gallery.interface import open_gallery, parse_store
+
+    parse_store(args.store)  # a bad store string is refused before a model is read
+    engine = Engine.create(args.device, field="--device")
+    images = _images(args.images)
+    model = open_model(args.model, engine.device)
+    res = distributed_backfill(args.store, model, images, order=args.order, seed=args.seed,
+                               batch_size=args.batch_size, progress=not args.quiet, limit=args.limit,
+                               unsearchable_while_partial=args.unsearchable_while_partial)
+    if is_main():
+        with open_gallery(args.store) as store:
             print(f"gallery: backfilled {res.embedded} items in {res.batches} batches ({res.already} done "
                   f"before); {_shares(store)}")
-            return 0
-        return _status(store, args.report)
+    return 0
 
 
 def _add(store: Any, args: argparse.Namespace) -> int:

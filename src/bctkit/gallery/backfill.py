@@ -1,59 +1,55 @@
-"""Backfill: re-embed a gallery's items with the new model, batch by batch, each batch one atomic
-commit of the store, so that a run killed at any point and started again ends with every item
-embedded exactly once by the new model (none lost, none twice, none without its version).
+"""Backfill: re-embed a gallery's items with the new model, batch by batch, so that a run killed at
+any point and started again ends with every item embedded once by the new model, bit for bit as an
+uninterrupted run (none lost, none twice, none without its version). The batches come from
+:mod:`bctkit.gallery.backfill_plan`.
 
-Orders (``order``):
+One process (:func:`backfill`): each batch is one :meth:`~bctkit.gallery.interface.Gallery.replace`
+(on SQLite one atomic commit; on Milvus an upsert of whole entities).
 
-- ``random``: a permutation of every item of the store (all of them, done or not, in insertion
-  order) drawn from ``seed``; items already at the new version are skipped. Because the permutation
-  is over the whole, unchanging set of ids, a restarted run continues the same order.
-- ``benefit``: most-benefit-first in the spirit of FastFill (Jaeckle et al., ICLR 2023), which
-  re-embeds first the items whose old embeddings are least reliable. FastFill learns that
-  uncertainty with a small model; bctkit uses a training-free proxy instead: the L2 norm of the
-  item's current (old) embedding, smallest first (in margin-trained face models the feature norm
-  grows with image quality, so low-norm items gain most from a better model), ties in insertion
-  order. Items not yet re-embedded keep their old embeddings, so a restarted run ranks them as
-  the first run did.
+Several (:func:`distributed_backfill`, under ``torchrun``): rank 0 plans and sends every rank the
+batches; rank r embeds batches r, r + N, r + 2N, ... on its own device. Where the store admits one
+writer (the SQLite store, Milvus Lite) rank 0 gathers each round's embeddings and writes the
+batches in plan order; on a Milvus server every rank upserts its own batches. A rank that fails
+tells the others at the next exchange, so they stop with it instead of waiting.
 
 A partial backfill (``limit`` short of the items left) leaves a store of two versions; without a
-passed certificate new -> old in the store the new model cannot search it (its queries would
-compare with old items on no vouched coordinates) until the backfill ends. Such a backfill is
-refused (:class:`PartialBackfillRefused`) before anything is embedded, unless
-``unsearchable_while_partial`` says that is intended. A full backfill is always allowed. The order
-is recorded in the store (:meth:`GalleryStore.record_backfill_order`), with the first batch, so
-``gallery status --report`` reads the report's curve of that order.
-
-One backfill at a time per store: a backfill holds an exclusive ``flock`` on the store's folder
-while it runs, and a second one is refused at once (two running together would each re-embed the
-items the other is re-embedding). The kernel drops the lock when its process dies, so a SIGKILLed
-backfill leaves nothing stuck. The new version is declared with the first batch, so a backfill
-that fails before re-embedding anything writes nothing.
+passed certificate new -> old in the store the new model cannot search it until the backfill ends.
+Such a backfill is refused (:class:`PartialBackfillRefused`) before anything is embedded, unless
+``unsearchable_while_partial`` says that is intended. The order is recorded in the store with the
+first batch, so ``gallery status --report`` reads the report's curve of that order. One backfill at
+a time per store: :meth:`~bctkit.gallery.interface.Gallery.backfill_lock`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from bctkit.data.sources.base import DataSource
-from bctkit.errors import ConfigError, DataError
-from bctkit.gallery.backends.sqlite.store import GalleryStore
+from bctkit.engine import distributed as D
+from bctkit.errors import BctkitError
+from bctkit.gallery.backfill_plan import (
+    Order,
+    PartialBackfillRefused,
+    Plan,
+    backfill_order,
+    check_count,
+    check_searchable,
+    plan_backfill,
+    rows_of,
+)
 from bctkit.gallery.checks import GalleryError
-from bctkit.gallery.embed import Embedder, as_embedder, embed_batches, version_of
-from bctkit.gallery.search import search_blocker
+from bctkit.gallery.embed import Embedder, as_embedder, check_images, embed_batches, version_of
+from bctkit.gallery.interface import Gallery, open_gallery, parse_store
 
-Order = Literal["random", "benefit"]
-
-
-class PartialBackfillRefused(GalleryError):
-    """A partial backfill would leave a store its new model cannot search (no passed certificate)."""
+__all__ = ["BackfillResult", "PartialBackfillRefused", "backfill", "backfill_order", "distributed_backfill",
+           "run_share"]
 
 
 @dataclass
@@ -66,22 +62,46 @@ class BackfillResult:
     version: str
 
 
-def backfill_order(store: GalleryStore, new_version: str, order: Order, seed: int = 0) -> list[str]:
-    """The ids still to re-embed with ``new_version``, in the order the backfill takes them."""
-    ids = store.ids()
-    if order == "random":
-        ranked = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
-    elif order == "benefit":
-        vectors, _ = store.get(ids)
-        norms = np.array([np.linalg.norm(np.asarray(v, dtype=np.float64)) for v in vectors])
-        ranked = [ids[i] for i in np.argsort(norms, kind="stable")]
-    else:
-        raise ConfigError(f"backfill order {order!r}: expected 'random' or 'benefit'")
-    _, versions = store.get(ranked) if ranked else ([], [])
-    return [i for i, v in zip(ranked, versions, strict=True) if v != new_version]
+def _plan(store: Gallery, model: Any, order: Order, seed: int, batch_size: int, limit: int | None,
+          unsearchable_while_partial: bool) -> Plan:
+    """The checked plan of a backfill of ``store`` with ``model`` (refusals before anything is done)."""
+    check_count(batch_size, "batch size", 1)
+    if limit is not None:
+        check_count(limit, "limit", 0)
+    version, _, name, _ = version_of(model)
+    full = plan_backfill(store, version, order, seed, batch_size)
+    if limit is not None and limit < full.todo:
+        if not unsearchable_while_partial:
+            check_searchable(store, version, name, limit, full.todo)
+        return plan_backfill(store, version, order, seed, batch_size, limit)
+    return full
 
 
-def backfill(store: GalleryStore, model: Embedder, images: DataSource, *, order: Order = "random",
+def _embed(model: Any, images: DataSource, rows: np.ndarray) -> np.ndarray:
+    """The embeddings of ``images`` rows ``rows``, as one batch."""
+    sub = images.subset(rows)
+    return np.concatenate([f for _, f in embed_batches(model, sub, len(rows), progress=False,
+                                                       desc="backfill")])
+
+
+def _writer(store: Gallery, model: Any, order: str) -> Callable[[list[str], np.ndarray], None]:
+    """A batch writer that declares the version and records the order with its first batch (a
+    backfill that fails before re-embedding anything writes nothing)."""
+    version, dim, name, layout = version_of(model)
+    first = [True]
+
+    def write(ids: list[str], feats: np.ndarray) -> None:
+        if first[0]:
+            store.add_version(version, dim, name=name, layout=layout)
+        store.replace(ids, feats, version)
+        if first[0]:
+            store.record_backfill_order(version, order)
+            first[0] = False
+
+    return write
+
+
+def backfill(store: Gallery, model: Embedder, images: DataSource, *, order: Order = "random",
              seed: int = 0, batch_size: int = 256, progress: bool = True, limit: int | None = None,
              unsearchable_while_partial: bool = False) -> BackfillResult:
     """Re-embed the store's items with ``model`` (its version is its fingerprint, declared with the
@@ -90,75 +110,138 @@ def backfill(store: GalleryStore, model: Embedder, images: DataSource, *, order:
     partial backfill; run again to continue), refused without a passed certificate for the new
     model's queries on every other version's items unless ``unsearchable_while_partial``. A second
     backfill of the store while one runs is refused."""
-    _check_count(batch_size, "batch size", 1)
-    if limit is not None:
-        _check_count(limit, "limit", 0)
     model = as_embedder(model)
-    version, dim, name, layout = version_of(model)
-    with _exclusive(store):
-        todo = backfill_order(store, version, order, seed)
-        already = store.count() - len(todo)
-        if limit is not None and limit < len(todo):
-            if not unsearchable_while_partial:
-                _check_searchable(store, version, name, limit, len(todo))
-            todo = todo[:limit]
-        rows = _rows_of(todo, images)
-        done = batches = 0
-        with tqdm(total=len(todo), desc="backfill", unit="item", disable=not progress) as bar:
-            for start in range(0, len(todo), batch_size):
-                part = todo[start:start + batch_size]
-                sub = images.subset(rows[start:start + len(part)])
-                for _, feats in embed_batches(model, sub, len(part), progress=False, desc="backfill"):
-                    if not batches:  # declared with the first batch: a failure before writes nothing
-                        store.add_version(version, dim, name=name, layout=layout)
-                    store.replace(part, feats, version)  # one atomic commit per batch
-                    if not batches:
-                        store.record_backfill_order(version, order)
-                done += len(part)
-                batches += 1
-                bar.update(len(part))
-    return BackfillResult(done, already, batches, version)
+    with store.backfill_lock():
+        plan = _plan(store, model, order, seed, batch_size, limit, unsearchable_while_partial)
+        rows = rows_of([i for b in plan.batches for i in b], images)
+        write = _writer(store, model, order)
+        start = 0
+        with tqdm(total=plan.todo, desc="backfill", unit="item", disable=not progress) as bar:
+            for part, n in zip(plan.batches, plan.pending, strict=True):
+                write(part, _embed(model, images, rows[start:start + len(part)]))
+                start += len(part)
+                bar.update(n)
+    return BackfillResult(plan.todo, plan.already, len(plan.batches), version_of(model)[0])
 
 
-def _check_count(value: object, what: str, least: int) -> None:
-    """Refuse ``value`` unless it is an integer >= ``least``."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
-        raise ConfigError(f"backfill: {what} must be an integer >= {least}, got {value!r}")
+def run_share(store: Gallery, model: Embedder, images: DataSource, batches: list[list[str]], *, rank: int,
+              world: int, progress: bool = False) -> int:
+    """Embed and write the batches ``rank`` of ``world`` owns (``rank``, ``rank + world``, ...): one
+    rank's work where every rank writes its own (a Milvus server); the version must be declared.
+    Returns the batches written."""
+    model = as_embedder(model)
+    version = version_of(model)[0]
+    mine = batches[rank::world]
+    rows = rows_of([i for b in mine for i in b], images)
+    start = 0
+    for part in tqdm(mine, desc="backfill", unit="batch", disable=not progress):
+        store.replace(part, _embed(model, images, rows[start:start + len(part)]), version)
+        start += len(part)
+    return len(mine)
 
 
-def _check_searchable(store: GalleryStore, version: str, name: str | None, limit: int, left: int) -> None:
-    """Refuse a partial backfill after which ``version``'s queries could not search the store."""
-    blocked = search_blocker(store, version)
-    if blocked is not None:
-        label = f"{name} ({version})" if name else version
-        raise PartialBackfillRefused(
-            f"backfill: limit {limit} re-embeds {limit} of the {left} items left, and the store holds no "
-            f"passed certificate for {label} queries on the {blocked.count} items of {blocked.label}: the "
-            "partly backfilled store could not be searched by the new model; certify first (bctkit "
-            "gallery certify STORE CERT.json with a passed certificate), use a separate store, run a "
-            "full backfill (no --limit), or pass --unsearchable-while-partial")
-
-
-@contextlib.contextmanager
-def _exclusive(store: GalleryStore) -> Iterator[None]:
-    """Hold the store's backfill lock (an exclusive flock on its folder); refused when taken."""
-    fd = os.open(store.path, os.O_RDONLY)
+def distributed_backfill(store_text: str, model: Embedder, images: DataSource, *, order: Order = "random",
+                         seed: int = 0, batch_size: int = 256, progress: bool = True,
+                         limit: int | None = None, unsearchable_while_partial: bool = False
+                         ) -> BackfillResult:
+    """:func:`backfill` of the store ``store_text`` over torchrun's processes (the process group
+    joined; one process: the same as :func:`backfill`); see the module docstring. Every rank calls
+    it; rank 0 returns the result, the others a copy."""
+    model = as_embedder(model)
+    check_images(model, images)
+    every_rank_writes = parse_store(store_text).backend == "milvus"
+    store = open_gallery(store_text) if D.is_main() or every_rank_writes else None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise GalleryError(f"{store.path}: another backfill is running on this store; wait for it to "
-                               "end (or stop it: a killed backfill releases the store)") from None
-        yield
+        if not D.is_distributed():
+            assert store is not None
+            return backfill(store, model, images, order=order, seed=seed, batch_size=batch_size,
+                            progress=progress, limit=limit,
+                            unsearchable_while_partial=unsearchable_while_partial)
+        return _ranks(store, model, images, every_rank_writes, order, seed, batch_size, progress, limit,
+                      unsearchable_while_partial)
     finally:
-        os.close(fd)
+        if store is not None:
+            store.close()
 
 
-def _rows_of(ids: Sequence[str], images: DataSource) -> np.ndarray:
-    """Row of each id in ``images`` (ids are the source's keys); a missing image is named."""
-    index = {images.key(i): i for i in range(len(images))}
-    missing = [i for i in ids if i not in index]
-    if missing:
-        raise DataError(f"{images.name}: no image for {len(missing)} gallery item(s), e.g. {missing[:3]}; "
-                        "give the image source the items were added from")
-    return np.array([index[i] for i in ids], dtype=np.int64)
+def _ranks(store: Gallery | None, model: Any, images: DataSource, every_rank_writes: bool, order: Order,
+           seed: int, batch_size: int, progress: bool, limit: int | None, unsearchable: bool
+           ) -> BackfillResult:
+    """Every rank's part of :func:`distributed_backfill` (the process group joined)."""
+    version = version_of(model)[0]
+    with contextlib.ExitStack() as stack:
+        decided: dict[str, Any] = {}
+        if D.is_main():
+            assert store is not None
+            try:
+                stack.enter_context(store.backfill_lock())
+                plan = _plan(store, model, order, seed, batch_size, limit, unsearchable)
+                if every_rank_writes and plan.batches:  # the others replace into it at once
+                    _, dim, name, layout = version_of(model)
+                    store.add_version(version, dim, name=name, layout=layout)
+                    store.record_backfill_order(version, order)
+                decided = {"batches": plan.batches, "pending": plan.pending, "already": plan.already}
+            except Exception as exc:  # the other ranks wait on this broadcast: tell them, then raise
+                D.broadcast_object({"error": str(exc) if isinstance(exc, BctkitError) else
+                                    f"backfill: rank 0 failed while planning ({type(exc).__name__})"})
+                raise
+        decided = D.broadcast_object(decided)
+        if "error" in decided:
+            raise GalleryError(decided["error"])
+        batches, pending = decided["batches"], decided["pending"]
+        rows = _together(lambda: rows_of([i for b in batches for i in b], images))
+        if every_rank_writes:
+            assert store is not None
+            _together(lambda: _own_share(store, model, images, batches, rows, progress and D.is_main()))
+        else:
+            _gathered(store, model, images, batches, rows, pending, order, progress)
+    return BackfillResult(sum(pending), int(decided["already"]), len(batches), version)
+
+
+def _own_share(store: Gallery, model: Any, images: DataSource, batches: list[list[str]], rows: np.ndarray,
+               progress: bool) -> None:
+    """This rank's batches, embedded and upserted by itself."""
+    world, rank = D.world_size(), D.rank()
+    starts = np.cumsum([0] + [len(b) for b in batches])
+    version = version_of(model)[0]
+    for j in tqdm(range(rank, len(batches), world), desc="backfill", unit="batch", disable=not progress):
+        store.replace(batches[j], _embed(model, images, rows[starts[j]:starts[j + 1]]), version)
+
+
+def _together(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on every rank; when one fails, every rank stops with an error (none waits)."""
+    try:
+        out = fn()
+    except BaseException:
+        D.max_across(1)
+        raise
+    if D.max_across(0):
+        raise GalleryError(f"backfill: another rank failed (see its error); rank {D.rank()} stopped")
+    return out
+
+
+def _gathered(store: Gallery | None, model: Any, images: DataSource, batches: list[list[str]],
+              rows: np.ndarray, pending: list[int], order: str, progress: bool) -> None:
+    """Rounds of one batch per rank; rank 0 gathers each round and writes its batches in plan order."""
+    world, rank = D.world_size(), D.rank()
+    dim = version_of(model)[1]
+    starts = np.cumsum([0] + [len(b) for b in batches])
+    write = _writer(store, model, order) if store is not None else None
+    quiet = not (progress and D.is_main())
+    with tqdm(total=sum(pending), desc="backfill", unit="item", disable=quiet) as bar:
+        for t in range(0, len(batches), world):
+            j = t + rank
+            feats = _together(lambda j=j: _embed(model, images, rows[starts[j]:starts[j + 1]])
+                              if j < len(batches) else np.zeros((0, dim), np.float32))
+            full = D.gather_rows(torch.from_numpy(feats))
+
+            def save(full: torch.Tensor | None = full, t: int = t) -> None:
+                if write is None or full is None:
+                    return
+                at = 0
+                for b in range(t, min(t + world, len(batches))):
+                    write(batches[b], full[at:at + len(batches[b])].numpy())
+                    at += len(batches[b])
+                    bar.update(pending[b])
+
+            _together(save)  # a failed write on rank 0 stops every rank here

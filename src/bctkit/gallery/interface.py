@@ -54,7 +54,10 @@ class StoreSpec:
 
 def parse_store(text: str | os.PathLike[str]) -> StoreSpec:
     """The backend a store string names; a string of neither form is refused in one line."""
-    s = os.fspath(text)
+    try:
+        s = os.fspath(text)
+    except TypeError:
+        s = None
     if not isinstance(s, str) or not s:
         raise GalleryError(f"store {text!r}: expected a folder path, milvus-lite:PATH.db, "
                            "milvus://HOST:PORT/COLLECTION or http(s)://HOST:PORT/COLLECTION")
@@ -172,9 +175,11 @@ class Gallery(abc.ABC):
         """The ids, of one version or of all, in insertion order."""
 
     @abc.abstractmethod
-    def scan(self, step: int = 65536) -> Iterator[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
-        """Every item in insertion order, in parts: (ids, versions, L2 norms of the vectors (float64),
-        priors (the norm of the vector a :meth:`replace` replaced; -1 where none is recorded))."""
+    def scan(self, step: int = 65536, norms: bool = True
+             ) -> Iterator[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
+        """Every item in insertion order, in parts: (ids, versions, L2 norms of the vectors (float64;
+        zeros without ``norms``: no vector is read), priors (the norm of the vector a :meth:`replace`
+        replaced; -1 where none is recorded))."""
 
     @abc.abstractmethod
     def verify(self) -> None:

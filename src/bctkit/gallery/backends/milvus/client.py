@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -39,6 +40,8 @@ INDEXES = {"Flat": ("FLAT", {}), "FLAT": ("FLAT", {}), "IVF_FLAT": ("IVF_FLAT", 
 """--index of a Milvus store -> (Milvus index type, its build parameters). Flat is exact."""
 ITEM_FIELDS = ["id", "seq", "version", "prior", "meta", "vec"]
 T = TypeVar("T")
+_LITE_OPEN: dict[str, int] = {}
+"""Open clients per Milvus Lite file in this process."""
 
 
 def call(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -60,10 +63,19 @@ def connect(backend: str, where: str, timeout_s: float) -> Any:
     except ImportError:
         raise GalleryError("a Milvus store needs pymilvus and milvus-lite: pip install 'bctkit[milvus]'"
                            ) from None
-    logging.getLogger("pymilvus").setLevel(logging.ERROR)  # query_iterator warns on every Lite call
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # its errors are raised as one line here
+    logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)  # a failed open logs a traceback; we say it
+    # Milvus Lite's embedded server logs a traceback for a call it does not implement (the timestamp
+    # query_iterator asks for first, then does without); the client still gets every error it must.
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
     if backend == "milvus-lite":
+        if os.path.exists(where) and not os.path.isdir(where):
+            raise FileFormatError(f"{where}: not a Milvus Lite store (a file; Milvus Lite keeps a store in a "
+                                  "folder named PATH.db)")
         try:
-            return MilvusClient(where)
+            client = MilvusClient(where)
+            _LITE_OPEN[os.path.abspath(where)] = _LITE_OPEN.get(os.path.abspath(where), 0) + 1
+            return client
         except MilvusException as exc:
             text = first_line(exc)
             if "Open local milvus failed" in text and "not exists" not in text:
@@ -71,11 +83,26 @@ def connect(backend: str, where: str, timeout_s: float) -> Any:
                                    "Milvus Lite admits one process at a time)") from None
             raise GalleryError(f"{where}: Milvus Lite could not open it ({getattr(exc, 'message', text)})"
                                ) from None
-    try:
-        return MilvusClient(uri=where, timeout=timeout_s)
+    try:  # a server that needs credentials takes them from MILVUS_TOKEN ("user:password" or an API key)
+        return MilvusClient(uri=where, token=os.environ.get("MILVUS_TOKEN", ""), timeout=timeout_s)
     except MilvusException as exc:
-        raise GalleryError(f"{where}: cannot reach Milvus within {timeout_s:g} s "
-                           f"({getattr(exc, 'message', first_line(exc))})") from None
+        raise GalleryError(f"{where}: could not connect to Milvus (waiting at most {timeout_s:g} s): "
+                           f"{first_line(Exception(getattr(exc, 'message', exc)))}") from None
+
+
+def disconnect(client: Any, backend: str, where: str) -> None:
+    """Close ``client``; the last client of a Milvus Lite file in this process also stops its embedded
+    server, which releases the file for other processes (closing a client alone does not)."""
+    client.close()
+    if backend != "milvus-lite":
+        return
+    path = os.path.abspath(where)
+    _LITE_OPEN[path] = _LITE_OPEN.get(path, 1) - 1
+    if _LITE_OPEN[path] <= 0:
+        del _LITE_OPEN[path]
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(path)
 
 
 def items_schema(client: Any, dim: int) -> Any:
@@ -86,7 +113,7 @@ def items_schema(client: Any, dim: int) -> Any:
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=ID_MAX)
     schema.add_field("seq", DataType.INT64)
     schema.add_field("version", DataType.VARCHAR, max_length=FP_MAX)
-    schema.add_field("prior", DataType.FLOAT)
+    schema.add_field("prior", DataType.DOUBLE)
     schema.add_field("meta", DataType.VARCHAR, max_length=VALUE_MAX)
     schema.add_field("vec", DataType.FLOAT_VECTOR, dim=dim)
     return schema
@@ -158,6 +185,7 @@ def check_collections(client: Any, side: Side, items: str, where: str) -> dict:
             raise FileFormatError(f"{where}: collection {items!r} was not created by bctkit (no "
                                   f"{side.name!r} beside it); give a new collection name")
         raise FileFormatError(f"{where}: no bctkit gallery {items!r} (create it with bctkit gallery create)")
+    call(f"{where}: load {side.name}", client.load_collection, side.name)  # a reopened one is released
     fmt = side.get("format")
     if not isinstance(fmt, dict) or fmt.get("format") != FORMAT:
         raise FileFormatError(f"{where}: collection {side.name!r} holds no bctkit gallery format record")
@@ -170,6 +198,7 @@ def check_collections(client: Any, side: Side, items: str, where: str) -> dict:
         if set(fields) != set(ITEM_FIELDS):
             raise FileFormatError(f"{where}: collection {items!r} has fields {sorted(fields)}, not a bctkit "
                                   f"gallery's {sorted(ITEM_FIELDS)}")
+        call(f"{where}: load {items}", client.load_collection, items)
         dim = int(fields["vec"].get("params", {}).get("dim", -1))
         if dim != fmt.get("dim"):
             raise FileFormatError(f"{where}: collection {items!r} holds {dim}-d vectors but its bctkit "
@@ -201,3 +230,10 @@ def padded(vec: np.ndarray, dim: int) -> np.ndarray:
     out = np.zeros((len(vec), dim), np.float32)
     out[:, : vec.shape[1]] = vec
     return out
+
+
+def vector_norms(vec: np.ndarray) -> np.ndarray:
+    """float64 L2 norms of the rows of ``vec`` (a version's own dims): the one computation behind
+    both a replace's recorded prior and a scan's norm, so a backfill plan ranks them alike."""
+    x = np.asarray(vec, dtype=np.float64)
+    return np.sqrt(np.einsum("ij,ij->i", x, x))

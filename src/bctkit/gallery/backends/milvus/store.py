@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
+from bctkit.errors import FileFormatError
 from bctkit.gallery.backends.milvus.client import (
     FORMAT,
     FORMAT_VERSION,
@@ -34,10 +36,12 @@ from bctkit.gallery.backends.milvus.client import (
     call,
     check_collections,
     connect,
+    disconnect,
     index_params,
     items_schema,
     iterate,
     padded,
+    vector_norms,
 )
 from bctkit.gallery.checks import (
     GalleryError,
@@ -57,6 +61,8 @@ FETCH = 4096
 """Ids per get request."""
 WRITE_BYTES = 8 << 20
 """About this many vector bytes per upsert request (Milvus caps a request's size)."""
+WRITE_ROWS = 20_000
+"""At most this many entities per upsert request."""
 
 
 class MilvusGallery(Gallery):
@@ -93,33 +99,40 @@ class MilvusGallery(Gallery):
         names = set(call(f"{spec}: list collections", client.list_collections))
         taken = [n for n in (spec.collection, f"{spec.collection}{SIDE_SUFFIX}") if n in names]
         if taken:
-            client.close()
+            disconnect(client, spec.backend, spec.where)
             raise GalleryError(f"{spec}: collection {taken[0]!r} exists; a new gallery needs a new "
                                "collection name")
         g = cls(spec, client, {"format": FORMAT, "format_version": FORMAT_VERSION, "index": index,
                                "dim": None, "min_dim": dim})
-        g._side.create()
-        if dim is not None:
-            g._create_items(dim)
-        g._side.put({"format": g._fmt})
+        try:
+            g._side.create()
+            if dim is not None:
+                g._create_items(dim)
+            g._side.put({"format": g._fmt})
+        except BaseException:
+            g.close()
+            raise
         return g
 
     @classmethod
     def open(cls, spec: StoreSpec, *, timeout_s: float = 10.0) -> MilvusGallery:
         """Open an existing gallery; a collection bctkit did not create, or of another dimension than
         its record, is refused (nothing written)."""
+        if spec.backend == "milvus-lite" and not os.path.exists(spec.where):  # Milvus Lite would create it
+            raise FileFormatError(f"{spec}: no Milvus Lite file {spec.where} (create it with bctkit gallery "
+                                  "create)")
         client = connect(spec.backend, spec.where, timeout_s)
         try:
             fmt = check_collections(client, Side(client, f"{spec.collection}{SIDE_SUFFIX}", str(spec)),
                                     str(spec.collection), str(spec))
         except BaseException:
-            client.close()
+            disconnect(client, spec.backend, spec.where)
             raise
         return cls(spec, client, fmt)
 
     def close(self) -> None:
         if self._c is not None:
-            self._c.close()
+            disconnect(self._c, self.spec.backend, self.spec.where)
             self._c = None
 
     def _create_items(self, dim: int) -> None:
@@ -225,7 +238,7 @@ class MilvusGallery(Gallery):
         """Upsert whole entities in requests of about :data:`WRITE_BYTES`, with the crash-test events
         (``written`` after the first request when there are several)."""
         event(call_name, "begin")
-        step = max(1, WRITE_BYTES // (4 * int(self.dim or 1)))
+        step = max(1, min(WRITE_ROWS, WRITE_BYTES // (4 * int(self.dim or 1))))
         for s in range(0, len(rows), step):
             call(f"{self.location}: {call_name}", self._c.upsert, self._items, rows[s:s + step])
             if s == 0 and len(rows) > step:
@@ -282,17 +295,13 @@ class MilvusGallery(Gallery):
             return
         old = self._fetch(ids, ["id", "seq", "version", "prior", "meta", "vec"], "replace")
         dims = {u.fingerprint: u.dim for u in versions}
+        prior = np.array([float(old[i]["prior"]) for i in ids])
+        for fp in {old[i]["version"] for i in ids} - {version}:
+            where = [r for r, i in enumerate(ids) if old[i]["version"] == fp]
+            prior[where] = vector_norms(np.array([old[ids[r]]["vec"][: dims[fp]] for r in where], np.float32))
         full = padded(vec, int(self.dim))
-        rows = []
-        for r, i in enumerate(ids):
-            e = old[i]
-            if e["version"] == version:
-                prior = float(e["prior"])
-            else:
-                x = np.asarray(e["vec"][: dims[e["version"]]], dtype=np.float64)
-                prior = float(np.float32(np.sqrt(x @ x)))
-            rows.append({"id": i, "seq": e["seq"], "version": version, "prior": prior, "meta": e["meta"],
-                         "vec": full[r]})
+        rows = [{"id": i, "seq": old[i]["seq"], "version": version, "prior": float(prior[r]),
+                 "meta": old[i]["meta"], "vec": full[r]} for r, i in enumerate(ids)]
         self._write("replace", rows)
 
     def delete(self, ids: Sequence[str]) -> None:
@@ -344,13 +353,19 @@ class MilvusGallery(Gallery):
         pairs = [(e["seq"], e["id"]) for part in parts for e in part]
         return [i for _, i in sorted(pairs)]
 
-    def scan(self, step: int = 65536) -> Iterator[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
+    def scan(self, step: int = 65536, norms: bool = True
+             ) -> Iterator[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
         if self.dim is None:
             return
-        seqs, ids, vers, norms, priors = [], [], [], [], []
-        for part in iterate(self._c, self._items, ["id", "seq", "version", "prior", "vec"], self.location):
-            vec = np.asarray([e["vec"] for e in part], dtype=np.float64)  # padding adds nothing to a norm
-            norms.append(np.sqrt(np.einsum("ij,ij->i", vec, vec)))
+        dims = {u.fingerprint: u.dim for u in self._versions(counted=False)}
+        seqs, ids, vers, sizes, priors = [], [], [], [], []
+        fields = ["id", "seq", "version", "prior", *(["vec"] if norms else [])]
+        for part in iterate(self._c, self._items, fields, self.location):
+            size = np.zeros(len(part))
+            for fp in {e["version"] for e in part} if norms else ():
+                where = [r for r, e in enumerate(part) if e["version"] == fp]
+                size[where] = vector_norms(np.array([part[r]["vec"][: dims[fp]] for r in where], np.float32))
+            sizes.append(size)
             for e in part:
                 seqs.append(e["seq"])
                 ids.append(e["id"])
@@ -359,15 +374,13 @@ class MilvusGallery(Gallery):
         if not seqs:
             return
         order = np.argsort(np.asarray(seqs, np.int64), kind="stable")
-        norm = np.concatenate(norms)[order]
+        norm = np.concatenate(sizes)[order]
         prior = np.asarray(priors, np.float64)[order]
         for s in range(0, len(order), step):
             o = order[s:s + step]
             yield [ids[j] for j in o], [vers[j] for j in o], norm[s:s + step], prior[s:s + step]
 
     def verify(self) -> None:
-        from bctkit.errors import FileFormatError
-
         bad: list[str] = []
         if self.dim is not None:
             for part in iterate(self._c, self._items, ["id", "vec"], self.location):

@@ -47,6 +47,7 @@ import numpy as np
 
 from bctkit.errors import FileFormatError
 from bctkit.gallery.backends.sqlite.indexes import IndexSet, factory_is_valid
+from bctkit.gallery.backends.sqlite.reads import FullReads
 from bctkit.gallery.backends.sqlite.schema import (
     DB_NAME,
     FORMAT_VERSION,
@@ -58,7 +59,7 @@ from bctkit.gallery.backends.sqlite.schema import (
     read_versions,
 )
 from bctkit.gallery.backends.sqlite.search import search_items
-from bctkit.gallery.backends.sqlite.segments import Pending, View, damaged, write_segments
+from bctkit.gallery.backends.sqlite.segments import Pending, View, write_segments
 from bctkit.gallery.backends.sqlite.transactions import Transactions
 from bctkit.gallery.checks import (
     CERTIFICATE_FORMAT,
@@ -81,7 +82,7 @@ __all__ = ["CERTIFICATE_FORMAT", "FORMAT_VERSION", "GalleryError", "GalleryStore
 ORDER_KEY = "backfill_order:"  # meta key prefix: + version -> JSON list of the orders its backfills used
 
 
-class GalleryStore(Transactions, Gallery):
+class GalleryStore(Transactions, FullReads, Gallery):
     """A directory holding one gallery: ids, metadata and vectors of any number of model versions.
 
     Any number of processes may open one store (SQLite serialises their commits); one object belongs
@@ -384,39 +385,6 @@ class GalleryStore(Transactions, Gallery):
         with self._read() as conn:
             vid = None if version is None else find_version(read_versions(conn), version, "ids").vid
             return self._view.ids_of(self._view.live(vid))
-
-    def verify(self) -> None:
-        """Read every item's vector and refuse the store, naming the damaged items, when one holds
-        NaN or Inf (bytes changed on disk: SQLite keeps no checksums and an open reads no vectors).
-        Reads the store once, in bounded memory; writes nothing."""
-        step = 1 << 16
-        bad: list[str] = []
-        with self._read() as conn:
-            for v in read_versions(conn):
-                keys = self._view.live(v.vid)
-                for s in range(0, len(keys), step):
-                    part = keys[s : s + step]
-                    bad += self._view.ids_of(part[damaged(self._view.raw_vectors(conn, part, v.dim))])
-        if bad:
-            raise FileFormatError(f"{self._db}: corrupt gallery store ({len(bad)} damaged item(s): vectors "
-                                  f"holding NaN or Inf: {few(bad)})")
-
-    def scan(self, step: int = 65536) -> Iterator[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
-        """Every item in insertion order, in parts: (ids, versions, vector norms, priors); this store
-        records no priors (all -1: its backfill writes its batches in plan order, one commit each)."""
-        with self._read() as conn:
-            vers = {v.vid: v for v in read_versions(conn)}
-            keys = self._view.live()
-            for s in range(0, len(keys), step):
-                part = keys[s : s + step]
-                vids = self._view.vid[part]
-                norms = np.zeros(len(part), np.float64)
-                for u in np.unique(vids).tolist():
-                    where = np.flatnonzero(vids == u)
-                    vec = self._view.raw_vectors(conn, part[where], vers[u].dim).astype(np.float64)
-                    norms[where] = np.sqrt(np.einsum("ij,ij->i", vec, vec))
-                yield (self._view.ids_of(part), [vers[u].fingerprint for u in vids.tolist()], norms,
-                       np.full(len(part), -1.0))
 
     @contextlib.contextmanager
     def backfill_lock(self) -> Iterator[None]:
