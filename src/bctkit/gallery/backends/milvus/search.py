@@ -48,7 +48,7 @@ def search_items(g: MilvusGallery, queries: Any, version: str, k: Any) -> Search
     v = find_version(versions, version, "search")
     q = check_vectors(queries, None, v, "search: queries")
     certs = {r["gallery_vid"]: r["body"] for r in g._certs() if r["query_vid"] == v.vid}
-    if g._fmt.get("index") in ("Flat", "FLAT") and len(q):
+    if g.dim is not None and g._fmt.get("index") in ("Flat", "FLAT") and len(q):
         versions = [u._replace(count=UNCOUNTED) if u.vid == v.vid or u.vid in certs else _counted(g, u)
                     for u in versions]
     else:
