@@ -7,7 +7,11 @@ items/s of each and ``ratio`` = backfill items/s / extraction items/s (1.0 = no 
 cheap model (where the store's work shows most) and once for resnet18 at 64 x 64. Timings are
 interleaved and the best of ``--repeats`` is kept, which filters out other processes.
 
-Usage: python benchmarks/bench_backfill.py [--n 20000] [--batch 256]
+With ``--backend milvus-lite`` the store is a Milvus Lite gallery instead, and a 2-rank torchrun
+backfill is measured against a 1-rank one (see ``bench_backfill_milvus.py``, which it runs).
+
+Usage: python benchmarks/bench_backfill.py [--n 20000] [--batch 256] [--backend sqlite|milvus-lite]
+       [--ranks 1 2]
 """
 
 from __future__ import annotations
@@ -77,8 +81,20 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved timings; the best of each is kept")
+    ap.add_argument("--backend", choices=["sqlite", "milvus-lite"], default="sqlite",
+                    help="the store: the SQLite store, or a Milvus Lite gallery (with torchrun ranks)")
+    ap.add_argument("--ranks", type=int, nargs="*", default=[1, 2],
+                    help="milvus-lite: torchrun process counts to measure (none: skip torchrun)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-backfill-"))
+    if args.backend == "milvus-lite":
+        from bench_backfill_milvus import run  # beside this file
+
+        try:
+            print(json.dumps(run(args, root, model_file)))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        return
     try:
         rows = [measure(root, "r8", 32, args.n, args.batch, args.repeats),
                 measure(root, "resnet18", 64, max(args.batch, args.n // 10), args.batch, args.repeats)]
