@@ -7,8 +7,9 @@ Three galleries of the same N x D unit vectors (ids ``item-<i>``) are filled in 
 - bctkit on Milvus Lite: ``create_gallery("milvus-lite:PATH.db#COLL", dim=D)``, one version, then
   ``add`` per batch (which checks that no id is stored yet with a ``get``, reserves insertion keys in
   the side collection and upserts whole entities in requests of about 8 MiB) and ``search``
-  (one filtered COSINE search per 1024 queries at depth k + 1, plus a deeper search of any row whose
-  k-th score ties, then the ranking rule's sort);
+  (one filtered COSINE search per 1024 queries at depth k + 1, the places' vectors read back by id
+  to score them again exactly, a deeper search of any row whose k-th score ties, then the ranking
+  rule's sort);
 - bare pymilvus on the same Milvus Lite file: a collection of the same fields (id VARCHAR primary
   key, seq INT64, version VARCHAR, prior FLOAT, meta VARCHAR, vec FLOAT_VECTOR), FLAT COSINE index,
   Strong consistency; ``MilvusClient.insert`` of the rows (dicts, the vector a numpy row) per batch,
