@@ -72,15 +72,19 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _wait_gone(pid: int, timeout_s: float = 60.0) -> None:
-    """Wait until process ``pid`` has exited (gone, or a zombie: its files and locks are released)."""
+def _wait_gone(pid: int, timeout_s: float = 120.0) -> None:
+    """Wait until process ``pid`` has exited with all its threads (its files and locks released):
+    gone, or a zombie of one thread (a thread group's leader turns zombie while its other threads
+    are still exiting, and the files they share close only when the last one has)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
+            status = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if ":" in ln)
+        except OSError:
             return
-        if state in ("Z", "X"):
+        state, threads = status.get("State", "").strip(), status.get("Threads", "").strip()
+        if state.startswith(("Z", "X")) and threads == "1":
             return
         time.sleep(0.01)
-    raise AssertionError(f"process {pid} still alive {timeout_s:g} s after SIGKILL")
+    raise AssertionError(f"process {pid} has not exited {timeout_s:g} s after SIGKILL")

@@ -48,8 +48,7 @@ from bctkit.gallery.checks import GalleryError
 from bctkit.gallery.embed import Embedder, as_embedder, check_images, embed_batches, version_of
 from bctkit.gallery.interface import Gallery, open_gallery, parse_store
 
-__all__ = ["BackfillResult", "PartialBackfillRefused", "backfill", "backfill_order", "distributed_backfill",
-           "run_share"]
+__all__ = ["BackfillResult", "PartialBackfillRefused", "backfill", "backfill_order", "distributed_backfill"]
 
 
 @dataclass
@@ -122,22 +121,6 @@ def backfill(store: Gallery, model: Embedder, images: DataSource, *, order: Orde
                 start += len(part)
                 bar.update(n)
     return BackfillResult(plan.todo, plan.already, len(plan.batches), version_of(model)[0])
-
-
-def run_share(store: Gallery, model: Embedder, images: DataSource, batches: list[list[str]], *, rank: int,
-              world: int, progress: bool = False) -> int:
-    """Embed and write the batches ``rank`` of ``world`` owns (``rank``, ``rank + world``, ...): one
-    rank's work where every rank writes its own (a Milvus server); the version must be declared.
-    Returns the batches written."""
-    model = as_embedder(model)
-    version = version_of(model)[0]
-    mine = batches[rank::world]
-    rows = rows_of([i for b in mine for i in b], images)
-    start = 0
-    for part in tqdm(mine, desc="backfill", unit="batch", disable=not progress):
-        store.replace(part, _embed(model, images, rows[start:start + len(part)]), version)
-        start += len(part)
-    return len(mine)
 
 
 def distributed_backfill(store_text: str, model: Embedder, images: DataSource, *, order: Order = "random",

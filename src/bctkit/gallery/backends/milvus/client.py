@@ -64,7 +64,10 @@ def connect(backend: str, where: str, timeout_s: float) -> Any:
         raise GalleryError("a Milvus store needs pymilvus and milvus-lite: pip install 'bctkit[milvus]'"
                            ) from None
     logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # its errors are raised as one line here
-    logging.getLogger("milvus_lite").setLevel(logging.CRITICAL)  # a failed open logs a traceback; we say it
+    lite_log = logging.getLogger("milvus_lite")  # a failed open logs a traceback: kept (_Why), not shown
+    lite_log.propagate = False
+    if not lite_log.handlers:
+        lite_log.addHandler(logging.NullHandler())
     # Milvus Lite's embedded server logs a traceback for a call it does not implement (the timestamp
     # query_iterator asks for first, then does without); the client still gets every error it must.
     logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
@@ -72,22 +75,39 @@ def connect(backend: str, where: str, timeout_s: float) -> Any:
         if os.path.exists(where) and not os.path.isdir(where):
             raise FileFormatError(f"{where}: not a Milvus Lite store (a file; Milvus Lite keeps a store in a "
                                   "folder named PATH.db)")
+        why = _Why()
+        lite_log.addHandler(why)
         try:
             client = MilvusClient(where)
             _LITE_OPEN[os.path.abspath(where)] = _LITE_OPEN.get(os.path.abspath(where), 0) + 1
             return client
         except MilvusException as exc:
-            text = first_line(exc)
-            if "Open local milvus failed" in text and "not exists" not in text:
+            if "DataDirLockedError" in why.cause:
                 raise GalleryError(f"{where}: Milvus Lite could not open it (another process has it open: "
                                    "Milvus Lite admits one process at a time)") from None
-            raise GalleryError(f"{where}: Milvus Lite could not open it ({getattr(exc, 'message', text)})"
-                               ) from None
+            text = why.cause or getattr(exc, "message", first_line(exc))
+            raise GalleryError(f"{where}: Milvus Lite could not open it ({text})") from None
+        finally:
+            lite_log.removeHandler(why)
     try:  # a server that needs credentials takes them from MILVUS_TOKEN ("user:password" or an API key)
         return MilvusClient(uri=where, token=os.environ.get("MILVUS_TOKEN", ""), timeout=timeout_s)
     except MilvusException as exc:
         raise GalleryError(f"{where}: could not connect to Milvus (waiting at most {timeout_s:g} s): "
                            f"{first_line(Exception(getattr(exc, 'message', exc)))}") from None
+
+
+class _Why(logging.Handler):
+    """Keeps the exception Milvus Lite logs when it cannot start on a file (pymilvus then says only
+    "Open local milvus failed"), as "<type>: <first line>"."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.cause = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            self.cause = f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def disconnect(client: Any, backend: str, where: str) -> None:
