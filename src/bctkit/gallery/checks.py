@@ -44,6 +44,33 @@ def find_version(versions: Sequence[Version], fingerprint: Any, what: str) -> Ve
     raise GalleryError(f"{what}: unknown version {fingerprint!r}; declare it with add_version first")
 
 
+def check_declaration(fingerprint: Any, dim: Any, name: Any, layout: Any) -> dict:
+    """{"dim", "name", "layout"} of a version declaration, each checked (the layout as its JSON
+    round trip, the form a store keeps); refused in one line."""
+    if not isinstance(fingerprint, str) or not fingerprint:
+        raise GalleryError(f"add_version: fingerprint must be a non-empty string, got {fingerprint!r}")
+    if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
+        raise GalleryError(f"add_version {fingerprint}: dim must be a positive integer, got {dim!r}")
+    if name is not None and not isinstance(name, str):
+        raise GalleryError(f"add_version {fingerprint}: name must be a string, got {name!r}")
+    if layout is not None and not isinstance(layout, dict):
+        raise GalleryError(f"add_version {fingerprint}: layout must be a dict, got {type(layout).__name__}")
+    kept = None if layout is None else json.loads(to_json(layout, f"add_version {fingerprint}: layout"))
+    return {"dim": int(dim), "name": name, "layout": kept}
+
+
+def settled(fingerprint: str, old: dict | None, wanted: dict) -> bool:
+    """Whether the stored declaration ``old`` ({"dim", "name", "layout"}, None: none yet) already says
+    all of ``wanted``; a field both give differently is refused."""
+    if old is None:
+        return False
+    for field in ("dim", "name", "layout"):
+        if wanted[field] is not None and old[field] is not None and wanted[field] != old[field]:
+            raise GalleryError(f"add_version {fingerprint}: declared with {field} {old[field]!r}, "
+                               f"now {wanted[field]!r}")
+    return all(wanted[f] is None or old[f] is not None for f in ("name", "layout"))
+
+
 def few(items: Sequence[Any], n: int = 3) -> str:
     """The first few of ``items`` for an error message, with the total when there are more."""
     head = ", ".join(repr(x) for x in items[:n])

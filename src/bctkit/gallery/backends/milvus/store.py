@@ -47,10 +47,12 @@ from bctkit.gallery.checks import (
     GalleryError,
     Version,
     check_certificate,
+    check_declaration,
     check_ids,
     check_vectors,
     few,
     find_version,
+    settled,
     to_json,
 )
 from bctkit.gallery.events import event
@@ -160,39 +162,24 @@ class MilvusGallery(Gallery):
 
     def add_version(self, fingerprint: str, dim: int, name: str | None = None, layout: dict | None = None
                     ) -> None:
-        if not isinstance(fingerprint, str) or not fingerprint:
-            raise GalleryError(f"add_version: fingerprint must be a non-empty string, got {fingerprint!r}")
+        wanted = check_declaration(fingerprint, dim, name, layout)
         if len(fingerprint) > FP_MAX or not fingerprint.isprintable() or any(c in fingerprint for c in '"\\'):
             raise GalleryError(f"add_version {fingerprint!r}: a Milvus gallery takes printable fingerprints "
                                f"of at most {FP_MAX} characters without quotes or backslashes")
-        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
-            raise GalleryError(f"add_version {fingerprint}: dim must be a positive integer, got {dim!r}")
-        if name is not None and not isinstance(name, str):
-            raise GalleryError(f"add_version {fingerprint}: name must be a string, got {name!r}")
-        if layout is not None and not isinstance(layout, dict):
-            raise GalleryError(f"add_version {fingerprint}: layout must be a dict, "
-                               f"got {type(layout).__name__}")
-        if layout is not None:
-            layout = json.loads(to_json(layout, f"add_version {fingerprint}: layout"))
         key = f"version:{fingerprint}"
         old = self._side.get(key)
-        if old is not None:
-            for field, new in (("dim", int(dim)), ("name", name), ("layout", layout)):
-                if new is not None and old[field] is not None and new != old[field]:
-                    raise GalleryError(f"add_version {fingerprint}: declared with {field} {old[field]!r}, "
-                                       f"now {new!r}")
-            if (name is None or old["name"] is not None) and (layout is None or old["layout"] is not None):
-                return
-            self._side.put({key: {**old, "name": old["name"] or name, "layout": old["layout"] or layout}})
+        if settled(fingerprint, old, wanted):
+            return
+        if old is not None:  # a missing name or layout filled in
+            filled = {"name": old["name"] or name, "layout": old["layout"] or wanted["layout"]}
+            self._side.put({key: {**old, **filled}})
             return
         if self.dim is not None and dim > self.dim:
             raise GalleryError(f"add_version {fingerprint}: dim {dim}, but {self.location} holds vectors "
                                f"of at most {self.dim} dims (fixed by its first add); create the gallery "
-                               "with "
-                               f"--dim {dim} or more for this model")
+                               f"with --dim {dim} or more for this model")
         vid = self._side.next_values("next_vid", 1)
-        self._side.put({key: {"vid": vid, "fingerprint": fingerprint, "name": name, "dim": int(dim),
-                              "layout": layout}})
+        self._side.put({key: {"vid": vid, "fingerprint": fingerprint, **wanted}})
 
     def versions(self) -> dict[str, dict]:
         return {v.fingerprint: {"name": v.name, "dim": v.dim, "count": v.count, "layout": v.layout}

@@ -65,12 +65,14 @@ from bctkit.gallery.checks import (
     CERTIFICATE_FORMAT,
     GalleryError,
     check_certificate,
+    check_declaration,
     check_ids,
     check_vectors,
     few,
     find_version,
     first_line,
     reason,
+    settled,
     to_json,
 )
 from bctkit.gallery.idmap import Hashed
@@ -186,34 +188,19 @@ class GalleryStore(Transactions, FullReads, Gallery):
                     ) -> None:
         """Declare a model version (its fingerprint) and its embedding dimension. Declaring it again
         is a no-op; a missing name or layout is filled in; a different dim, name or layout is refused."""
-        if not isinstance(fingerprint, str) or not fingerprint:
-            raise GalleryError(f"add_version: fingerprint must be a non-empty string, got {fingerprint!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 1:
-            raise GalleryError(f"add_version {fingerprint}: dim must be a positive integer, got {dim!r}")
-        if name is not None and not isinstance(name, str):
-            raise GalleryError(f"add_version {fingerprint}: name must be a string, got {name!r}")
-        if layout is not None and not isinstance(layout, dict):
-            raise GalleryError(f"add_version {fingerprint}: layout must be a dict, "
-                               f"got {type(layout).__name__}")
-        layout_json = to_json(layout, f"add_version {fingerprint}: layout") if layout is not None else None
-        wanted = {"dim": int(dim), "name": name, "layout": json.loads(layout_json) if layout_json else None}
+        wanted = check_declaration(fingerprint, dim, name, layout)
+        layout_json = to_json(layout, "layout") if layout is not None else None
 
-        def settled(conn: sqlite3.Connection) -> bool:
+        def stored(conn: sqlite3.Connection) -> bool:
             """Whether the stored declaration already says all of ``wanted``; a conflict is refused."""
             old = {v.fingerprint: v for v in read_versions(conn)}.get(fingerprint)
-            if old is None:
-                return False
-            for field, cur in (("dim", old.dim), ("name", old.name), ("layout", old.layout)):
-                if wanted[field] is not None and cur is not None and wanted[field] != cur:
-                    raise GalleryError(f"add_version {fingerprint}: declared with {field} {cur!r}, "
-                                       f"now {wanted[field]!r}")
-            return (name is None or old.name is not None) and (layout is None or old.layout is not None)
+            return settled(fingerprint, None if old is None else old._asdict(), wanted)
 
         with self._read() as conn:
-            if settled(conn):
+            if stored(conn):
                 return
         with self._write("add_version") as conn:  # checked again inside: another process may have declared it
-            if not settled(conn):
+            if not stored(conn):
                 conn.execute("INSERT OR IGNORE INTO versions (fingerprint, name, dim, layout) "
                              "VALUES (?, ?, ?, ?)", (fingerprint, name, int(dim), layout_json))
                 conn.execute("UPDATE versions SET name=coalesce(name, ?), layout=coalesce(layout, ?) "
