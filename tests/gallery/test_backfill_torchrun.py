@@ -36,11 +36,15 @@ def bctkit(args: list[str], ranks: int = 1) -> subprocess.CompletedProcess:
 
 
 def store_of(root, name: str, old) -> str:
+    """A SQLite store of the folder's images embedded by ``old`` (built in this process)."""
+    from bctkit.data.datasets import open_dataset
+    from bctkit.gallery.embed import open_embedder
+    from bctkit.gallery.ingest import add_images
+    from bctkit.gallery.interface import create_gallery
+
     store = str(root / name)
-    add = ["gallery", "add", store, "--model", str(old), "--images", str(root / "gallery"), "--quiet"]
-    for args in (["gallery", "create", store], add):
-        done = bctkit(args)
-        assert done.returncode == 0, done.stderr[-1500:]
+    with create_gallery(store) as g:
+        add_images(g, open_embedder(old), open_dataset(str(root / "gallery")), progress=False)
     return store
 
 
