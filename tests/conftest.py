@@ -1,5 +1,5 @@
 """Session hooks. The upgrade demo's first run (one thread, a few minutes) starts as soon as its tests
-are selected, so that it runs beside the other tests on the second core instead of after them."""
+are selected, and its tests run last, so that it runs beside the other tests on the second core."""
 
 import shutil
 import sys
@@ -9,10 +9,11 @@ import pytest
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
-    for item in items:
-        if item.nodeid.startswith("tests/cli/test_demo_upgrade.py"):
-            item.module.start_early()
-            return
+    """Start the demo now and move its tests last, so that the others run while it does."""
+    demo = [item for item in items if item.nodeid.startswith("tests/cli/test_demo_upgrade.py")]
+    if demo:
+        demo[0].module.start_early()
+        items[:] = [item for item in items if item not in demo] + demo
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
