@@ -71,6 +71,19 @@ def settled(fingerprint: str, old: dict | None, wanted: dict) -> bool:
     return all(wanted[f] is None or old[f] is not None for f in ("name", "layout"))
 
 
+def metadata_json(metadata: Sequence[dict] | None, n: int) -> list[str] | None:
+    """Each of ``n`` items' metadata dict as compact JSON (None when none is given); refused in one
+    line when the count differs, an entry is not a dict or is not JSON serialisable."""
+    if metadata is None:
+        return None
+    metadata = list(metadata)
+    if len(metadata) != n:
+        raise GalleryError(f"add: {len(metadata)} metadata entries for {n} ids")
+    if not all(isinstance(m, dict) for m in metadata):
+        raise GalleryError("add: each metadata entry must be a dict")
+    return [to_json(m, "add: metadata") for m in metadata]
+
+
 def few(items: Sequence[Any], n: int = 3) -> str:
     """The first few of ``items`` for an error message, with the total when there are more."""
     head = ", ".join(repr(x) for x in items[:n])

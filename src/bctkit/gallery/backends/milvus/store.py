@@ -52,8 +52,8 @@ from bctkit.gallery.checks import (
     check_vectors,
     few,
     find_version,
+    metadata_json,
     settled,
-    to_json,
 )
 from bctkit.gallery.events import event
 from bctkit.gallery.interface import Gallery, StoreSpec, no_lock
@@ -245,14 +245,8 @@ class MilvusGallery(Gallery):
         versions = self._versions(counted=False)
         v = find_version(versions, version, "add")
         vec = check_vectors(vectors, len(ids), v, "add")
-        metas = ["{}"] * len(ids)
+        metas = metadata_json(metadata, len(ids)) or ["{}"] * len(ids)
         if metadata is not None:
-            metadata = list(metadata)
-            if len(metadata) != len(ids):
-                raise GalleryError(f"add: {len(metadata)} metadata entries for {len(ids)} ids")
-            if not all(isinstance(m, dict) for m in metadata):
-                raise GalleryError("add: each metadata entry must be a dict")
-            metas = [to_json(m, "add: metadata") for m in metadata]
             long = [i for i, m in zip(ids, metas, strict=True) if len(m) > VALUE_MAX]
             if long:
                 raise GalleryError(f"add: metadata longer than {VALUE_MAX} characters of JSON for "

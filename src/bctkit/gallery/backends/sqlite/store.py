@@ -71,6 +71,7 @@ from bctkit.gallery.checks import (
     few,
     find_version,
     first_line,
+    metadata_json,
     reason,
     settled,
     to_json,
@@ -264,14 +265,7 @@ class GalleryStore(Transactions, FullReads, Gallery):
         with self._read() as conn:
             v = find_version(read_versions(conn), version, "add")
         vec = check_vectors(vectors, len(ids), v, "add")
-        metas = None
-        if metadata is not None:
-            metadata = list(metadata)
-            if len(metadata) != len(ids):
-                raise GalleryError(f"add: {len(metadata)} metadata entries for {len(ids)} ids")
-            if not all(isinstance(m, dict) for m in metadata):
-                raise GalleryError("add: each metadata entry must be a dict")
-            metas = [to_json(m, "add: metadata") for m in metadata]
+        metas = metadata_json(metadata, len(ids))
         if not ids:
             return
         with self._write("add") as conn:
