@@ -11,6 +11,8 @@ import numpy as np
 
 from bctkit.evaluation.compat import (
     BACKFILL_ORDER_NAMES,
+    ORDERS,
+    TRANSFORM_ORDER_NAMES,
     chain_metrics,
     compatibility_matrix,
     criterion,
@@ -51,6 +53,33 @@ def compatibility_summary(
     return out
 
 
+def transform_summary(records: list[dict[str, Any]], transforms: dict[str, dict[str, Any]],
+                      old: str = "old") -> dict[str, dict[str, Any]]:
+    """Per transformation h and metric: the old self test M(o, o), the cross test of the target's
+    queries on the transformed gallery M(t, h), the target's self test M(t, t), the criterion
+    M(t, h) > M(o, o) (strict) and the share of the old-to-new gap h recovers without re-embedding,
+    (M(t, h) - M(o, o)) / (M(t, t) - M(o, o)) (None where the target does not beat the old model)."""
+    out: dict[str, dict[str, Any]] = {}
+    metrics = list(dict.fromkeys(r["metric"] for r in records))
+    for name, how in transforms.items():
+        target = how["target"]
+        entry: dict[str, Any] = {"target": target, "metrics": {}}
+        for metric in metrics:
+            vals = _values(records, metric)
+            if (target, name) not in vals:
+                continue
+            cross, base = vals[(target, name)], vals.get((old, old), math.nan)
+            top = vals.get((target, target), math.nan)
+            entry["metrics"][metric] = {
+                "cross": cross, "old_self": base, "target_self": top,
+                "self": vals.get((name, name), math.nan),
+                "criterion": bool(cross > base),
+                "recovered": float((cross - base) / (top - base)) if top > base else None,
+            }
+        out[name] = entry
+    return out
+
+
 def matrices(records: list[dict[str, Any]], names: list[str], metrics: list[str]) -> dict[str, Any]:
     """N x N matrices (row = query model, column = gallery model; NaN = not comparable)."""
     out = {}
@@ -77,16 +106,40 @@ def chain_summary(records: list[dict[str, Any]], chain: list[str], metrics: list
 
 
 def backfill_curves(
-    features: dict[str, FeatureSet], protocol: EvalProtocol, old: str = "old", seed: int = 0
+    features: dict[str, FeatureSet], protocol: EvalProtocol, old: str = "old", seed: int = 0,
+    transforms: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Top-1 of new-model probes as a growing fraction of gallery classes is re-embedded with the
-    new model, for random (seeded) and distance (largest old/new change first) orders."""
+    new model, for random (seeded), distance (largest old/new change first) and benefit orders; and
+    for each transformation h of ``transforms`` (name -> {"target", "log_var"}), from the gallery
+    h(old) to the target's own, in random, benefit and (with FastFill's log sigma^2) uncertainty
+    orders."""
     g_idx, p_idx = protocol.split()
     labels = protocol.labels
     old_fs = features[old]
+    transforms = transforms or {}
     out: dict[str, dict[str, Any]] = {}
+    for name, how in transforms.items():
+        target, h = features[how["target"]], features[name]
+        log_var = how.get("log_var")
+        orders = [o for o in TRANSFORM_ORDER_NAMES if o != "uncertainty" or log_var is not None]
+        curves = {}
+        for order in orders:
+            fr, vals, area = partial_backfill_curve(
+                target.feats[p_idx], h.feats[g_idx], target.feats[g_idx], labels[g_idx], labels[p_idx],
+                metric="top1", by="class", order=order, seed=seed, old_norms=old_fs.feats[g_idx].norm(dim=1),
+                uncertainty=None if log_var is None else log_var[g_idx],
+            )
+            curves[order] = {"fractions": fr.tolist(), "values": vals.tolist(), "area": area}
+        out[name] = {
+            "metric": "top1", "by": "class", "area_rule": "trapezoid over p", "seed": seed,
+            "from": name, "model": how["target"],
+            "protocol": f"1:N closed-set top-1, {len(p_idx)} probes by {how['target']}, gallery of "
+                        f"{len(g_idx)} images transformed by {name}, partly re-embedded by {how['target']}",
+            **curves,
+        }
     for name, fs in features.items():
-        if name == old:
+        if name == old or name in transforms:
             continue
         view = comparable(fs, old_fs)
         if view is None:
@@ -134,10 +187,10 @@ def write_plots(
         written.append(fname)
     if backfill:
         curves = {f"{n} ({order})": (b[order]["fractions"], b[order]["values"])
-                  for n, b in backfill.items() for order in BACKFILL_ORDER_NAMES if order in b}
-        dashes = {"random": "-", "distance": ":", "benefit": "--"}
+                  for n, b in backfill.items() for order in ORDERS if order in b}
+        dashes = {"random": "-", "distance": ":", "benefit": "--", "uncertainty": "-."}
         lines = {f"{n} ({order})": {"color": colour.get(n, "black"), "linestyle": dashes[order]}
-                 for n in backfill for order in BACKFILL_ORDER_NAMES}
+                 for n in backfill for order in ORDERS}
         plot_backfill(curves, out_dir / "backfill.png", title="Partial backfill by class", ylabel="top-1",
                       styles=lines)
         written.append("backfill.png")

@@ -229,10 +229,17 @@ def verify_certificate(cert_or_path: dict[str, Any] | str | os.PathLike[str],
 
 
 def _metric_values(report: dict[str, Any], query: str, gallery: str) -> dict[str, dict[str, Any]]:
-    """The compatibility summary of ``query`` against ``gallery`` (as its old model)."""
+    """The compatibility summary of ``query`` against ``gallery`` (as its old model). A transformed
+    gallery h(old) is judged against the old model's self test: M(target, h) > M(old, old)."""
     keep = {query, gallery, "paragon"}
     records = [{**r, "value": math.nan if r["value"] is None else r["value"]} for r in report["results"]
                if r["query_model"] in keep and r["gallery_model"] in keep]
+    if gallery in (report.get("transforms") or {}):
+        wanted = {("old", "old"): (gallery, gallery), (query, gallery): (query, gallery),
+                  (query, query): (query, query), ("paragon", "paragon"): ("paragon", "paragon")}
+        records = [{**r, "value": math.nan if r["value"] is None else r["value"],
+                    "query_model": wanted[pair][0], "gallery_model": wanted[pair][1]}
+                   for r in report["results"] if (pair := (r["query_model"], r["gallery_model"])) in wanted]
     if not any((r["query_model"], r["gallery_model"]) == (query, gallery) for r in records):
         return {}
     return compatibility_summary(records, [gallery, query], old=gallery)[query]
@@ -257,9 +264,11 @@ def _protocol(report: dict[str, Any], labels: torch.Tensor, records: list[dict[s
 
 def certificate_pairs(report: dict[str, Any], old: str = "old") -> list[tuple[str, str]]:
     """(new model, model it claims compatibility with): every new model (not the paragon) against the
-    old one and, for a chain, each version against its predecessor; only pairs with a cross test."""
+    old one, for a chain each version against its predecessor, and each transformation's target
+    against the transformed gallery h(old); only pairs with a cross test."""
     tested = {(r["query_model"], r["gallery_model"]) for r in report["results"]}
     pairs = [(name, old) for name in report.get("compatibility", {}) if name not in (old, "paragon")]
+    pairs += [(t["target"], name) for name, t in (report.get("transforms") or {}).items()]
     chain = (report.get("chain") or {}).get("models") or []
     pairs += [(chain[i], chain[i - 1]) for i in range(1, len(chain))]
     return [p for p in dict.fromkeys(pairs) if p in tested]

@@ -108,6 +108,9 @@ def chain_metrics(m: np.ndarray, am_include_diagonal: bool = False) -> dict[str,
 
 BACKFILL_ORDER_NAMES = ("random", "distance", "benefit")
 """The partial-backfill orders a run's report measures (``benefit`` is ``bctkit gallery backfill``'s)."""
+TRANSFORM_ORDER_NAMES = ("random", "benefit", "uncertainty")
+"""The orders of a transformed gallery's backfill (``uncertainty``: FastFill's, largest first)."""
+ORDERS = ("random", "distance", "benefit", "uncertainty")
 
 
 def _backfill_order(
@@ -118,13 +121,18 @@ def _backfill_order(
     order: str,
     seed: int,
     old_norms: torch.Tensor,
+    uncertainty: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Order in which units (classes or items) are backfilled; see partial_backfill_curve."""
     if order == "random":
         return np.random.default_rng(seed).permutation(n_units)
-    if order not in ("distance", "benefit"):
-        raise DataError(f"unknown backfill order {order!r}; expected 'random', 'distance' or 'benefit'")
-    if order == "benefit":
+    if order not in ORDERS:
+        raise DataError(f"unknown backfill order {order!r}; expected one of {ORDERS}")
+    if order == "uncertainty":
+        if uncertainty is None:
+            raise DataError("backfill order 'uncertainty' needs each gallery item's uncertainty")
+        value, sign = uncertainty.to(torch.float64), -1.0  # most uncertain first
+    elif order == "benefit":
         value, sign = old_norms.to(torch.float64), 1.0  # smallest old-embedding norm first
     else:
         d = min(gallery_old.shape[1], gallery_new.shape[1])
@@ -157,6 +165,8 @@ def partial_backfill_curve(
     seed: int = 0,
     query_cross: ArrayLike | None = None,
     block_queries: int = 256,
+    old_norms: ArrayLike | None = None,
+    uncertainty: ArrayLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Metric of new-model queries on a gallery partly re-embedded by the new model.
 
@@ -166,7 +176,11 @@ def partial_backfill_curve(
     change of an item being 1 - cos(old, new) over the first min(d_o, d_n) coordinates and that of
     a class the mean over its items; "benefit" = smallest L2 norm of the (un-normalised) old
     embedding first, a class's being the mean over its items (``bctkit gallery backfill --order
-    benefit``), ties in unit order. Queries are compared with old items through ``query_cross``
+    benefit``), ties in unit order; "uncertainty" = largest ``uncertainty`` (one value per gallery
+    item, FastFill's predicted log sigma^2 of a transformed gallery) first, a class's being the mean
+    over its items. ``old_norms``: the items' old-embedding norms for "benefit" when ``gallery_old``
+    is not the old model's embedding (a transformed gallery h(old); default: the norms of
+    ``gallery_old``). Queries are compared with old items through ``query_cross``
     (default: ``query_new``; pass the compatible sub-embedding when d_n != d_o) and with new items
     through ``query_new``. metric "top1": closed-set rank-1 accuracy over probes whose identity is
     in the gallery; "map": mAP over queries with a relevant item. Cosine similarity throughout.
@@ -208,9 +222,15 @@ def partial_backfill_curve(
     else:
         units = torch.arange(g_old.shape[0])
     n_units = int(units.max()) + 1
-    old_norms = torch.as_tensor(np.asarray(gallery_old), dtype=torch.float64).norm(dim=1)  # raw
+    norms = torch.as_tensor(np.asarray(gallery_old if old_norms is None else old_norms), dtype=torch.float64)
+    norms = norms.norm(dim=1) if old_norms is None else norms.ravel()  # raw, un-normalised
+    unc = (None if uncertainty is None
+           else torch.as_tensor(np.asarray(uncertainty), dtype=torch.float64).ravel())
+    for what, v in (("old_norms", None if old_norms is None else norms), ("uncertainty", unc)):
+        if v is not None and v.shape[0] != g_old.shape[0]:
+            raise DataError(f"{what} has {v.shape[0]} values for {g_old.shape[0]} gallery items")
     rank_of_unit = np.empty(n_units, dtype=np.int64)
-    rank_of_unit[_backfill_order(g_old, g_new, units, n_units, order, seed, old_norms)] = np.arange(n_units)
+    rank_of_unit[_backfill_order(g_old, g_new, units, n_units, order, seed, norms, unc)] = np.arange(n_units)
     item_rank = torch.as_tensor(rank_of_unit)[units]
     counts = [int(round(p * n_units)) for p in fr]
 

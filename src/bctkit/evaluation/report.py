@@ -40,6 +40,9 @@ BACKFILL_ORDERS = {
     "benefit": "the classes whose old embeddings have the smallest L2 norm first (mean over the class's "
                "items), what `bctkit gallery backfill --order benefit` does with only what is known "
                "before re-embedding",
+    "uncertainty": "(transformed galleries) the classes whose transformed embeddings h(old) are least "
+                   "certain first (largest mean predicted log sigma^2, FastFill), what `bctkit gallery "
+                   "backfill --order uncertainty` does after `bctkit gallery transform`",
 }
 """One sentence per partial-backfill order of the report."""
 
@@ -190,12 +193,14 @@ def markdown(report: dict[str, Any]) -> str:
                            for g, ok in zip(chain["models"], oks, strict=True)]
                     for q, oks in zip(chain["models"], v["criterion"], strict=True)]
             lines += markdown_table(["query \\ gallery"] + chain["models"], rows)
+    lines += _transform_lines(report)
     backfill = report.get("backfill", {})
     if backfill:
         lines += ["## Partial backfill", "",
                   "Top-1 of new-model probes while a fraction p of the gallery classes is re-embedded by "
-                  "the new model (p = 0: cross test, p = 1: new self test). Area: trapezoid rule over p, "
-                  "in % as the values. Orders:", ""]
+                  "the new model (p = 0: cross test, p = 1: new self test); for a transformed gallery "
+                  "h(old), its target's probes on h(old) items partly re-embedded by the target (p = 0: "
+                  "no image read at all). Area: trapezoid rule over p, in % as the values. Orders:", ""]
         lines += [f"- {order}: {text}." for order, text in BACKFILL_ORDERS.items()] + [""]
         rows = []
         for name, b in backfill.items():
@@ -234,6 +239,29 @@ def markdown(report: dict[str, Any]) -> str:
     lines += markdown_table(header, rows)
     lines += [f"bctkit {__version__}. Full numbers: report.json.", ""]
     return "\n".join(lines)
+
+
+def _transform_lines(report: dict[str, Any]) -> list[str]:
+    """The transformed-gallery section: each h(old) searched by its target's queries, against the
+    old self test (the criterion) and the target's self test (full backfill)."""
+    transforms = report.get("transforms") or {}
+    if not transforms:
+        return []
+    lines = ["## Transformed gallery (FCT / FastFill)", "",
+             "The old gallery rewritten by a learned transformation h(old) -> new, with no image read, "
+             "searched by the target model's queries. ✓ = criterion met (target / h(old) > old / old, "
+             "strict). Recovered: share of the gap from old / old to the target's own self test that h "
+             "closes without re-embedding, in %.", ""]
+    rows = []
+    for name, t in transforms.items():
+        for metric in (m for m in report.get("headline", ()) if m in t["metrics"]):
+            v = t["metrics"][metric]
+            rec = v.get("recovered")
+            rows.append([name, t["target"], metric, fmt_percent(v["old_self"]),
+                         fmt_percent(v["cross"]) + (" ✓" if v["criterion"] else " ✗"),
+                         fmt_percent(v["target_self"]), "—" if rec is None else f"{100 * rec:.1f}"])
+    return lines + markdown_table(["transformed gallery", "queries", "metric", "old / old",
+                                   "target / h(old)", "target / target", "recovered"], rows)
 
 
 def _recorded(value: Any) -> str:

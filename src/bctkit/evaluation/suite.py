@@ -15,6 +15,7 @@ from bctkit.evaluation.analysis import (
     chain_summary,
     compatibility_summary,
     matrices,
+    transform_summary,
     write_plots,
 )
 from bctkit.evaluation.certificate import certificates_for_report, write_certificates
@@ -30,7 +31,7 @@ def evaluate_suite(
     features: dict[str, FeatureSet], protocol: Protocol, out_dir: Path,
     models_info: dict[str, dict[str, Any]], extra: dict[str, Any] | None = None, backfill: bool = True,
     chain: list[str] | None = None, log: Callable[[str], None] | None = None, progress: bool = False,
-    train_features: TrainProvider | None = None,
+    train_features: TrainProvider | None = None, transforms: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """All metrics for every comparable (query, gallery) pair, the compatibility analysis, plots,
     compatibility certificates (``out_dir``/certificates, listed in report["certificates"] relative to
@@ -38,13 +39,19 @@ def evaluate_suite(
     names of a sequence of upgrades, oldest first, for the multi-model metrics. ``log`` receives a
     line per stage and ``progress`` shows a bar over the model pairs (metrics can take a while).
     ``report["diagnosis"]``: each claim that failed or nearly failed, diagnosed (evaluation.diagnosis);
-    ``train_features`` gives a pair's features of training images, called only for those claims."""
+    ``train_features`` gives a pair's features of training images, called only for those claims.
+    ``transforms``: the models of ``features`` that are a transformed old gallery h(old) (name ->
+    {"target": the new model h maps into, "log_var": FastFill's log sigma^2 per image or None}):
+    paired only with their target, summarised in report["transforms"], certified as the target's
+    gallery against the old self test, and backfilled in random, benefit and uncertainty orders."""
     if "old" not in features:
         raise DataError("evaluation needs the old model's features (name 'old')")
     say = log or (lambda _msg: None)
     out_dir.mkdir(parents=True, exist_ok=True)
     say(f"[metrics] {len(features)} models, every comparable (query, gallery) pair")
-    records, pairs = evaluate_models(features, protocol, progress=progress)
+    transforms = transforms or {}
+    records, pairs = evaluate_models(features, protocol, progress=progress,
+                                     spaces={n: how["target"] for n, how in transforms.items()})
     names = list(features)
     present = {r["metric"] for r in records}
     headline = [m for m in dict.fromkeys((*protocol.headline, *MATRIX_METRICS)) if m in present]
@@ -52,18 +59,20 @@ def evaluate_suite(
     do_backfill = backfill and protocol.backfill and isinstance(protocol, EvalProtocol)
     if do_backfill:
         say("[metrics] partial-backfill curves")
-    curves = backfill_curves(features, protocol) if do_backfill else {}
+    curves = backfill_curves(features, protocol, transforms=transforms) if do_backfill else {}
     report = {
         **(extra or {}),
         "models": models_info,
         "results": records,
-        "compatibility": compatibility_summary(records, names),
+        "compatibility": compatibility_summary(records, [n for n in names if n not in transforms]),
         "matrices": mats,
         "backfill": curves,
         "plots": write_plots(out_dir, pairs, names, mats, curves),
         "headline": list(protocol.headline),
     }
     say(f"[plots] {', '.join(report['plots']) or 'none'}")
+    if transforms:
+        report["transforms"] = transform_summary(records, transforms)
     if chain:
         report["chain"] = chain_summary(records, chain, headline)
     say("[certificates] one per (new model, model it claims compatibility with) cross test")

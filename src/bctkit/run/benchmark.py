@@ -38,6 +38,7 @@ from bctkit.run.keys import KEY, model_seed, read_config, run_key
 from bctkit.run.prechecks import check_devices, check_inputs
 from bctkit.run.testsets import describe_held_out, evaluate_test_sets, note_test_sets, run_protocol
 from bctkit.run.trainsample import TrainSample
+from bctkit.run.transforms import TrainedTransform, side_features, train_transforms, transformed_features
 from bctkit.storage import check_writable_dir, write_json, write_text
 from bctkit.training import TrainConfig, train_model
 from bctkit.training.checkpoint import checkpoint_run_id
@@ -68,6 +69,7 @@ class Run:
         self.previous_config: dict[str, Any] | None = None  # the run folder's config before this run
         self.continued: list[str] = []  # the models this run trained further (more train.epochs)
         self.trained_on: tuple[Feed, np.ndarray] | None = None  # the methods' data, its new_to_old
+        self.transforms: list[TrainedTransform] = []
 
     def train_or_load(
         self, name: str, train_set: Feed, model_cfg: ModelConfig, train_cfg: TrainConfig,
@@ -277,6 +279,7 @@ class Run:
                  + (f"; {data.notes}" if data.notes else ""))
         try:
             models, chain, how = self.train_models(feed, eval_set)
+            self.transforms = train_transforms(self, models)
         except BaseException:
             if is_main() and not self.wrote_since(started):
                 self.undo_config(kept)
@@ -384,6 +387,14 @@ class Run:
             })
             fs.save(reports / "features" / f"{name}.safetensors")
             features[name] = fs
+        sides = side_features(self, self.transforms, eval_feed)
+        transforms: dict[str, dict[str, Any]] = {}
+        if is_main() and self.transforms:
+            transformed, transforms = transformed_features(self.transforms, features, sides)
+            for tt in self.transforms:
+                transformed[tt.name].save(reports / "features" / f"{tt.name}.safetensors")
+                self.models_info[tt.name] = tt.info
+            features.update(transformed)
         if not is_main():
             barrier()
             return {}
@@ -398,7 +409,7 @@ class Run:
             extra["data_notes"] = data.notes
         report = evaluate_suite(features, protocol, reports, self.models_info, extra, backfill=ev.backfill,
                                 chain=chain, log=self.log, progress=self.progress,
-                                train_features=TrainSample.of(self, models))
+                                train_features=TrainSample.of(self, models), transforms=transforms)
         self.log(f"[report] {reports / 'report.md'}")
         barrier()
         return report

@@ -31,6 +31,7 @@ from bctkit.oldside.config import OldConfig, check_old_classifier, check_upgrade
 from bctkit.run.recipes import check_required
 from bctkit.run.testsets import TestSetConfig, check_test_sets
 from bctkit.training.config import ModelConfig, TrainConfig, margin_defaults
+from bctkit.training.transformation import TransformTrainConfig
 
 RESERVED_NAMES = ("old", "paragon")
 
@@ -86,6 +87,23 @@ class ChainVersion(MethodConfig):
     backbone: BackboneConfig | None = None
 
 
+class FeatureTransformConfig(_Strict):
+    """An old-to-new transformation h, trained after the new models on the training images' (cached
+    old feature, ``target``'s feature) pairs: FCT (Ramanujan et al., CVPR 2022), with FastFill's
+    uncertainty (Jaeckle et al., ICLR 2023) when ``uncertainty``. ``target``: the new model h maps
+    into (a method's or chain version's name, or ``paragon``: FCT's independently trained new model;
+    default: the paragon when the run trains one, else the first method). ``side_info``: a bctkit
+    model file whose embedding of each image is stored beside the old vector (FCT's side
+    information). The evaluation adds h(old) as a gallery model named ``name``."""
+
+    name: str = "h(old)"
+    target: str | None = None
+    uncertainty: bool = True
+    inner_dim: int = Field(2048, ge=1)
+    side_info: str | None = None
+    train: TransformTrainConfig = Field(default_factory=TransformTrainConfig)
+
+
 class EvalConfig(_Strict):
     fars: list[float] = Field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2])
     topk: list[int] = Field(default_factory=lambda: [1, 5])
@@ -137,6 +155,7 @@ class RunConfig(_Strict):
     new: ModelConfig = Field(default_factory=ModelConfig)
     methods: list[MethodConfig] = Field(default_factory=list)
     chain: list[ChainVersion] = Field(default_factory=list)
+    transforms: list[FeatureTransformConfig] = Field(default_factory=list)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     # Per-allocation changes, merged into the config when that scenario runs: a mapping of sections
@@ -151,6 +170,8 @@ class RunConfig(_Strict):
         data = handler(self)
         if self.paragon:
             data.pop("paragon", None)
+        if not self.transforms:  # configs dumped before transforms existed compare equal
+            data.pop("transforms", None)
         return data
 
     @model_validator(mode="after")
@@ -204,6 +225,23 @@ class RunConfig(_Strict):
             if name in RESERVED_NAMES or name in seen:
                 raise ValueError(f"method name {name!r} is reserved or used twice; set a unique 'name'")
             seen.add(name)
+        for i, t in enumerate(self.transforms):
+            if t.name in RESERVED_NAMES or t.name in seen:
+                raise ValueError(f"transforms.{i}: name {t.name!r} is reserved or used twice; set a unique "
+                                 "'name'")
+            seen.add(t.name)
+            targets = [*(["paragon"] if self.paragon else []), *(m.display_name for m in self.methods),
+                       *(v.display_name for v in self.chain)]
+            if t.target is None:
+                if not targets:
+                    raise ValueError(f"transforms.{i}: no new model to map into (no paragon, methods or "
+                                     "chain)")
+                object.__setattr__(t, "target", targets[0])
+            elif t.target not in targets:
+                raise ValueError(f"transforms.{i}: target {t.target!r} is not a new model of this run; "
+                                 f"expected one of {targets}")
+            if t.side_info is not None and not Path(t.side_info).exists():
+                raise ValueError(f"transforms.{i}: side_info {t.side_info!r}: no such model file")
         return self
 
 

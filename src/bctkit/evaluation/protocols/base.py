@@ -113,14 +113,22 @@ def check_comparable(features: dict[str, FeatureSet], chain: list[str] | None = 
 
 
 def evaluate_models(
-    features: dict[str, FeatureSet], protocol: Protocol, progress: bool = False
+    features: dict[str, FeatureSet], protocol: Protocol, progress: bool = False,
+    spaces: Mapping[str, str] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[tuple[str, str], PairResult]]:
     """Records for every ordered (query model, gallery model) pair whose embeddings are comparable,
-    and the per-pair results (with curves) keyed by (query, gallery)."""
+    and the per-pair results (with curves) keyed by (query, gallery). ``spaces``: models that live
+    in another model's space (a transformation h(old) -> its target) are paired only with that
+    model and themselves, whatever their sizes."""
     records: list[dict[str, Any]] = []
     pairs: dict[tuple[str, str], PairResult] = {}
+    spaces = spaces or {}
+
+    def related(a: str, b: str) -> bool:
+        return a not in spaces or b in (a, spaces[a])
+
     todo = [(qn, gn, view) for qn, qf in features.items() for gn, gf in features.items()
-            if (view := comparable(qf, gf)) is not None]
+            if related(qn, gn) and related(gn, qn) and (view := comparable(qf, gf)) is not None]
     bar = tqdm(todo, desc="metrics", unit="pair", disable=not progress, leave=False)
     for qname, gname, (q, g, dims) in bar:
         res = protocol.evaluate_pair(q, g, dims)
