@@ -28,7 +28,8 @@ def test_fct_layout_and_outputs():
     h = _net(side_dim=3)
     names = set(h.state_dict())
     # FCT's MLP_BN_SIDE_PROJECTION module names: p1 (old), p2 (side), mixer; conv + normalizer blocks
-    assert {"p1.0.conv.weight", "p1.1.normalizer.running_mean", "p2.0.conv.weight", "mixer.2.conv.bias"} <= names
+    assert {"p1.0.conv.weight", "p1.1.normalizer.running_mean", "p2.0.conv.weight",
+            "mixer.2.conv.bias"} <= names
     assert h.p1[0].conv.weight.shape == (12, 6) and h.p1[1].conv.weight.shape == (10, 12)
     assert h.p2[1].conv.weight.shape == (10, 6) and h.mixer[0].conv.weight.shape == (16, 20)
     assert h.mixer[2].conv.weight.shape == (6, 16)  # 5 coordinates + log sigma^2

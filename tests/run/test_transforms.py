@@ -86,7 +86,8 @@ def test_uncertainty_order_against_an_independent_computation(run):
     p_idx = np.array([i for i in range(len(labels)) if i not in set(g_idx)])
     _, log_var = load_transformation(out / "r" / "models" / "h_old_").apply(
         load_features(out / "r" / "features" / "old.safetensors").feats)
-    order = sorted(range(len(g_idx)), key=lambda i: -float(log_var[g_idx[i]]))  # stable: ties in gallery order
+    # most uncertain first; sorted is stable, so ties stay in gallery order
+    order = sorted(range(len(g_idx)), key=lambda i: -float(log_var[g_idx[i]]))
     for p, value in zip(b["uncertainty"]["fractions"], b["uncertainty"]["values"], strict=True):
         done = set(order[:round(p * len(g_idx))])
         gallery = np.stack([feats["paragon" if i in done else "h(old)"][g] for i, g in enumerate(g_idx)])

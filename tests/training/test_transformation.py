@@ -42,7 +42,8 @@ def _data(n=512, noisy=64):
 
 
 CFG = TransformationConfig(old_dim=8, new_dim=6, inner_dim=32)
-TRAIN = TransformTrainConfig(epochs=30, batch_size=64, lr=3e-3, schedule={"name": "cosine", "warmup_epochs": 1})
+TRAIN = TransformTrainConfig(epochs=30, batch_size=64, lr=3e-3,
+                             schedule={"name": "cosine", "warmup_epochs": 1})
 
 
 def test_training_lowers_the_objective_and_learns_which_items_it_misses():
