@@ -8,7 +8,7 @@ from bctkit.run.config import for_scenario, load_config, packaged_config
 
 @pytest.mark.parametrize(
     "name", ["demo", "demo-quick", "synthetic-demo", "synthetic-quick", "unibct-paper", "mixbct-official",
-             "bt2-paper", "demo-chain"]
+             "bt2-paper", "demo-chain", "demo-transform"]
 )
 def test_packaged_configs_load(name):
     cfg = load_config(packaged_config(name))

@@ -17,7 +17,8 @@ def add_parser(sub: Any) -> None:
     """Register ``run`` and ``demo``."""
     run = sub.add_parser("run", help="allocate, train old and new models, evaluate, report")
     run.add_argument("config", help="YAML run configuration, or the name of a packaged one "
-                     "(demo, demo-quick, demo-chain, synthetic-demo, synthetic-quick, unibct-paper, "
+                     "(demo, demo-quick, demo-chain, demo-transform, synthetic-demo, synthetic-quick, "
+                     "unibct-paper, "
                      "mixbct-official, bt2-paper, or a paper's recipe: bctkit recipes)")
     run.add_argument("--out", required=True, help="run directory (models, features, report)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
