@@ -1,5 +1,6 @@
-"""``bctkit gallery create | add | remove | certify | search | backfill | status``: the command-line face of
-the gallery store (argument parsing and printing only; the work is in the library)."""
+"""``bctkit gallery create | add | remove | certify | search | transform | backfill | status``: the
+command-line face of the gallery store (argument parsing and printing only; the work is in the
+library)."""
 
 from __future__ import annotations
 
@@ -56,11 +57,20 @@ def add_parser(sub: Any) -> None:
     _model_and_images(s)
     s.add_argument("-k", type=_positive_int, default=5, help="results per query (default 5)")
     s.add_argument("--out", help="write the results as JSON here")
+    t = gs.add_parser("transform", help="rewrite the old version's items through a learned transformation "
+                                        "h(old) -> new (FCT / FastFill; no image read; resumable)")
+    t.add_argument("store", help=STORE_HELP)
+    t.add_argument("--transform", required=True,
+                   help="a run's transformation (RUN/models/<name>/ or its transform.safetensors)")
+    t.add_argument("--batch-size", type=_positive_int, default=8192)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
     b = gs.add_parser("backfill", help="re-embed the items with a new model, batch by batch (resumable)")
     b.add_argument("store", help=STORE_HELP)
     _model_and_images(b)
-    b.add_argument("--order", choices=["random", "benefit"], default="random",
-                   help="random (seeded) or benefit: smallest old-embedding norm first (default random)")
+    b.add_argument("--order", choices=["random", "benefit", "uncertainty"], default="random",
+                   help="random (seeded), benefit: smallest old-embedding norm first, or uncertainty: after "
+                        "gallery transform, the items the transformation was least sure of first "
+                        "(FastFill; default random)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--limit", type=int, help="stop after this many items (a partial backfill: refused "
                                              "unless the store holds a passed certificate new -> old)")
@@ -121,7 +131,20 @@ def run(args: argparse.Namespace) -> int:
             return _certify(store, args.certificates)
         if cmd == "search":
             return _search(store, args)
+        if cmd == "transform":
+            return _transform(store, args)
         return _status(store, args.report)
+
+
+def _transform(store: Any, args: argparse.Namespace) -> int:
+    from bctkit.gallery.transform import transform
+    from bctkit.models.transformation import load_transformation
+
+    h = load_transformation(args.transform)
+    res = transform(store, h, batch_size=args.batch_size, progress=not args.quiet)
+    print(f"gallery: transformed {res.transformed} items in {res.batches} batches ({res.already} done "
+          f"before) into {res.version}; {_shares(store)}")
+    return 0
 
 
 def _backfill(args: argparse.Namespace) -> int:
@@ -242,9 +265,23 @@ def _shares(store: Any) -> str:
                      for fp, info in store.versions().items())
 
 
+def _kinds(store: Any) -> str:
+    """The three kinds of item: embedded when added, transformed by h(old), re-embedded by a backfill."""
+    from bctkit.gallery.backfill_plan import TRANSFORM_ORDER
+
+    orders = store.backfill_orders()
+    kinds = {"added": 0, "transformed": 0, "re-embedded": 0}
+    for fp, info in store.versions().items():
+        used = orders.get(fp, [])
+        kind = "transformed" if TRANSFORM_ORDER in used else "re-embedded" if used else "added"
+        kinds[kind] += info["count"]
+    return ", ".join(f"{n} {k}" for k, n in kinds.items())
+
+
 def _status(store: Any, report: str | None) -> int:
     store.verify()  # reads every vector: a damaged item is named (exit 2), not reported as OK
     print(f"gallery: {store.count()} items; {_shares(store)}")
+    print(f"gallery: {_kinds(store)} (as added, through a transformation, by a backfill)")
     if report:  # older reports hold NaN for values not measurable
         from bctkit.gallery.forecast import expected_accuracy
 

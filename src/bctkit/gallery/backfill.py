@@ -83,16 +83,19 @@ def _embed(model: Any, images: DataSource, rows: np.ndarray) -> np.ndarray:
                                                        desc="backfill")])
 
 
-def _writer(store: Gallery, model: Any, order: str) -> Callable[[list[str], np.ndarray], None]:
+def _writer(store: Gallery, model: Any, order: str, priors: dict[str, float] | None
+            ) -> Callable[[list[str], np.ndarray], None]:
     """A batch writer that declares the version and records the order with its first batch (a
-    backfill that fails before re-embedding anything writes nothing)."""
+    backfill that fails before re-embedding anything writes nothing); ``priors``: what each
+    replaced item keeps as its prior (the uncertainty order's), by id."""
     version, dim, name, layout = version_of(model)
     first = [True]
+    plan = Plan([], [], 0, priors)
 
     def write(ids: list[str], feats: np.ndarray) -> None:
         if first[0]:
             store.add_version(version, dim, name=name, layout=layout)
-        store.replace(ids, feats, version)
+        store.replace(ids, feats, version, priors=plan.priors_of(ids))
         if first[0]:
             store.record_backfill_order(version, order)
             first[0] = False
@@ -113,7 +116,7 @@ def backfill(store: Gallery, model: Embedder, images: DataSource, *, order: Orde
     with store.backfill_lock():
         plan = _plan(store, model, order, seed, batch_size, limit, unsearchable_while_partial)
         rows = rows_of([i for b in plan.batches for i in b], images)
-        write = _writer(store, model, order)
+        write = _writer(store, model, order, plan.priors)
         start = 0
         with tqdm(total=plan.todo, desc="backfill", unit="item", disable=not progress) as bar:
             for part, n in zip(plan.batches, plan.pending, strict=True):
@@ -163,7 +166,8 @@ def _ranks(store: Gallery | None, model: Any, images: DataSource, every_rank_wri
                     _, dim, name, layout = version_of(model)
                     store.add_version(version, dim, name=name, layout=layout)
                     store.record_backfill_order(version, order)
-                decided = {"batches": plan.batches, "pending": plan.pending, "already": plan.already}
+                decided = {"batches": plan.batches, "pending": plan.pending, "already": plan.already,
+                           "priors": plan.priors}
             except Exception as exc:  # the other ranks wait on this broadcast: tell them, then raise
                 D.broadcast_object({"error": str(exc) if isinstance(exc, BctkitError) else
                                     f"backfill: rank 0 failed while planning ({type(exc).__name__})"})
@@ -171,24 +175,27 @@ def _ranks(store: Gallery | None, model: Any, images: DataSource, every_rank_wri
         decided = D.broadcast_object(decided)
         if "error" in decided:
             raise GalleryError(decided["error"])
-        batches, pending = decided["batches"], decided["pending"]
+        batches, pending, priors = decided["batches"], decided["pending"], decided["priors"]
         rows = _together(lambda: rows_of([i for b in batches for i in b], images))
         if every_rank_writes:
             assert store is not None
-            _together(lambda: _own_share(store, model, images, batches, rows, progress and D.is_main()))
+            _together(lambda: _own_share(store, model, images, Plan(batches, pending, 0, priors), rows,
+                                         progress and D.is_main()))
         else:
-            _gathered(store, model, images, batches, rows, pending, order, progress)
+            _gathered(store, model, images, Plan(batches, pending, 0, priors), rows, order, progress)
     return BackfillResult(sum(pending), int(decided["already"]), len(batches), version)
 
 
-def _own_share(store: Gallery, model: Any, images: DataSource, batches: list[list[str]], rows: np.ndarray,
+def _own_share(store: Gallery, model: Any, images: DataSource, plan: Plan, rows: np.ndarray,
                progress: bool) -> None:
     """This rank's batches, embedded and upserted by itself."""
     world, rank = D.world_size(), D.rank()
+    batches = plan.batches
     starts = np.cumsum([0] + [len(b) for b in batches])
     version = version_of(model)[0]
     for j in tqdm(range(rank, len(batches), world), desc="backfill", unit="batch", disable=not progress):
-        store.replace(batches[j], _embed(model, images, rows[starts[j]:starts[j + 1]]), version)
+        store.replace(batches[j], _embed(model, images, rows[starts[j]:starts[j + 1]]), version,
+                      priors=plan.priors_of(batches[j]))
 
 
 def _together(fn: Callable[[], Any]) -> Any:
@@ -203,13 +210,14 @@ def _together(fn: Callable[[], Any]) -> Any:
     return out
 
 
-def _gathered(store: Gallery | None, model: Any, images: DataSource, batches: list[list[str]],
-              rows: np.ndarray, pending: list[int], order: str, progress: bool) -> None:
+def _gathered(store: Gallery | None, model: Any, images: DataSource, plan: Plan, rows: np.ndarray,
+              order: str, progress: bool) -> None:
     """Rounds of one batch per rank; rank 0 gathers each round and writes its batches in plan order."""
     world, rank = D.world_size(), D.rank()
+    batches, pending = plan.batches, plan.pending
     dim = version_of(model)[1]
     starts = np.cumsum([0] + [len(b) for b in batches])
-    write = _writer(store, model, order) if store is not None else None
+    write = _writer(store, model, order, plan.priors) if store is not None else None
     quiet = not (progress and D.is_main())
     with tqdm(total=sum(pending), desc="backfill", unit="item", disable=quiet) as bar:
         for t in range(0, len(batches), world):

@@ -10,6 +10,11 @@ Orders (``order``):
   uncertainty with a small model; bctkit uses a training-free proxy instead: the L2 norm of the
   item's old embedding, smallest first (in margin-trained face models the feature norm grows with
   image quality, so low-norm items gain most from a better model), ties in insertion order.
+- ``uncertainty``: FastFill's own order after ``bctkit gallery transform`` with a transformation
+  that predicts its uncertainty: the items whose transformed vectors h was least sure of (largest
+  predicted sigma^2, kept as each item's prior) first; items never transformed before all of them;
+  ties in insertion order. Each replaced item keeps its sigma^2 as its prior, so a restarted
+  backfill ranks the items it already did as before.
 
 Batches are what make a restarted backfill end bit for bit as an uninterrupted one: an image's
 embedding may depend on the batch it goes through (kernels pick their algorithm by batch size), so
@@ -39,8 +44,13 @@ from bctkit.gallery.checks import GalleryError
 from bctkit.gallery.interface import Gallery
 from bctkit.gallery.search import search_blocker
 
-Order = Literal["random", "benefit"]
-ORDERS = ("random", "benefit")
+Order = Literal["random", "benefit", "uncertainty"]
+ORDERS = ("random", "benefit", "uncertainty")
+TRANSFORM_ORDER = "transform"
+"""What :meth:`~bctkit.gallery.interface.Gallery.record_backfill_order` notes for a version written
+by ``bctkit gallery transform``: ``gallery status`` tells such items from re-embedded ones by it."""
+UNTRANSFORMED = float(np.finfo(np.float64).max)
+"""The uncertainty order's value (and recorded prior) of an item no transformation reached."""
 
 
 class PartialBackfillRefused(GalleryError):
@@ -50,22 +60,32 @@ class PartialBackfillRefused(GalleryError):
 @dataclass
 class Plan:
     """The batches a backfill runs (only those holding an item still to do; with a limit, the last
-    one cut to it), how many items of each are still to do, and the items already done before."""
+    one cut to it), how many items of each are still to do, the items already done before, and
+    (``uncertainty`` order) the prior each replaced item keeps, by id."""
 
     batches: list[list[str]]
     pending: list[int]
     already: int
+    priors: dict[str, float] | None = None
+
+    def priors_of(self, ids: list[str]) -> np.ndarray | None:
+        """The priors ``ids`` keep when replaced (None: the backend's own)."""
+        return None if self.priors is None else np.array([self.priors[i] for i in ids])
 
     @property
     def todo(self) -> int:
         return sum(self.pending)
 
 
-def ranked(store: Gallery, version: str, order: Order, seed: int = 0) -> tuple[list[str], np.ndarray]:
-    """(ids of the plan in order, whether each is still to do) for a backfill to ``version`` (see the
-    module docstring: with priors recorded, the items already replaced stay in the plan)."""
+def ranked(store: Gallery, version: str, order: Order, seed: int = 0
+           ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(ids of the plan in order, whether each is still to do, the value each was ranked by) for a
+    backfill to ``version`` (see the module docstring: with priors recorded, the items already
+    replaced stay in the plan)."""
     if order not in ORDERS:
-        raise ConfigError(f"backfill order {order!r}: expected 'random' or 'benefit'")
+        raise ConfigError(f"backfill order {order!r}: expected 'random', 'benefit' or 'uncertainty'")
+    if order == "uncertainty":
+        check_transformed(store)
     ids: list[str] = []
     versions: list[str] = []
     norms, priors = [], []
@@ -75,21 +95,34 @@ def ranked(store: Gallery, version: str, order: Order, seed: int = 0) -> tuple[l
         norms.append(part_norms)
         priors.append(part_priors)
     if not ids:
-        return [], np.zeros(0, bool)
+        return [], np.zeros(0, bool), np.zeros(0)
     norm, prior = np.concatenate(norms), np.concatenate(priors)
     todo = np.array([v != version for v in versions], dtype=bool)
     member = todo | (prior >= 0) if store.records_prior else todo
+    value = np.zeros(len(ids))
     if order == "random":
         rank = np.random.default_rng(seed).permutation(len(ids))
-    else:
-        rank = np.argsort(np.where(todo, norm, prior), kind="stable")
+    elif order == "benefit":
+        value = np.where(todo, norm, prior)
+        rank = np.argsort(value, kind="stable")
+    else:  # most uncertain first; never transformed before all
+        value = np.where(prior >= 0, prior, UNTRANSFORMED)
+        rank = np.argsort(-value, kind="stable")
     rank = rank[member[rank]]
-    return [ids[i] for i in rank], todo[rank]
+    return [ids[i] for i in rank], todo[rank], value[rank]
+
+
+def check_transformed(store: Gallery) -> None:
+    """Refuse the uncertainty order on a store no transformation with uncertainty has written."""
+    if not any(TRANSFORM_ORDER in orders for orders in store.backfill_orders().values()):
+        raise ConfigError(f"backfill order 'uncertainty': {store.location} holds no transformed items "
+                          "(bctkit gallery transform with a transformation that predicts its uncertainty "
+                          "records it); use --order random or benefit")
 
 
 def backfill_order(store: Gallery, version: str, order: Order, seed: int = 0) -> list[str]:
     """The ids still to re-embed with ``version``, in the order the backfill takes them."""
-    ids, todo = ranked(store, version, order, seed)
+    ids, todo, _ = ranked(store, version, order, seed)
     return [i for i, t in zip(ids, todo.tolist(), strict=True) if t]
 
 
@@ -97,7 +130,8 @@ def plan_backfill(store: Gallery, version: str, order: Order, seed: int, batch_s
                   limit: int | None = None) -> Plan:
     """The batches a backfill to ``version`` runs now; ``limit``: at most that many items still to do
     (the last batch is cut to reach it exactly)."""
-    ids, todo = ranked(store, version, order, seed)
+    ids, todo, value = ranked(store, version, order, seed)
+    priors = dict(zip(ids, value.tolist(), strict=True)) if order == "uncertainty" else None
     if not store.records_prior:  # plan-order atomic commits: the done items are a prefix
         ids = [i for i, t in zip(ids, todo.tolist(), strict=True) if t]
         todo = np.ones(len(ids), bool)
@@ -116,7 +150,7 @@ def plan_backfill(store: Gallery, version: str, order: Order, seed: int, batch_s
         batches.append(part)
         pending.append(n)
         left -= n
-    return Plan(batches, pending, store.count() - int(todo.sum()))
+    return Plan(batches, pending, store.count() - int(todo.sum()), priors)
 
 
 def check_searchable(store: Gallery, version: str, name: str | None, limit: int, left: int) -> None:

@@ -143,6 +143,17 @@ def check_vectors(vectors: Any, n: int | None, v: Version, what: str) -> np.ndar
     return arr
 
 
+def check_priors(priors: Any, n: int) -> np.ndarray | None:
+    """``priors`` as float64 [n], each finite and >= 0 (None stays None)."""
+    if priors is None:
+        return None
+    arr = np.asarray(priors, dtype=np.float64).ravel()
+    if arr.shape != (n,) or not (np.isfinite(arr) & (arr >= 0)).all():
+        raise GalleryError(f"replace: priors must be {n} finite values >= 0, got "
+                           f"{np.asarray(priors).shape} with min {np.nanmin(arr) if arr.size else None}")
+    return arr
+
+
 def to_json(obj: Any, what: str) -> str:
     """Compact strict JSON of ``obj``; refused when it is not serialisable (NaN included)."""
     try:

@@ -147,8 +147,12 @@ class Gallery(abc.ABC):
         """Add new items of ``version``; an id already stored is refused."""
 
     @abc.abstractmethod
-    def replace(self, ids: Sequence[str], vectors: np.ndarray, version: str) -> None:
-        """Re-embed existing items with ``version`` (ids, insertion order and metadata kept)."""
+    def replace(self, ids: Sequence[str], vectors: np.ndarray, version: str,
+                priors: np.ndarray | None = None) -> None:
+        """Re-embed existing items with ``version`` (ids, insertion order and metadata kept).
+        ``priors``: one value >= 0 per item that :meth:`scan` returns for it from now on (a
+        transformation's uncertainty, which the ``uncertainty`` backfill order reads); None: the
+        backend's own (see :attr:`records_prior`)."""
 
     @abc.abstractmethod
     def delete(self, ids: Sequence[str]) -> None:
@@ -178,8 +182,9 @@ class Gallery(abc.ABC):
     def scan(self, step: int = 65536, norms: bool = True
              ) -> Iterator[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
         """Every item in insertion order, in parts: (ids, versions, L2 norms of the vectors (float64;
-        zeros without ``norms``: no vector is read), priors (the norm of the vector a :meth:`replace`
-        replaced; -1 where none is recorded))."""
+        zeros without ``norms``: no vector is read), priors (the value given to the item's last
+        :meth:`replace`, else where the backend records them the norm of the vector it replaced;
+        -1 where none is recorded))."""
 
     @abc.abstractmethod
     def verify(self) -> None:

@@ -49,6 +49,7 @@ from bctkit.gallery.checks import (
     check_certificate,
     check_declaration,
     check_ids,
+    check_priors,
     check_vectors,
     few,
     find_version,
@@ -264,20 +265,22 @@ class MilvusGallery(Gallery):
         self._write("add", [{"id": i, "seq": first + r, "version": version, "prior": -1.0, "meta": metas[r],
                              "vec": full[r]} for r, i in enumerate(ids)])
 
-    def replace(self, ids: Sequence[str], vectors: np.ndarray, version: str) -> None:
+    def replace(self, ids: Sequence[str], vectors: np.ndarray, version: str,
+                priors: np.ndarray | None = None) -> None:
         """Re-embed existing items; each keeps its insertion key and metadata, and records as its
-        prior the norm of the vector replaced (kept when it was already at ``version``: a batch
-        written again)."""
+        prior ``priors`` when given, else the norm of the vector replaced (kept when it was already
+        at ``version``: a batch written again)."""
         ids = self._check_ids(ids, "replace")
         versions = self._versions(counted=False)
         v = find_version(versions, version, "replace")
         vec = check_vectors(vectors, len(ids), v, "replace")
+        given = check_priors(priors, len(ids))
         if not ids:
             return
         old = self._fetch(ids, ["id", "seq", "version", "prior", "meta", "vec"], "replace")
         dims = {u.fingerprint: u.dim for u in versions}
-        prior = np.array([float(old[i]["prior"]) for i in ids])
-        for fp in {old[i]["version"] for i in ids} - {version}:
+        prior = np.array([float(old[i]["prior"]) for i in ids]) if given is None else given
+        for fp in {old[i]["version"] for i in ids} - {version} if given is None else ():
             where = [r for r, i in enumerate(ids) if old[i]["version"] == fp]
             prior[where] = vector_norms(np.array([old[ids[r]]["vec"][: dims[fp]] for r in where], np.float32))
         full = padded(vec, int(self.dim))

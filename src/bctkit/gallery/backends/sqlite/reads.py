@@ -23,8 +23,9 @@ class FullReads:
 
     def scan(self, step: int = 65536, norms: bool = True
              ) -> Iterator[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
-        """Every item in insertion order, in parts: (ids, versions, vector norms, priors); this store
-        records no priors (all -1: its backfill writes its batches in plan order, one commit each)."""
+        """Every item in insertion order, in parts: (ids, versions, vector norms, priors): the priors
+        a replace was given (kept in its segment), else -1 (this store records no norms as priors:
+        its backfill writes its batches in plan order, one commit each)."""
         with self._read() as conn:
             vers = {v.vid: v for v in read_versions(conn)}
             keys = self._view.live()
@@ -37,7 +38,7 @@ class FullReads:
                     vec = self._view.raw_vectors(conn, part[where], vers[u].dim).astype(np.float64)
                     size[where] = np.sqrt(np.einsum("ij,ij->i", vec, vec))
                 yield (self._view.ids_of(part), [vers[u].fingerprint for u in vids.tolist()], size,
-                       np.full(len(part), -1.0))
+                       self._view.priors(conn, part))
 
     def verify(self) -> None:
         """Read every item's vector and refuse the store, naming the damaged items, when one holds

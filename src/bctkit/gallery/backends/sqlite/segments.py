@@ -291,6 +291,20 @@ class View:
                     h.update(blob.read(16))
         return h.hexdigest()
 
+    def priors(self, conn: sqlite3.Connection, keys: np.ndarray) -> np.ndarray:
+        """The prior each live key's replace was given (its live segment's ``meta``: a JSON list of
+        numbers), -1 where none was (an add segment, or a replace without priors)."""
+        out = np.full(len(keys), -1.0)
+        live, homes = self.seg[keys], self.home[keys, 0]
+        replaced = np.flatnonzero(live != homes)
+        for seg, where in _groups(live[replaced]):
+            text = conn.execute("SELECT meta FROM segments WHERE seg=?", (seg,)).fetchone()[0]
+            if text is None:
+                continue
+            values = np.asarray(json.loads(text), dtype=np.float64)
+            out[replaced[where]] = values[self.row[keys[replaced[where]]]]
+        return out
+
     def metadata(self, conn: sqlite3.Connection, keys: np.ndarray) -> list[dict]:
         """The metadata dict of each live key ({} when none was given)."""
         out: list[dict] = [{} for _ in range(len(keys))]

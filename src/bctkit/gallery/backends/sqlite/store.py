@@ -67,6 +67,7 @@ from bctkit.gallery.checks import (
     check_certificate,
     check_declaration,
     check_ids,
+    check_priors,
     check_vectors,
     few,
     find_version,
@@ -281,17 +282,21 @@ class GalleryStore(Transactions, FullReads, Gallery):
             conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
         self._synced(lambda: self._indexes.add(v.vid, keys, vec))
 
-    def replace(self, ids: Sequence[str], vectors: np.ndarray, version: str) -> None:
-        """Re-embed existing items with ``version`` in one atomic commit; keys and metadata are kept."""
+    def replace(self, ids: Sequence[str], vectors: np.ndarray, version: str,
+                priors: np.ndarray | None = None) -> None:
+        """Re-embed existing items with ``version`` in one atomic commit; keys and metadata are kept.
+        ``priors`` are kept in the replace's segments (their ``meta``: a JSON list of numbers)."""
         ids, hashed = check_ids(ids, "replace")
         with self._read() as conn:
             v = find_version(read_versions(conn), version, "replace")
         vec = check_vectors(vectors, len(ids), v, "replace")
+        given = check_priors(priors, len(ids))
         if not ids:
             return
         with self._write("replace") as conn:
             keys, vids = self._take(conn, ids, hashed, "replace")
-            self._pending += write_segments(conn, v.vid, keys, vec)
+            texts = None if given is None else [json.dumps(float(x)) for x in given]
+            self._pending += write_segments(conn, v.vid, keys, vec, metas=texts)
             conn.execute("UPDATE versions SET count = count + ? WHERE vid=?", (len(ids), v.vid))
 
         def update() -> None:
