@@ -23,6 +23,7 @@ from bctkit.models.transformation import (
 )
 from tests.gallery.conftest import state, store_string
 from tests.gallery.crash import kill_at
+from tests.gallery.test_search import cert
 
 ROOT = Path(__file__).resolve().parents[2]
 OLD = "0123456789abcdef"
@@ -168,3 +169,34 @@ def test_killed_transform_resumes_bit_for_bit(backend, stops, extra, tmp_path):
     assert done[0] == "finished" and 0 < int(done[2]) < 150
     assert state(copies["killed"])[1:] == state(copies["ref"])[1:]
     assert priors_of(copies["killed"]) == priors_of(copies["ref"])
+
+
+def test_cli_transform_status_and_forecast(tmp_path, capsys):
+    from bctkit.gallery.forecast import expected_accuracy
+
+    store = str(tmp_path / "g")
+    fill(store)
+    h = make_h(tmp_path / "h.safetensors")
+    path = str(tmp_path / "h.safetensors")
+    assert main(["gallery", "transform", store, "--transform", path, "--quiet"]) == 0
+    assert main(["gallery", "status", store]) == 0
+    out = capsys.readouterr().out
+    assert f"gallery: transformed 150 items in 1 batches (0 done before) into {h.version}" in out
+    assert "gallery: 10 added, 150 transformed, 0 re-embedded" in out
+    with open_gallery(store) as g:
+        g.add_version("fedcba9876543210", 6, name="new")
+        g.replace(["o0", "o1"], np.ones((2, 6), np.float32), "fedcba9876543210")
+        g.record_backfill_order("fedcba9876543210", "uncertainty")
+        curve = {"fractions": [0.0, 1.0], "values": [0.4, 0.8]}
+        models = {"h(old)": {"fingerprint": h.version}, "new": {"fingerprint": "fedcba9876543210"}}
+        report = {"models": models,
+                  "transforms": {"h(old)": {"target": "new"}},
+                  "backfill": {"h(old)": {"uncertainty": curve}, "new": {"random": curve}}}
+        assert expected_accuracy(g, report)[0].startswith("new: 1.2 % of items backfilled; the store refuses")
+        for version, dim in ((h.version, 6), ("aaaaaaaaaaaaaaaa", 6)):
+            g.add_certificate(cert("fedcba9876543210", 6, version, dim, [0, 6], [0, 6]))
+        lines = expected_accuracy(g, report)
+    # the transformed items are no backfill's share; the new version's line reads h(old)'s curves
+    # ("new" has no uncertainty curve of its own): 0.4 + 2 / 160 * 0.4
+    assert lines == ["new: 1.2 % of items backfilled; expected top-1 of new queries 40.50 % (the report's "
+                     "uncertainty-order backfill curve from h(old) at that share)"]

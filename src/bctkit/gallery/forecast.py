@@ -1,6 +1,7 @@
 """What a partly backfilled gallery should deliver now: each new version's share of the items and
 the top-1 a run's report predicts at that share, from the report's partial-backfill curve of the
-order the store's backfill used. Only for searches the store allows: a version whose queries the
+order the store's backfill used (after ``gallery transform``, the curve from the transformed
+gallery h(old) to that version). Only for searches the store allows: a version whose queries the
 store refuses (no passed certificate for another version's items) gets a line saying so instead."""
 
 from __future__ import annotations
@@ -55,10 +56,17 @@ def expected_accuracy(store: Any, report: Any, where: str = "report") -> list[st
     by_fp = {info.get("fingerprint"): name for name, info in report["models"].items()}
     total = store.count()
     used = store.backfill_orders()
+    transforms = report.get("transforms") if isinstance(report.get("transforms"), dict) else {}
+    # a backfill after `gallery transform` starts from h(old): its curves are h(old)'s, by target
+    after = {t.get("target"): name for fp, name in by_fp.items() if (t := transforms.get(name))
+             and isinstance(t, dict) and fp in store.versions()}
     lines = []
     for fp, info in store.versions().items():
         name = by_fp.get(fp)
-        curves = {order: curve for order, curve in report.get("backfill", {}).get(name or "", {}).items()
+        if name in transforms:  # the transformed items themselves: not a backfill's share
+            continue
+        source = after.get(name, name)
+        curves = {order: curve for order, curve in report.get("backfill", {}).get(source or "", {}).items()
                   if isinstance(curve, dict)}
         if not curves or not total or not info["count"]:
             continue
@@ -78,6 +86,7 @@ def expected_accuracy(store: Any, report: Any, where: str = "report") -> list[st
         else:
             curve = curves[orders[0]]
             top1 = float(np.interp(share, curve["fractions"], curve["values"]))
+            start = "" if source == name else f" from {source}"
             lines.append(f"{head}expected top-1 of {name} queries {100 * top1:.2f} % (the report's "
-                         f"{orders[0]}-order backfill curve at that share)")
+                         f"{orders[0]}-order backfill curve{start} at that share)")
     return lines
