@@ -119,3 +119,20 @@ def test_config_refusals(tmp_path, patch, message):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
     with pytest.raises(ConfigError, match=message):
         load_config(tmp_path / "c.yaml")
+
+
+def test_flips_in_the_report_and_the_certificate(run):
+    out, report = run
+    flips = {(f["query_model"], f["gallery_model"]): f for f in report["flips"]}
+    base = pick(report, "old", "old", "top1")
+    assert ("old", "old") not in flips and ("paragon", "h(old)") in flips
+    for (q, g), f in flips.items():  # top-1 (pair) - top-1 (old / old) = positive - negative flips
+        gain = f["positive_flip_rate"] - f["negative_flip_rate"]
+        assert pick(report, q, g, "top1") - base == pytest.approx(gain)
+        assert f["n"] == next(r["n"] for r in report["results"] if r["metric"] == "top1")
+    cert = verify_certificate(out / "r" / "certificates" / "paragon__h_old_.json")
+    assert cert["flips"] == {k: flips[("paragon", "h(old)")][k] for k in cert["flips"]}
+    assert "## Negative flips" in (out / "r" / "report.md").read_text()
+    edited = {**cert, "flips": {**cert["flips"], "negative_flip_rate": 1.5}}
+    with pytest.raises(Exception, match="hash does not match|flips"):
+        verify_certificate(edited)

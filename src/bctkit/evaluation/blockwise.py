@@ -263,6 +263,12 @@ def summarize(per: dict[str, torch.Tensor], ks: Sequence[int] = (1, 5, 10), ap: 
     return out
 
 
+def top1_hits(per: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Whether each query with a relevant item ranks one first (query order): what
+    :func:`summarize`'s ``top1`` is the mean of."""
+    return (per["first"] <= 1)[per["n_rel"] > 0]
+
+
 def cmc_from_ranks(first: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
     """CMC {k: fraction of queries whose best relevant rank is <= k} over queries with a finite rank."""
     valid = torch.isfinite(first)

@@ -29,6 +29,7 @@ import torch
 from bctkit import __version__
 from bctkit.errors import BctkitError, FileFormatError
 from bctkit.evaluation.analysis import compatibility_summary
+from bctkit.evaluation.flips import flips_of
 from bctkit.evaluation.protocols import Protocol, comparable
 from bctkit.features import FeatureSet
 from bctkit.storage import json_problem, json_safe, read_json, write_json
@@ -82,13 +83,15 @@ def make_certificate(
     query_name: str, query: FeatureSet, gallery_name: str, gallery: FeatureSet,
     metrics: dict[str, dict[str, Any]], protocol: dict[str, Any],
     fingerprints: dict[str, str] | None = None, preferred: Sequence[str] = (),
+    flips: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The certificate that ``query_name``'s queries may search ``gallery_name``'s gallery.
 
     ``metrics``: per metric the compatibility summary entry (cross, self, old_self, criterion,
     update_gain) of this pair; ``protocol``: what was measured. ``fingerprints``: model fingerprints by
     name, used where a feature file does not carry one. ``preferred``: the metrics to judge the
-    criterion on, first measured first (see :func:`criterion_metric`)."""
+    criterion on, first measured first (see :func:`criterion_metric`). ``flips``: the pair's negative
+    and positive flips against old / old (:mod:`bctkit.evaluation.flips`), stated when given."""
     dims = compared_dims(query, gallery)
     if dims is None:
         raise CertificateError(f"{query_name} / {gallery_name}: the features have no coordinates in common; "
@@ -113,6 +116,8 @@ def make_certificate(
                       "passed": passed},
         "passed": passed,
         "update_gain": chosen["update_gain"],
+        **({"flips": {k: flips[k] for k in ("negative_flip_rate", "positive_flip_rate", "negative_flips",
+                                             "positive_flips", "n")}} if flips else {}),
         "issued_by": f"bctkit {__version__}",
     })
     return {**body, "sha256": canonical_hash(body)}
@@ -205,6 +210,11 @@ def _check_results(cert: dict[str, Any]) -> str | None:
         return f"'passed' does not follow from cross {crit['cross']} > old_self {crit['old_self']}"
     if cert["update_gain"] != entry["update_gain"]:
         return f"'update_gain' differs from 'metrics.{crit['metric']}.update_gain'"
+    flips = cert.get("flips")  # certificates before negative flips were measured have none
+    rates = ("negative_flip_rate", "positive_flip_rate")
+    if flips is not None and not (isinstance(flips, dict) and _int(flips.get("n"))
+                                  and all(_number(flips.get(k)) and 0 <= flips[k] <= 1 for k in rates)):
+        return "'flips' must hold negative_flip_rate and positive_flip_rate in [0, 1] and n (an integer)"
     return None
 
 
@@ -289,7 +299,7 @@ def certificates_for_report(report: dict[str, Any], features: dict[str, FeatureS
         certs.append(make_certificate(
             query, features[query], gallery, features[gallery], _metric_values(report, query, gallery),
             _protocol(report, features[gallery].labels, records, protocol), fps,
-            protocol.headline if protocol is not None else ()))
+            protocol.headline if protocol is not None else (), flips_of(report, query, gallery)))
     return certs
 
 

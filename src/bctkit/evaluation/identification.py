@@ -53,8 +53,10 @@ def cmc(
     exclude_self: bool = False,
     block_queries: int = 1024,
     block_gallery: int = 32768,
+    hits_out: list[torch.Tensor] | None = None,
 ) -> dict[int, float]:
     """Closed-set CMC {k: fraction of probes whose identity is among the top-k gallery items}.
+    ``hits_out``: receives the counted probes' top-1 hits (bool, probe order), whose mean is top-1.
 
     Probes whose identity is absent from the gallery (after removing the probe itself when
     ``exclude_self``: query i and gallery i are the same item) are excluded; NaN with a warning when
@@ -93,6 +95,8 @@ def cmc(
     hit = hit[keep]
     kmax = hit.shape[1]
     first = torch.where(hit.any(1), hit.to(torch.uint8).argmax(1), kmax)
+    if hits_out is not None:  # each counted probe's top-1 hit, in probe order
+        hits_out.append(first < 1)
     return {k: float((first < k).double().mean()) for k in ks}
 
 

@@ -194,6 +194,7 @@ def markdown(report: dict[str, Any]) -> str:
                     for q, oks in zip(chain["models"], v["criterion"], strict=True)]
             lines += markdown_table(["query \\ gallery"] + chain["models"], rows)
     lines += _transform_lines(report)
+    lines += _flip_lines(report)
     backfill = report.get("backfill", {})
     if backfill:
         lines += ["## Partial backfill", "",
@@ -239,6 +240,22 @@ def markdown(report: dict[str, Any]) -> str:
     lines += markdown_table(header, rows)
     lines += [f"bctkit {__version__}. Full numbers: report.json.", ""]
     return "\n".join(lines)
+
+
+def _flip_lines(report: dict[str, Any]) -> list[str]:
+    """The negative-flips table: per pair, the queries old / old got right at rank 1 and the pair
+    gets wrong (and the mirror), as shares of the queries and counts."""
+    flips = report.get("flips") or []
+    if not flips:
+        return []
+    lines = ["## Negative flips", "",
+             "Over the same top-1 queries: negative flips = right under old / old, wrong under the pair "
+             "(what users notice as a regression); positive flips = the mirror. top-1 (pair) - top-1 "
+             "(old / old) = positive - negative. In % (count).", ""]
+    rows = [[f"{f['query_model']} / {f['gallery_model']}",
+             f"{100 * f['negative_flip_rate']:.2f} ({f['negative_flips']})",
+             f"{100 * f['positive_flip_rate']:.2f} ({f['positive_flips']})", str(f["n"])] for f in flips]
+    return lines + markdown_table(["queries / gallery", "negative flips", "positive flips", "queries"], rows)
 
 
 def _transform_lines(report: dict[str, Any]) -> list[str]:

@@ -20,6 +20,7 @@ from bctkit.evaluation.analysis import (
 )
 from bctkit.evaluation.certificate import certificates_for_report, write_certificates
 from bctkit.evaluation.diagnosis import TrainProvider, diagnose
+from bctkit.evaluation.flips import flip_table
 from bctkit.evaluation.protocols import EvalProtocol, Protocol, evaluate_models
 from bctkit.evaluation.report import write_report
 from bctkit.features import FeatureSet, load_features
@@ -67,6 +68,7 @@ def evaluate_suite(
         "compatibility": compatibility_summary(records, [n for n in names if n not in transforms]),
         "matrices": mats,
         "backfill": curves,
+        "flips": flip_table(pairs),
         "plots": write_plots(out_dir, pairs, names, mats, curves),
         "headline": list(protocol.headline),
     }
@@ -82,7 +84,8 @@ def evaluate_suite(
     report["certificate_results"] = [
         {"file": str(p.relative_to(out_dir)), "query": c["query"]["name"], "gallery": c["gallery"]["name"],
          "metric": c["criterion"]["metric"], "cross": c["criterion"]["cross"],
-         "old_self": c["criterion"]["old_self"], "passed": c["passed"], "sha256": c["sha256"]}
+         "old_self": c["criterion"]["old_self"], "passed": c["passed"], "sha256": c["sha256"],
+         **({"negative_flip_rate": c["flips"]["negative_flip_rate"]} if c.get("flips") else {})}
         for p, c in zip(written, certs, strict=True)]
     report["diagnosis"] = diagnose(report, features, protocol, train_features)
     if report["diagnosis"]:

@@ -33,11 +33,15 @@ def rate_name(kind: str, rate: float) -> str:
 
 @dataclass
 class PairResult:
-    """Records of one (query, gallery) pair plus the curves behind them, for plots."""
+    """Records of one (query, gallery) pair plus the curves behind them, for plots. ``top1_hits``:
+    where the protocol measures top-1, whether each of its queries was right at rank 1 (bool, in
+    the protocol's query order, which no model changes), for the negative flips
+    (:mod:`bctkit.evaluation.flips`)."""
 
     records: list[dict[str, Any]]
     roc: tuple[np.ndarray, np.ndarray] | None = None
     cmc: dict[int, float] = field(default_factory=dict)
+    top1_hits: torch.Tensor | None = None
 
 
 class Protocol(ABC):

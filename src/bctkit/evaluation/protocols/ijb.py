@@ -273,7 +273,7 @@ class IJBProtocol(Protocol):
         records.append({"metric": "auc", "value": auc, "n": n, "protocol": f"{desc}; ROC AUC; {dims}"})
         return records, thin_roc(fpr, tpr)
 
-    def _identification(self, tq: torch.Tensor, tg: torch.Tensor, dims: str
+    def _identification(self, tq: torch.Tensor, tg: torch.Tensor, dims: str, hits: list[torch.Tensor]
                         ) -> tuple[list[dict[str, Any]], dict[int, float]]:
         assert self._one_n is not None
         p_rows, p_ids = self._one_n["probe"]
@@ -287,7 +287,7 @@ class IJBProtocol(Protocol):
             mated.append(int(np.isin(p_ids, g_ids).sum()))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                curves.append(cmc(probes, p_ids, gallery, g_ids, ks=ranks))
+                curves.append(cmc(probes, p_ids, gallery, g_ids, ks=ranks, hits_out=hits))
             if self.fpirs:
                 tpirs.append(tpir_at_fpir(probes, p_ids, gallery, g_ids, self.fpirs))
         curve = {k: float(np.mean([c[k] for c in curves])) for k in ranks}
@@ -310,8 +310,10 @@ class IJBProtocol(Protocol):
         result = PairResult([])
         result.records, result.roc = self._verification(tq, tg, dims)
         if self._one_n is not None:
-            records, result.cmc = self._identification(tq, tg, dims)
+            hits: list[torch.Tensor] = []  # G1's mated probes, then G2's
+            records, result.cmc = self._identification(tq, tg, dims, hits)
             result.records += records
+            result.top1_hits = torch.cat(hits) if len(hits) == 2 else None
         return result
 
     @property

@@ -30,7 +30,7 @@ import torch
 
 from bctkit.data.sources.base import DataSource
 from bctkit.errors import DataError
-from bctkit.evaluation.blockwise import full_ranking, summarize
+from bctkit.evaluation.blockwise import full_ranking, summarize, top1_hits
 from bctkit.evaluation.protocols.base import PairResult, Protocol
 from bctkit.evaluation.protocols.split import CMC_CURVE_RANKS
 
@@ -120,4 +120,5 @@ class LeaveOneOutProtocol(Protocol):
         records = [{"metric": f"top{k}", "value": summary[f"top{k}"], "n": count, "protocol": desc}
                    for k in self.ks]
         records.append({"metric": "map", "value": summary["map"], "n": count, "protocol": desc})
-        return PairResult(records, cmc={k: summary[f"top{k}"] for k in ranks})
+        return PairResult(records, cmc={k: summary[f"top{k}"] for k in ranks},
+                          top1_hits=top1_hits(per))

@@ -102,8 +102,7 @@ class ReIDProtocol(Protocol):
                 f"{c['gallery_images']} gallery images; junk removed: id -1 ({c['gallery_junk']}) and "
                 f"same id + same camera; id 0000 distractors ({c['gallery_distractors']}) kept; "
                 f"AP = {self.ap} over hits; {dims}")
-        records, curve = ranking_records(
+        return ranking_records(
             query[:nq], gallery[nq:], self.pids[:nq], self.pids[nq:], self.options, desc,
             qcams=self.cams[:nq], gcams=self.cams[nq:], junk=self.pids[nq:] == JUNK_PID,
             ap=AP_RULES[self.ap], map_at_r=False)
-        return PairResult(records, cmc=curve)

@@ -30,7 +30,7 @@ from bctkit.data.sources.imagefolder import ImageFolderSource
 from bctkit.data.sources.listfile import ListSource
 from bctkit.data.sources.market import ConcatSource
 from bctkit.errors import DataError
-from bctkit.evaluation.blockwise import full_ranking, indexed_cmc, summarize
+from bctkit.evaluation.blockwise import full_ranking, indexed_cmc, summarize, top1_hits
 from bctkit.evaluation.protocols.base import PairResult, Protocol
 from bctkit.evaluation.protocols.split import CMC_CURVE_RANKS
 
@@ -64,8 +64,9 @@ def ranking_records(
     junk: np.ndarray | None = None,
     ap: str = "ap",
     map_at_r: bool = True,
-) -> tuple[list[dict[str, Any]], dict[int, float]]:
-    """Records (map, map@r, top-k; index_recall@k with an index) and the CMC curve of one pair."""
+) -> PairResult:
+    """Records (map, map@r, top-k; index_recall@k with an index), the CMC curve and (exact top-k
+    only) each query's top-1 hit, of one pair."""
     n_gallery = len(gids) - (0 if junk is None else int(np.sum(junk)))
     too_far = [k for k in options.ks if k > n_gallery]
     if too_far:
@@ -82,7 +83,7 @@ def ranking_records(
     curve = {k: summary[f"top{k}"] for k in ranks}
     if options.index is None:
         records += [{"metric": f"top{k}", "value": curve[k], "n": n, "protocol": desc} for k in options.ks]
-        return records, curve
+        return PairResult(records, cmc=curve, top1_hits=top1_hits(per))
     approx = indexed_cmc(query, qids, gallery, gids, options.ks, options.index, nprobe=options.nprobe,
                          query_cams=qcams, gallery_cams=gcams, gallery_junk=junk, block=options.block)
     idesc = f"{desc}; top-k from faiss index {options.index!r} (nprobe {options.nprobe})"
@@ -90,7 +91,7 @@ def ranking_records(
         records.append({"metric": f"top{k}", "value": approx[f"top{k}"], "n": n, "protocol": idesc})
         records.append({"metric": f"index_recall@{k}", "value": approx[f"index_recall@{k}"],
                         "n": len(qids), "protocol": idesc + ", share of the exact top-k it returned"})
-    return records, curve
+    return PairResult(records, cmc=curve)  # the index's top-1 is approximate: no flips from it
 
 
 @dataclass(frozen=True, eq=False)
@@ -181,7 +182,5 @@ class QueryGalleryProtocol(Protocol):
                 f"queries with a gallery match search {c['gallery_images']} gallery images "
                 f"({c['gallery_identities']} ids, {c['distractor_identities']} distractor ids); "
                 f"full ranking, ties by gallery row; {dims}")
-        records, curve = ranking_records(query[: self.n_query], gallery[self.n_query :],
-                                         self.labels[: self.n_query], self.labels[self.n_query :],
-                                         self.options, desc)
-        return PairResult(records, cmc=curve)
+        return ranking_records(query[: self.n_query], gallery[self.n_query :], self.labels[: self.n_query],
+                               self.labels[self.n_query :], self.options, desc)

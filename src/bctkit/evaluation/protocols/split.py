@@ -94,7 +94,7 @@ def _open_set(query: torch.Tensor, gallery: torch.Tensor, protocol: EvalProtocol
 
 
 def _identification(query: torch.Tensor, gallery: torch.Tensor, protocol: EvalProtocol,
-                    dims: str) -> tuple[list[dict[str, Any]], dict[int, float]]:
+                    dims: str, hits: list[torch.Tensor]) -> tuple[list[dict[str, Any]], dict[int, float]]:
     labels = protocol.labels
     g_idx, p_idx = protocol.split()
     ids = len(torch.unique(labels))
@@ -104,7 +104,7 @@ def _identification(query: torch.Tensor, gallery: torch.Tensor, protocol: EvalPr
                         f"{len(g_idx)} images ({protocol.gallery_per_class}/id, {ids} ids): "
                         f"top-{too_far[0]} would be 100 %")
     ranks = sorted(set(protocol.topk) | {k for k in CMC_CURVE_RANKS if k <= len(g_idx)})
-    curve = cmc(query[p_idx], labels[p_idx], gallery[g_idx], labels[g_idx], ks=ranks)
+    curve = cmc(query[p_idx], labels[p_idx], gallery[g_idx], labels[g_idx], ks=ranks, hits_out=hits)
     ident = (f"1:N closed-set CMC, {protocol.dataset}: gallery {len(g_idx)} images "
              f"({protocol.gallery_per_class}/id, {ids} ids), {len(p_idx)} probes; {dims}")
     records = [{"metric": f"top{k}", "value": curve[k], "n": len(p_idx), "protocol": ident}
@@ -145,8 +145,10 @@ def evaluate_pair(
     """Metric records (without model names) and curves for one query/gallery feature pair."""
     result = PairResult([])
     if protocol.identification:
-        records, result.cmc = _identification(query, gallery, protocol, dims)
+        hits: list[torch.Tensor] = []
+        records, result.cmc = _identification(query, gallery, protocol, dims, hits)
         result.records += records
+        result.top1_hits = hits[0] if hits else None
     if protocol.verification:
         records, result.roc = _verification(query, gallery, protocol, dims)
         result.records += records
