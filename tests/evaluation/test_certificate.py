@@ -83,7 +83,12 @@ def test_hash_round_trip(suite, tmp_path):
     cert = json.loads((out / report["certificates"][0]).read_text())
     assert _rehash(cert)["sha256"] == cert["sha256"]
     assert set(cert) == {"format", "version", "query", "gallery", "query_dims", "gallery_dims", "protocol",
-                         "metrics", "criterion", "passed", "update_gain", "issued_by", "sha256"}
+                         "metrics", "criterion", "passed", "update_gain", "flips", "issued_by", "sha256"}
+    assert set(cert["flips"]) == {"negative_flip_rate", "positive_flip_rate", "negative_flips",
+                                  "positive_flips", "n"}
+    # a certificate issued before flips were measured has none, and still verifies
+    old_style = _rehash({k: v for k, v in cert.items() if k != "flips"})
+    assert verify_certificate(old_style) == old_style
     write_certificate(tmp_path / "copy.json", cert)
     assert verify_certificate(tmp_path / "copy.json") == cert
     assert verify_certificate(cert) == cert
