@@ -136,3 +136,31 @@ def test_flips_in_the_report_and_the_certificate(run):
     edited = {**cert, "flips": {**cert["flips"], "negative_flip_rate": 1.5}}
     with pytest.raises(Exception, match="hash does not match|flips"):
         verify_certificate(edited)
+
+
+def test_side_information_from_a_given_model(run, tmp_path):
+    """A transformation with side information: the run's old model given as the side model (any
+    bctkit model file will do), trained in a copy of the finished run (everything else reused)."""
+    import shutil
+
+    out, _ = run
+    shutil.copytree(out / "r", tmp_path / "r")
+    side = tmp_path / "r" / "models" / "old" / "model.safetensors"
+    tree = copy.deepcopy(TREE)
+    tree["transforms"].append({"name": "fct-side", "target": "l2", "uncertainty": False, "inner_dim": 16,
+                               "side_info": str(side), "train": {"epochs": 2, "batch_size": 16}})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tree))
+    logs = []
+    report = run_pipeline(load_config(tmp_path / "c.yaml"), tmp_path / "r", resume=True, progress=False,
+                          log=logs.append)
+    assert "[h(old)] reusing finished transformation" in "\n".join(logs)
+    h = load_transformation(tmp_path / "r" / "models" / "fct-side")
+    side_model = load_model(side)
+    assert h.config.side_dim == side_model.output_dim and h.meta["side_fingerprint"] == side_model.fingerprint
+    assert report["transforms"]["fct-side"]["target"] == "l2"
+    # h(old, side) of the test images: the old model's features are the side information here
+    old = load_features(tmp_path / "r" / "features" / "old.safetensors")
+    y, log_var = h.apply(old.feats, old.feats)
+    assert log_var is None
+    feats = load_features(tmp_path / "r" / "features" / "fct-side.safetensors")
+    np.testing.assert_allclose(feats.feats.numpy(), y, rtol=1e-5, atol=1e-6)
