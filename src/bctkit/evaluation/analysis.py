@@ -127,7 +127,7 @@ def backfill_curves(
         for order in orders:
             fr, vals, area = partial_backfill_curve(
                 target.feats[p_idx], h.feats[g_idx], target.feats[g_idx], labels[g_idx], labels[p_idx],
-                metric="top1", by="class", order=order, seed=seed, old_norms=old_fs.feats[g_idx].norm(dim=1),
+                metric="top1", by="class", order=order, seed=seed,
                 uncertainty=None if log_var is None else log_var[g_idx],
             )
             curves[order] = {"fractions": fr.tolist(), "values": vals.tolist(), "area": area}

@@ -165,7 +165,6 @@ def partial_backfill_curve(
     seed: int = 0,
     query_cross: ArrayLike | None = None,
     block_queries: int = 256,
-    old_norms: ArrayLike | None = None,
     uncertainty: ArrayLike | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Metric of new-model queries on a gallery partly re-embedded by the new model.
@@ -178,9 +177,9 @@ def partial_backfill_curve(
     embedding first, a class's being the mean over its items (``bctkit gallery backfill --order
     benefit``), ties in unit order; "uncertainty" = largest ``uncertainty`` (one value per gallery
     item, FastFill's predicted log sigma^2 of a transformed gallery) first, a class's being the mean
-    over its items. ``old_norms``: the items' old-embedding norms for "benefit" when ``gallery_old``
-    is not the old model's embedding (a transformed gallery h(old); default: the norms of
-    ``gallery_old``). Queries are compared with old items through ``query_cross``
+    over its items. For a transformed gallery h(old) (passed as ``gallery_old``), "benefit" reads
+    the norms of h(old), the vectors the store holds. Queries are compared with old items through
+    ``query_cross``
     (default: ``query_new``; pass the compatible sub-embedding when d_n != d_o) and with new items
     through ``query_new``. metric "top1": closed-set rank-1 accuracy over probes whose identity is
     in the gallery; "map": mAP over queries with a relevant item. Cosine similarity throughout.
@@ -222,13 +221,11 @@ def partial_backfill_curve(
     else:
         units = torch.arange(g_old.shape[0])
     n_units = int(units.max()) + 1
-    norms = torch.as_tensor(np.asarray(gallery_old if old_norms is None else old_norms), dtype=torch.float64)
-    norms = norms.norm(dim=1) if old_norms is None else norms.ravel()  # raw, un-normalised
+    norms = torch.as_tensor(np.asarray(gallery_old), dtype=torch.float64).norm(dim=1)  # raw
     unc = (None if uncertainty is None
            else torch.as_tensor(np.asarray(uncertainty), dtype=torch.float64).ravel())
-    for what, v in (("old_norms", None if old_norms is None else norms), ("uncertainty", unc)):
-        if v is not None and v.shape[0] != g_old.shape[0]:
-            raise DataError(f"{what} has {v.shape[0]} values for {g_old.shape[0]} gallery items")
+    if unc is not None and unc.shape[0] != g_old.shape[0]:
+        raise DataError(f"uncertainty has {unc.shape[0]} values for {g_old.shape[0]} gallery items")
     rank_of_unit = np.empty(n_units, dtype=np.int64)
     rank_of_unit[_backfill_order(g_old, g_new, units, n_units, order, seed, norms, unc)] = np.arange(n_units)
     item_rank = torch.as_tensor(rank_of_unit)[units]

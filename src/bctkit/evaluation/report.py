@@ -37,9 +37,9 @@ BACKFILL_ORDERS = {
                 "1 - cos(old, new) over the compared coordinates): it needs every item's new "
                 "embedding, so it is a reference for the best an ordering could do, not one a live "
                 "backfill can follow",
-    "benefit": "the classes whose old embeddings have the smallest L2 norm first (mean over the class's "
-               "items), what `bctkit gallery backfill --order benefit` does with only what is known "
-               "before re-embedding",
+    "benefit": "the classes whose stored embeddings (old, or h(old) for a transformed gallery) have the "
+               "smallest L2 norm first (mean over the class's items), what `bctkit gallery backfill "
+               "--order benefit` does with only what is known before re-embedding",
     "uncertainty": "(transformed galleries) the classes whose transformed embeddings h(old) are least "
                    "certain first (largest mean predicted log sigma^2, FastFill), what `bctkit gallery "
                    "backfill --order uncertainty` does after `bctkit gallery transform`",
