@@ -72,6 +72,33 @@ def _top1(query: torch.Tensor, gallery: torch.Tensor, labels: torch.Tensor) -> f
     return float((labels[first][(q @ g.T).argmax(1)] == labels[~first]).float().mean())
 
 
+def _top1_hits(query: torch.Tensor, gallery: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each probe's closed-set top-1 hit, as :func:`_top1` counts them."""
+    first = torch.tensor([i % PER_ID == 0 for i in range(len(labels))])
+    q = torch.nn.functional.normalize(query[~first], dim=1)
+    g = torch.nn.functional.normalize(gallery[first], dim=1)
+    return labels[first][(q @ g.T).argmax(1)] == labels[~first]
+
+
+def test_certificate_states_its_pairs_flips_counted_by_hand(suite):
+    out, feats, report = suite
+    labels = feats["old"].labels
+    ref = _top1_hits(feats["old"].feats, feats["old"].feats, labels)
+    hits = _top1_hits(feats["new"].feats[:, :16], feats["old"].feats, labels)  # compared dims [0, 16)
+    negative, positive = int((ref & ~hits).sum()), int((~ref & hits).sum())
+    assert negative + positive > 0  # the case is not trivial
+    cert = verify_certificate(out / "certificates" / "new__old.json")
+    n = len(ref)
+    assert cert["flips"] == {"negative_flip_rate": negative / n, "positive_flip_rate": positive / n,
+                             "negative_flips": negative, "positive_flips": positive, "n": n}
+    entry = next(f for f in report["flips"] if (f["query_model"], f["gallery_model"]) == ("new", "old"))
+    assert {k: entry[k] for k in cert["flips"]} == cert["flips"]
+    listed = next(c for c in report["certificate_results"] if c["file"] == "certificates/new__old.json")
+    assert listed["negative_flip_rate"] == negative / n
+    table = (out / "report.md").read_text().split("## Negative flips", 1)[1]
+    assert f"| new / old | {100 * negative / n:.2f} ({negative}) |" in table
+
+
 def _rehash(cert: dict) -> dict:
     body = {k: v for k, v in cert.items() if k != "sha256"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -304,6 +331,7 @@ def test_cli_verify_exit_codes(suite, tmp_path, capsys):
     assert main(["certificate", "verify", str(good)]) == 0
     line = capsys.readouterr().out
     assert line.startswith(f"OK {good}: new (fp-new) queries on old (fp-old)") and line.endswith("passed\n")
+    assert ", negative flips " in line and " of 24 queries, passed" in line
     # a valid certificate whose claim failed: its own code (3), so a CI gate stops on it
     assert main(["certificate", "verify", str(good), str(bad)]) == 3
     lines = capsys.readouterr().out.splitlines()

@@ -13,7 +13,7 @@ from bctkit.evaluation.protocols import EvalProtocol, evaluate_models
 from bctkit.evaluation.protocols.ijb import IJBProtocol
 from bctkit.evaluation.protocols.loo import LeaveOneOutProtocol
 from bctkit.evaluation.protocols.reid import ReIDProtocol
-from bctkit.evaluation.protocols.retrieval import QueryGalleryProtocol
+from bctkit.evaluation.protocols.retrieval import QueryGalleryProtocol, RankingOptions
 from bctkit.features import FeatureSet
 from tests.evaluation.protocols.test_ijb import _feats, make_ijb
 
@@ -53,6 +53,19 @@ def test_hand_built_split_protocol():
     # new queries on the old gallery (0 and 90): 10 right, 30 wrong, 60 -> 90 wrong, 20 -> 0 wrong
     assert table[("new", "old")]["negative_flips"] == 1
     assert ("old", "old") not in table
+    assert f["protocol"] == _top1(pairs[("new", "new")])["protocol"]
+
+
+def test_no_flips_where_no_query_counts_for_top1():
+    """Re-id where every query's only match shares its camera (junk): top-1 is NaN, and the flip
+    table is empty instead of an error."""
+    pids, cams = np.array([1, 2, 3, 1, 2, 3, 4, 5]), np.array([1, 1, 1, 1, 1, 1, 2, 2])
+    proto = ReIDProtocol("junk", pids, cams, 3, options=RankingOptions(ks=(1,)))
+    fs = {n: FeatureSet(torch.randn(8, 4), torch.from_numpy(pids), {"model": n}) for n in ("old", "new")}
+    with pytest.warns(UserWarning, match="no query has a relevant gallery item"):
+        records, pairs = evaluate_models(fs, proto)
+    assert all(np.isnan(r["value"]) for r in records if r["metric"] == "top1")
+    assert flip_table(pairs) == []
 
 
 def _top1(res):

@@ -109,6 +109,7 @@ def test_pairs_with_models_equal_a_hand_computation(world):
     other = md.split("### Other measures (no criterion)", 1)[1].split("Protocols", 1)[0]
     assert "acc10fold_std self" in other and "✓" not in other and "✗" not in other
     assert "## Compatibility certificates" in (out / "report.md").read_text()
+    assert stored["flips"] == [] and "## Negative flips" not in md  # pair sets measure no top-1
 
 
 def test_feature_files_are_matched_by_key_and_features_are_reused(world, monkeypatch):
@@ -168,6 +169,19 @@ def test_retrieval_lists_with_models(world, tmp_path):
         hits = np.flatnonzero(rel)
         aps.append(np.mean([(k + 1) / (pos + 1) for k, pos in enumerate(hits)]))
     assert records(out, "new", "old")["map"] == pytest.approx(np.mean(aps), abs=1e-6)
+
+    def top1_hits(query_model: str) -> np.ndarray:
+        fq, fg = by_hand(nets[query_model], pix["query"]), by_hand(nets["old"], pix["gallery"])
+        fq, fg = (f / np.linalg.norm(f, axis=1, keepdims=True) for f in (fq, fg))
+        return np.array(g_ids)[(fq @ fg.T).argmax(1)] == np.array(q_ids)
+
+    # the test set's report has the flips too (the random nets' counts here may be 0: the counting
+    # itself is checked in test_flips and test_certificate)
+    ref, hits = top1_hits("old"), top1_hits("new")
+    flips = json.loads((out / "report.json").read_text())["flips"]
+    entry = next(f for f in flips if (f["query_model"], f["gallery_model"]) == ("new", "old"))
+    assert (entry["negative_flips"], entry["positive_flips"], entry["n"]) == (
+        int((ref & ~hits).sum()), int((~ref & hits).sum()), len(q_ids))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -320,7 +320,8 @@ def write_certificates(folder: Path, certs: list[dict[str, Any]]) -> list[Path]:
 
 
 def describe(cert: dict[str, Any]) -> str:
-    """One line: the pair, the criterion metric and its values, passed or failed."""
+    """One line: the pair, the criterion metric and its values, the negative flips where stated,
+    passed or failed."""
     c = cert["criterion"]
 
     def pct(v: Any) -> str:
@@ -328,6 +329,8 @@ def describe(cert: dict[str, Any]) -> str:
 
     q, g = cert["query"], cert["gallery"]
     verdict = "passed" if cert["passed"] else "failed"
+    f = cert.get("flips")
+    flips = f", negative flips {pct(f['negative_flip_rate'])} of {f['n']} queries" if f else ""
     return (f"{q['name']} ({q['fingerprint']}) queries on {g['name']} ({g['fingerprint']}) gallery, "
             f"dims {cert['query_dims']} vs {cert['gallery_dims']}: {c['metric']} cross {pct(c['cross'])} "
-            f"vs old self {pct(c['old_self'])}, {verdict}")
+            f"vs old self {pct(c['old_self'])}{flips}, {verdict}")

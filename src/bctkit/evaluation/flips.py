@@ -9,7 +9,9 @@ users see their own queries break; the negative flip rate says how many do.
 For each (query model, gallery model) pair of a report other than old / old, on every protocol that
 measures top-1 (:attr:`~bctkit.evaluation.protocols.base.PairResult.top1_hits`):
 NFR = #(right under old / old and wrong under the pair) / #queries, PFR = #(wrong under old / old
-and right under the pair) / #queries. top-1 (pair) - top-1 (old / old) = PFR - NFR.
+and right under the pair) / #queries. Where top-1 is the mean over these queries (all but IJB 1:N,
+whose top-1 averages G1's and G2's), top-1 (pair) - top-1 (old / old) = PFR - NFR. No flips where
+top-1 is undefined (no query counts: NaN) or not measured (pair sets, an approximate index).
 """
 
 from __future__ import annotations
@@ -37,20 +39,22 @@ def flip_rates(reference: torch.Tensor, hits: torch.Tensor) -> tuple[float, floa
 
 def flip_table(pairs: dict[tuple[str, str], PairResult], old: str = "old") -> list[dict[str, Any]]:
     """One entry per pair with top-1 hits other than (old, old): {query_model, gallery_model,
-    negative_flip_rate, positive_flip_rate, negative_flips, positive_flips, n}; empty when the
-    protocol measures no top-1."""
+    negative_flip_rate, positive_flip_rate, negative_flips, positive_flips, n, protocol (the pair's
+    top-1 definition)}; empty when the protocol measures no top-1 or no query counts for it."""
     base = pairs.get((old, old))
-    if base is None or base.top1_hits is None:
+    if base is None or base.top1_hits is None or not base.top1_hits.numel():
         return []
+    ref = base.top1_hits.bool()
     out = []
     for (q, g), res in pairs.items():
         if (q, g) == (old, old) or res.top1_hits is None:
             continue
-        nfr, pfr = flip_rates(base.top1_hits, res.top1_hits)
-        n = int(base.top1_hits.numel())
+        nfr, pfr = flip_rates(ref, res.top1_hits)
+        hits = res.top1_hits.bool()
         out.append({"query_model": q, "gallery_model": g, "negative_flip_rate": nfr,
-                    "positive_flip_rate": pfr, "negative_flips": round(nfr * n),
-                    "positive_flips": round(pfr * n), "n": n})
+                    "positive_flip_rate": pfr, "negative_flips": int((ref & ~hits).sum()),
+                    "positive_flips": int((~ref & hits).sum()), "n": int(ref.numel()),
+                    "protocol": next((r["protocol"] for r in res.records if r["metric"] == "top1"), "")})
     return out
 
 

@@ -251,7 +251,8 @@ def _flip_lines(report: dict[str, Any]) -> list[str]:
     lines = ["## Negative flips", "",
              "Over the same top-1 queries: negative flips = right under old / old, wrong under the pair "
              "(what users notice as a regression); positive flips = the mirror. top-1 (pair) - top-1 "
-             "(old / old) = positive - negative. In % (count).", ""]
+             "(old / old) = positive - negative (on IJB only approximately: its top-1 averages G1 and "
+             "G2). In % (count).", ""]
     rows = [[f"{f['query_model']} / {f['gallery_model']}",
              f"{100 * f['negative_flip_rate']:.2f} ({f['negative_flips']})",
              f"{100 * f['positive_flip_rate']:.2f} ({f['positive_flips']})", str(f["n"])] for f in flips]
