@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bctkit.cli import main
+from bctkit.errors import ConfigError
 from bctkit.gallery.backfill_plan import UNTRANSFORMED, backfill_order, plan_backfill
 from bctkit.gallery.interface import create_gallery, open_gallery
 from bctkit.gallery.transform import TransformRefused, transform
@@ -29,10 +30,12 @@ ROOT = Path(__file__).resolve().parents[2]
 OLD = "0123456789abcdef"
 
 
-def make_h(path: Path, old_dim: int = 8, new_dim: int = 6, side_dim: int = 0, old_fp: str = OLD):
+def make_h(path: Path, old_dim: int = 8, new_dim: int = 6, side_dim: int = 0, old_fp: str = OLD,
+           uncertainty: bool = True):
     """A fixed random h (BatchNorm statistics made non-trivial) saved as a transformation file."""
     torch.manual_seed(1)
-    cfg = TransformationConfig(old_dim=old_dim, new_dim=new_dim, side_dim=side_dim, inner_dim=16)
+    cfg = TransformationConfig(old_dim=old_dim, new_dim=new_dim, side_dim=side_dim, inner_dim=16,
+                               uncertainty=uncertainty)
     net = Transformation(cfg)
     for m in net.modules():
         if isinstance(m, torch.nn.BatchNorm1d):
@@ -85,8 +88,10 @@ def test_transform_is_h_of_the_stored_vectors(backend, tmp_path):
 
 def test_uncertainty_order_against_an_independent_argsort(backend, tmp_path):
     store = store_string(backend, tmp_path / "g")
-    fill(store)
+    vec = fill(store)
     h = make_h(tmp_path / "h.safetensors")
+    with torch.no_grad():  # independent: h's log sigma^2 of every old vector at once
+        log_var = h.net(torch.from_numpy(vec))[1].numpy()
     with open_gallery(store) as g:
         with pytest.raises(Exception, match="holds no transformed items"):
             backfill_order(g, "fedcba9876543210", "uncertainty")
@@ -99,6 +104,9 @@ def test_uncertainty_order_against_an_independent_argsort(backend, tmp_path):
         untransformed = [i for i in ids if prior[i] < 0]
         rest = sorted((i for i in ids if prior[i] >= 0), key=lambda i: (-prior[i], ids.index(i)))
         assert order == untransformed + rest
+        assert untransformed == [f"x{i}" for i in range(10)]
+        by_h = [f"o{i}" for i in np.argsort(-log_var.astype(np.float64), kind="stable")]
+        assert order[10:] == by_h
         # a partial uncertainty backfill keeps each replaced item's sigma^2: the plan stays the same
         plan = plan_backfill(g, "fedcba9876543210", "uncertainty", 0, 16, limit=20)
         assert plan.priors_of(order[:2]).tolist() == [UNTRANSFORMED, UNTRANSFORMED]
@@ -118,7 +126,8 @@ def test_refusals_name_both_fingerprints(tmp_path):
     side = make_h(tmp_path / "s.safetensors", side_dim=3)
     with open_gallery(store) as g:
         with pytest.raises(TransformRefused, match=rf"transform {other.fingerprint} maps old version "
-                           rf"9999999999999999 .* no item of 9999999999999999 \(its versions: old \({OLD}\)"):
+                           rf"9999999999999999 .* no item of 9999999999999999 \(its versions: old "
+                           rf"\({OLD}, 150 items\)"):
             transform(g, other, progress=False)
         with pytest.raises(TransformRefused, match=rf"transform {wide.fingerprint} takes 10-d vectors of "
                            rf"{OLD}; the gallery's version {OLD} is 8-d"):
@@ -128,6 +137,28 @@ def test_refusals_name_both_fingerprints(tmp_path):
     assert state(store) == before
     # the CLI: one line, exit 2
     assert main(["gallery", "transform", store, "--transform", str(tmp_path / "o.safetensors")]) == 2
+    # the old version declared but holding no item (all removed): refused, not a silent no-op
+    empty = str(tmp_path / "e")
+    with create_gallery(empty) as g:
+        g.add_version(OLD, 8, name="old")
+        h = make_h(tmp_path / "h.safetensors")
+        with pytest.raises(TransformRefused, match=rf"no item of {OLD} \(its versions: old \({OLD}, 0 items"):
+            transform(g, h, progress=False)
+
+
+def test_no_uncertainty_no_uncertainty_order(backend, tmp_path, capsys):
+    """A transformation without uncertainty keeps no sigma^2: the uncertainty order is refused on
+    both backends, and status still counts its items as transformed."""
+    store = store_string(backend, tmp_path / "g")
+    fill(store)
+    h = make_h(tmp_path / "h.safetensors", uncertainty=False)
+    with open_gallery(store) as g:
+        transform(g, h, batch_size=64, progress=False)
+        g.add_version("fedcba9876543210", 6, name="new")
+        with pytest.raises(ConfigError, match="holds only items transformed without uncertainty"):
+            backfill_order(g, "fedcba9876543210", "uncertainty")
+    assert main(["gallery", "status", store]) == 0
+    assert "gallery: 10 added, 150 transformed, 0 re-embedded" in capsys.readouterr().out
 
 
 def run_worker(store: str, h: Path, *extra: str) -> str:

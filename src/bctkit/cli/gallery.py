@@ -267,13 +267,13 @@ def _shares(store: Any) -> str:
 
 def _kinds(store: Any) -> str:
     """The three kinds of item: embedded when added, transformed by h(old), re-embedded by a backfill."""
-    from bctkit.gallery.backfill_plan import TRANSFORM_ORDER
+    from bctkit.gallery.backfill_plan import TRANSFORM_ORDERS
 
     orders = store.backfill_orders()
     kinds = {"added": 0, "transformed": 0, "re-embedded": 0}
     for fp, info in store.versions().items():
         used = orders.get(fp, [])
-        kind = "transformed" if TRANSFORM_ORDER in used else "re-embedded" if used else "added"
+        kind = "transformed" if set(TRANSFORM_ORDERS) & set(used) else "re-embedded" if used else "added"
         kinds[kind] += info["count"]
     return ", ".join(f"{n} {k}" for k, n in kinds.items())
 

@@ -48,7 +48,13 @@ Order = Literal["random", "benefit", "uncertainty"]
 ORDERS = ("random", "benefit", "uncertainty")
 TRANSFORM_ORDER = "transform"
 """What :meth:`~bctkit.gallery.interface.Gallery.record_backfill_order` notes for a version written
-by ``bctkit gallery transform``: ``gallery status`` tells such items from re-embedded ones by it."""
+by ``bctkit gallery transform`` with a transformation that predicts its uncertainty (each item's
+sigma^2 kept as its prior, which the ``uncertainty`` order reads)."""
+PLAIN_TRANSFORM_ORDER = "transform-no-uncertainty"
+"""The same for a transformation without uncertainty: no sigma^2 is kept, so the ``uncertainty``
+order is refused on its items."""
+TRANSFORM_ORDERS = (TRANSFORM_ORDER, PLAIN_TRANSFORM_ORDER)
+"""Either: ``gallery status`` tells transformed items from re-embedded ones by them."""
 UNTRANSFORMED = float(np.finfo(np.float64).max)
 """The uncertainty order's value (and recorded prior) of an item no transformation reached."""
 
@@ -114,10 +120,13 @@ def ranked(store: Gallery, version: str, order: Order, seed: int = 0
 
 def check_transformed(store: Gallery) -> None:
     """Refuse the uncertainty order on a store no transformation with uncertainty has written."""
-    if not any(TRANSFORM_ORDER in orders for orders in store.backfill_orders().values()):
-        raise ConfigError(f"backfill order 'uncertainty': {store.location} holds no transformed items "
-                          "(bctkit gallery transform with a transformation that predicts its uncertainty "
-                          "records it); use --order random or benefit")
+    orders = store.backfill_orders().values()
+    if not any(TRANSFORM_ORDER in used for used in orders):
+        plain = any(PLAIN_TRANSFORM_ORDER in used for used in orders)
+        held = "only items transformed without uncertainty" if plain else "no transformed items"
+        raise ConfigError(f"backfill order 'uncertainty': {store.location} holds {held}, so no recorded "
+                          "uncertainty (bctkit gallery transform with a transformation that predicts its "
+                          "uncertainty records it); use --order random or benefit")
 
 
 def backfill_order(store: Gallery, version: str, order: Order, seed: int = 0) -> list[str]:

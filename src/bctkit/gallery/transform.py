@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from bctkit.gallery.backfill_plan import TRANSFORM_ORDER, check_count
+from bctkit.gallery.backfill_plan import PLAIN_TRANSFORM_ORDER, TRANSFORM_ORDER, check_count
 from bctkit.gallery.checks import GalleryError
 from bctkit.gallery.interface import Gallery
 from bctkit.models.transformation import LoadedTransformation
@@ -50,8 +50,9 @@ def check_transform(store: Gallery, h: LoadedTransformation) -> None:
         raise TransformRefused(f"transform {h.fingerprint}: takes {h.config.side_dim}-d side information "
                                "per item, which a gallery does not store; use a transformation trained "
                                "without side_info")
-    if old not in versions and h.version not in versions:
-        held = ", ".join(f"{info.get('name') or fp} ({fp})" for fp, info in versions.items()) or "none"
+    if not (versions.get(old) or {}).get("count") and h.version not in versions:
+        held = ", ".join(f"{info.get('name') or fp} ({fp}, {info['count']} items)"
+                         for fp, info in versions.items()) or "none"
         raise TransformRefused(f"transform {h.fingerprint} maps old version {old} to "
                                f"{h.meta.get('target') or 'its target'}; the gallery {store.location} holds "
                                f"no item of {old} (its versions: {held})")
@@ -106,7 +107,8 @@ def transform(store: Gallery, h: LoadedTransformation, *, batch_size: int = 8192
                     store.add_version(h.version, h.config.new_dim, name=str(h.meta.get("name") or "h(old)"))
                 store.replace(ids, y[mask], h.version, priors=priors)
                 if first:
-                    store.record_backfill_order(h.version, TRANSFORM_ORDER)
+                    store.record_backfill_order(h.version, PLAIN_TRANSFORM_ORDER if log_var is None
+                                                else TRANSFORM_ORDER)
                     first = False
                 bar.update(len(ids))
     return TransformResult(todo, already, len(batches), h.version)
