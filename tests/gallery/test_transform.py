@@ -231,3 +231,20 @@ def test_cli_transform_status_and_forecast(tmp_path, capsys):
     # ("new" has no uncertainty curve of its own): 0.4 + 2 / 160 * 0.4
     assert lines == ["new: 1.2 % of items backfilled; expected top-1 of new queries 40.50 % (the report's "
                      "uncertainty-order backfill curve from h(old) at that share)"]
+
+
+def test_uncertainty_after_another_order_is_refused_where_restarts_read_priors(backend, tmp_path):
+    """On Milvus a restart ranks the items already done by their priors: after a random or benefit
+    backfill to the version those are vector norms, so the uncertainty order is refused there; the
+    SQLite store plans only the items still to do and takes it."""
+    store = store_string(backend, tmp_path / "g")
+    fill(store)
+    with open_gallery(store) as g:
+        transform(g, make_h(tmp_path / "h.safetensors"), batch_size=64, progress=False)
+        g.add_version("fedcba9876543210", 6, name="new")
+        g.record_backfill_order("fedcba9876543210", "random")
+        if backend == "sqlite":
+            assert len(backfill_order(g, "fedcba9876543210", "uncertainty")) == 160
+        else:
+            with pytest.raises(Exception, match="was backfilled to fedcba9876543210 in order random"):
+                backfill_order(g, "fedcba9876543210", "uncertainty")

@@ -91,7 +91,7 @@ def ranked(store: Gallery, version: str, order: Order, seed: int = 0
     if order not in ORDERS:
         raise ConfigError(f"backfill order {order!r}: expected 'random', 'benefit' or 'uncertainty'")
     if order == "uncertainty":
-        check_transformed(store)
+        check_transformed(store, version)
     ids: list[str] = []
     versions: list[str] = []
     norms, priors = [], []
@@ -118,8 +118,15 @@ def ranked(store: Gallery, version: str, order: Order, seed: int = 0
     return [ids[i] for i in rank], todo[rank], value[rank]
 
 
-def check_transformed(store: Gallery) -> None:
-    """Refuse the uncertainty order on a store no transformation with uncertainty has written."""
+def check_transformed(store: Gallery, version: str) -> None:
+    """Refuse the uncertainty order on a store no transformation with uncertainty has written, and,
+    where a restart plans over the items already done by their priors (Milvus), after a backfill to
+    ``version`` in another order: its items hold vector norms as priors, not sigma^2."""
+    other = [o for o in store.backfill_orders().get(version, []) if o != "uncertainty"]
+    if store.records_prior and other:
+        raise ConfigError(f"backfill order 'uncertainty': {store.location} was backfilled to {version} in "
+                          f"order {', '.join(other)}; its replaced items hold no uncertainty to plan a "
+                          f"restart by; continue with --order {other[0]}")
     orders = store.backfill_orders().values()
     if not any(TRANSFORM_ORDER in used for used in orders):
         plain = any(PLAIN_TRANSFORM_ORDER in used for used in orders)
