@@ -4,11 +4,14 @@ refusals."""
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
 from bctkit.cli import main
 from bctkit.errors import ConfigError
+from bctkit.features import load_features
+from bctkit.models.transformation import load_transformation
 from bctkit.run.config import load_config, packaged_config
 from bctkit.run.launch import run_pipeline
 from tests.data.sources.conftest import encoded_images, write_folder
@@ -28,6 +31,7 @@ def test_run_evaluates_its_models_on_each_test_set(tmp_path, capsys):
     cfg["data"]["eval_classes"] = 3
     cfg["evaluation"]["test_sets"] = [{"protocol": "retrieval", "data": [str(queries), str(gallery)],
                                        "name": "qg"}]
+    cfg["transforms"] = [{"inner_dim": 16, "train": {"epochs": 2, "batch_size": 8}}]
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "r"
@@ -39,8 +43,15 @@ def test_run_evaluates_its_models_on_each_test_set(tmp_path, capsys):
     assert "| qg | [test_sets/qg/report.md](test_sets/qg/report.md) | " in (out / "report.md").read_text()
     in_run = json.loads((folder / "report.json").read_text())
     pairs = {(r["query_model"], r["gallery_model"]) for r in in_run["results"]}
-    assert pairs >= {("l2", "old"), ("old", "old")}
-    assert [c["query"] for c in report["test_sets"]["qg"]["certificates"]] == ["l2"]
+    assert pairs >= {("l2", "old"), ("old", "old"), ("paragon", "h(old)")}
+    assert [(c["query"], c["gallery"]) for c in report["test_sets"]["qg"]["certificates"]] == [
+        ("l2", "old"), ("paragon", "h(old)")]
+    # the transformed gallery of the test set: h applied to the old model's test-set features
+    h = load_transformation(out / "models" / "h_old_")
+    old = load_features(folder / "features" / "old.safetensors")
+    assert np.array_equal(load_features(folder / "features" / "h(old).safetensors").feats.numpy(),
+                          h.apply(old.feats)[0])
+    assert in_run["transforms"]["h(old)"]["target"] == "paragon"
     models = out / "models"
     assert main(["evaluate", "--protocol", "retrieval", "--data", str(queries), str(gallery),
                  "--old", str(models / "old" / "model.safetensors"),
@@ -50,7 +61,8 @@ def test_run_evaluates_its_models_on_each_test_set(tmp_path, capsys):
     alone = json.loads((tmp_path / "alone" / "report.json").read_text())
 
     def values(rep):
-        return sorted((r["query_model"], r["gallery_model"], r["metric"], r["value"]) for r in rep["results"])
+        return sorted((r["query_model"], r["gallery_model"], r["metric"], r["value"]) for r in rep["results"]
+                      if "h(old)" not in (r["query_model"], r["gallery_model"]))
 
     assert values(in_run) == values(alone)
 

@@ -26,7 +26,9 @@ from bctkit.data.sources.base import DataSource
 from bctkit.engine.distributed import is_main
 from bctkit.errors import ConfigError, DataError, FileFormatError
 from bctkit.evaluation.protocols.base import Protocol, check_comparable
+from bctkit.evaluation.transformed import transformed_set
 from bctkit.features import FeatureSet, load_features
+from bctkit.models.transformation import LoadedTransformation
 from bctkit.oldside.given import features_fingerprint, given_features
 from bctkit.storage import read_header
 
@@ -198,10 +200,13 @@ def model_features(name: str, spec: str, protocol: Protocol, out: Path, ex: Extr
 
 def evaluate_testset(protocol: Protocol, models: dict[str, str], out: Path, ex: ExtractOptions,
                      chain: list[str] | None = None, log: Callable[[str], None] | None = None,
-                     progress: bool = True, data: Sequence[str] = ()) -> dict[str, Any] | None:
+                     progress: bool = True, data: Sequence[str] = (),
+                     transforms: dict[str, LoadedTransformation] | None = None) -> dict[str, Any] | None:
     """Features of every model in ``models`` (name -> model or feature file; "old" required, then
     "paragon" and the new models), then the report in ``out`` (rank 0; None on other ranks).
-    ``data``: the test set's paths as given, named in the report."""
+    ``data``: the test set's paths as given, named in the report. ``transforms``: transformed
+    galleries h(old) to add by name (each h's target, ``h.meta["target"]``, among ``models``; no
+    side information), evaluated with their target as in a run."""
     from bctkit.evaluation.suite import evaluate_suite, models_info_from_features
 
     if "old" not in models:
@@ -220,8 +225,14 @@ def evaluate_testset(protocol: Protocol, models: dict[str, str], out: Path, ex: 
     check_comparable(features, chain, models)
     if not is_main():
         return None
+    how = {}
+    for name, h in (transforms or {}).items():
+        fs, _ = transformed_set(name, h, features["old"], features[str(h.meta["target"])],
+                                {"method": "fastfill" if h.config.uncertainty else "fct"})
+        fs.save(out / "features" / f"{name}.safetensors")
+        features[name], how[name] = fs, {"target": str(h.meta["target"])}
     extra = {"dataset": f"{protocol.dataset}: {len(protocol.source)} images",  # type: ignore[attr-defined]
              "test_set": protocol.describe(), "data": [str(p) for p in data], "inputs": dict(models),
              "extraction": {"flip": ex.flip, "precision": ex.precision}, "warnings": protocol.caveats()}
     return evaluate_suite(features, protocol, out, models_info_from_features(features), extra,
-                          backfill=False, chain=chain, log=say, progress=progress)
+                          backfill=False, chain=chain, log=say, progress=progress, transforms=how)

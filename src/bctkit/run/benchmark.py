@@ -287,7 +287,8 @@ class Run:
         report = self.evaluate(models, chain, how, feed.with_source(eval_set), data, reports)
         if cfg.evaluation.test_sets:
             report["test_sets"] = evaluate_test_sets(cfg, out / "models", list(models), reports, chain,
-                                                     self.log, self.progress)
+                                                     self.log, self.progress,
+                                                     {tt.name: tt.h for tt in self.transforms})
             if is_main():
                 note_test_sets(reports, report["test_sets"])
         return report

@@ -32,6 +32,7 @@ from bctkit.evaluation.testset import (
     build_protocol,
     evaluate_testset,
 )
+from bctkit.models.transformation import LoadedTransformation
 from bctkit.storage import write_json, write_text
 
 if TYPE_CHECKING:
@@ -111,10 +112,12 @@ def describe_held_out(cfg: RunConfig, eval_set: DataSource) -> str:
 
 
 def evaluate_test_sets(cfg: RunConfig, models_dir: Path, names: list[str], reports: Path,
-                       chain: list[str] | None, log: Callable[[str], None], progress: bool
-                       ) -> dict[str, Any]:
+                       chain: list[str] | None, log: Callable[[str], None], progress: bool,
+                       transforms: dict[str, LoadedTransformation] | None = None) -> dict[str, Any]:
     """Every model in ``names`` (files ``models_dir/<name>/model.safetensors``) on each of
-    ``evaluation.test_sets``; returns {test set: {"report": path, "certificates": [...]}} (rank 0)."""
+    ``evaluation.test_sets``, and each transformed gallery of ``transforms`` (by name; those with
+    side information are left out, named in the log: a test set's side features are not extracted);
+    returns {test set: {"report": path, "certificates": [...]}} (rank 0)."""
     ev, out = cfg.evaluation, {}
     files = {name: models_dir / name / "model.safetensors" for name in names}
     missing = [str(f) for f in files.values() if not f.is_file()]
@@ -123,13 +126,16 @@ def evaluate_test_sets(cfg: RunConfig, models_dir: Path, names: list[str], repor
     models = {n: str(f) for n, f in files.items()}
     ex = ExtractOptions(flip=ev.flip, batch_size=ev.batch_size, workers=cfg.data.workers(),
                         device=cfg.new.train.device)
+    plain = {n: h for n, h in (transforms or {}).items() if not h.config.side_dim}
+    for n in sorted(set(transforms or {}) - set(plain)):
+        log(f"[test set] {n}: takes side information, which test sets do not extract; not evaluated there")
     for ts in ev.test_sets:
         opts = TestSetOptions(topk=None if ts.topk is None else tuple(ts.topk))  # else the protocol's own
         protocol = build_protocol(ts.protocol, ts.data, opts)
         folder = reports / "test_sets" / ts.display_name
         log(f"[test set] {ts.display_name}: {ts.protocol} on {' '.join(ts.data)}")
         report = evaluate_testset(protocol, models, folder, ex, chain=chain, log=log, progress=progress,
-                                  data=ts.data)
+                                  data=ts.data, transforms=plain)
         if is_main() and report is not None:
             out[ts.display_name] = {"report": str(folder / "report.md"),
                                     "certificates": report.get("certificate_results", [])}

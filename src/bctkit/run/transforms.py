@@ -18,6 +18,7 @@ import torch
 
 from bctkit.engine.distributed import barrier, gather_rows, is_main
 from bctkit.engine.loader import Feed
+from bctkit.evaluation.transformed import transformed_set
 from bctkit.features import FeatureSet, extract_share
 from bctkit.models.store import LoadedModel, load_model
 from bctkit.models.transformation import (
@@ -147,20 +148,11 @@ def transformed_features(trained: list[TrainedTransform], features: dict[str, Fe
                          sides: dict[str, torch.Tensor | None]
                          ) -> tuple[dict[str, FeatureSet], dict[str, dict[str, Any]]]:
     """(h(old) features of the evaluation images by transformation name, and what the evaluation
-    needs of each: its target, the old features' norms and h's log sigma^2 per image)."""
-    old = features["old"]
+    needs of each: its target and h's log sigma^2 per image)."""
     out, how = {}, {}
     for tt in trained:
-        y, log_var = tt.h.apply(old.feats, sides.get(tt.name))
-        target = features[tt.target]
-        out[tt.name] = FeatureSet(torch.from_numpy(y), old.labels, keys=old.keys, meta={
-            **{k: v for k, v in target.meta.items()
-               if k in ("dataset", "images_fingerprint", "flip", "layout")},
-            "model": tt.name, "model_fingerprint": tt.h.version, "method": tt.info["method"],
-            "params": tt.info["params"], "train_images": tt.info["train_images"],
-            "num_classes": tt.info["num_classes"], "compat_dims": None, "compat_prefixes": None,
-            "transform": tt.info["transform"],
-        })
-        how[tt.name] = {"target": tt.target, "old": "old",
-                        "log_var": None if log_var is None else torch.from_numpy(log_var)}
+        fs, log_var = transformed_set(tt.name, tt.h, features["old"], features[tt.target], {
+            k: tt.info[k] for k in ("method", "params", "train_images", "num_classes")}, sides.get(tt.name))
+        out[tt.name] = fs
+        how[tt.name] = {"target": tt.target, "old": "old", "log_var": log_var}
     return out, how
