@@ -60,12 +60,11 @@ def transform_summary(records: list[dict[str, Any]], transforms: dict[str, dict[
     M(t, h) > M(o, o) (strict) and the share of the old-to-new gap h recovers without re-embedding,
     (M(t, h) - M(o, o)) / (M(t, t) - M(o, o)) (None where the target does not beat the old model)."""
     out: dict[str, dict[str, Any]] = {}
-    metrics = list(dict.fromkeys(r["metric"] for r in records))
+    by_metric = {m: _values(records, m) for m in dict.fromkeys(r["metric"] for r in records)}
     for name, how in transforms.items():
         target = how["target"]
         entry: dict[str, Any] = {"target": target, "metrics": {}}
-        for metric in metrics:
-            vals = _values(records, metric)
+        for metric, vals in by_metric.items():
             if (target, name) not in vals:
                 continue
             cross, base = vals[(target, name)], vals.get((old, old), math.nan)

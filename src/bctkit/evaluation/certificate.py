@@ -241,15 +241,16 @@ def verify_certificate(cert_or_path: dict[str, Any] | str | os.PathLike[str],
 def _metric_values(report: dict[str, Any], query: str, gallery: str) -> dict[str, dict[str, Any]]:
     """The compatibility summary of ``query`` against ``gallery`` (as its old model). A transformed
     gallery h(old) is judged against the old model's self test: M(target, h) > M(old, old)."""
-    keep = {query, gallery, "paragon"}
-    records = [{**r, "value": math.nan if r["value"] is None else r["value"]} for r in report["results"]
-               if r["query_model"] in keep and r["gallery_model"] in keep]
-    if gallery in (report.get("transforms") or {}):
+    if gallery in (report.get("transforms") or {}):  # old / old plays the gallery's self test
         wanted = {("old", "old"): (gallery, gallery), (query, gallery): (query, gallery),
                   (query, query): (query, query), ("paragon", "paragon"): ("paragon", "paragon")}
         records = [{**r, "value": math.nan if r["value"] is None else r["value"],
                     "query_model": wanted[pair][0], "gallery_model": wanted[pair][1]}
                    for r in report["results"] if (pair := (r["query_model"], r["gallery_model"])) in wanted]
+    else:
+        keep = {query, gallery, "paragon"}
+        records = [{**r, "value": math.nan if r["value"] is None else r["value"]} for r in report["results"]
+                   if r["query_model"] in keep and r["gallery_model"] in keep]
     if not any((r["query_model"], r["gallery_model"]) == (query, gallery) for r in records):
         return {}
     return compatibility_summary(records, [gallery, query], old=gallery)[query]

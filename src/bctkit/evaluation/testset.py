@@ -26,7 +26,7 @@ from bctkit.data.sources.base import DataSource
 from bctkit.engine.distributed import is_main
 from bctkit.errors import ConfigError, DataError, FileFormatError
 from bctkit.evaluation.protocols.base import Protocol, check_comparable
-from bctkit.evaluation.transformed import transformed_set
+from bctkit.evaluation.transformed import method_of, transformed_set
 from bctkit.features import FeatureSet, load_features
 from bctkit.models.transformation import LoadedTransformation
 from bctkit.oldside.given import features_fingerprint, given_features
@@ -228,7 +228,7 @@ def evaluate_testset(protocol: Protocol, models: dict[str, str], out: Path, ex: 
     how = {}
     for name, h in (transforms or {}).items():
         fs, _ = transformed_set(name, h, features["old"], features[str(h.meta["target"])],
-                                {"method": "fastfill" if h.config.uncertainty else "fct"})
+                                {"method": method_of(h)})
         fs.save(out / "features" / f"{name}.safetensors")
         features[name], how[name] = fs, {"target": str(h.meta["target"])}
     extra = {"dataset": f"{protocol.dataset}: {len(protocol.source)} images",  # type: ignore[attr-defined]

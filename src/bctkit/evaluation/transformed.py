@@ -11,7 +11,18 @@ import torch
 from bctkit.features import FeatureSet
 from bctkit.models.transformation import LoadedTransformation
 
-__all__ = ["transformed_set"]
+__all__ = ["method_of", "transform_meta", "transformed_set"]
+
+
+def method_of(h: LoadedTransformation) -> str:
+    """The method a report names h by: ``fastfill`` (with uncertainty) or ``fct``."""
+    return "fastfill" if h.config.uncertainty else "fct"
+
+
+def transform_meta(h: LoadedTransformation) -> dict[str, Any]:
+    """What a report and a feature file say of h: its fingerprint, the old model's, its target's."""
+    return {"fingerprint": h.fingerprint, "old_fingerprint": h.old_fingerprint,
+            "target": h.meta.get("target"), "target_fingerprint": h.meta.get("new_fingerprint")}
 
 
 def transformed_set(name: str, h: LoadedTransformation, old: FeatureSet, target: FeatureSet,
@@ -24,7 +35,6 @@ def transformed_set(name: str, h: LoadedTransformation, old: FeatureSet, target:
         **{k: v for k, v in target.meta.items() if k in ("dataset", "images_fingerprint", "flip", "layout")},
         **(meta or {}),
         "model": name, "model_fingerprint": h.version, "compat_dims": None, "compat_prefixes": None,
-        "transform": {"fingerprint": h.fingerprint, "old_fingerprint": h.old_fingerprint,
-                      "target": h.meta.get("target"), "target_fingerprint": h.meta.get("new_fingerprint")},
+        "transform": transform_meta(h),
     })
     return fs, None if log_var is None else torch.from_numpy(log_var)

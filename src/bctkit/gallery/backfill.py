@@ -83,14 +83,12 @@ def _embed(model: Any, images: DataSource, rows: np.ndarray) -> np.ndarray:
                                                        desc="backfill")])
 
 
-def _writer(store: Gallery, model: Any, order: str, priors: dict[str, float] | None
-            ) -> Callable[[list[str], np.ndarray], None]:
+def _writer(store: Gallery, model: Any, order: str, plan: Plan) -> Callable[[list[str], np.ndarray], None]:
     """A batch writer that declares the version and records the order with its first batch (a
-    backfill that fails before re-embedding anything writes nothing); ``priors``: what each
-    replaced item keeps as its prior (the uncertainty order's), by id."""
+    backfill that fails before re-embedding anything writes nothing); each replaced item keeps the
+    prior ``plan`` gives it (the uncertainty order's)."""
     version, dim, name, layout = version_of(model)
     first = [True]
-    plan = Plan([], [], 0, priors)
 
     def write(ids: list[str], feats: np.ndarray) -> None:
         if first[0]:
@@ -116,7 +114,7 @@ def backfill(store: Gallery, model: Embedder, images: DataSource, *, order: Orde
     with store.backfill_lock():
         plan = _plan(store, model, order, seed, batch_size, limit, unsearchable_while_partial)
         rows = rows_of([i for b in plan.batches for i in b], images)
-        write = _writer(store, model, order, plan.priors)
+        write = _writer(store, model, order, plan)
         start = 0
         with tqdm(total=plan.todo, desc="backfill", unit="item", disable=not progress) as bar:
             for part, n in zip(plan.batches, plan.pending, strict=True):
@@ -175,15 +173,14 @@ def _ranks(store: Gallery | None, model: Any, images: DataSource, every_rank_wri
         decided = D.broadcast_object(decided)
         if "error" in decided:
             raise GalleryError(decided["error"])
-        batches, pending, priors = decided["batches"], decided["pending"], decided["priors"]
-        rows = _together(lambda: rows_of([i for b in batches for i in b], images))
+        plan = Plan(**decided)
+        rows = _together(lambda: rows_of([i for b in plan.batches for i in b], images))
         if every_rank_writes:
             assert store is not None
-            _together(lambda: _own_share(store, model, images, Plan(batches, pending, 0, priors), rows,
-                                         progress and D.is_main()))
+            _together(lambda: _own_share(store, model, images, plan, rows, progress and D.is_main()))
         else:
-            _gathered(store, model, images, Plan(batches, pending, 0, priors), rows, order, progress)
-    return BackfillResult(sum(pending), int(decided["already"]), len(batches), version)
+            _gathered(store, model, images, plan, rows, order, progress)
+    return BackfillResult(plan.todo, plan.already, len(plan.batches), version)
 
 
 def _own_share(store: Gallery, model: Any, images: DataSource, plan: Plan, rows: np.ndarray,
@@ -217,7 +214,7 @@ def _gathered(store: Gallery | None, model: Any, images: DataSource, plan: Plan,
     batches, pending = plan.batches, plan.pending
     dim = version_of(model)[1]
     starts = np.cumsum([0] + [len(b) for b in batches])
-    write = _writer(store, model, order, plan.priors) if store is not None else None
+    write = _writer(store, model, order, plan) if store is not None else None
     quiet = not (progress and D.is_main())
     with tqdm(total=sum(pending), desc="backfill", unit="item", disable=quiet) as bar:
         for t in range(0, len(batches), world):

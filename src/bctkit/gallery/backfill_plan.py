@@ -122,14 +122,14 @@ def check_transformed(store: Gallery, version: str) -> None:
     """Refuse the uncertainty order on a store no transformation with uncertainty has written, and,
     where a restart plans over the items already done by their priors (Milvus), after a backfill to
     ``version`` in another order: its items hold vector norms as priors, not sigma^2."""
-    other = [o for o in store.backfill_orders().get(version, []) if o != "uncertainty"]
+    used = store.backfill_orders()
+    other = [o for o in used.get(version, []) if o != "uncertainty"]
     if store.records_prior and other:
         raise ConfigError(f"backfill order 'uncertainty': {store.location} was backfilled to {version} in "
                           f"order {', '.join(other)}; its replaced items hold no uncertainty to plan a "
                           f"restart by; continue with --order {other[0]}")
-    orders = store.backfill_orders().values()
-    if not any(TRANSFORM_ORDER in used for used in orders):
-        plain = any(PLAIN_TRANSFORM_ORDER in used for used in orders)
+    if not any(TRANSFORM_ORDER in orders for orders in used.values()):
+        plain = any(PLAIN_TRANSFORM_ORDER in orders for orders in used.values())
         held = "only items transformed without uncertainty" if plain else "no transformed items"
         raise ConfigError(f"backfill order 'uncertainty': {store.location} holds {held}, so no recorded "
                           "uncertainty (bctkit gallery transform with a transformation that predicts its "

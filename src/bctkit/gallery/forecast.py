@@ -56,12 +56,13 @@ def expected_accuracy(store: Any, report: Any, where: str = "report") -> list[st
     by_fp = {info.get("fingerprint"): name for name, info in report["models"].items()}
     total = store.count()
     used = store.backfill_orders()
+    versions = store.versions()
     transforms = report.get("transforms") if isinstance(report.get("transforms"), dict) else {}
     # a backfill after `gallery transform` starts from h(old): its curves are h(old)'s, by target
     after = {t.get("target"): name for fp, name in by_fp.items() if (t := transforms.get(name))
-             and isinstance(t, dict) and fp in store.versions()}
+             and isinstance(t, dict) and fp in versions}
     lines = []
-    for fp, info in store.versions().items():
+    for fp, info in versions.items():
         name = by_fp.get(fp)
         if name in transforms:  # the transformed items themselves: not a backfill's share
             continue

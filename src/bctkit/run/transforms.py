@@ -18,7 +18,7 @@ import torch
 
 from bctkit.engine.distributed import barrier, gather_rows, is_main
 from bctkit.engine.loader import Feed
-from bctkit.evaluation.transformed import transformed_set
+from bctkit.evaluation.transformed import method_of, transform_meta, transformed_set
 from bctkit.features import FeatureSet, extract_share
 from bctkit.models.store import LoadedModel, load_model
 from bctkit.models.transformation import (
@@ -115,7 +115,7 @@ def _info(t: FeatureTransformConfig, h: LoadedTransformation, target: LoadedMode
     the old model's (the gallery version ``bctkit gallery transform`` writes)."""
     history = h.meta.get("history") or []
     return {
-        "method": "fastfill" if t.uncertainty else "fct",
+        "method": method_of(h),
         "params": {"target": t.target, "inner_dim": t.inner_dim, "uncertainty": t.uncertainty,
                    **({"side_info": t.side_info} if t.side_info else {})},
         "fingerprint": h.version, "train_images": h.meta.get("train_images"),
@@ -123,8 +123,7 @@ def _info(t: FeatureTransformConfig, h: LoadedTransformation, target: LoadedMode
         "compat_dims": None, "layout": target.meta.get("layout"),
         "config": {"transform": h.config.model_dump(), "train": h.meta.get("train")},
         "final_loss": history[-1]["loss"] if history else None, "train_seconds": h.meta.get("train_seconds"),
-        "transform": {"fingerprint": h.fingerprint, "old_fingerprint": h.old_fingerprint,
-                      "target": t.target, "target_fingerprint": h.meta.get("new_fingerprint")},
+        "transform": transform_meta(h),
     }
 
 
@@ -154,5 +153,5 @@ def transformed_features(trained: list[TrainedTransform], features: dict[str, Fe
         fs, log_var = transformed_set(tt.name, tt.h, features["old"], features[tt.target], {
             k: tt.info[k] for k in ("method", "params", "train_images", "num_classes")}, sides.get(tt.name))
         out[tt.name] = fs
-        how[tt.name] = {"target": tt.target, "old": "old", "log_var": log_var}
+        how[tt.name] = {"target": tt.target, "log_var": log_var}
     return out, how
